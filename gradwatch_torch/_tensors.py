@@ -1,0 +1,370 @@
+"""On-device maths for the PyTorch backend.
+
+Everything here works on tensors and returns tensors: nothing in this module copies to the
+host or branches on a device value, so a whole training step's statistics can be gathered
+on the device and brought to the host with one copy (see :mod:`gradwatch_torch.attach`).
+The maths mirrors the numpy reference in ``gradwatch._numerics`` and is tested against
+``torch.autograd`` / ``torch.linalg``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "GradGroups",
+    "scale_grads_",
+    "agc_factors",
+    "apply_agc_",
+    "timestep_sq_norms",
+    "packed_timestep_sq_norms",
+    "SpectralTracker",
+    "lstm_forget_stats",
+]
+
+
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient's norm is computed in.
+
+    Half-precision gradients are reduced in float32: the sum of squares of fp16 values
+    overflows fp16 long before the gradient itself is large (65504 is fp16's maximum).
+    float64 stays float64 so a float64 model keeps its precision.
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Group:
+    params: list[Tensor]
+    positions: list[int]  # index of each param in the bound (named_parameters) order
+
+
+class GradGroups:
+    """Parameters grouped by (device, dtype) once, at attach time.
+
+    ``torch._foreach_norm`` needs tensors of one device and dtype, exactly as
+    ``clip_grad_norm_`` groups them; doing the grouping once keeps the per-step Python
+    work to reading ``p.grad`` (which must be re-read every step: autograd may replace
+    the tensor).
+    """
+
+    def __init__(self, params: Sequence[Tensor]) -> None:
+        if not params:
+            raise ValueError("GradGroups needs at least one parameter")
+        self.params = list(params)
+        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
+        for i, p in enumerate(self.params):
+            g = groups.setdefault((p.device, p.dtype), _Group([], []))
+            g.params.append(p)
+            g.positions.append(i)
+        self.groups = list(groups.values())
+        self.device = self.params[0].device
+        self.stat_dtype = (
+            torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        )
+        order = [i for g in self.groups for i in g.positions]
+        # Identity order (one group, the common case) needs no gather.
+        self._inverse: Tensor | None = None
+        if order != list(range(len(order))):
+            inv = [0] * len(order)
+            for k, i in enumerate(order):
+                inv[i] = k
+            self._inverse = torch.tensor(inv, device=self.device)
+        self._zero = torch.zeros((), device=self.device, dtype=self.stat_dtype)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+    def grads(self) -> list[list[Tensor | None]]:
+        """The current gradients, per group (``None`` where a parameter has none)."""
+        return [[p.grad for p in g.params] for g in self.groups]
+
+    def present_grads(self) -> list[Tensor]:
+        """All gradients that exist, flat (for in-place clipping)."""
+        return [p.grad for p in self.params if p.grad is not None]
+
+    def norms(self, grads: list[list[Tensor | None]] | None = None) -> Tensor:
+        """L2 norm of every parameter's gradient, in bound order, on ``self.device``.
+
+        One ``_foreach_norm`` per (device, dtype) group; half precision is reduced in
+        float32. A parameter without a gradient counts as norm 0.
+        """
+        if grads is None:
+            grads = self.grads()
+        parts: list[Tensor] = []
+        for group, gl in zip(self.groups, grads):
+            present = [g for g in gl if g is not None]
+            if not present:
+                parts.append(torch.zeros(len(gl), device=self.device, dtype=self.stat_dtype))
+                continue
+            dtype = _reduce_dtype(present[0].dtype)
+            if present[0].dtype == dtype:
+                got = torch._foreach_norm(present, 2.0)
+            else:
+                got = torch._foreach_norm(present, 2.0, dtype=dtype)
+            if len(present) == len(gl):
+                vec = torch.stack(got)
+            else:
+                it = iter(got)
+                zero = torch.zeros((), device=got[0].device, dtype=got[0].dtype)
+                vec = torch.stack([next(it) if g is not None else zero for g in gl])
+            parts.append(vec.to(device=self.device, dtype=self.stat_dtype))
+        flat = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self._inverse is not None:
+            flat = flat[self._inverse]
+        return flat
+
+
+def scale_grads_(grads: list[Tensor], scale: float) -> None:
+    """Multiply every gradient in place by ``scale``, one foreach call per (device, dtype).
+
+    ``scale`` is the host float decided by the policy. A scale of exactly 1.0 changes
+    nothing (x * 1.0 == x bitwise), so the multiply is skipped: that saves a pass over
+    every gradient on the many steps where a policy does not clip.
+    """
+    if scale == 1.0 or not grads:
+        return
+    by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+    for g in grads:
+        by_key.setdefault((g.device, g.dtype), []).append(g)
+    for gl in by_key.values():
+        torch._foreach_mul_(gl, scale)
+
+
+def _unitwise_norm(x: Tensor) -> Tensor:
+    """Norm per output unit (axis 0) for ndim >= 2, the whole tensor's norm otherwise.
+
+    Same convention as ``gradwatch._numerics.unitwise_norm(x, unit_axis=0)`` and as
+    Brock et al. (2021): torch stores weights as (out, in, ...), so a unit is a row.
+    Computed in float32 at least, for the same overflow reason as the norms.
+    """
+    dtype = _reduce_dtype(x.dtype)
+    if x.ndim <= 1:
+        return torch.linalg.vector_norm(x, dtype=dtype)
+    return torch.linalg.vector_norm(x, dim=tuple(range(1, x.ndim)), keepdim=True, dtype=dtype)
+
+
+def agc_factors(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor | None],
+    clip_factor: float,
+    eps: float,
+) -> tuple[list[Tensor | None], Tensor]:
+    """Adaptive gradient clipping factors (Brock et al. 2021, "High-Performance
+    Large-Scale Image Recognition Without Normalization"), without touching the grads.
+
+    For each unit: ``max = clip_factor * max(||W_unit||, eps)``; the gradient's unit is
+    scaled by ``max / ||G_unit||`` where ``||G_unit|| > max``, else left alone. The
+    factor is computed with ``torch.where`` (no branch, no host sync). Returns the
+    factors (broadcastable to each gradient) and the squared norm of each clipped
+    gradient, so the monitor can report the decision before anything is modified
+    (``on_nonfinite="raise"`` must raise before the gradients change).
+    """
+    factors: list[Tensor | None] = []
+    sq: list[Tensor] = []
+    device = params[0].device if params else torch.device("cpu")
+    for p, g in zip(params, grads):
+        if g is None:
+            factors.append(None)
+            sq.append(torch.zeros((), device=device))
+            continue
+        p_norm = _unitwise_norm(p.detach()).clamp(min=eps)
+        g_norm = _unitwise_norm(g)
+        max_norm = p_norm * clip_factor
+        # factor 1 where already small; clamp the divisor so a zero gradient unit cannot
+        # produce 0/0 (it would be selected away anyway, but NaN * 0 poisons the where).
+        factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
+        factors.append(factor)
+        sq.append(((g_norm * factor) ** 2).sum().to(device=device, dtype=torch.float32))
+    return factors, torch.stack(sq) if sq else torch.zeros(0)
+
+
+def apply_agc_(grads: Sequence[Tensor | None], factors: Sequence[Tensor | None]) -> None:
+    """Multiply each gradient in place by its unit-wise factor."""
+    for g, f in zip(grads, factors):
+        if g is not None and f is not None:
+            g.mul_(f.to(g.dtype))
+
+
+def timestep_sq_norms(grad: Tensor, batch_first: bool) -> Tensor:
+    """Squared L2 norm of ``grad`` over batch and features, per timestep.
+
+    ``grad`` is (T, B, F), (B, T, F) with ``batch_first``, or (T, F) for an unbatched
+    input. Returns (T,) in float32 at least (squares of fp16 overflow).
+    """
+    g = grad.to(_reduce_dtype(grad.dtype))
+    if g.ndim == 2:
+        return g.square().sum(dim=1)
+    return g.square().sum(dim=(0, 2) if batch_first else (1, 2))
+
+
+def packed_timestep_sq_norms(grad_data: Tensor, batch_sizes: Tensor) -> Tensor:
+    """Per-timestep squared norm of a ``PackedSequence``'s data gradient.
+
+    The packed rows of timestep t are the next ``batch_sizes[t]`` rows, so padding is
+    never counted. ``batch_sizes`` lives on the CPU (PyTorch keeps it there), so the
+    split sizes are known without a device sync.
+    """
+    g = grad_data.to(_reduce_dtype(grad_data.dtype))
+    rows = g.square().sum(dim=1)
+    sizes = batch_sizes.tolist()
+    return torch.stack([chunk.sum() for chunk in torch.split(rows, sizes)])
+
+
+class SpectralTracker:
+    """Largest singular value of the gate blocks of one recurrent weight matrix.
+
+    ``weight_hh`` of PyTorch RNNs stacks one (H, P) block per gate along axis 0 (LSTM:
+    i, f, g, o; GRU: r, z, n; RNN: one). sigma_max of each block is the quantity in
+    Pascanu et al. (2013)'s conditions for vanishing (< 1/gamma) and exploding (> 1)
+    gradients. An exact SVD costs ~30 ms at H=256 and over a second at H=1024, so this
+    runs power iteration with the singular vectors kept between calls: the weights move
+    little between profiles, and one or two warm iterations stay within a few percent.
+    The starting vector comes from a private generator so the user's RNG stream is
+    never consumed (observe mode must leave training bitwise unchanged).
+    """
+
+    def __init__(self, gates: int, warm_iters: int = 2, cold_iters: int = 30) -> None:
+        self.gates = gates
+        self.warm_iters = warm_iters
+        self.cold_iters = cold_iters
+        self.u: Tensor | None = None  # (G, H)
+        self.v: Tensor | None = None  # (G, P)
+
+    def blocks(self, weight: Tensor) -> Tensor:
+        w = weight.detach()
+        return w.reshape(self.gates, w.shape[0] // self.gates, w.shape[1]).float()
+
+    @torch.no_grad()
+    def __call__(self, weight: Tensor) -> Tensor:
+        """Return sigma_max per gate block, shape (G,), float32, on the weight's device."""
+        w = self.blocks(weight)
+        iters = self.warm_iters
+        if self.v is None or self.v.shape != (w.shape[0], w.shape[2]):
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            self.v = torch.randn(w.shape[0], w.shape[2], generator=gen).to(w.device)
+            self.v = self.v / self.v.norm(dim=1, keepdim=True)
+            iters = self.cold_iters
+        v = self.v.to(w.device)
+        sigma = torch.zeros(w.shape[0], device=w.device)
+        for _ in range(iters):
+            u = torch.bmm(w, v.unsqueeze(2)).squeeze(2)
+            u = u / u.norm(dim=1, keepdim=True).clamp(min=1e-30)
+            v = torch.bmm(w.transpose(1, 2), u.unsqueeze(2)).squeeze(2)
+            sigma = v.norm(dim=1)
+            v = v / sigma.unsqueeze(1).clamp(min=1e-30)
+            self.u = u
+        self.v = v
+        return sigma
+
+    def state_dict(self) -> dict[str, list[list[float]]]:
+        """The vectors as JSON lists (float32 values round-trip exactly through float)."""
+        out: dict[str, list[list[float]]] = {}
+        if self.v is not None:
+            out["v"] = self.v.detach().cpu().tolist()
+        if self.u is not None:
+            out["u"] = self.u.detach().cpu().tolist()
+        return out
+
+    def load_state_dict(self, state: dict[str, list[list[float]]], device: torch.device) -> None:
+        if "v" in state:
+            self.v = torch.tensor(state["v"], dtype=torch.float32, device=device)
+        if "u" in state:
+            self.u = torch.tensor(state["u"], dtype=torch.float32, device=device)
+
+
+@torch.no_grad()
+def lstm_forget_stats(
+    x: Tensor,
+    out: Tensor,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    batch_first: bool,
+) -> Tensor:
+    """Forget-gate statistics of a single-layer LSTM's forward direction, recomputed.
+
+    ``f_t = sigmoid(x_t W_if^T + h_{t-1} W_hf^T + b_if + b_hf)`` with ``h_{t-1}`` the
+    layer's output one step earlier (``h0`` at t = 0). Gate order in PyTorch is
+    i, f, g, o, so the forget rows are the second quarter of the stacked weights.
+    The cell state's gradient through time is multiplied by ``f_t`` at every step, so
+    ``sum_t log f_t`` is the log gain of the cell-state path over the sequence.
+
+    Returns a float32 tensor ``[mean f, mean over batch and units of sum_t log f_t]``.
+    """
+    hidden = w_ih.shape[0] // 4
+    sl = slice(hidden, 2 * hidden)
+    if x.ndim == 2:  # unbatched (T, F)
+        x, out = x.unsqueeze(1), out.unsqueeze(1)
+        h0 = h0.unsqueeze(1) if h0 is not None else None
+    elif batch_first:
+        x, out = x.transpose(0, 1), out.transpose(0, 1)
+    # x: (T, B, F); out: (T, B, D*P); the forward direction is out[..., :P]
+    proj = w_hh.shape[1]
+    h = out[..., :proj].float()
+    first = h0[0].float().unsqueeze(0) if h0 is not None else torch.zeros_like(h[:1])
+    h_prev = torch.cat([first, h[:-1]], dim=0)
+    pre = x.float() @ w_ih[sl].float().t() + h_prev @ w_hh[sl].float().t()
+    if b_ih is not None:
+        pre = pre + b_ih[sl].float()
+    if b_hh is not None:
+        pre = pre + b_hh[sl].float()
+    log_f = torch.nn.functional.logsigmoid(pre)  # log sigmoid, exact for very negative pre
+    mean_f = log_f.exp().mean()
+    path = log_f.sum(dim=0).mean()
+    return torch.stack([mean_f, path])
+
+
+@torch.no_grad()
+def packed_lstm_forget_stats(
+    data: Tensor,
+    out_data: Tensor,
+    batch_sizes: Tensor,
+    sorted_indices: Tensor | None,
+    h0: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> Tensor:
+    """:func:`lstm_forget_stats` for a ``PackedSequence`` (padding excluded).
+
+    Row ``offset[t] + b`` of the packed data is sequence b (in sorted order) at time t,
+    so ``h_{t-1}`` for that row is row ``offset[t-1] + b`` of the output.
+    """
+    hidden = w_ih.shape[0] // 4
+    sl = slice(hidden, 2 * hidden)
+    proj = w_hh.shape[1]
+    sizes = batch_sizes.tolist()
+    h = out_data[:, :proj].float()
+    offsets = [0]
+    for s in sizes[:-1]:
+        offsets.append(offsets[-1] + s)
+    idx = torch.cat(
+        [torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]
+    ) if len(sizes) > 1 else torch.zeros(0, dtype=torch.long)
+    idx = idx.to(h.device)
+    if h0 is not None:
+        first = h0[0].float()
+        if sorted_indices is not None:
+            first = first.index_select(0, sorted_indices.to(first.device))
+        first = first[: sizes[0]]
+    else:
+        first = torch.zeros(sizes[0], proj, device=h.device)
+    h_prev = torch.cat([first, h.index_select(0, idx)], dim=0)
+    pre = data.float() @ w_ih[sl].float().t() + h_prev @ w_hh[sl].float().t()
+    if b_ih is not None:
+        pre = pre + b_ih[sl].float()
+    if b_hh is not None:
+        pre = pre + b_hh[sl].float()
+    log_f = torch.nn.functional.logsigmoid(pre)
+    mean_f = log_f.exp().mean()
+    # sum over each sequence's own timesteps, then mean over sequences and units
+    path = log_f.sum(dim=0) / sizes[0]
+    return torch.stack([mean_f, path.mean()])
