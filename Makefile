@@ -1,0 +1,47 @@
+# make demo  - create .venv if missing, install gradwatch with PyTorch (CPU) and plotting, run the demo
+# make test  - create .venv if missing, install everything the suite needs, run the whole suite
+# make bench - run the benchmarks and write benchmarks/RESULTS.md
+#
+# CPU builds are pinned in constraints-test.txt (torch==2.13.0 is the CPU wheel; any other
+# torch version pulls a multi-GB CUDA build). The library's own requirements are ranges
+# in pyproject.toml.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints-test.txt
+STAMP_DEMO := $(VENV)/.gradwatch-demo
+STAMP_TEST := $(VENV)/.gradwatch-test
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
+	$(PIP) -e '.[torch,plot]'
+	touch $@
+
+$(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
+	$(PIP) -e '.[torch,tf,plot,dev]'
+	touch $@ $(STAMP_DEMO)
+
+demo: $(STAMP_DEMO)
+	$(BIN)/gradwatch demo
+
+# Each suite runs in its own process: the core with torch, TensorFlow and Keras made
+# unimportable (it must work from numpy alone), and the two frameworks apart, since
+# loading both into one process is not something users do and only slows the run.
+test: $(STAMP_TEST)
+	@rc=0; \
+	GRADWATCH_BLOCK_FRAMEWORKS=1 $(BIN)/python -m pytest tests/core -q || rc=1; \
+	for suite in tests/torch tests/tf tests/cli tests/examples tests/benchmarks; do \
+	  if [ -d $$suite ]; then $(BIN)/python -m pytest $$suite -q || rc=1; fi; \
+	done; \
+	exit $$rc
+
+bench: $(STAMP_TEST)
+	$(BIN)/python -m benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis gradwatch-demo

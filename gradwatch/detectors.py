@@ -1,0 +1,378 @@
+"""Detectors: turn step records into events (vanishing, exploding, non-finite).
+
+A detector sees each record once, right after it is built, and returns the events it
+finds; the monitor rate-limits and emits them. Every threshold is an option (see
+:class:`gradwatch.options.Options`). Detectors keep their statistics in plain floats so
+``state_dict()`` round-trips through JSON and a resumed run alerts exactly as an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+
+from gradwatch.events import GradEvent
+from gradwatch.options import Options
+from gradwatch.records import NormMap, StepRecord
+
+if TYPE_CHECKING:
+    from gradwatch.monitor import Monitor
+
+__all__ = [
+    "Detector",
+    "NonFiniteDetector",
+    "SpikeDetector",
+    "TemporalDetector",
+    "VanishingNormDetector",
+    "BUILTIN_DETECTORS",
+    "fmt",
+]
+
+
+def fmt(x: float | None) -> str:
+    """A number as a person reads it in an alert: 3 significant digits."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}"
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """What a detector implements. Plugins register classes of this shape through
+    ``gradwatch_register_detectors``; each is built with the run's :class:`Options`."""
+
+    name: ClassVar[str]
+
+    def __init__(self, options: Options) -> None: ...
+
+    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class _Stateless:
+    name: ClassVar[str] = ""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        return None
+
+
+_ACTION = {
+    "warn": "The optimizer step went ahead with these values (on_nonfinite='warn'); pass "
+    "on_nonfinite='skip' to skip such steps or 'raise' to stop.",
+    "skip": "The optimizer step was skipped: weights and optimizer state are unchanged.",
+    "raise": "Training was stopped before the optimizer step (on_nonfinite='raise').",
+}
+
+
+def nonfinite_message(step: int, params: Sequence[str], layer: str | None, on_nonfinite: str) -> str:
+    """The sentence used both for the event and for NonFiniteGradientError."""
+    shown = ", ".join(repr(p) for p in params[:5])
+    more = f" and {len(params) - 5} more" if len(params) > 5 else ""
+    where = f" in layer {layer!r}" if layer else ""
+    return (
+        f"Non-finite gradient (NaN or Inf) at step {step}{where}: parameter{'s' if len(params) > 1 else ''} "
+        f"{shown}{more}. {_ACTION[on_nonfinite]} Usual causes: a learning rate too high, a log or "
+        f"division of zero in the loss, or a bad input batch."
+    )
+
+
+class NonFiniteDetector(_Stateless):
+    """Any NaN or Inf in any gradient: one ERROR event naming the parameters."""
+
+    name: ClassVar[str] = "nonfinite"
+
+    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+        if not record.nonfinite:
+            return ()
+        first = record.nonfinite[0]
+        layer = monitor.layer_of(first)
+        return (
+            GradEvent(
+                kind="nonfinite",
+                step=record.step,
+                severity=logging.ERROR,
+                message=nonfinite_message(record.step, record.nonfinite, layer, self.options.on_nonfinite),
+                layer=layer,
+                param=first,
+                value=record.param_norms.get(first, math.nan),
+                threshold=None,
+            ),
+        )
+
+
+class SpikeDetector:
+    """Exploding global norm: a spike far above the norm's own running statistics.
+
+    Works on log(norm), whose spread is about constant over training even while the norm
+    itself drifts by orders of magnitude. After ``spike_warmup`` steps, a norm is a spike
+    when both z = (log norm - mean) / std > ``spike_z`` and norm > ``spike_ratio`` x
+    exp(mean): the z-score alone fires on tiny wobbles when the norm is very steady, the
+    ratio alone misses spikes on noisy runs. Statistics are exponentially weighted
+    (``spike_alpha``); a spike enters them capped at mean + spike_z * std, so one
+    explosion does not blind the detector to the next. ``norm_ceiling`` adds an absolute
+    limit, checked from the first step.
+    """
+
+    name: ClassVar[str] = "spike"
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.n = 0
+        self.mean = 0.0
+        self.var = 0.0
+
+    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+        norm = record.global_norm
+        if not (math.isfinite(norm) and norm > 0):
+            return ()
+        o = self.options
+        events: list[GradEvent] = []
+        if o.norm_ceiling is not None and norm > o.norm_ceiling:
+            events.append(
+                GradEvent(
+                    kind="exploding",
+                    step=record.step,
+                    severity=logging.WARNING,
+                    message=(
+                        f"Gradient norm {fmt(norm)} at step {record.step} is above the ceiling "
+                        f"norm_ceiling={fmt(o.norm_ceiling)}. {_clip_hint(record)}"
+                    ),
+                    value=norm,
+                    threshold=o.norm_ceiling,
+                )
+            )
+        x = math.log(norm)
+        if self.n < o.spike_warmup:
+            # Welford's running mean and variance over the warm-up steps.
+            self.n += 1
+            d = x - self.mean
+            self.mean += d / self.n
+            self.var += (d * (x - self.mean) - self.var) / self.n
+            return events
+        std = math.sqrt(max(self.var, 0.0))
+        z = (x - self.mean) / (std + 1e-12)
+        ref = math.exp(self.mean)
+        if z > o.spike_z and norm > o.spike_ratio * ref:
+            events.append(
+                GradEvent(
+                    kind="exploding",
+                    step=record.step,
+                    severity=logging.WARNING,
+                    message=(
+                        f"Gradient norm spiked at step {record.step}: {fmt(norm)} is {norm / ref:.0f}x its "
+                        f"running level {fmt(ref)} (log-space z-score {z:.1f}; alerts above z {fmt(o.spike_z)} "
+                        f"and {fmt(o.spike_ratio)}x). {_clip_hint(record)}"
+                    ),
+                    value=norm,
+                    threshold=o.spike_ratio * ref,
+                )
+            )
+            x = self.mean + o.spike_z * std
+        a = o.spike_alpha
+        d = x - self.mean
+        incr = (1.0 - a) * d
+        self.mean += incr
+        self.var = a * (self.var + d * incr)
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n, "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.n = int(state["n"])
+        self.mean = float(state["mean"])
+        self.var = float(state["var"])
+
+
+def _clip_hint(record: StepRecord) -> str:
+    if record.clip is not None:
+        if record.clip.clipped:
+            return (
+                f"Policy {record.clip.policy!r} scaled it by {fmt(record.clip.scale)} "
+                f"(threshold {fmt(record.clip.threshold)})."
+            )
+        return f"Policy {record.clip.policy!r} did not clip it (threshold {fmt(record.clip.threshold)})."
+    return "Consider clipping: policy='zclip' (adaptive) or policy='fixed' with max_norm."
+
+
+class TemporalDetector(_Stateless):
+    """Vanishing or exploding gradients *through time* in a recurrent layer.
+
+    Looks at the per-timestep profile of dL/dx_t (the layer's input): vanishing when the
+    earliest timestep receives less than ``vanish_ratio`` of the peak, exploding when it
+    receives more than ``explode_ratio`` times what the last timestep gets. This is the
+    picture of Pascanu et al. (2013): the gradient reaching step k is a product of t - k
+    Jacobians diag(f'(.)) W_hh, so it shrinks or grows geometrically with the recurrent
+    weights' spectral norm; the messages quote the measured gain per step, the horizon
+    and, when measured, that spectral norm.
+    """
+
+    name: ClassVar[str] = "temporal"
+
+    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+        if not record.temporal:
+            return ()
+        o = self.options
+        events: list[GradEvent] = []
+        for layer, prof in record.temporal.items():
+            if len(prof.norms) < 2:
+                continue
+            r_peak = prof.earliest_over_peak
+            r_last = prof.earliest_over_last
+            sigma = _layer_spectral(record, layer)
+            if r_peak < o.vanish_ratio:
+                gate = record.gates.get(layer)
+                gate_txt = (
+                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (cell-path gain e^{gate.log_path_gain:.1f} "
+                    f"over the sequence): a larger {gate.gate}-gate bias (1 to 3) keeps memory longer."
+                    if gate is not None
+                    else ""
+                )
+                events.append(
+                    GradEvent(
+                        kind="vanishing",
+                        step=record.step,
+                        severity=logging.WARNING,
+                        message=(
+                            f"Vanishing gradient through time in recurrent layer {layer!r} at step {record.step}: "
+                            f"the earliest of {prof.length} timesteps receives {fmt(r_peak)} of the peak gradient "
+                            f"(alert below {fmt(o.vanish_ratio)}); gain {fmt(prof.gain)} per step, horizon "
+                            f"{prof.horizon} timesteps{sigma}. The layer cannot learn dependencies longer than "
+                            f"about {prof.horizon} steps.{gate_txt} Remedies: an LSTM or GRU instead of a plain "
+                            f"RNN, a forget-gate bias of 1 to 3, orthogonal initialisation of the recurrent "
+                            f"weights, or shorter (truncated) sequences."
+                        ),
+                        layer=layer,
+                        value=r_peak,
+                        threshold=o.vanish_ratio,
+                    )
+                )
+            elif r_last > o.explode_ratio:
+                events.append(
+                    GradEvent(
+                        kind="exploding",
+                        step=record.step,
+                        severity=logging.WARNING,
+                        message=(
+                            f"Exploding gradient through time in recurrent layer {layer!r} at step {record.step}: "
+                            f"the earliest of {prof.length} timesteps receives {fmt(r_last)}x the gradient of "
+                            f"the last (alert above {fmt(o.explode_ratio)}x); gain {fmt(prof.gain)} per "
+                            f"step{sigma}. Remedies: clip the gradient norm (policy='zclip' or 'fixed'), and "
+                            f"keep the recurrent weights' largest singular value near or below 1 (orthogonal "
+                            f"initialisation, a smaller initial scale)."
+                        ),
+                        layer=layer,
+                        value=r_last,
+                        threshold=o.explode_ratio,
+                    )
+                )
+        return events
+
+
+def _layer_spectral(record: StepRecord, layer: str) -> str:
+    """", largest recurrent singular value 1.1 (rnn.weight_hh_l0)" when measured."""
+    best: tuple[float, str] | None = None
+    for name, s in record.spectral.items():
+        if name.startswith(layer + ".") or name.startswith(layer + "/") or name.startswith(layer + "["):
+            if best is None or s > best[0]:
+                best = (s, name)
+    if best is None:
+        return ""
+    return f", largest recurrent singular value {fmt(best[0])} ({best[1]})"
+
+
+class VanishingNormDetector:
+    """The global norm, or one layer's norm, stayed below ``vanish_floor`` for
+    ``vanish_patience`` consecutive steps: that part of the model has stopped learning.
+
+    Counts are kept in one numpy vector over layers, so a step costs no Python loop.
+    """
+
+    name: ClassVar[str] = "vanishing_norm"
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.global_count = 0
+        self.layers: tuple[str, ...] = ()
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+        o = self.options
+        if o.vanish_floor <= 0:
+            return ()
+        events: list[GradEvent] = []
+        g = record.global_norm
+        self.global_count = self.global_count + 1 if (math.isfinite(g) and g < o.vanish_floor) else 0
+        if self.global_count >= o.vanish_patience:
+            events.append(
+                GradEvent(
+                    kind="vanishing",
+                    step=record.step,
+                    severity=logging.WARNING,
+                    message=(
+                        f"The global gradient norm has stayed below {fmt(o.vanish_floor)} for "
+                        f"{self.global_count} steps (now {fmt(g)} at step {record.step}): the model has "
+                        f"stopped learning. Check for saturated activations, a detached graph, or a "
+                        f"learning-rate schedule that reached zero."
+                    ),
+                    value=g,
+                    threshold=o.vanish_floor,
+                )
+            )
+        ln = record.layer_norms
+        if isinstance(ln, NormMap):
+            names = tuple(ln)
+            vals = ln.array
+        else:
+            names = tuple(ln)
+            vals = np.fromiter((ln[n] for n in names), dtype=np.float64, count=len(names))
+        if names != self.layers:
+            self.layers = names
+            self.counts = np.zeros(len(names), dtype=np.int64)
+        low = np.isfinite(vals) & (vals < o.vanish_floor)
+        self.counts = np.where(low, self.counts + 1, 0)
+        if len(names) > 1 and self.counts.max(initial=0) >= o.vanish_patience:
+            for i in np.flatnonzero(self.counts >= o.vanish_patience):
+                layer = names[int(i)]
+                events.append(
+                    GradEvent(
+                        kind="vanishing",
+                        step=record.step,
+                        severity=logging.WARNING,
+                        message=(
+                            f"The gradient of layer {layer!r} has stayed below {fmt(o.vanish_floor)} for "
+                            f"{int(self.counts[i])} steps (now {fmt(float(vals[i]))} at step {record.step}): "
+                            f"this layer has stopped learning. Check for dead ReLUs, saturated gates, or a "
+                            f"branch the loss does not reach."
+                        ),
+                        layer=layer,
+                        value=float(vals[i]),
+                        threshold=o.vanish_floor,
+                    )
+                )
+        return events
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_count": self.global_count, "layers": list(self.layers), "counts": self.counts.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.global_count = int(state["global_count"])
+        self.layers = tuple(state["layers"])
+        self.counts = np.asarray(state["counts"], dtype=np.int64)
+
+
+BUILTIN_DETECTORS: tuple[type, ...] = (NonFiniteDetector, SpikeDetector, TemporalDetector, VanishingNormDetector)

@@ -1,0 +1,84 @@
+"""Every hook gradwatch calls, in one place.
+
+Hooks that *decide* are ``firstresult=True`` and return ``X | None`` (None: "not mine,
+ask the next plugin"). Hooks that *announce* return None. Announcing hooks fire once per
+step or event with aggregated values, never per parameter, so a plugin costs at most one
+call per step. A plugin whose hook raises is disabled after one ERROR log line.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gradwatch.events import GradEvent
+    from gradwatch.handles import Attachment
+    from gradwatch.monitor import Monitor
+    from gradwatch.options import Options
+    from gradwatch.policies import ClipPolicy
+    from gradwatch.records import StepRecord
+
+PROJECT = "gradwatch"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+__all__ = ["hookspec", "hookimpl", "PROJECT"]
+
+
+@hookspec
+def gradwatch_register_policies() -> list[type[ClipPolicy]]:
+    """Return policy classes to add to the registry (each has a unique ``name``).
+
+    Called when a Monitor resolves a ``policy="name"`` string. Lists are concatenated.
+    """
+
+
+@hookspec
+def gradwatch_register_sinks() -> list[type[Any]]:
+    """Return sink classes (each with a ``scheme`` and ``from_spec(arg, monitor)``).
+
+    Called when a Monitor resolves its ``sinks`` specs; ``"scheme:arg"`` picks the class.
+    """
+
+
+@hookspec
+def gradwatch_register_detectors() -> list[type[Any]]:
+    """Return detector classes; each Monitor builds one of each with its Options.
+
+    Called once per Monitor, at construction.
+    """
+
+
+@hookspec(firstresult=True)
+def gradwatch_attach(target: object, optimizer: object | None, monitor: Monitor) -> Attachment | None:
+    """Attach ``monitor`` to ``target`` (and ``optimizer``) if this backend recognises it.
+
+    Called by ``gradwatch.watch``. Recognise the target without importing a framework the
+    user has not imported (look in ``sys.modules``). Return None to let another backend
+    try; stops at the first non-None result.
+    """
+
+
+@hookspec(firstresult=True)
+def gradwatch_resolve_policy(spec: object, options: Options) -> ClipPolicy | None:
+    """Turn a ``policy=`` value the registry does not know into a policy object.
+
+    Called at Monitor construction for strings not in the registry and for objects that
+    are not policies. Return None to decline.
+    """
+
+
+@hookspec
+def gradwatch_step_recorded(record: StepRecord, monitor: Monitor) -> None:
+    """Announce a step's record, right after detection and the clip decision.
+
+    Called once per optimizer step, on every rank. Must be cheap: it runs on the training
+    loop's hot path.
+    """
+
+
+@hookspec
+def gradwatch_event(event: GradEvent, monitor: Monitor) -> None:
+    """Announce an event as it is emitted (after rate limiting)."""

@@ -1,0 +1,151 @@
+"""The options every ``watch()``, ``Monitor`` and ``GradWatchCallback`` accepts.
+
+Validated once, at construction, so a typo fails before training starts rather than
+hours into it. Every error names the option, the value received and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from gradwatch.errors import ConfigError
+
+__all__ = ["Options", "ON_NONFINITE"]
+
+ON_NONFINITE = ("warn", "skip", "raise")
+_UNSET: Any = object()
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _bad(option: str, value: object, allowed: str) -> ConfigError:
+    return ConfigError(f"gradwatch option {option}={value!r} is not allowed: expected {allowed}.", option=option, value=value)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every option, with its documented default (README, "Options").
+
+    ``policy`` .. ``keep`` are the options of API.md. The rest tune the detectors; their
+    defaults were chosen to stay silent on healthy training (no exploding alert on 10,000
+    steps of log-normal norms with sigma 0.3) and to flag a 10x spike at once.
+    """
+
+    #: None (observe only, training bitwise unchanged), a registry name or a policy object.
+    policy: Any = None
+    #: Threshold of "fixed"; for "zclip" a cap, applied only when given explicitly.
+    max_norm: float = 1.0
+    #: "warn" | "skip" | "raise": what a NaN/Inf gradient does to the step.
+    on_nonfinite: str = "warn"
+    #: Steps between flushes of (window-summarised) records to the sinks.
+    log_every: int = 50
+    #: Steps between per-timestep profiles and spectral norms of recurrent layers; 0 = off.
+    profile_every: int = 10
+    #: Where records and events go: "logging", "memory", "jsonl:PATH", "tensorboard:DIR", objects.
+    sinks: Sequence[Any] = ("logging",)
+    #: Records and events kept in memory (``watch.records`` / ``watch.events``).
+    keep: int = 1000
+    #: In distributed training, let every rank write to its sinks (default: rank 0 only).
+    all_ranks: bool = False
+    #: Temporal vanishing: earliest timestep's norm below this fraction of the peak.
+    vanish_ratio: float = 1e-3
+    #: Temporal exploding: earliest timestep's norm above this multiple of the last's.
+    explode_ratio: float = 1e3
+    #: Global-norm spike: z-score of log(norm) against its running statistics ...
+    spike_z: float = 6.0
+    #: ... and the norm must also exceed this multiple of the running geometric mean.
+    spike_ratio: float = 10.0
+    #: Steps of statistics gathered before spikes are judged.
+    spike_warmup: int = 20
+    #: Decay of the running log-norm statistics (closer to 1: longer memory).
+    spike_alpha: float = 0.98
+    #: An absolute ceiling on the global norm (None: none); any norm above is "exploding".
+    norm_ceiling: float | None = None
+    #: Global / per-layer norm counted as vanished below this value (0 disables) ...
+    vanish_floor: float = 1e-10
+    #: ... for this many consecutive steps.
+    vanish_patience: int = 20
+    #: Minimum steps between two alerts of the same kind for the same layer (0: no limit).
+    alert_every: int = 100
+    #: A name for the run, written into the JSONL header and used by the report.
+    run_name: str | None = None
+    #: Whether max_norm was given explicitly (set by from_kwargs; caps adaptive policies).
+    max_norm_given: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not (_is_number(self.max_norm) and math.isfinite(self.max_norm) and self.max_norm > 0):
+            raise _bad("max_norm", self.max_norm, "a finite number > 0")
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise _bad("on_nonfinite", self.on_nonfinite, "one of 'warn', 'skip', 'raise'")
+        for name, lo in (("log_every", 1), ("profile_every", 0), ("keep", 1), ("spike_warmup", 1),
+                         ("vanish_patience", 1), ("alert_every", 0)):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= lo):
+                raise _bad(name, v, f"an integer >= {lo}")
+        if isinstance(self.sinks, (str, bytes)) or not isinstance(self.sinks, Sequence):
+            raise _bad("sinks", self.sinks, 'a list such as ["logging", "jsonl:run.jsonl"]')
+        if not isinstance(self.all_ranks, bool):
+            raise _bad("all_ranks", self.all_ranks, "True or False")
+        for name in ("vanish_ratio",):
+            v = getattr(self, name)
+            if not (_is_number(v) and 0 < v < 1):
+                raise _bad(name, v, "a number in (0, 1)")
+        if not (_is_number(self.spike_alpha) and 0 < self.spike_alpha < 1):
+            raise _bad("spike_alpha", self.spike_alpha, "a number in (0, 1)")
+        for name in ("explode_ratio", "spike_ratio"):
+            v = getattr(self, name)
+            if not (_is_number(v) and math.isfinite(v) and v > 1):
+                raise _bad(name, v, "a finite number > 1")
+        if not (_is_number(self.spike_z) and math.isfinite(self.spike_z) and self.spike_z > 0):
+            raise _bad("spike_z", self.spike_z, "a finite number > 0")
+        if self.norm_ceiling is not None and not (_is_number(self.norm_ceiling) and self.norm_ceiling > 0):
+            raise _bad("norm_ceiling", self.norm_ceiling, "None or a number > 0")
+        if not (_is_number(self.vanish_floor) and math.isfinite(self.vanish_floor) and self.vanish_floor >= 0):
+            raise _bad("vanish_floor", self.vanish_floor, "a finite number >= 0")
+        if self.run_name is not None and not isinstance(self.run_name, str):
+            raise _bad("run_name", self.run_name, "None or a string")
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> Options:
+        """Build from user keywords, naming any unknown keyword and the known ones."""
+        known = {f.name for f in fields(cls) if f.name != "max_norm_given"}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            close = [k for k in sorted(known) if _similar(unknown[0], k)]
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"Unknown gradwatch option {unknown[0]!r}.{hint} Known options: {', '.join(sorted(known))}.",
+                option=unknown[0],
+                value=kwargs[unknown[0]],
+            )
+        if "sinks" in kwargs and kwargs["sinks"] is not None and not isinstance(kwargs["sinks"], (str, bytes)):
+            if isinstance(kwargs["sinks"], Sequence):
+                kwargs["sinks"] = tuple(kwargs["sinks"])
+        return cls(**kwargs, max_norm_given="max_norm" in kwargs)
+
+    def public(self) -> dict[str, Any]:
+        """The options as plain values (for the JSONL header and logs)."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "max_norm_given":
+                continue
+            v = getattr(self, f.name)
+            if f.name == "policy" and v is not None and not isinstance(v, str):
+                v = repr(v)
+            elif f.name == "sinks":
+                v = [s if isinstance(s, str) else type(s).__name__ for s in v]
+            out[f.name] = v
+        return out
+
+
+def _similar(a: str, b: str) -> bool:
+    a, b = a.lower(), b.lower()
+    if a in b or b in a:
+        return True
+    common = sum(1 for x, y in zip(a, b) if x == y)
+    return common >= max(3, int(0.6 * max(len(a), len(b))))

@@ -1,0 +1,127 @@
+"""The plugin manager: built-in plugin, entry points, and isolated hook calls."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import pluggy
+
+from gradwatch import hookspecs
+
+__all__ = ["make_plugin_manager", "get_plugin_manager", "backend_names", "ENTRY_POINT_GROUP", "BUILTIN_NAME"]
+
+ENTRY_POINT_GROUP = "gradwatch"
+BUILTIN_NAME = "gradwatch.builtin"
+logger = logging.getLogger("gradwatch")
+
+_default: pluggy.PluginManager | None = None
+
+
+class _Builtin:
+    """Registers the core's own policies, sinks and detectors through the same hooks a
+    third-party plugin uses, so the built-ins get no special path."""
+
+    @hookspecs.hookimpl
+    def gradwatch_register_policies(self) -> list[type]:
+        from gradwatch.policies import BUILTIN_POLICIES
+
+        return list(BUILTIN_POLICIES)
+
+    @hookspecs.hookimpl
+    def gradwatch_register_sinks(self) -> list[type]:
+        from gradwatch.sinks import BUILTIN_SINKS
+
+        return list(BUILTIN_SINKS)
+
+    @hookspecs.hookimpl
+    def gradwatch_register_detectors(self) -> list[type]:
+        from gradwatch.detectors import BUILTIN_DETECTORS
+
+        return list(BUILTIN_DETECTORS)
+
+
+def make_plugin_manager(load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """A fresh manager with the hookspecs and the built-in plugin registered.
+
+    ``load_entrypoints=True`` also loads the backends installed under the entry-point
+    group ``gradwatch`` (their modules import no framework). Tests pass False and register
+    their own small plugins.
+    """
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    pm.register(_Builtin(), name=BUILTIN_NAME)
+    if load_entrypoints:
+        load_entrypoints_into(pm)
+    return pm
+
+
+def load_entrypoints_into(pm: pluggy.PluginManager) -> None:
+    """Register every plugin module of the entry-point group ``gradwatch``.
+
+    Unlike ``pm.load_setuptools_entrypoints``, one broken backend does not stop the
+    others: it is skipped with a WARNING that names it and the error.
+    """
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+            continue
+        try:
+            plugin = ep.load()
+        except Exception as exc:  # noqa: BLE001 - report and go on with the others
+            logger.warning("[gradwatch] backend plugin %r (%s) could not be loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
+            continue
+        pm.register(plugin, name=ep.name)
+
+
+def get_plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager, created (and entry points loaded) on first use, so
+    ``import gradwatch`` itself loads nothing."""
+    global _default
+    if _default is None:
+        _default = make_plugin_manager(load_entrypoints=True)
+    return _default
+
+
+def backend_names(pm: pluggy.PluginManager) -> list[str]:
+    """Names of the plugins that implement ``gradwatch_attach`` (the backends)."""
+    names = []
+    for impl in pm.hook.gradwatch_attach.get_hookimpls():
+        name = pm.get_name(impl.plugin) or getattr(impl.plugin, "__name__", repr(impl.plugin))
+        names.append(name)
+    return sorted(set(names))
+
+
+class IsolatedCaller:
+    """Calls an announcing hook implementation by implementation, so one plugin that
+    raises is disabled (after one ERROR line) without stopping the others or reaching
+    the training loop."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self.pm = pm
+        self.disabled: set[int] = set()
+
+    def call(self, hook_name: str, **kwargs: Any) -> None:
+        caller = getattr(self.pm.hook, hook_name)
+        impls = caller.get_hookimpls()
+        if not impls:
+            return
+        for impl in impls:
+            if id(impl.plugin) in self.disabled:
+                continue
+            fn: Callable[..., Any] = impl.function
+            try:
+                fn(*[kwargs[a] for a in impl.argnames])
+            except Exception as exc:  # noqa: BLE001 - isolation is the point
+                self.disabled.add(id(impl.plugin))
+                name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+                logger.error(
+                    "[gradwatch] plugin %r raised %s in %s; it is disabled for the rest of this run. Training goes on.",
+                    name,
+                    f"{type(exc).__name__}: {exc}",
+                    hook_name,
+                    exc_info=sys.exc_info() if logger.isEnabledFor(logging.DEBUG) else None,
+                )

@@ -1,0 +1,264 @@
+"""Step records: what gradwatch measured at one optimizer step.
+
+Records are frozen, slotted dataclasses of plain Python values (never tensors), so sinks,
+plugins and the report need no framework. Mappings inside them are read-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from gradwatch import _numerics
+
+__all__ = [
+    "ClipDecision",
+    "TemporalProfile",
+    "GateStats",
+    "WindowStats",
+    "StepRecord",
+    "NormMap",
+]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _empty() -> Mapping[str, Any]:
+    return _EMPTY
+
+
+@dataclass(frozen=True, slots=True)
+class ClipDecision:
+    """What a clipping policy decided at one step.
+
+    ``threshold`` is the norm the gradient was limited to (for AGC: the clip factor, a
+    ratio), ``scale`` the factor the whole gradient was multiplied by (for AGC, which
+    scales unit by unit: the global norm after clipping over the norm before), always in
+    [0, 1]. ``policy`` is the registry name of the policy ("fixed", "zclip", ...).
+    """
+
+    threshold: float
+    scale: float
+    policy: str
+
+    @property
+    def clipped(self) -> bool:
+        """True when the gradient was actually made smaller."""
+        return self.scale < 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TemporalProfile:
+    """How the gradient of a recurrent layer's input is spread over time.
+
+    ``norms[t]`` is the L2 norm of dL/dx_t over batch and features, x being the layer's
+    input sequence, for each timestep t in forward order. ``gain`` is the fitted factor by
+    which that norm changes per timestep going *back* in time (< 1: vanishing, > 1:
+    exploding); ``horizon`` the number of timesteps back from the peak until the norm
+    falls below 1/1000 of the peak (the sequence length if it never does): how far back
+    this layer can currently learn from.
+    """
+
+    norms: tuple[float, ...]
+    gain: float
+    horizon: int
+
+    @classmethod
+    def from_norms(cls, norms: Sequence[float] | np.ndarray) -> TemporalProfile:
+        """Build a profile, fitting gain and horizon with the core's reference maths."""
+        arr = np.asarray(norms, dtype=np.float64).reshape(-1)
+        return cls(
+            norms=tuple(float(v) for v in arr),
+            gain=_numerics.temporal_gain(arr),
+            horizon=_numerics.temporal_horizon(arr),
+        )
+
+    @property
+    def length(self) -> int:
+        return len(self.norms)
+
+    @property
+    def earliest_over_peak(self) -> float:
+        """norms[0] / max(norms): tiny when the gradient vanishes before reaching t=0."""
+        peak = max(self.norms) if self.norms else 0.0
+        return self.norms[0] / peak if peak > 0 else math.nan
+
+    @property
+    def earliest_over_last(self) -> float:
+        """norms[0] / norms[-1]: huge when the gradient explodes going back in time."""
+        if not self.norms or self.norms[-1] == 0:
+            return math.inf if self.norms and self.norms[0] > 0 else math.nan
+        return self.norms[0] / self.norms[-1]
+
+
+@dataclass(frozen=True, slots=True)
+class GateStats:
+    """Gate statistics of a gated recurrent layer (LSTM forget gate, GRU update gate).
+
+    ``mean`` is the gate's mean activation over batch, time and units. ``log_path_gain``
+    is the mean over units (and batch) of sum_t log(gate_t): the log of the factor by which
+    the cell-state path scales a gradient over the whole sequence. Near 0 means the memory
+    path is open; very negative means even the LSTM forgets within the sequence.
+    """
+
+    gate: str
+    mean: float
+    log_path_gain: float
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """Statistics of the global norm over the steps since the previous flush.
+
+    Flushed records carry these so a spike between two flushes is never lost.
+    """
+
+    first_step: int
+    last_step: int
+    steps: int
+    norm_min: float
+    norm_mean: float
+    norm_max: float
+    clipped: int = 0
+    skipped: int = 0
+    nonfinite: int = 0
+
+
+class NormMap(Mapping[str, float]):
+    """Read-only name -> norm mapping backed by one numpy vector.
+
+    Built once per step without creating a dict: the names and their index are shared
+    between steps, so measuring costs no Python work per parameter.
+    """
+
+    __slots__ = ("_index", "_values")
+
+    def __init__(self, index: Mapping[str, int], values: np.ndarray) -> None:
+        self._index = index
+        self._values = values
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, float]) -> NormMap:
+        names = list(data)
+        return cls({n: i for i, n in enumerate(names)}, np.array([float(data[n]) for n in names], dtype=np.float64))
+
+    def __getitem__(self, key: str) -> float:
+        return float(self._values[self._index[key]])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"NormMap({dict(self)!r})"
+
+    @property
+    def array(self) -> np.ndarray:
+        """The values as a float64 vector, in the order of iteration (do not modify)."""
+        return self._values
+
+    def to_dict(self) -> dict[str, float]:
+        vals = self._values.tolist()
+        return {n: vals[i] for n, i in self._index.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    """Everything gradwatch measured and decided at one optimizer step (see API.md).
+
+    Norms are L2 norms of the gradients *before* clipping. ``temporal``, ``spectral`` and
+    ``gates`` are filled on profiled steps only (``profile_every``). ``window`` is set on
+    records flushed to sinks and summarises the steps since the previous flush.
+    """
+
+    step: int
+    global_norm: float
+    param_norms: Mapping[str, float] = field(default_factory=_empty)
+    layer_norms: Mapping[str, float] = field(default_factory=_empty)
+    clip: ClipDecision | None = None
+    skipped: bool = False
+    nonfinite: tuple[str, ...] = ()
+    temporal: Mapping[str, TemporalProfile] = field(default_factory=_empty)
+    spectral: Mapping[str, float] = field(default_factory=_empty)
+    gates: Mapping[str, GateStats] = field(default_factory=_empty)
+    window: WindowStats | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (floats may be non-finite; the JSONL writer encodes those)."""
+        return {
+            "step": self.step,
+            "global_norm": self.global_norm,
+            "param_norms": _as_dict(self.param_norms),
+            "layer_norms": _as_dict(self.layer_norms),
+            "clip": None
+            if self.clip is None
+            else {"threshold": self.clip.threshold, "scale": self.clip.scale, "policy": self.clip.policy},
+            "skipped": self.skipped,
+            "nonfinite": list(self.nonfinite),
+            "temporal": {
+                k: {"norms": list(p.norms), "gain": p.gain, "horizon": p.horizon} for k, p in self.temporal.items()
+            },
+            "spectral": dict(self.spectral),
+            "gates": {
+                k: {"gate": g.gate, "mean": g.mean, "log_path_gain": g.log_path_gain} for k, g in self.gates.items()
+            },
+            "window": None
+            if self.window is None
+            else {f: getattr(self.window, f) for f in WindowStats.__dataclass_fields__},
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> StepRecord:
+        """Inverse of :meth:`to_dict` (values already decoded to floats)."""
+        clip = d.get("clip")
+        window = d.get("window")
+        return cls(
+            step=int(d["step"]),
+            global_norm=float(d["global_norm"]),
+            param_norms=MappingProxyType({k: float(v) for k, v in (d.get("param_norms") or {}).items()}),
+            layer_norms=MappingProxyType({k: float(v) for k, v in (d.get("layer_norms") or {}).items()}),
+            clip=None
+            if clip is None
+            else ClipDecision(float(clip["threshold"]), float(clip["scale"]), str(clip["policy"])),
+            skipped=bool(d.get("skipped", False)),
+            nonfinite=tuple(d.get("nonfinite") or ()),
+            temporal=MappingProxyType(
+                {
+                    k: TemporalProfile(tuple(float(x) for x in p["norms"]), float(p["gain"]), int(p["horizon"]))
+                    for k, p in (d.get("temporal") or {}).items()
+                }
+            ),
+            spectral=MappingProxyType({k: float(v) for k, v in (d.get("spectral") or {}).items()}),
+            gates=MappingProxyType(
+                {
+                    k: GateStats(str(g["gate"]), float(g["mean"]), float(g["log_path_gain"]))
+                    for k, g in (d.get("gates") or {}).items()
+                }
+            ),
+            window=None if window is None else _window_from_dict(window),
+        )
+
+
+def _as_dict(m: Mapping[str, float]) -> dict[str, float]:
+    return m.to_dict() if isinstance(m, NormMap) else dict(m)
+
+
+def _window_from_dict(w: Mapping[str, Any]) -> WindowStats:
+    return WindowStats(
+        first_step=int(w["first_step"]),
+        last_step=int(w["last_step"]),
+        steps=int(w["steps"]),
+        norm_min=float(w["norm_min"]),
+        norm_mean=float(w["norm_mean"]),
+        norm_max=float(w["norm_max"]),
+        clipped=int(w.get("clipped", 0)),
+        skipped=int(w.get("skipped", 0)),
+        nonfinite=int(w.get("nonfinite", 0)),
+    )

@@ -1,0 +1,286 @@
+"""Sinks: where records and events go.
+
+A sink receives every event as it happens and one window-summarised record every
+``log_every`` steps. Built-in sinks are named by a string spec in the ``sinks`` option:
+
+========================  ==============================================================
+``"logging"``             the standard logger ``"gradwatch"``: one line per event, an INFO
+                          summary line per flush
+``"memory"``              keeps flushed records and events in lists (bounded by ``keep``)
+``"jsonl:PATH"``          the run file (see :mod:`gradwatch.jsonl`), one line per record or
+                          event, each written whole and flushed
+``"tensorboard:DIR"``     TensorBoard scalars: global norm and its window max, per-layer
+                          norms, clip threshold and scale, temporal gain and horizon,
+                          spectral norms
+========================  ==============================================================
+
+Any object with ``write_record``, ``write_event`` and ``close`` is a sink too. A sink that
+raises is disabled after one ERROR line: training never sees the exception.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime as _dt
+import logging
+import math
+import os
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
+
+from gradwatch.detectors import fmt
+from gradwatch.errors import ConfigError
+from gradwatch.events import GradEvent
+from gradwatch.jsonl import SCHEMA, encode_line
+from gradwatch.records import StepRecord
+
+if TYPE_CHECKING:
+    from gradwatch.monitor import Monitor
+
+__all__ = ["Sink", "LoggingSink", "MemorySink", "JsonlSink", "TensorBoardSink", "BUILTIN_SINKS", "LOGGER_NAME"]
+
+LOGGER_NAME = "gradwatch"
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What a sink implements. Plugins register sink classes through
+    ``gradwatch_register_sinks``; such a class also has a ``scheme`` (the part before the
+    colon of its spec string) and a classmethod ``from_spec(arg, monitor)``."""
+
+    def write_record(self, record: StepRecord) -> None: ...
+
+    def write_event(self, event: GradEvent) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def summary_line(record: StepRecord) -> str:
+    """The INFO line of a flushed record, as a person reads it in a training log."""
+    w = record.window
+    parts = [f"[gradwatch] step {record.step}: grad norm {fmt(record.global_norm)}"]
+    if w is not None and w.steps > 1:
+        parts[0] += f" (last {w.steps} steps: min {fmt(w.norm_min)}, mean {fmt(w.norm_mean)}, max {fmt(w.norm_max)})"
+    if record.clip is not None:
+        share = f"{w.clipped}/{w.steps} steps" if w is not None else ("this step" if record.clip.clipped else "none")
+        parts.append(f"clipped {share} by {record.clip.policy!r} (threshold {fmt(record.clip.threshold)})")
+    if w is not None and w.skipped:
+        parts.append(f"skipped {w.skipped} step{'s' if w.skipped > 1 else ''}")
+    if w is not None and w.nonfinite:
+        parts.append(f"non-finite on {w.nonfinite} step{'s' if w.nonfinite > 1 else ''}")
+    for layer, prof in record.temporal.items():
+        parts.append(f"{layer}: gain {fmt(prof.gain)}/step, horizon {prof.horizon}/{prof.length}")
+    return " | ".join(parts)
+
+
+class LoggingSink:
+    """Events and summaries on the standard logger ``"gradwatch"``.
+
+    Events keep their severity (WARNING for vanishing and exploding, ERROR for non-finite),
+    so they show with Python's default logging set-up; the per-flush summary is INFO.
+    """
+
+    scheme: ClassVar[str] = "logging"
+
+    def __init__(self, logger_: logging.Logger | None = None) -> None:
+        self.logger = logger_ or logger
+
+    @classmethod
+    def from_spec(cls, arg: str | None, monitor: Monitor) -> LoggingSink:
+        return cls(logging.getLogger(arg) if arg else None)
+
+    def write_record(self, record: StepRecord) -> None:
+        if self.logger.isEnabledFor(logging.INFO):
+            self.logger.info(summary_line(record))
+
+    def write_event(self, event: GradEvent) -> None:
+        self.logger.log(event.severity, "[gradwatch] %s", event.message)
+
+    def close(self) -> None:
+        return None
+
+
+class MemorySink:
+    """Keeps flushed records and events in memory (bounded), for tests and notebooks."""
+
+    scheme: ClassVar[str] = "memory"
+
+    def __init__(self, keep: int = 1000) -> None:
+        self.records: deque[StepRecord] = deque(maxlen=keep)
+        self.events: deque[GradEvent] = deque(maxlen=keep)
+        self.closed = False
+
+    @classmethod
+    def from_spec(cls, arg: str | None, monitor: Monitor) -> MemorySink:
+        return cls(monitor.options.keep)
+
+    def write_record(self, record: StepRecord) -> None:
+        self.records.append(record)
+
+    def write_event(self, event: GradEvent) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+_open_files: weakref.WeakSet[JsonlSink] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
+    for sink in list(_open_files):
+        sink.close()
+
+
+def _check_writable_dir(option_value: str, d: Path) -> None:
+    probe = d
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ConfigError(
+            f"gradwatch sink {option_value!r}: cannot write under {str(d)!r} ({str(probe)!r} is not a writable "
+            f"directory).",
+            option="sinks",
+            value=option_value,
+        )
+
+
+class JsonlSink:
+    """The run file: a header line, then one strict-JSON line per record or event.
+
+    The file is opened at the first write, not at construction, so that in distributed
+    runs the ranks that write nothing create nothing. Each line is written whole and
+    flushed, so a crash leaves at most one torn last line, which ``read_jsonl`` tolerates.
+    """
+
+    scheme: ClassVar[str] = "jsonl"
+
+    def __init__(self, path: str | os.PathLike[str], header: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        if self.path.is_dir():
+            raise ConfigError(
+                f"gradwatch sink 'jsonl:{path}': {str(path)!r} is a directory; give a file path such as "
+                f"'jsonl:{Path(path) / 'run.jsonl'}'.",
+                option="sinks",
+                value=f"jsonl:{path}",
+            )
+        _check_writable_dir(f"jsonl:{path}", self.path.parent)
+        self._header = header or {}
+        self._monitor: weakref.ReferenceType[Monitor] | None = None
+        self._f: Any = None
+        self._closed = False
+
+    @classmethod
+    def from_spec(cls, arg: str | None, monitor: Monitor) -> JsonlSink:
+        if not arg:
+            raise ConfigError("gradwatch sink 'jsonl:' needs a path, e.g. 'jsonl:runs/run.jsonl'.", option="sinks", value="jsonl:")
+        sink = cls(arg)
+        sink._monitor = weakref.ref(monitor)
+        return sink
+
+    def _file(self) -> Any:
+        if self._f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._f = open(self.path, "w", encoding="utf-8")
+            _open_files.add(self)
+            header = {"type": "header", "schema": SCHEMA}
+            mon = self._monitor() if self._monitor is not None else None
+            header.update(mon.header() if mon is not None else {})
+            header.update(self._header)
+            self._write(header)
+        return self._f
+
+    def _write(self, obj: dict[str, Any]) -> None:
+        f = self._f
+        f.write(encode_line(obj) + "\n")
+        f.flush()
+
+    def write_record(self, record: StepRecord) -> None:
+        if self._closed:
+            return
+        self._file()
+        self._write({"type": "record", **record.to_dict()})
+
+    def write_event(self, event: GradEvent) -> None:
+        if self._closed:
+            return
+        self._file()
+        self._write({"type": "event", **event.to_dict()})
+
+    def close(self) -> None:
+        self._closed = True
+        if self._f is not None and not self._f.closed:
+            self._f.close()
+        _open_files.discard(self)
+
+
+def tensorboard_scalars(record: StepRecord) -> Iterator[tuple[str, float]]:
+    """The TensorBoard scalars of one flushed record, as (tag, value) pairs."""
+    yield "grad/global_norm", record.global_norm
+    if record.window is not None:
+        yield "grad/window_max", record.window.norm_max
+        yield "grad/window_mean", record.window.norm_mean
+    for layer, v in record.layer_norms.items():
+        yield f"grad_layer/{layer}", v
+    if record.clip is not None:
+        yield "clip/threshold", record.clip.threshold
+        yield "clip/scale", record.clip.scale
+    for layer, prof in record.temporal.items():
+        yield f"temporal/{layer}/gain", prof.gain
+        yield f"temporal/{layer}/horizon", float(prof.horizon)
+    for name, s in record.spectral.items():
+        yield f"spectral/{name}", s
+    for layer, g in record.gates.items():
+        yield f"gates/{layer}/{g.gate}_mean", g.mean
+
+
+class TensorBoardSink:
+    """Scalars in a TensorBoard log directory (no tensorboard package needed to write)."""
+
+    scheme: ClassVar[str] = "tensorboard"
+
+    def __init__(self, logdir: str | os.PathLike[str]) -> None:
+        self.logdir = Path(logdir)
+        if self.logdir.exists() and not self.logdir.is_dir():
+            raise ConfigError(
+                f"gradwatch sink 'tensorboard:{logdir}': {str(logdir)!r} is a file, not a directory.",
+                option="sinks",
+                value=f"tensorboard:{logdir}",
+            )
+        _check_writable_dir(f"tensorboard:{logdir}", self.logdir)
+        self._writer: Any = None
+
+    @classmethod
+    def from_spec(cls, arg: str | None, monitor: Monitor) -> TensorBoardSink:
+        if not arg:
+            raise ConfigError(
+                "gradwatch sink 'tensorboard:' needs a directory, e.g. 'tensorboard:runs/tb'.", option="sinks", value="tensorboard:"
+            )
+        return cls(arg)
+
+    def write_record(self, record: StepRecord) -> None:
+        if self._writer is None:
+            from gradwatch._tfevents import EventFileWriter
+
+            self._writer = EventFileWriter(self.logdir)
+        # TensorBoard cannot show NaN/Inf meaningfully; those steps are in the events.
+        self._writer.add_scalars(record.step, ((t, v) for t, v in tensorboard_scalars(record) if math.isfinite(v)))
+
+    def write_event(self, event: GradEvent) -> None:
+        return None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+BUILTIN_SINKS: tuple[type, ...] = (LoggingSink, MemorySink, JsonlSink, TensorBoardSink)
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
