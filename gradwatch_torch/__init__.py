@@ -27,5 +27,9 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
     from gradwatch_torch.attach import attach
 
     monitor = Monitor(**options)
-    attachment = attach(model, optimizer, monitor)
+    try:
+        attachment = attach(model, optimizer, monitor)
+    except BaseException:
+        monitor.close()  # its sinks may already hold open files
+        raise
     return Watch(monitor, attachment)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
+from gradwatch.handles import HandleGroup
 from gradwatch_torch._recurrent import CellProbe, Probe, SequenceProbe, find_probes
 from gradwatch_torch._tensors import GradGroups, agc_factors, apply_agc_, scale_grads_
 
@@ -122,7 +123,7 @@ class TorchAttachment:
         self.layers = [_owner(n) for n in self.names]
         self._groups = GradGroups([p for _, p in named])
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        self._handles: list[Any] = []
+        self._handles = HandleGroup()
         self._closed = False
         self._broken = False
         self._distributed_checked = False
@@ -138,14 +139,19 @@ class TorchAttachment:
         for probe in self._probes:
             module = probe._module()
             assert module is not None  # alive: root holds it
-            self._handles.append(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
+            self._handles.add(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
             if isinstance(probe, SequenceProbe) and probe._want_gates:
-                self._handles.append(
+                self._handles.add(
                     module.register_forward_hook(probe.forward_hook, with_kwargs=True)
                 )
         if optimizer is not None:
-            self._handles.append(optimizer.register_step_pre_hook(self._optimizer_hook))
+            self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
         _WATCHED.add(root)
+        meta = getattr(monitor, "meta", None)
+        if isinstance(meta, dict):  # facts for the run file's header
+            meta.setdefault("backend", "torch")
+            meta.setdefault("torch", torch.__version__)
+            meta.setdefault("recurrent_layers", [p.name for p in self._probes])
         self._check_distributed()
 
     # -- Attachment protocol --------------------------------------------------------------
@@ -168,12 +174,10 @@ class TorchAttachment:
         if self._closed:
             return
         self._closed = True
-        for h in self._handles:
-            try:
-                h.remove()
-            except Exception:  # a handle whose owner is gone
-                pass
-        self._handles.clear()
+        try:
+            self._handles.remove()
+        except Exception:  # a hook whose owner is already gone: nothing left to remove
+            pass
         for probe in self._probes:
             probe.enabled = False
             probe.take_temporal()

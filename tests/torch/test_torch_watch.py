@@ -1,0 +1,321 @@
+"""Attaching, measuring and clipping through the public API, against torch.autograd and
+torch.nn.utils."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
+
+from torch import nn  # noqa: E402
+
+import gradwatch  # noqa: E402
+import gradwatch_torch  # noqa: E402
+from torch_helpers import SeqRegressor, snapshot  # noqa: E402
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def _batch(n=8):
+    return torch.randn(n, 5), torch.randn(n, 3)
+
+
+def _train(model, opt, steps, seed=1, before_step=None):
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        x, y = torch.randn(8, 5, generator=gen), torch.randn(8, 3, generator=gen)
+        opt.zero_grad()
+        nn.functional.mse_loss(model(x), y).backward()
+        if before_step is not None:
+            before_step(i)
+        opt.step()
+
+
+def test_watch_dispatches_to_the_torch_backend():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, sinks=["memory"]) as w:
+        _train(model, opt, 2)
+        assert [r.step for r in w.records] == [1, 2]
+
+
+def test_param_norms_match_autograd_and_global_norm_matches_get_total_norm():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen = {}
+
+    def grab(i):
+        seen.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        _train(model, opt, 1, before_step=grab)
+        rec = w.records[-1]
+    assert set(rec.param_norms) == {n for n, _ in model.named_parameters()}
+    for name, g in seen.items():
+        assert rec.param_norms[name] == pytest.approx(torch.linalg.vector_norm(g).item(), rel=1e-6)
+    total = torch.nn.utils.get_total_norm(list(seen.values())).item()
+    assert rec.global_norm == pytest.approx(total, rel=1e-6)
+    # layer norms aggregate the parameters of each module
+    l0 = (seen["0.weight"].square().sum() + seen["0.bias"].square().sum()).sqrt().item()
+    assert rec.layer_norms["0"] == pytest.approx(l0, rel=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_gradients_reduce_without_overflow(dtype):
+    model = nn.Linear(300, 300).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1000.0)  # sum of squares 9e10: far beyond fp16
+        opt.step()
+        rec = w.records[-1]
+    assert rec.nonfinite == ()
+    want = (1000.0**2 * (300 * 300 + 300)) ** 0.5
+    assert rec.global_norm == pytest.approx(want, rel=1e-3)
+
+
+def test_fixed_policy_equals_clip_grad_norm():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    with gradwatch_torch.watch(model, opt, policy="fixed", max_norm=0.05, sinks=["memory"]) as w:
+        _train(model, opt, 5)
+        clips = [r.clip for r in w.records]
+    _train(ref, ref_opt, 5, before_step=lambda i: torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05))
+    assert all(c is not None and c.scale < 1.0 for c in clips)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_fixed_policy_leaves_gradients_alone_below_threshold():
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.5)
+    with gradwatch_torch.watch(model, opt, policy="fixed", max_norm=1e6, sinks=["memory"]):
+        _train(model, opt, 3)
+    _train(ref, ref_opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_agc_policy_matches_numpy_reference():
+    from gradwatch import _numerics
+
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = {}
+
+    def grab(i):
+        grads.update({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+
+    with gradwatch_torch.watch(model, opt, policy="agc", sinks=["memory"]) as w:
+        _train(model, opt, 1, before_step=grab)
+        rec = w.records[-1]
+    assert rec.clip is not None and rec.clip.policy == "agc"
+    for n, p in model.named_parameters():
+        clipped = _numerics.agc_clip(before[n].double().numpy(), grads[n].double().numpy(), 0.01, 1e-3, 0)
+        want = before[n].double() - torch.from_numpy(clipped)
+        torch.testing.assert_close(p.detach().double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_observe_mode_leaves_training_bitwise_identical():
+    torch.manual_seed(0)
+    model = SeqRegressor(nn.LSTM, 4, 8, num_layers=2, dropout=0.2)
+    ref = copy.deepcopy(model)
+
+    def run(m, watched):
+        torch.manual_seed(5)  # dropout draws from the global RNG: gradwatch must not
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2, weight_decay=1e-3)
+        w = gradwatch_torch.watch(m, opt, profile_every=1, sinks=["memory"]) if watched else None
+        for _ in range(6):
+            opt.zero_grad()
+            m(torch.randn(9, 3, 4)).backward()
+            opt.step()
+        if w is not None:
+            assert len(w.records) == 6 and w.records[-1].temporal
+            w.close()
+
+    run(model, True)
+    run(ref, False)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_only_real_optimizer_steps_are_measured():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        for _ in range(3):  # 3 optimizer steps of 4 accumulated micro-batches each
+            opt.zero_grad()
+            for _ in range(4):
+                x, y = _batch()
+                nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        assert [r.step for r in w.records] == [1, 2, 3]
+
+
+def test_manual_step_without_optimizer():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch_torch.watch(model, sinks=["memory"], policy="fixed", max_norm=1e-3) as w:
+        x, y = _batch()
+        nn.functional.mse_loss(model(x), y).backward()
+        rec = w.step()
+        assert rec is not None and rec.step == 1 and rec.clip.scale < 1
+        total = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]).item()
+        assert total == pytest.approx(1e-3, rel=1e-3)  # clipped in place
+        opt.step()
+
+
+def test_manual_step_with_optimizer_attached_is_an_error():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        with pytest.raises(gradwatch.GradwatchError, match="twice"):
+            w.step()
+
+
+def test_grad_scaler_sees_unscaled_gradients():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    grads = {}
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        x, y = _batch()
+        opt.zero_grad()
+        scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+        scaler.unscale_(opt)
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        scaler.step(opt)
+        scaler.update()
+        rec = w.records[-1]
+    for n, g in grads.items():
+        assert rec.param_norms[n] == pytest.approx(g.norm().item(), rel=1e-6)
+
+
+def test_parameter_names_of_ddp_and_compiled_wrappers_are_unwrapped():
+    from gradwatch_torch.attach import unwrap_model
+
+    model = _mlp()
+    holder = nn.Module()
+    holder.module = model
+    holder.__class__ = type("DistributedDataParallel", (nn.Module,), {})
+    assert unwrap_model(holder) is model
+
+
+def test_watching_a_model_twice_is_an_error_until_closed():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch_torch.watch(model, opt, sinks=["memory"])
+    with pytest.raises(gradwatch.GradwatchError, match="already watched"):
+        gradwatch_torch.watch(model, opt, sinks=["memory"])
+    w.close()
+    gradwatch_torch.watch(model, opt, sinks=["memory"]).close()
+
+
+def test_close_removes_every_hook_and_is_idempotent():
+    model = nn.Sequential(SeqRegressor(nn.LSTM, 4, 8, num_layers=1))
+    cellmodel = nn.LSTMCell(4, 4)
+    holder = nn.ModuleDict({"a": model, "c": cellmodel})
+    opt = torch.optim.SGD(holder.parameters(), lr=0.1)
+    w = gradwatch_torch.watch(holder, opt, sinks=["memory"])
+    mods = list(holder.modules())
+    assert any(m._forward_pre_hooks for m in mods)
+    assert opt._optimizer_step_pre_hooks
+    w.close()
+    w.close()
+    for m in mods:
+        assert not m._forward_pre_hooks and not m._forward_hooks
+        assert not m._forward_pre_hooks_with_kwargs and not m._forward_hooks_with_kwargs
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
+
+
+def test_watch_keeps_no_strong_reference_to_the_model():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch_torch.watch(model, opt, sinks=["memory"])
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    w.close()
+
+
+def test_fsdp_like_models_are_refused_with_a_clear_error():
+    FSDPLinear = type("FSDPLinear", (nn.Linear,), {})
+    with pytest.raises(gradwatch.GradwatchError, match="FSDP"):
+        gradwatch_torch.watch(FSDPLinear(3, 3), sinks=["memory"])
+
+
+def test_bad_optimizer_argument_is_a_clear_error():
+    with pytest.raises(gradwatch.GradwatchError, match="torch.optim.Optimizer"):
+        gradwatch_torch.watch(_mlp(), optimizer="adam", sinks=["memory"])
+
+
+def test_a_bug_in_measuring_never_reaches_the_training_loop(monkeypatch, caplog):
+    from gradwatch_torch import _tensors
+
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch_torch.watch(model, opt, sinks=["memory"])
+
+    def boom(self, grads=None):
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(_tensors.GradGroups, "norms", boom)
+    with caplog.at_level("ERROR", logger="gradwatch"):
+        _train(model, opt, 3)
+    assert sum("injected" in r.getMessage() for r in caplog.records) == 1
+    _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    w.close()
+
+
+def test_torch_compiled_model_trains_correctly_with_gradwatch():
+    torch._dynamo.reset()
+    model = _mlp()
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    with gradwatch_torch.watch(compiled, opt, sinks=["memory"]) as w:
+        _train(compiled, opt, 3)
+        assert [r.step for r in w.records] == [1, 2, 3]
+        assert set(w.records[-1].param_norms) == {n for n, _ in model.named_parameters()}
+    _train(ref, torch.optim.SGD(ref.parameters(), lr=0.1), 3)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_memory_stays_flat_over_many_steps():
+    import tracemalloc
+
+    model = SeqRegressor(nn.GRU, 3, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(5, 2, 3)
+    with gradwatch_torch.watch(model, opt, profile_every=1, keep=50, log_every=10, sinks=["memory"]) as w:
+
+        def run(n):
+            for _ in range(n):
+                opt.zero_grad()
+                model(x).backward()
+                opt.step()
+
+        run(300)
+        gc.collect()
+        tracemalloc.start()
+        base = tracemalloc.get_traced_memory()[0]
+        run(900)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - base
+        tracemalloc.stop()
+        assert len(w.records) <= 50
+        assert w.records[-1].step == 1200
+    assert grown < 200_000, f"memory grew by {grown} bytes over 900 steps"
