@@ -1,0 +1,194 @@
+"""Recurrent layers: finding them, probing their input gradient per timestep, gate blocks.
+
+The probe is a ``tf.custom_gradient`` identity put on the layer's input by wrapping the
+layer's ``call`` on the instance (restored at close). Its gradient function writes the
+per-timestep sum of squares of dL/dx_t into a fixed-shape variable (static shape: XLA).
+
+Why the probe reads one of the layer's own trainable variables: Keras asks the tape for
+gradients with respect to the model's trainable variables only, and TensorFlow prunes
+every backward path that does not lead to one. The input of the first recurrent layer is
+data, so a plain identity on it is never differentiated and its gradient function never
+runs. Reading the layer's kernel inside the custom-gradient function puts the probe on a
+path to a requested source; the probe returns an exact zero for that kernel, and adding
+0.0 leaves the kernel's gradient bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+logger = logging.getLogger("gradwatch")
+
+#: Keras gate order in the columns of ``recurrent_kernel`` (units, k * units).
+GATES: dict[str, tuple[str, ...]] = {
+    "LSTMCell": ("i", "f", "c", "o"),
+    "GRUCell": ("z", "r", "h"),
+    "SimpleRNNCell": ("",),
+}
+RNN_LAYERS = ("SimpleRNN", "LSTM", "GRU")
+
+
+@dataclass
+class SpectralBlock:
+    """One gate block of a recurrent kernel and the warm-start vector of its power iteration."""
+
+    name: str  # e.g. "lstm/lstm_cell/recurrent_kernel[f]"
+    kernel: Any  # keras Variable
+    start: int
+    stop: int
+    vector: tf.Variable | None = None
+
+
+@dataclass
+class RecurrentSite:
+    """A probed layer: a SimpleRNN/LSTM/GRU or a Bidirectional around one."""
+
+    layer: Any
+    name: str  # the layer's path: the key of ``temporal``
+    cells: list[Any] = field(default_factory=list)
+    length: int | None = None  # timesteps, when static
+    anchor: Any = None  # a trainable variable of the layer (see module docstring)
+    sq: tf.Variable | None = None  # per-timestep sum of squares of dL/dx_t
+
+
+def _class_name(obj: Any) -> str:
+    return type(obj).__name__
+
+
+def _is_rnn(layer: Any) -> bool:
+    keras = _keras()
+    return isinstance(layer, keras.layers.RNN) and _class_name(getattr(layer, "cell", None)) in GATES
+
+
+def _keras() -> Any:
+    import keras
+
+    return keras
+
+
+def _walk(layer: Any) -> list[Any]:
+    """Every layer under ``layer`` (depth first), the layer itself excluded."""
+    out = []
+    for sub in getattr(layer, "_layers", []) or []:
+        out.append(sub)
+        out.extend(_walk(sub))
+    return out
+
+
+def _input_length(layer: Any) -> int | None:
+    """Static number of timesteps of the layer's input, if the model knows it."""
+    for getter in (
+        lambda: layer.input.shape,
+        lambda: next(iter(layer._build_shapes_dict.values())),
+    ):
+        try:
+            shape = getter()
+            if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+                shape = shape[0]
+            n = shape[1]
+            if n is not None:
+                return int(n)
+        except Exception:  # noqa: BLE001 - any missing attribute means "unknown"
+            continue
+    return None
+
+
+def find_sites(model: Any) -> list[RecurrentSite]:
+    """Every SimpleRNN / LSTM / GRU of the model, a Bidirectional counting as one site
+    (its input is what both directions read; its two cells are both kept for spectra)."""
+    keras = _keras()
+    sites: list[RecurrentSite] = []
+    inner: set[int] = set()
+    layers = _walk(model)
+    for layer in layers:
+        if isinstance(layer, keras.layers.Bidirectional):
+            cells = []
+            for sub in (layer.forward_layer, layer.backward_layer):
+                inner.add(id(sub))
+                if _is_rnn(sub):
+                    cells.append(sub.cell)
+            if cells:
+                sites.append(RecurrentSite(layer, layer.path, cells, _input_length(layer)))
+    for layer in layers:
+        if id(layer) in inner or not _is_rnn(layer):
+            continue
+        sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer)))
+    for site in sites:
+        trainable = [w for w in site.layer.trainable_weights]
+        site.anchor = trainable[0] if trainable else None
+    return sites
+
+
+def spectral_blocks(site: RecurrentSite) -> list[SpectralBlock]:
+    blocks = []
+    for cell in site.cells:
+        kernel = getattr(cell, "recurrent_kernel", None)
+        gates = GATES.get(_class_name(cell))
+        if kernel is None or gates is None or len(kernel.shape) != 2:
+            continue
+        units = int(kernel.shape[0])
+        if int(kernel.shape[1]) != units * len(gates):
+            continue
+        for i, gate in enumerate(gates):
+            name = kernel.path + (f"[{gate}]" if gate else "")
+            blocks.append(SpectralBlock(name, kernel, i * units, (i + 1) * units))
+    return blocks
+
+
+def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -> Callable[[Any], Any]:
+    """The identity whose gradient records per-timestep sums of squares into ``site.sq``."""
+    sq_var = site.sq
+    anchor = site.anchor
+    assert sq_var is not None and anchor is not None
+    length = int(sq_var.shape[0])
+
+    def probe(x: Any) -> Any:
+        if not (hasattr(x, "shape") and x.shape.rank == 3 and x.shape[1] == length):
+            return x
+
+        @tf.custom_gradient
+        def _identity(x: tf.Tensor) -> Any:
+            anchor_value = anchor.value if hasattr(anchor, "value") else anchor
+            anchor_value.read_value()
+
+            def grad(dy: tf.Tensor, variables: Any = None) -> Any:
+                sq = tf.reduce_sum(tf.square(tf.cast(dy, tf.float32)), axis=[0, 2])
+                write = sq_var.assign(sq)
+                with tf.control_dependencies([write]):
+                    zeros = [tf.zeros_like(v) for v in (variables or [])]
+                    return tf.identity(dy), zeros
+
+            return tf.identity(x), grad
+
+        return _identity(x)
+
+    return probe
+
+
+def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any]) -> Callable[[], None]:
+    """Put ``probe`` on the first argument of ``layer.call`` (instance attribute).
+
+    Returns the function that restores the layer: it deletes the instance attribute, so
+    ``layer.call`` is the class's method again and nothing of gradwatch stays on the layer
+    (a model saved afterwards contains no trace of it).
+    """
+    layer = site.layer
+    original = layer.call
+
+    @functools.wraps(original)
+    def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        return original(probe(inputs), *args, **kwargs)
+
+    object.__setattr__(layer, "call", call)
+
+    def restore() -> None:
+        if layer.__dict__.get("call") is call:
+            object.__delattr__(layer, "call")
+
+    return restore

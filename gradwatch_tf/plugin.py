@@ -1,0 +1,47 @@
+"""gradwatch's Keras 3 / TensorFlow backend plugin (entry point ``tf``).
+
+Imported by the plugin manager whether or not TensorFlow is installed, so it imports
+neither: a target is recognised through ``sys.modules``, and the backend proper is
+imported only once a Keras model is actually being watched.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from gradwatch.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from gradwatch.handles import Attachment
+    from gradwatch.monitor import Monitor
+
+
+def _is_keras_model(target: object) -> bool:
+    keras = sys.modules.get("keras")
+    if keras is None or "tensorflow" not in sys.modules:
+        return False
+    try:
+        return isinstance(target, keras.Model)
+    except Exception:  # noqa: BLE001 - a half-imported keras is not ours to judge
+        return False
+
+
+@hookimpl
+def gradwatch_attach(target: object, optimizer: object | None, monitor: "Monitor") -> "Attachment | None":
+    """Attach to a ``keras.Model`` (TensorFlow backend); None for anything else."""
+    if not _is_keras_model(target):
+        return None
+    keras = sys.modules["keras"]
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from gradwatch_tf.attach import attach
+
+    return attach(target, optimizer, monitor)
+
+
+def backend_name() -> str:
+    return "tf"
+
+
+__all__: list[Any] = ["gradwatch_attach"]
