@@ -1,0 +1,19 @@
+"""Fixtures of the Keras / TensorFlow backend tests."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
+keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    """Every test starts from the same global RNG state."""
+    keras.utils.set_random_seed(0)
+    yield
