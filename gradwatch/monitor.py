@@ -661,9 +661,9 @@ class Monitor:
                 kind, _, layer = key.partition("|")
                 where = f" for layer {layer!r}" if layer else ""
                 logger.info(
-                    "[gradwatch] %d further %r alert%s%s since step %d were suppressed by rate limiting "
+                    "[gradwatch] %d further %r alert%s%s since step %d %s suppressed by rate limiting "
                     "(alert_every=%d); the records hold every step.",
-                    n, kind, "s" if n > 1 else "", where, first, self.options.alert_every,
+                    n, kind, "s" if n > 1 else "", where, first, "were" if n > 1 else "was", self.options.alert_every,
                 )
         for sink in list(self._sinks):
             try:

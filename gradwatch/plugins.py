@@ -90,9 +90,17 @@ def backend_names(pm: pluggy.PluginManager) -> list[str]:
     """Names of the plugins that implement ``gradwatch_attach`` (the backends)."""
     names = []
     for impl in pm.hook.gradwatch_attach.get_hookimpls():
-        name = pm.get_name(impl.plugin) or getattr(impl.plugin, "__name__", repr(impl.plugin))
-        names.append(name)
+        names.append(plugin_label(pm, impl.plugin))
     return sorted(set(names))
+
+
+def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:
+    """A readable name: the entry-point name ("torch"), else the module or class name
+    (pluggy names plugins registered without a name by their id)."""
+    name = pm.get_name(plugin)
+    if name and not name.isdigit():
+        return name
+    return str(getattr(plugin, "__name__", None) or type(plugin).__name__)
 
 
 class IsolatedCaller:
@@ -117,7 +125,7 @@ class IsolatedCaller:
                 fn(*[kwargs[a] for a in impl.argnames])
             except Exception as exc:  # noqa: BLE001 - isolation is the point
                 self.disabled.add(id(impl.plugin))
-                name = self.pm.get_name(impl.plugin) or repr(impl.plugin)
+                name = plugin_label(self.pm, impl.plugin)
                 logger.error(
                     "[gradwatch] plugin %r raised %s in %s; it is disabled for the rest of this run. Training goes on.",
                     name,

@@ -8,9 +8,11 @@ in-graph) and are tested against these numpy/Python versions on the same norm se
 Conventions shared by every policy:
 
 * ``update`` receives the global L2 norm of the gradient before clipping;
-* the returned ``scale`` is ``min(1, threshold / (norm + 1e-6))``, exactly the
-  coefficient ``torch.nn.utils.clip_grad_norm_`` uses, so it lies in [0, 1] and clipping
-  never raises a norm;
+* the returned ``scale`` is 1 when ``norm <= threshold`` and otherwise
+  ``threshold / (norm + 1e-6)``, the coefficient ``torch.nn.utils.clip_grad_norm_`` uses
+  (which differs from 1 by at most 1e-6 relative in the band norm in (threshold - 1e-6,
+  threshold]); so it lies in [0, 1], clipping never raises a norm, and a step counts as
+  clipped only when the norm really was above the threshold;
 * a non-finite norm changes no state and gives ``scale == 1``: there is nothing sensible
   to scale, and what happens to such a step is ``on_nonfinite``'s decision.
 """
@@ -35,7 +37,10 @@ STATE_VERSION = 1
 
 
 def clip_scale(threshold: float, norm: float) -> float:
-    """``min(1, threshold / (norm + 1e-6))``: the factor that brings ``norm`` to ``threshold``."""
+    """The factor that brings ``norm`` down to ``threshold``: 1 if it is not above it,
+    else ``threshold / (norm + 1e-6)`` as in ``clip_grad_norm_``."""
+    if norm <= threshold:
+        return 1.0
     return min(1.0, threshold / (norm + CLIP_EPS))
 
 
@@ -96,8 +101,8 @@ class FixedNorm(_Stateful):
     """Clip the global gradient norm to ``max_norm`` (Pascanu, Mikolov & Bengio 2013,
     "On the difficulty of training recurrent neural networks", algorithm 1).
 
-    scale = min(1, max_norm / (norm + 1e-6)), identical to ``clip_grad_norm_`` and, up to
-    the 1e-6, to Keras ``global_clipnorm``. Stateless.
+    scale = max_norm / (norm + 1e-6) when norm > max_norm, else 1: the coefficient of
+    ``clip_grad_norm_`` and, up to the 1e-6, of Keras ``global_clipnorm``. Stateless.
     """
 
     name: ClassVar[str] = "fixed"
@@ -129,7 +134,7 @@ class AutoClip(_Stateful):
 
     At each step the current norm joins the history first (as in the paper's code), then
     threshold = percentile(history, p) with linear interpolation (numpy's default: the
-    value at fractional rank (n - 1) * p / 100), and scale = min(1, threshold / (norm + 1e-6)).
+    value at fractional rank (n - 1) * p / 100), and scale = clip_scale(threshold, norm).
 
     ``history=None`` keeps every finite norm (8 bytes a step, kept sorted so each step
     costs one binary insertion, not a sort); an integer keeps only the last ``history``
@@ -270,7 +275,7 @@ class ZClip(_Stateful):
         else:
             thr = self._mean + self.z_threshold * std
         thr = min(thr, cap)
-        scale = clip_scale(thr, norm) if norm > thr else 1.0
+        scale = clip_scale(thr, norm)
         x = min(norm, thr)
         a = self.alpha
         self._mean = a * self._mean + (1.0 - a) * x

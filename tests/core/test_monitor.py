@@ -1,0 +1,186 @@
+"""The Monitor engine, driven from numpy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from gradwatch import ConfigError, MemorySink, NonFiniteGradientError
+from tests.core.helpers import monitor
+
+
+def test_observe_norms_match_numpy():
+    rng = np.random.default_rng(0)
+    grads = {"enc.w": rng.normal(size=(5, 3)), "enc.b": rng.normal(size=5), "head.w": rng.normal(size=(2, 5))}
+    r = monitor().observe(grads)
+    assert r.step == 1
+    for k, g in grads.items():
+        assert r.param_norms[k] == pytest.approx(np.linalg.norm(g.ravel()), rel=1e-12)
+    enc = np.sqrt(np.sum(grads["enc.w"] ** 2) + np.sum(grads["enc.b"] ** 2))
+    assert r.layer_norms["enc"] == pytest.approx(enc, rel=1e-12)
+    assert r.layer_norms["head"] == pytest.approx(np.linalg.norm(grads["head.w"]), rel=1e-12)
+    flat = np.concatenate([g.ravel() for g in grads.values()])
+    assert r.global_norm == pytest.approx(np.linalg.norm(flat), rel=1e-12)
+    assert r.clip is None and not r.skipped and r.nonfinite == ()
+
+
+def test_float16_gradients_do_not_overflow():
+    g = np.full(1000, 60000.0, dtype=np.float16)  # the square overflows float16
+    r = monitor().observe({"w": g})
+    assert r.global_norm == pytest.approx(60000.0 * math.sqrt(1000), rel=1e-3)
+    assert r.nonfinite == ()
+
+
+def test_clip_gradients_applies_the_fixed_decision():
+    m = monitor(policy="fixed", max_norm=1.0)
+    grads = {"a.w": np.array([3.0, 4.0])}
+    r = m.observe(grads)
+    out = m.clip_gradients(grads, r)
+    assert np.linalg.norm(out["a.w"]) == pytest.approx(1.0, rel=1e-5)
+    assert r.clip.threshold == 1.0 and r.clip.scale < 1
+
+
+def test_agc_through_observe_needs_params_and_reports_the_scale():
+    m = monitor(policy="agc")
+    w = {"l.w": np.ones((2, 2))}
+    g = {"l.w": np.ones((2, 2))}
+    with pytest.raises(ConfigError, match="params="):
+        m.observe(g)
+    r = m.observe(g, params=w)
+    out = m.clip_gradients(g, r, params=w)
+    assert r.clip.policy == "agc" and r.clip.threshold == 0.01
+    assert r.clip.scale == pytest.approx(np.linalg.norm(out["l.w"]) / np.linalg.norm(g["l.w"]))
+
+
+def test_zclip_string_caps_only_when_max_norm_is_given():
+    assert monitor(policy="zclip").policy.max_norm is None
+    assert monitor(policy="zclip", max_norm=5.0).policy.max_norm == 5.0
+    assert monitor(policy="fixed").policy.max_norm == 1.0
+
+
+def test_on_nonfinite_raise_names_the_parameter_after_emitting():
+    m = monitor(on_nonfinite="raise")
+    with pytest.raises(NonFiniteGradientError) as err:
+        m.observe({"enc.w": np.ones(3), "dec.w": np.array([1.0, np.nan])})
+    assert err.value.step == 1 and err.value.params == ("dec.w",) and err.value.layer == "dec"
+    assert isinstance(err.value, FloatingPointError)
+    assert "'dec.w'" in str(err.value)
+    assert [e.kind for e in m.events] == ["nonfinite"]
+
+
+def test_on_nonfinite_skip_marks_the_record_and_leaves_policy_state_alone():
+    m = monitor(on_nonfinite="skip", policy="autoclip")
+    m.observe({"w": np.ones(2)})
+    before = m.policy.state_dict()
+    r = m.observe({"w": np.array([np.inf, 1.0])})
+    assert r.skipped and r.clip is None and r.nonfinite == ("w",)
+    assert m.policy.state_dict() == before
+    assert {e.kind for e in m.events} == {"nonfinite", "skipped"}
+
+
+def test_records_and_events_are_bounded_by_keep():
+    m = monitor(keep=10, alert_every=0)
+    for i in range(100):
+        m.observe({"w": np.array([np.nan if i % 2 else 1.0])})
+    assert len(m.records) == 10 and m.records[-1].step == 100
+    assert len(m.events) == 10
+
+
+def test_memory_stays_flat_over_many_steps():
+    m = monitor(keep=50, profile_every=1)
+    prof = 0.9 ** np.arange(50)[::-1]
+    m.bind(["a.w", "a.b", "b.w", "b.b"])
+    for _ in range(300):
+        m.process(norms=np.ones(4), temporal={"rnn": prof})
+    tracemalloc.start()
+    base = tracemalloc.take_snapshot()
+    for _ in range(3000):
+        m.process(norms=np.ones(4), temporal={"rnn": prof})
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    tracemalloc.stop()
+    assert grown < 200_000  # bytes: no growth with the number of steps
+
+
+def test_state_dict_resume_matches_uninterrupted_run():
+    rng = np.random.default_rng(5)
+    norms = np.exp(rng.normal(0, 0.5, (400, 3)))
+    norms[150] *= 80
+    norms[320, 1] = np.nan
+
+    def run(ms, rows):
+        return [ms.process(norms=row) for row in rows]
+
+    opts = dict(policy="zclip", log_every=7, alert_every=13)
+    a = monitor(**opts)
+    a.bind(["x.w", "y.w", "z.w"])
+    full = run(a, norms)
+    b = monitor(**opts)
+    b.bind(["x.w", "y.w", "z.w"])
+    first = run(b, norms[:200])
+    state = json.loads(json.dumps(b.state_dict()))
+    c = monitor(**opts)
+    c.bind(["x.w", "y.w", "z.w"])
+    c.load_state_dict(state)
+    second = run(c, norms[200:])
+    assert [r.clip for r in first + second] == [r.clip for r in full]
+    assert [r.step for r in second] == list(range(201, 401))
+    assert [(e.kind, e.step, e.message) for e in c.events] == [
+        (e.kind, e.step, e.message) for e in a.events if e.step > 200
+    ]
+    sa = next(s for s in a.sinks if isinstance(s, MemorySink))
+    sc = next(s for s in c.sinks if isinstance(s, MemorySink))
+    assert [r.window for r in sc.records] == [r.window for r in sa.records if r.step > 200]
+
+
+def test_resume_with_another_policy_is_refused():
+    a = monitor(policy="zclip")
+    with pytest.raises(ConfigError, match="policy"):
+        monitor(policy=None).load_state_dict(a.state_dict())
+
+
+def test_only_rank_zero_writes_unless_all_ranks():
+    m = monitor(log_every=1)
+    m.set_distributed(rank=1, world_size=2)
+    m.observe({"w": np.array([np.nan])})
+    sink = m.sinks[0]
+    assert sink.records == [] and sink.events == [] if isinstance(sink.records, list) else len(sink.records) == 0
+    assert len(m.events) == 1  # every rank still computes the same records and events
+    m2 = monitor(log_every=1, all_ranks=True)
+    m2.set_distributed(rank=1, world_size=2)
+    m2.observe({"w": np.array([1.0])})
+    assert len(m2.sinks[0].records) == 1
+
+
+def test_profile_due_schedule():
+    m = monitor(profile_every=5)
+    due = []
+    m.bind(["w"])
+    for _ in range(12):
+        due.append(m.profile_due())
+        m.process(norms=np.ones(1))
+    assert [i + 1 for i, d in enumerate(due) if d] == [1, 5, 10]
+    assert not monitor(profile_every=0).profile_due()
+
+
+def test_logging_sink_writes_events_with_their_severity_and_info_summaries(caplog):
+    m = monitor(sinks=["logging"], log_every=2)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        m.observe({"enc.w": np.array([np.nan])})
+        m.observe({"enc.w": np.array([1.0])})
+    levels = [(r.levelno, r.name) for r in caplog.records]
+    assert (logging.ERROR, "gradwatch") in levels and (logging.INFO, "gradwatch") in levels
+    summary = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO][-1]
+    assert "step 2" in summary and "non-finite on 1 step" in summary
+
+
+def test_process_after_close_is_an_error_and_close_is_idempotent():
+    m = monitor()
+    m.close()
+    m.close()
+    with pytest.raises(Exception, match="closed"):
+        m.observe({"w": np.ones(1)})
