@@ -28,7 +28,7 @@ __all__ = ["hookspec", "hookimpl", "PROJECT"]
 
 
 @hookspec
-def gradwatch_register_policies() -> list[type[ClipPolicy]]:
+def gradwatch_register_policies() -> list[type[ClipPolicy]]:  # type: ignore[empty-body]
     """Return policy classes to add to the registry (each has a unique ``name``).
 
     Called when a Monitor resolves a ``policy="name"`` string. Lists are concatenated.
@@ -36,7 +36,7 @@ def gradwatch_register_policies() -> list[type[ClipPolicy]]:
 
 
 @hookspec
-def gradwatch_register_sinks() -> list[type[Any]]:
+def gradwatch_register_sinks() -> list[type[Any]]:  # type: ignore[empty-body]
     """Return sink classes (each with a ``scheme`` and ``from_spec(arg, monitor)``).
 
     Called when a Monitor resolves its ``sinks`` specs; ``"scheme:arg"`` picks the class.
@@ -44,7 +44,7 @@ def gradwatch_register_sinks() -> list[type[Any]]:
 
 
 @hookspec
-def gradwatch_register_detectors() -> list[type[Any]]:
+def gradwatch_register_detectors() -> list[type[Any]]:  # type: ignore[empty-body]
     """Return detector classes; each Monitor builds one of each with its Options.
 
     Called once per Monitor, at construction.

@@ -241,7 +241,7 @@ class Monitor:
         )
 
     def _resolve_sinks(self, specs: Sequence[Any]) -> list[Sink]:
-        classes = {getattr(c, "scheme", None): c for c in self._registered("gradwatch_register_sinks")}
+        classes: dict[Any, Any] = {getattr(c, "scheme", None): c for c in self._registered("gradwatch_register_sinks")}
         sinks: list[Sink] = []
         for spec in specs:
             if isinstance(spec, str):
