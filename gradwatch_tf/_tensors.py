@@ -80,7 +80,9 @@ def agc_factor(param: tf.Tensor, grad_for_norm: tf.Tensor, clip_factor: float, e
 
 
 def _clip_scale(threshold: tf.Tensor, norm: tf.Tensor) -> tf.Tensor:
-    return tf.minimum(tf.constant(1.0, tf.float64), threshold / (norm + CLIP_EPS))
+    """``gradwatch.policies.clip_scale``: 1 if norm <= threshold, else threshold / (norm + 1e-6)."""
+    one = tf.constant(1.0, tf.float64)
+    return tf.where(norm <= threshold, one, tf.minimum(one, threshold / (norm + CLIP_EPS)))
 
 
 class GraphPolicy:
@@ -106,7 +108,8 @@ class GraphPolicy:
 
 
 class GraphFixedNorm(GraphPolicy):
-    """Pascanu et al. 2013: scale = min(1, max_norm / (norm + 1e-6)); 1 for a non-finite norm."""
+    """Pascanu et al. 2013: scale = max_norm / (norm + 1e-6) above max_norm, else 1 (also
+    for a non-finite norm)."""
 
     name = "fixed"
 
@@ -234,7 +237,7 @@ class GraphZClip(GraphPolicy):
         safe_z = tf.where(spike, z, one)
         thr = tf.where(spike, mean + self.z * self.z * std / safe_z, mean + self.z * std)
         thr = tf.minimum(thr, cap)
-        st_scale = tf.where(x_in > thr, _clip_scale(thr, x_in), one)
+        st_scale = _clip_scale(thr, x_in)
         xc = tf.minimum(x_in, thr)
         st_mean = self.alpha * mean + (1.0 - self.alpha) * xc
         st_var = self.alpha * var + (1.0 - self.alpha) * tf.square(xc - st_mean)

@@ -1,0 +1,107 @@
+"""In-graph policies against the numpy reference of gradwatch.policies, on the same norms."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
+keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
+
+from gradwatch import _numerics  # noqa: E402
+from gradwatch.policies import AGC, AutoClip, FixedNorm, ZClip  # noqa: E402
+from gradwatch_tf import _tensors  # noqa: E402
+
+
+def _norms(n: int = 60, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    seq = list(np.exp(rng.normal(0.0, 0.5, size=n)))
+    seq[10] = 40.0  # a spike
+    seq[20] = math.nan  # non-finite: no state change, scale 1
+    seq[30] = math.inf
+    return [float(v) for v in seq]
+
+
+REFERENCES = [
+    lambda: FixedNorm(1.5),
+    lambda: AutoClip(percentile=10.0),
+    lambda: AutoClip(percentile=75.0, history=7),
+    lambda: ZClip(alpha=0.9, z_threshold=1.5, warmup=5),
+    lambda: ZClip(alpha=0.97, z_threshold=2.5, warmup=3, max_norm=2.0),
+]
+
+
+def _replay(graph, norms, jit=False):
+    decide = tf.function(graph.decide, jit_compile=True) if jit else graph.decide
+    out = []
+    for n in norms:
+        thr, scale = decide(tf.constant(n, tf.float64))
+        out.append((float(thr.numpy()), float(scale.numpy())))
+    return out
+
+
+@pytest.mark.parametrize("make_ref", REFERENCES, ids=["fixed", "autoclip", "autoclip-history", "zclip", "zclip-cap"])
+def test_graph_policy_matches_numpy_reference(make_ref):
+    ref = make_ref()
+    graph = _tensors.graph_policy(make_ref())
+    norms = _norms()
+    expected = [ref.update(n) for n in norms]
+    got = _replay(graph, norms)
+    for (thr, scale), d in zip(got, expected):
+        assert thr == pytest.approx(d.threshold, rel=1e-12, abs=1e-12) or (math.isinf(thr) and math.isinf(d.threshold))
+        assert scale == pytest.approx(d.scale, rel=1e-12, abs=1e-12)
+    got_state, ref_state = graph.state_dict(), ref.state_dict()
+    assert set(got_state) == set(ref_state)
+    if ref.name != "autoclip":  # AutoClip(history=None): the reference keeps them sorted
+        for key, value in ref_state.items():
+            assert got_state[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value)
+
+
+@pytest.mark.parametrize("make_ref", REFERENCES[1:4:2], ids=["autoclip", "zclip"])
+def test_graph_policy_runs_under_xla_and_resumes_from_json(make_ref):
+    norms = _norms(40, seed=3)
+    ref = make_ref()
+    expected = [ref.update(n) for n in norms]
+    first = _tensors.graph_policy(make_ref())
+    got = _replay(first, norms[:17], jit=True)
+    state = json.loads(json.dumps(first.state_dict()))
+    second = _tensors.graph_policy(make_ref())
+    second.load_state_dict(state)
+    got += _replay(second, norms[17:], jit=True)
+    for (thr, scale), d in zip(got, expected):
+        assert scale == pytest.approx(d.scale, rel=1e-12, abs=1e-12)
+        assert thr == pytest.approx(d.threshold, rel=1e-12) or (math.isinf(thr) and math.isinf(d.threshold))
+    # The state layout is the reference policy's: the core can load it.
+    fresh = make_ref()
+    fresh.load_state_dict(second.state_dict())
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5,), (2, 2, 3, 4), ()])
+def test_agc_factor_matches_numpy_reference_on_last_unit_axis(shape):
+    rng = np.random.default_rng(0)
+    param = rng.standard_normal(shape).astype(np.float32)
+    grad = (rng.standard_normal(shape) * 0.1).astype(np.float32)
+    if len(shape) == 2:
+        param[:, 0] = 0.0  # a zero unit: the eps floor decides
+    ref = AGC(clip_factor=0.05, eps=1e-3)
+    graph = _tensors.graph_policy(ref)
+    expected = _numerics.agc_clip(param, grad, ref.clip_factor, ref.eps, unit_axis=-1)
+    factor = _tensors.agc_factor(tf.constant(param), tf.constant(grad), graph.clip_factor, graph.eps)
+    np.testing.assert_allclose((grad * factor).numpy(), expected, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(
+        np.broadcast_to(_tensors.unitwise_norm(tf.constant(param)).numpy(), shape),
+        np.broadcast_to(_numerics.unitwise_norm(param, -1), shape),
+        rtol=1e-5,
+    )
+
+
+def test_power_iteration_converges_to_the_largest_singular_value():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 16)).astype(np.float32)
+    v = tf.Variable(np.ones(16, np.float32) / 4.0)
+    for _ in range(30):
+        sigma = _tensors.power_iteration(tf.constant(w), v, 2)
+    assert float(sigma.numpy()) == pytest.approx(np.linalg.norm(w, 2), rel=1e-4)
