@@ -107,7 +107,9 @@ class SequenceProbe(Probe):
         self._sq: Tensor | None = None  # accumulated per-timestep squared norms
         self._gate_stats: Tensor | None = None
         self._hx: Any = None
-        self._want_gates = self.family == "LSTM" and module.num_layers == 1
+        # Gates can be recomputed from input and output only when the output is layer 0's.
+        self._want_gates = self.family in ("LSTM", "GRU") and module.num_layers == 1
+        self.gate_name = "forget" if self.family == "LSTM" else "update"
         self.spectral_enabled = True
         self.trackers: dict[str, SpectralTracker] = {}
         suffixes = [""] + (["_reverse"] if module.bidirectional else [])
@@ -157,16 +159,19 @@ class SequenceProbe(Probe):
             x = args[0] if args else kwargs.get("input")
             out = output[0] if isinstance(output, tuple) else output
             hx = self._hx
-            h0 = hx[0] if isinstance(hx, tuple) else None
+            h0 = hx[0] if isinstance(hx, tuple) else hx  # LSTM: (h0, c0); GRU: h0
             w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
             b_ih = module.bias_ih_l0 if module.bias else None
             b_hh = module.bias_hh_l0 if module.bias else None
             if isinstance(x, PackedSequence):
                 stats = packed_lstm_forget_stats(
-                    x.data, out.data, x.batch_sizes, x.sorted_indices, h0, w_ih, w_hh, b_ih, b_hh
+                    x.data, out.data, x.batch_sizes, x.sorted_indices, h0, w_ih, w_hh, b_ih, b_hh,
+                    n_gates=len(self.gates),
                 )
             else:
-                stats = lstm_forget_stats(x, out, h0, w_ih, w_hh, b_ih, b_hh, self.batch_first)
+                stats = lstm_forget_stats(
+                    x, out, h0, w_ih, w_hh, b_ih, b_hh, self.batch_first, n_gates=len(self.gates)
+                )
             self._gate_stats = stats
         except Exception as exc:
             self.fail("the forget-gate statistics", exc)
@@ -175,6 +180,8 @@ class SequenceProbe(Probe):
         return None
 
     def _on_grad(self, g: Tensor, batch_sizes: Tensor | None) -> None:
+        if not self.enabled:  # closed, or failed, between forward and backward
+            return None
         try:
             with torch.no_grad():
                 if batch_sizes is None:
@@ -203,7 +210,7 @@ class SequenceProbe(Probe):
         return sq if self.enabled else None
 
     def take_gates(self) -> Tensor | None:
-        """[mean forget gate, mean sum_t log f_t] for a single-layer LSTM, or None."""
+        """[mean gate, mean sum_t log gate_t] (LSTM forget / GRU update gate), or None."""
         got, self._gate_stats = self._gate_stats, None
         return got if self.enabled else None
 
@@ -275,6 +282,8 @@ class CellProbe(Probe):
             return None
 
     def _on_grad(self, g: Tensor, t: int) -> None:
+        if not self.enabled:
+            return None
         try:
             with torch.no_grad():
                 sq = g.float().square().sum() if g.dtype != torch.float64 else g.square().sum()

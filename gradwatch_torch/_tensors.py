@@ -287,6 +287,7 @@ def lstm_forget_stats(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     batch_first: bool,
+    n_gates: int = 4,
 ) -> Tensor:
     """Forget-gate statistics of a single-layer LSTM's forward direction, recomputed.
 
@@ -296,9 +297,13 @@ def lstm_forget_stats(
     The cell state's gradient through time is multiplied by ``f_t`` at every step, so
     ``sum_t log f_t`` is the log gain of the cell-state path over the sequence.
 
+    A GRU's update gate ``z_t`` (gate order r, z, n: also the second block, ``n_gates=3``)
+    plays the same role: ``h_t = (1 - z_t) * n_t + z_t * h_{t-1}``, so the carry path's
+    gain over the sequence is ``prod_t z_t``.
+
     Returns a float32 tensor ``[mean f, mean over batch and units of sum_t log f_t]``.
     """
-    hidden = w_ih.shape[0] // 4
+    hidden = w_ih.shape[0] // n_gates
     sl = slice(hidden, 2 * hidden)
     if x.ndim == 2:  # unbatched (T, F)
         x, out = x.unsqueeze(1), out.unsqueeze(1)
@@ -332,13 +337,14 @@ def packed_lstm_forget_stats(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    n_gates: int = 4,
 ) -> Tensor:
     """:func:`lstm_forget_stats` for a ``PackedSequence`` (padding excluded).
 
     Row ``offset[t] + b`` of the packed data is sequence b (in sorted order) at time t,
     so ``h_{t-1}`` for that row is row ``offset[t-1] + b`` of the output.
     """
-    hidden = w_ih.shape[0] // 4
+    hidden = w_ih.shape[0] // n_gates
     sl = slice(hidden, 2 * hidden)
     proj = w_hh.shape[1]
     sizes = batch_sizes.tolist()

@@ -281,8 +281,8 @@ class TorchAttachment:
             if gate_names:
                 from gradwatch.records import GateStats
 
-                for name in gate_names:
-                    gates[name] = GateStats("forget", float(host[pos]), float(host[pos + 1]))
+                for name, kind in gate_names:
+                    gates[name] = GateStats(kind, float(host[pos]), float(host[pos + 1]))
                     pos += 2
             kwargs: dict[str, Any] = {}
             if temporal:
@@ -297,8 +297,13 @@ class TorchAttachment:
             self._break(exc)
             return None
 
-        # May raise NonFiniteGradientError ("raise"): nothing has been changed yet.
-        record = self._monitor.process(sq_norms, **kwargs)
+        try:
+            record = self._monitor.process(sq_norms, **kwargs)
+        except NonFiniteGradientError:
+            raise  # on_nonfinite="raise": nothing has been changed yet
+        except Exception as exc:
+            self._break(exc)
+            return None
 
         try:
             if record is None:
@@ -376,14 +381,14 @@ class TorchAttachment:
                 values += v
         return names, values
 
-    def _gather_gates(self) -> tuple[list[str], list[Tensor]]:
-        names: list[str] = []
+    def _gather_gates(self) -> tuple[list[tuple[str, str]], list[Tensor]]:
+        names: list[tuple[str, str]] = []
         values: list[Tensor] = []
         for probe in self._probes:
             if isinstance(probe, SequenceProbe):
                 g = probe.take_gates()
                 if g is not None:
-                    names.append(probe.name)
+                    names.append((probe.name, probe.gate_name))
                     values.append(g)
         return names, values
 

@@ -214,6 +214,41 @@ def test_forget_gate_statistics_of_single_layer_lstm():
     assert stats.log_path_gain == pytest.approx(f.log().sum(0).mean().item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_update_gate_statistics_of_single_layer_gru(packed):
+    model = SeqRegressor(nn.GRU, 4, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    lengths = [9, 6, 3]
+    x = torch.randn(9, 3, 4)
+    inp = pack_padded_sequence(x, lengths, enforce_sorted=False) if packed else x
+    with torch.no_grad():
+        model.rnn.bias_ih_l0[8:16].fill_(1.5)
+    with gradwatch_torch.watch(model, opt, profile_every=1, sinks=["memory"]) as w:
+        model(inp).backward()
+        opt.step()
+        stats = w.records[-1].gates["rnn"]
+    # ground truth: unroll each sequence over its own length with nn.GRUCell
+    cell = nn.GRUCell(4, 8)
+    cell.load_state_dict({k.replace("_l0", ""): v for k, v in model.rnn.state_dict().items()})
+    zs, paths = [], []
+    with torch.no_grad():
+        for b in range(3):
+            n = lengths[b] if packed else 9
+            h = torch.zeros(1, 8)
+            seq = []
+            for t in range(n):
+                xt = x[t, b : b + 1]
+                zt = (xt @ cell.weight_ih[8:16].t() + cell.bias_ih[8:16] + h @ cell.weight_hh[8:16].t() + cell.bias_hh[8:16]).sigmoid()
+                seq.append(zt)
+                h = cell(xt, h)
+            seq = torch.cat(seq)
+            zs.append(seq)
+            paths.append(seq.log().sum(0))
+    assert stats.gate == "update"
+    assert stats.mean == pytest.approx(torch.cat(zs).mean().item(), rel=1e-5)
+    assert stats.log_path_gain == pytest.approx(torch.stack(paths).mean().item(), rel=1e-5)
+
+
 def test_profiles_only_on_profiled_steps_and_temporal_with_spectral():
     model = SeqRegressor(nn.GRU, 4, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
