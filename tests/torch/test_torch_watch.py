@@ -294,6 +294,35 @@ def test_torch_compiled_model_trains_correctly_with_gradwatch():
         torch.testing.assert_close(a, b)
 
 
+def test_torch_compiled_recurrent_model_trains_and_profiles_correctly():
+    """Recurrent modules graph-break under torch.compile (FACTS.md), so the probes run
+    eagerly; inductor compiles the rest. Weights and the first profile match eager."""
+    torch._dynamo.reset()
+    model = SeqRegressor(nn.LSTM, 4, 8)
+    ref = copy.deepcopy(model)
+    compiled = torch.compile(model)
+    xs = [torch.randn(6, 2, 4) for _ in range(3)]
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    with gradwatch_torch.watch(compiled, opt, profile_every=1, sinks=["memory"]) as w:
+        for x in xs:
+            opt.zero_grad()
+            compiled(x).backward()
+            opt.step()
+        first = w.records[0].temporal["rnn"].norms
+    x0 = xs[0].clone().requires_grad_()
+    ref(x0).backward()
+    want = x0.grad.square().sum((1, 2)).sqrt().tolist()
+    assert first == pytest.approx(want, rel=1e-4)
+    ref.zero_grad()
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x in xs:
+        ref_opt.zero_grad()
+        ref(x).backward()
+        ref_opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_memory_stays_flat_over_many_steps():
     import tracemalloc
 
