@@ -275,12 +275,14 @@ class TFAttachment:
         if self._closed:
             return original(grads, trainable_variables)
         grads = list(grads)
+        self._reached_update = False
         try:
-            built = self._build_step(grads, trainable_variables)
+            return self._build_step(grads, trainable_variables)
         except Exception as exc:  # noqa: BLE001 - never break the user's step
+            if self._reached_update:
+                raise  # the optimizer's own error: not ours to hide, nor to retry
             self._fail("gradient measuring", exc)
             return original(grads, trainable_variables)
-        return built
 
     def _build_step(self, grads: list[Any], trainable_variables: Any) -> Any:
         original = self._original_apply
@@ -379,8 +381,10 @@ class TFAttachment:
             every = self._monitor.options.profile_every
             profiled = tf.logical_or(tf.equal(step, 1), tf.equal(tf.math.floormod(step, every), 0))
 
-        # The update itself.
+        # The update itself. Everything that could fail is built above this point, so a
+        # failure never leaves a half-built step that applies the gradients twice.
         mode = self._monitor.options.on_nonfinite
+        self._reached_update = True
         if mode in ("skip", "raise"):
             go = tf.logical_and(all_ok, tf.logical_not(self._halted.read_value()))
             go = tf.logical_or(go, tf.logical_not(active))
@@ -394,31 +398,39 @@ class TFAttachment:
             else:
                 tf.cond(go, do_apply, lambda: tf.constant(False))
             skipped = tf.logical_not(go)
-            if mode == "raise":
-                self._halted.assign(tf.logical_or(self._halted.read_value(), tf.logical_not(all_ok)))
         else:
             original(new_grads, trainable_variables)
             skipped = tf.constant(False)
 
-        parts = [
-            tf.stack([tf.cast(step, f64), thr, scale, tf.cast(skipped, f64), tf.cast(profiled, f64)]),
-            tf.stack(per_sq) if p else tf.zeros([0], f64),
-            tf.stack(per_nf) if p else tf.zeros([0], f64),
-        ]
-        if self._agc:
-            parts.append(tf.stack(clipped_sq) if p else tf.zeros([0], f64))
-        parts += [tf.cast(t, f64) for t in temporal_sq]
-        parts += spectral
-        row = tf.concat(parts, axis=0)
-        slot = tf.math.floormod(step - 1, self._capacity)
-        self._ring.scatter_nd_update(tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1]))
-        self._step_var.assign_add(1)
+        try:
+            if mode == "raise":
+                self._halted.assign(tf.logical_or(self._halted.read_value(), tf.logical_not(all_ok)))
+            parts = [
+                tf.stack([tf.cast(step, f64), thr, scale, tf.cast(skipped, f64), tf.cast(profiled, f64)]),
+                tf.stack(per_sq) if p else tf.zeros([0], f64),
+                tf.stack(per_nf) if p else tf.zeros([0], f64),
+            ]
+            if self._agc:
+                parts.append(tf.stack(clipped_sq) if p else tf.zeros([0], f64))
+            parts += [tf.cast(t, f64) for t in temporal_sq]
+            parts += spectral
+            row = tf.concat(parts, axis=0)
+            slot = tf.math.floormod(step - 1, self._capacity)
+            # assign of a whole (small) ring rather than scatter: sync-on-read variables
+            # (distribution strategies) implement assign only.
+            ring = tf.tensor_scatter_nd_update(self._ring.read_value(), tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1]))
+            self._ring.assign(ring)
+            self._step_var.assign_add(1)
 
-        if self._mode == "watch":
-            if tf.executing_eagerly():
-                self.sync()
-            elif replicas == 1 and not _xla_context():
-                tf.py_function(self._host_row, [row], [])
+            if self._mode == "watch":
+                if tf.executing_eagerly():
+                    self.sync()
+                elif replicas == 1 and not _xla_context():
+                    tf.py_function(self._host_row, [row], [])
+        except NonFiniteGradientError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the update above has happened; only recording fails
+            self._fail("recording gradient statistics", exc)
         return None
 
     # ------------------------------------------------------------------ host side

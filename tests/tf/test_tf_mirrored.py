@@ -1,0 +1,83 @@
+"""MirroredStrategy over two logical CPU devices (a subprocess: the devices must be
+configured before TensorFlow initialises them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
+pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    sys.path.insert(0, sys.argv[1])
+    from tf_helpers import data, make_model, tape_step
+    from gradwatch_tf import GradWatchCallback
+
+    x, y = data(n=8)
+    x[4:6, 2, 1] = np.nan  # third batch of two is non-finite
+    truth_model = make_model("LSTM")
+    truth = [tape_step(truth_model, x[i:i + 2], y[i:i + 2]) for i in (0, 2)]
+    truth_weights = None
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        model = make_model("LSTM")
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+    cb = GradWatchCallback(on_nonfinite="skip", sinks=["memory"], profile_every=1)
+    before = [w.copy() for w in model.get_weights()]
+    model.fit(x[:6], y[:6], batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    recs = cb.records
+    print(json.dumps({
+        "replicas": strategy.num_replicas_in_sync,
+        "norms": [r.global_norm for r in recs],
+        "truth": [t[1] for t in truth],
+        "temporal": [list(recs[i].temporal["rnn"].norms) for i in (0, 1)],
+        "truth_temporal": [list(t[2]) for t in truth],
+        "skipped": [r.skipped for r in recs],
+        "iterations": int(model.optimizer.iterations.numpy()),
+        "restored": "apply" not in vars(model.optimizer),
+        "unchanged": all(np.array_equal(a, b) for a, b in zip(before, model.get_weights())),
+    }))
+    """
+)
+
+
+def test_mirrored_strategy_reports_the_global_norm(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(SCRIPT)
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(Path(__file__).parent)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=root,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["replicas"] == 2
+    assert out["norms"][:2] == pytest.approx(out["truth"], rel=1e-4)
+    for got, want in zip(out["temporal"], out["truth_temporal"]):
+        assert got == pytest.approx(want, rel=1e-3)
+    assert out["skipped"] == [False, False, True]
+    assert out["iterations"] == 2
+    assert out["restored"]
+    assert out["unchanged"]  # learning rate 0: only the skipped step could have moved them
