@@ -149,6 +149,13 @@ def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -
     length = int(sq_var.shape[0])
 
     def probe(x: Any) -> Any:
+        try:
+            return _probed(x)
+        except Exception as exc:  # noqa: BLE001 - the layer then runs unprobed
+            on_error(exc)
+            return x
+
+    def _probed(x: Any) -> Any:
         if not (hasattr(x, "shape") and x.shape.rank == 3 and x.shape[1] == length):
             return x
 
@@ -158,11 +165,15 @@ def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -
             anchor_value.read_value()
 
             def grad(dy: tf.Tensor, variables: Any = None) -> Any:
-                sq = tf.reduce_sum(tf.square(tf.cast(dy, tf.float32)), axis=[0, 2])
-                write = sq_var.assign(sq)
-                with tf.control_dependencies([write]):
-                    zeros = [tf.zeros_like(v) for v in (variables or [])]
-                    return tf.identity(dy), zeros
+                zeros = [tf.zeros_like(v) for v in (variables or [])]
+                try:
+                    sq = tf.reduce_sum(tf.square(tf.cast(dy, tf.float32)), axis=[0, 2])
+                    write = sq_var.assign(sq)
+                    with tf.control_dependencies([write]):
+                        return tf.identity(dy), [tf.identity(z) for z in zeros]
+                except Exception as exc:  # noqa: BLE001 - never break the backward pass
+                    on_error(exc)
+                    return dy, zeros
 
             return tf.identity(x), grad
 

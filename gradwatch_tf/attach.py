@@ -491,8 +491,9 @@ class TFAttachment:
         temporal: dict[str, np.ndarray] = {}
         spectral: dict[str, float] = {}
         if profiled:
-            for name, a, b in self._o_temporal:
-                temporal[name] = np.sqrt(np.maximum(row[a:b], 0.0))
+            if "temporal probe" not in self._errors_logged:
+                for name, a, b in self._o_temporal:
+                    temporal[name] = np.sqrt(np.maximum(row[a:b], 0.0))
             if self._profile_ok:
                 for k, block in enumerate(self._blocks):
                     spectral[block.name] = float(row[self._o_spectral + k])

@@ -196,3 +196,26 @@ def test_loss_scale_optimizer_measures_unscaled_gradients():
 def test_bad_option_is_rejected_at_construction():
     with pytest.raises(gradwatch.ConfigError):
         GradWatchCallback(on_nonfinite="explode")
+
+
+def test_a_failing_profiler_is_logged_once_and_disabled(monkeypatch, caplog):
+    from gradwatch_tf import _tensors
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug in the power iteration")
+
+    monkeypatch.setattr(_tensors, "power_iteration", broken)
+    model = make_model("LSTM")
+    plain = twin(model)
+    x, y = data(n=8)
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    plain.compile(keras.optimizers.SGD(0.1), "mse")
+    cb = GradWatchCallback(sinks=["memory"], profile_every=1)
+    with caplog.at_level("ERROR", logger="gradwatch"):
+        model.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False, callbacks=[cb])
+    plain.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False)
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "spectral" in r.getMessage()]
+    assert len(errors) == 1
+    assert len(cb.records) == 8 and all(not r.spectral for r in cb.records)
+    assert all(r.temporal for r in cb.records)  # the rest of the profile still works
+    assert weights_equal(model, plain)
