@@ -158,6 +158,8 @@ class SequenceProbe(Probe):
         try:
             x = args[0] if args else kwargs.get("input")
             out = output[0] if isinstance(output, tuple) else output
+            if type(module.weight_hh_l0).__name__ == "DTensor":
+                return None  # sharded weights here (FSDP2 resharded already): no gates
             hx = self._hx
             h0 = hx[0] if isinstance(hx, tuple) else hx  # LSTM: (h0, c0); GRU: h0
             w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
@@ -224,6 +226,8 @@ class SequenceProbe(Probe):
         try:
             for wname in self.recurrent_weights:
                 w = getattr(module, wname)
+                if type(w).__name__ == "DTensor":  # FSDP2: every rank gathers the same matrix
+                    w = w.full_tensor()
                 tracker = self.trackers.get(wname)
                 if tracker is None:
                     tracker = self.trackers[wname] = SpectralTracker(len(self.gates))

@@ -37,6 +37,15 @@ def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _local(t: Tensor | None) -> Tensor | None:
+    """This rank's shard of a DTensor (the tensor itself otherwise); in-place changes to
+    it are changes to the DTensor."""
+    if t is None:
+        return None
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 @dataclass
 class _Group:
     params: list[Tensor]
@@ -52,10 +61,13 @@ class GradGroups:
     the tensor).
     """
 
-    def __init__(self, params: Sequence[Tensor]) -> None:
+    def __init__(self, params: Sequence[Tensor], local_shards: bool = False) -> None:
         if not params:
             raise ValueError("GradGroups needs at least one parameter")
         self.params = list(params)
+        #: FSDP2 (DTensor) parameters: measure and scale each rank's local shard; the
+        #: caller all-reduces the squared norms.
+        self.local_shards = local_shards
         groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
         for i, p in enumerate(self.params):
             g = groups.setdefault((p.device, p.dtype), _Group([], []))
@@ -81,10 +93,14 @@ class GradGroups:
 
     def grads(self) -> list[list[Tensor | None]]:
         """The current gradients, per group (``None`` where a parameter has none)."""
+        if self.local_shards:
+            return [[_local(p.grad) for p in g.params] for g in self.groups]
         return [[p.grad for p in g.params] for g in self.groups]
 
     def present_grads(self) -> list[Tensor]:
-        """All gradients that exist, flat (for in-place clipping)."""
+        """All gradients that exist, flat (for in-place clipping; local shards for FSDP2)."""
+        if self.local_shards:
+            return [_local(p.grad) for p in self.params if p.grad is not None]
         return [p.grad for p in self.params if p.grad is not None]
 
     def norms(self, grads: list[list[Tensor | None]] | None = None) -> Tensor:

@@ -68,23 +68,53 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_supported(model: nn.Module, root: nn.Module) -> None:
-    """Refuse sharded models: their local gradients are shards, so local norms are wrong."""
+def _is_dtensor(t: object) -> bool:
+    # By name: importing torch.distributed.tensor costs time and may be unavailable.
+    return type(t).__name__ == "DTensor"
+
+
+def _shard_group(model: nn.Module, root: nn.Module, named: list[tuple[str, Tensor]], unitwise: bool) -> Any:
+    """The process group over which FSDP2 (``fully_shard``) shards the gradients, or None.
+
+    Each rank holds dim-0 shards of every gradient, so a parameter's squared norm is the
+    sum over ranks of its shards' squared norms: one all-reduce per step of a vector of
+    length n_params. Supported: every parameter a DTensor sharded on one 1-D mesh (plain
+    ``fully_shard``). Anything else sharded is refused with a clear error rather than
+    measured wrong.
+    """
     for m in (model, *root.modules()):
-        cls = type(m).__name__
-        if cls == "FullyShardedDataParallel" or cls.startswith("FSDP"):
+        if type(m).__name__ == "FullyShardedDataParallel":
             raise GradwatchError(
-                f"gradwatch does not support FSDP yet: module {cls!r} is sharded, so each "
-                "rank holds only a shard of every gradient and local norms would be wrong. "
-                "Use DistributedDataParallel, or watch without FSDP."
+                "gradwatch does not support FSDP1 (FullyShardedDataParallel) yet: its flat "
+                "parameters hide the names and shapes gradwatch reports. Use fully_shard "
+                "(FSDP2) or DistributedDataParallel."
             )
-    for name, p in root.named_parameters():
-        if type(p).__name__ == "DTensor" or type(getattr(p, "data", None)).__name__ == "DTensor":
+    sharded = [(n, p) for n, p in named if _is_dtensor(p)]
+    if not sharded:
+        return None
+    if len(sharded) != len(named):
+        plain = next(n for n, p in named if not _is_dtensor(p))
+        raise GradwatchError(
+            f"gradwatch does not support a model mixing fully_shard (DTensor) parameters "
+            f"and plain ones yet: {sharded[0][0]!r} is sharded, {plain!r} is not. Apply "
+            "fully_shard to the root module too."
+        )
+    mesh = sharded[0][1].device_mesh
+    for name, p in sharded:
+        placements = tuple(p.placements)
+        if p.device_mesh != mesh or mesh.ndim != 1 or not all(pl.is_shard() for pl in placements):
             raise GradwatchError(
-                f"gradwatch does not support FSDP (fully_shard) / DTensor parameters yet: "
-                f"parameter {name!r} is a DTensor, so its local gradient is a shard and the "
-                "global norm would need an all-reduce gradwatch does not do yet."
+                f"gradwatch supports fully_shard on a 1-D device mesh only (not yet HSDP or "
+                f"tensor parallelism): parameter {name!r} has placements {placements} on "
+                f"{p.device_mesh}."
             )
+    if unitwise:
+        raise GradwatchError(
+            "gradwatch does not support policy='agc' with fully_shard yet: unit-wise "
+            "clipping of sharded biases needs norms gathered across ranks. Use 'fixed', "
+            "'autoclip' or 'zclip'."
+        )
+    return mesh.get_group()
 
 
 def _owner(name: str) -> str:
@@ -104,7 +134,6 @@ class TorchAttachment:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, monitor: Any) -> None:
         root = unwrap_model(model)
-        _check_supported(model, root)
         if root in _WATCHED:
             raise GradwatchError(
                 f"This {type(root).__name__} is already watched by gradwatch. Close the "
@@ -117,11 +146,14 @@ class TorchAttachment:
                 f"{type(root).__name__} has no parameter that requires grad; there is no "
                 "gradient for gradwatch to watch."
             )
+        policy = getattr(monitor, "policy", None)
+        self._unitwise = bool(getattr(policy, "unitwise", False))
+        self._shard_group = _shard_group(model, root, named, self._unitwise)
         self._monitor = monitor
         self._model = weakref.ref(root)
         self.names = [n for n, _ in named]
         self.layers = [_owner(n) for n in self.names]
-        self._groups = GradGroups([p for _, p in named])
+        self._groups = GradGroups([p for _, p in named], local_shards=self._shard_group is not None)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles = HandleGroup()
         self._closed = False
@@ -129,8 +161,6 @@ class TorchAttachment:
         self._distributed_checked = False
         self._world = 1
         self._pending_state: dict[str, Any] = {}
-        policy = getattr(monitor, "policy", None)
-        self._unitwise = bool(getattr(policy, "unitwise", False))
         monitor.bind(self.names, self.layers)
 
         # Recurrent probes: only when profiling is on at all.
@@ -141,8 +171,9 @@ class TorchAttachment:
             assert module is not None  # alive: root holds it
             self._handles.add(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
             if isinstance(probe, SequenceProbe) and probe._want_gates:
+                # prepend: run before FSDP2 reshards the weights after forward
                 self._handles.add(
-                    module.register_forward_hook(probe.forward_hook, with_kwargs=True)
+                    module.register_forward_hook(probe.forward_hook, with_kwargs=True, prepend=True)
                 )
         if optimizer is not None:
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
@@ -244,10 +275,13 @@ class TorchAttachment:
             self._check_distributed()
             grads = self._groups.grads()
             norms = self._groups.norms(grads)
+            if self._shard_group is not None:  # FSDP2: sum the shards' squared norms
+                sq = norms.to(torch.float64).square()
+                torch.distributed.all_reduce(sq, group=self._shard_group)
+                norms = sq.sqrt()
             parts: list[Tensor] = [norms]
-            temporal_names, temporal_lens, temporal_parts = self._gather_temporal()
+            temporal_names, temporal_lens, temporal_parts, gate_names, gate_parts = self._gather_local()
             spectral_names, spectral_parts = self._gather_spectral()
-            gate_names, gate_parts = self._gather_gates()
             parts += temporal_parts + spectral_parts + gate_parts
             factors: list[Tensor | None] | None = None
             policy = getattr(self._monitor, "policy", None)
@@ -320,45 +354,67 @@ class TorchAttachment:
             self._break(exc)
         return record
 
-    def _gather_temporal(self) -> tuple[list[str], list[int], list[Tensor]]:
-        """Per-timestep norms gathered by the probes this step, as device tensors.
+    def _gather_local(self) -> tuple[list[str], list[int], list[Tensor], list[tuple[str, str]], list[Tensor]]:
+        """What the probes gathered on this rank this step, still on the device:
+        per-timestep norms (names, lengths, tensors) and gate statistics (names, tensors).
 
-        Under DDP each rank saw its own slice of the batch; the squared norms are summed
-        over ranks (and divided by world**2, since DDP averages the ranks' losses) so that
-        every rank reports the same profile, that of the global batch.
+        Under DDP / FSDP each rank saw its own slice of the batch, so these are combined
+        across ranks (see :meth:`_allreduce_local`) and every rank reports the same record.
         """
         names: list[str] = []
         lens: list[int] = []
         sqs: list[Tensor] = []
+        gate_names: list[tuple[str, str]] = []
+        gate_values: list[Tensor] = []
         for probe in self._probes:
             sq = probe.take_temporal()
             if sq is not None and sq.numel() > 0:
                 names.append(probe.name)
                 lens.append(int(sq.shape[0]))
                 sqs.append(sq)
-        if not sqs:
-            return [], [], []
-        if self._world > 1:
-            sqs = self._allreduce_profiles(names, lens, sqs)
+            if isinstance(probe, SequenceProbe):
+                g = probe.take_gates()
+                if g is not None:
+                    gate_names.append((probe.name, probe.gate_name))
+                    gate_values.append(g)
+        if self._world > 1 and self._probes and self._profiled_step():
+            # Every rank takes this branch on the same steps (the step counter is shared),
+            # so the collectives below never wait for a rank that skipped them.
+            sqs, gate_values = self._allreduce_local(lens, sqs, gate_values)
             if not sqs:
-                return [], [], []
-        return names, lens, [s.clamp(min=0).sqrt() for s in sqs]
+                names, lens = [], []
+            if not gate_values:
+                gate_names = []
+        return names, lens, [s.clamp(min=0).sqrt() for s in sqs], gate_names, gate_values
 
-    def _allreduce_profiles(self, names: list[str], lens: list[int], sqs: list[Tensor]) -> list[Tensor]:
+    def _allreduce_local(
+        self, lens: list[int], sqs: list[Tensor], gates: list[Tensor]
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Sum the squared per-timestep norms over ranks and average the gate statistics.
+
+        DDP averages the ranks' losses, so the global loss's input gradient on rank r is
+        1/world of the local one: the global batch's squared norm per timestep is
+        sum_r ||g_r||^2 / world^2. Sequence lengths may differ between ranks; one MAX
+        all-reduce over [layout, -layout] checks that all ranks hold the same layout
+        first, and if not, this step's profiles are dropped on every rank.
+        """
         dist = torch.distributed
         try:
-            device = sqs[0].device
-            # Every rank must hold the same layout before a SUM makes sense (sequence
-            # lengths can differ between ranks): compare with one MAX over [L, -L].
-            total = sum(lens)
-            meta = torch.tensor([total, len(lens), -total, -len(lens)], dtype=torch.float64, device=device)
+            device = self._groups.device
+            layout = [float(sum(lens)), float(len(lens)), float(len(gates))]
+            meta = torch.tensor(layout + [-v for v in layout], dtype=torch.float64, device=device)
             dist.all_reduce(meta, op=dist.ReduceOp.MAX)
-            if meta[0].item() != -meta[2].item() or meta[1].item() != -meta[3].item():
-                return []
-            flat = torch.cat([s.to(device=device, dtype=torch.float64) for s in sqs])
+            if not torch.equal(meta[:3], -meta[3:]) or meta[:3].tolist() != layout:
+                return [], []
+            if not sqs and not gates:
+                return [], []
+            flat = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for t in sqs + gates])
             dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            flat = flat / float(self._world) ** 2
-            return list(torch.split(flat, lens))
+            n_t = sum(lens)
+            world = float(self._world)
+            temporal = flat[:n_t] / world**2
+            gate_flat = flat[n_t:] / world
+            return list(torch.split(temporal, lens)) if lens else [], list(torch.split(gate_flat, 2)) if gates else []
         except Exception as exc:
             logger.error(
                 "gradwatch: combining the per-timestep profiles across ranks failed (%s: %s); "
@@ -367,7 +423,7 @@ class TorchAttachment:
                 exc,
             )
             self._world = 1
-            return sqs
+            return sqs, gates
 
     def _gather_spectral(self) -> tuple[list[str], list[Tensor]]:
         names: list[str] = []
@@ -379,17 +435,6 @@ class TorchAttachment:
                 n, v = probe.spectral()
                 names += n
                 values += v
-        return names, values
-
-    def _gather_gates(self) -> tuple[list[tuple[str, str]], list[Tensor]]:
-        names: list[tuple[str, str]] = []
-        values: list[Tensor] = []
-        for probe in self._probes:
-            if isinstance(probe, SequenceProbe):
-                g = probe.take_gates()
-                if g is not None:
-                    names.append((probe.name, probe.gate_name))
-                    values.append(g)
         return names, values
 
     def _profiled_step(self) -> bool:

@@ -1,0 +1,65 @@
+"""DDP and FSDP2 (fully_shard) with two gloo processes on 127.0.0.1: every rank records
+the same thing, and it equals an unsharded reference that sees both ranks' batches."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
+
+import gradwatch  # noqa: E402
+import gradwatch_torch  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def result(request, tmp_path_factory):
+    if not torch.distributed.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    out = tmp_path_factory.mktemp(request.param) / "result.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    env["GLOO_SOCKET_IFNAME"] = "lo"
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "dist_worker.py"), request.param, str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def test_every_rank_records_the_same(result):
+    rank0, rank1 = result["records"]
+    assert rank0 == rank1
+    assert rank0[0]["temporal"] and rank0[0]["spectral"] and rank0[0]["gates"]
+
+
+def test_norms_equal_the_unsharded_reference(result):
+    for rec, ref in zip(result["records"][0], result["ref_norms"]):
+        assert rec["param_norms"] == pytest.approx(ref, rel=1e-5)
+
+
+def test_profile_is_that_of_the_global_batch(result):
+    for rec, ref in zip(result["records"][0], result["ref_temporal"]):
+        assert rec["temporal"]["gru"] == pytest.approx(ref, rel=1e-4)
+
+
+def test_fixed_clipping_matches_clip_grad_norm_on_the_global_gradient(result):
+    assert all(rec["clip"] is not None and rec["clip"] < 1 for rec in result["records"][0])
+    assert max(result["weight_diff"].values()) < 1e-6
+
+
+def test_fsdp1_is_refused_with_a_clear_error():
+    from torch import nn
+
+    FullyShardedDataParallel = type("FullyShardedDataParallel", (nn.Linear,), {})
+    with pytest.raises(gradwatch.GradwatchError, match="FSDP1"):
+        gradwatch_torch.watch(FullyShardedDataParallel(3, 3), sinks=["memory"])
