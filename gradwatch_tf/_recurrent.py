@@ -55,6 +55,7 @@ class RecurrentSite:
     length: int | None = None  # timesteps, when static
     anchor: Any = None  # a trainable variable of the layer (see module docstring)
     sq: tf.Variable | None = None  # per-timestep sum of squares of dL/dx_t
+    gate_stats: tf.Variable | None = None  # [mean forget gate, log path gain] (LSTM)
 
 
 def _class_name(obj: Any) -> str:
@@ -182,7 +183,54 @@ def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -
     return probe
 
 
-def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any]) -> Callable[[], None]:
+def forget_gate_feasible(site: RecurrentSite) -> bool:
+    """Forget-gate statistics can be recomputed exactly from the layer's input and output
+    when the output holds every timestep (``return_sequences=True``), the layer runs
+    forwards, and no dropout perturbs the gates (a plain LSTM, not a Bidirectional)."""
+    layer = site.layer
+    cell = getattr(layer, "cell", None)
+    return (
+        _class_name(cell) == "LSTMCell"
+        and getattr(layer, "return_sequences", False)
+        and not getattr(layer, "return_state", False)
+        and not getattr(layer, "go_backwards", False)
+        and not getattr(cell, "dropout", 0)
+        and not getattr(cell, "recurrent_dropout", 0)
+        and not getattr(layer, "stateful", False)
+    )
+
+
+def forget_gate_stats(cell: Any, x: tf.Tensor, h: tf.Tensor, mask: Any = None) -> tf.Tensor:
+    """[mean of f_t, mean over batch and units of sum_t log f_t] for a Keras LSTM.
+
+    f_t = recurrent_activation(x_t W_f + h_{t-1} U_f + b_f), with h_{-1} = 0 and Keras'
+    gate order i, f, c, o in the columns; h is the layer's output sequence. Masked
+    timesteps (where the layer keeps its state) are left out of both statistics.
+    """
+    units = int(cell.units)
+    x = tf.stop_gradient(tf.cast(x, tf.float32))
+    h = tf.stop_gradient(tf.cast(h, tf.float32))
+    h_prev = tf.concat([tf.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
+    w = tf.convert_to_tensor(cell.kernel.value)[:, units : 2 * units]
+    u = tf.convert_to_tensor(cell.recurrent_kernel.value)[:, units : 2 * units]
+    z = tf.einsum("btf,fu->btu", x, tf.cast(w, tf.float32)) + tf.einsum("btv,vu->btu", h_prev, tf.cast(u, tf.float32))
+    if cell.use_bias:
+        z = z + tf.cast(tf.convert_to_tensor(cell.bias.value)[units : 2 * units], tf.float32)
+    f = tf.cast(cell.recurrent_activation(z), tf.float32)
+    if mask is not None:
+        m = tf.cast(mask, tf.float32)[:, :, None] * tf.ones_like(f)
+    else:
+        m = tf.ones_like(f)
+    mean = tf.reduce_sum(f * m) / tf.maximum(tf.reduce_sum(m), 1.0)
+    log_gain = tf.reduce_sum(tf.math.log(tf.maximum(f, 1e-30)) * m, axis=1)  # (batch, units)
+    return tf.stack([mean, tf.reduce_mean(log_gain)])
+
+
+def wrap_call(
+    site: RecurrentSite,
+    probe: Callable[[Any], Any],
+    after: Callable[[Any, Any, Any], None] | None = None,
+) -> Callable[[], None]:
     """Put ``probe`` on the first argument of ``layer.call`` (instance attribute).
 
     Returns the function that restores the layer: it deletes the instance attribute, so
@@ -194,7 +242,10 @@ def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any]) -> Callable[[], 
 
     @functools.wraps(original)
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
-        return original(probe(inputs), *args, **kwargs)
+        outputs = original(probe(inputs), *args, **kwargs)
+        if after is not None:
+            after(inputs, outputs, kwargs.get("mask"))
+        return outputs
 
     object.__setattr__(layer, "call", call)
 

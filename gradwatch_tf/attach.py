@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.handles import HandleGroup
-from gradwatch.records import ClipDecision, StepRecord
+from gradwatch.records import ClipDecision, GateStats, StepRecord
 from gradwatch_tf import _recurrent, _tensors
 
 logger = logging.getLogger("gradwatch")
@@ -220,6 +220,11 @@ class TFAttachment:
             off += n
         self._o_spectral = off
         off += len(self._blocks)
+        self._o_gates = []
+        for site in self._sites:
+            if site.gate_stats is not None:
+                self._o_gates.append((site.name, off))
+                off += 2
         self._width = off
 
         self._ring = self._make_var(np.zeros([self._capacity, self._width]), tf.float64, "gradwatch_ring")
@@ -258,7 +263,11 @@ class TFAttachment:
             if site.anchor is not None and site.length is not None:
                 site.sq = self._make_var(np.zeros([site.length], np.float32), tf.float32, "gradwatch_temporal")
                 probe = _recurrent.make_probe(site, lambda exc: self._fail("temporal probe", exc))
-                self._handles.add_callback(_recurrent.wrap_call(site, probe))
+                after = None
+                if _recurrent.forget_gate_feasible(site):
+                    site.gate_stats = self._make_var(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
+                    after = self._gate_hook(site)
+                self._handles.add_callback(_recurrent.wrap_call(site, probe, after))
                 self._sites.append(site)
             elif site.anchor is not None:
                 logger.info(
@@ -268,6 +277,32 @@ class TFAttachment:
                 w = np.asarray(block.kernel.numpy())[:, block.start : block.stop]
                 block.vector = self._make_var(_tensors.top_right_singular_vector(w), tf.float32, "gradwatch_power")
                 self._blocks.append(block)
+
+    def _gate_hook(self, site: _recurrent.RecurrentSite) -> Callable[[Any, Any, Any], None]:
+        """Forward-pass hook: on profiled steps, recompute the LSTM's forget gates."""
+
+        def after(inputs: Any, outputs: Any, mask: Any) -> None:
+            if "forget-gate statistics" in self._errors_logged:
+                return
+            try:
+                if not (hasattr(outputs, "shape") and outputs.shape.rank == 3 and hasattr(inputs, "shape")):
+                    return
+                step = self._step_var.read_value()
+                every = max(self._monitor.options.profile_every, 1)
+                due = tf.logical_or(tf.equal(step, 1), tf.equal(tf.math.floormod(step, every), 0))
+                cell = site.layer.cell
+                var = site.gate_stats
+
+                def compute() -> tf.Tensor:
+                    value = _recurrent.forget_gate_stats(cell, inputs, outputs, mask)
+                    var.assign(value)  # type: ignore[union-attr]
+                    return tf.constant(True)
+
+                tf.cond(due, compute, lambda: tf.constant(False))
+            except Exception as exc:  # noqa: BLE001
+                self._fail("forget-gate statistics", exc)
+
+        return after
 
     # ------------------------------------------------------------ in-graph step
     def _apply(self, grads: Any, trainable_variables: Any = None) -> Any:
@@ -298,14 +333,18 @@ class TFAttachment:
         ctx = tf.distribute.get_replica_context()
         replicas = ctx.num_replicas_in_sync if ctx is not None else 1
         temporal_sq = [site.sq.read_value() for site in self._sites]  # type: ignore[union-attr]
+        gate_vals = [site.gate_stats.read_value() for site in self._sites if site.gate_stats is not None]
         measured = list(grads)
         if replicas > 1:
             present = [i for i, g in enumerate(grads) if g is not None]
             dense = [tf.convert_to_tensor(grads[i]) for i in present]
-            reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense + temporal_sq)
+            reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense + temporal_sq + gate_vals)
             for k, i in enumerate(present):
                 measured[i] = reduced[k]
-            temporal_sq = list(reduced[len(dense) :])
+            nt = len(temporal_sq)
+            temporal_sq = list(reduced[len(dense) : len(dense) + nt])
+            # Gate statistics are means over each replica's equal share: average them.
+            gate_vals = [g / replicas for g in reduced[len(dense) + nt :]]
 
         zero = tf.constant(0.0, f64)
         sq_each = [_tensors.squared_norm(g) if g is not None else zero for g in measured]
@@ -414,6 +453,7 @@ class TFAttachment:
                 parts.append(tf.stack(clipped_sq) if p else tf.zeros([0], f64))
             parts += [tf.cast(t, f64) for t in temporal_sq]
             parts += spectral
+            parts += [tf.cast(g, f64) for g in gate_vals]
             row = tf.concat(parts, axis=0)
             slot = tf.math.floormod(step - 1, self._capacity)
             # assign of a whole (small) ring rather than scatter: sync-on-read variables
@@ -490,6 +530,7 @@ class TFAttachment:
             decision = None  # the monitor raises only when it decided itself
         temporal: dict[str, np.ndarray] = {}
         spectral: dict[str, float] = {}
+        gates: dict[str, GateStats] = {}
         if profiled:
             if "temporal probe" not in self._errors_logged:
                 for name, a, b in self._o_temporal:
@@ -497,6 +538,9 @@ class TFAttachment:
             if self._profile_ok:
                 for k, block in enumerate(self._blocks):
                     spectral[block.name] = float(row[self._o_spectral + k])
+            if "forget-gate statistics" not in self._errors_logged:
+                for name, a in self._o_gates:
+                    gates[name] = GateStats("f", float(row[a]), float(row[a + 1]))
         clipped = row[self._o_clipped : self._o_clipped + p] if self._agc else None
         try:
             record = monitor.process(
@@ -504,6 +548,7 @@ class TFAttachment:
                 nonfinite=nonfinite,
                 temporal=temporal,
                 spectral=spectral,
+                gates=gates,
                 clipped_sq_norms=clipped,
                 decision=decision,
                 skipped=skipped,

@@ -219,3 +219,38 @@ def test_a_failing_profiler_is_logged_once_and_disabled(monkeypatch, caplog):
     assert len(cb.records) == 8 and all(not r.spectral for r in cb.records)
     assert all(r.temporal for r in cb.records)  # the rest of the profile still works
     assert weights_equal(model, plain)
+
+
+def _numpy_lstm_forget_gates(x, kernel, recurrent, bias):
+    """A plain numpy LSTM (Keras gate order i, f, c, o); returns outputs and forget gates."""
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    units = recurrent.shape[0]
+    h = np.zeros((x.shape[0], units))
+    c = np.zeros_like(h)
+    hs, fs = [], []
+    for t in range(x.shape[1]):
+        z = x[:, t] @ kernel + h @ recurrent + bias
+        i, f, g, o = (z[:, k * units : (k + 1) * units] for k in range(4))
+        c = sig(f) * c + sig(i) * np.tanh(g)
+        h = sig(o) * np.tanh(c)
+        hs.append(h)
+        fs.append(sig(f))
+    return np.stack(hs, 1), np.stack(fs, 1)
+
+
+def test_lstm_forget_gate_statistics():
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((6, 3))
+    h = keras.layers.LSTM(4, return_sequences=True, name="rnn")(inp)
+    model = keras.Model(inp, keras.layers.Dense(1, name="head")(keras.layers.Flatten()(h)))
+    x, y = data(n=4)
+    kernel, recurrent, bias = (w.astype(np.float64) for w in model.get_layer("rnn").get_weights())
+    hs, fs = _numpy_lstm_forget_gates(x.astype(np.float64), kernel, recurrent, bias)
+    np.testing.assert_allclose(hs, model.get_layer("rnn")(x).numpy(), rtol=1e-4, atol=1e-6)
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    cb = GradWatchCallback(sinks=["memory"], profile_every=1)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    gate = cb.records[0].gates["rnn"]
+    assert gate.gate == "f"
+    assert gate.mean == pytest.approx(fs.mean(), rel=1e-5)
+    assert gate.log_path_gain == pytest.approx(np.log(fs).sum(axis=1).mean(), rel=1e-5)
