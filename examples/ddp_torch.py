@@ -63,8 +63,10 @@ def run(rank: int, world: int, port: int, steps: int, out: Path) -> None:
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-            mine = [(r.step, r.global_norm, dict(r.param_norms), {k: p.norms for k, p in r.temporal.items()})
-                    for r in watch.records]
+            mine = [
+                (r.step, r.global_norm, dict(r.param_norms), {k: p.norms for k, p in r.temporal.items()}, dict(r.gates))
+                for r in watch.records
+            ]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
         if rank == 0:

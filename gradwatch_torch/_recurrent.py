@@ -52,6 +52,11 @@ def _family(module: nn.Module) -> str | None:
     return None
 
 
+def _outside_backward() -> bool:
+    getter = getattr(torch._C, "_current_graph_task_id", None)
+    return getter is None or getter() == -1
+
+
 def _probe_input(x: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
     """Return a tensor equal to ``x`` whose gradient is reported to ``on_grad``.
 
@@ -77,6 +82,7 @@ class Probe:
         self._module = weakref.ref(module)
         self._due = due
         self.enabled = True
+        self._armed = True
 
     def fail(self, what: str, exc: BaseException) -> None:
         """Log once at ERROR and switch this probe off (training goes on)."""
@@ -92,7 +98,19 @@ class Probe:
             )
 
     def active(self) -> bool:
-        return self.enabled and torch.is_grad_enabled() and self._due()
+        """Probe this forward call? Only with grad enabled and on a profiled step.
+
+        Activation checkpointing recomputes the forward during backward and insists the
+        recomputation saves exactly the tensors the first forward saved, so the input
+        transformation must be the same both times: the decision uses ``_armed``, which
+        changes only between steps, never ``enabled``, which a failure may clear
+        mid-backward.
+        """
+        return self._armed and torch.is_grad_enabled() and self._due()
+
+    def rearm(self) -> None:
+        """At a step boundary: a probe that failed stays off from now on."""
+        self._armed = self.enabled
 
 
 class SequenceProbe(Probe):
@@ -209,6 +227,7 @@ class SequenceProbe(Probe):
     def take_temporal(self) -> Tensor | None:
         """The squared per-timestep norms gathered this step (reset afterwards)."""
         sq, self._sq = self._sq, None
+        self.rearm()
         return sq if self.enabled else None
 
     def take_gates(self) -> Tensor | None:
@@ -260,6 +279,9 @@ class CellProbe(Probe):
     def __init__(self, name: str, module: nn.Module, due: Callable[[], bool]) -> None:
         super().__init__(name, module, due)
         self._slots: list[Tensor | None] = []
+        # True for calls made while backward recomputes a checkpointed forward: with
+        # non-reentrant checkpointing their hooks never fire, and they are not timesteps.
+        self._recomputed: list[bool] = []
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.active() or len(self._slots) >= MAX_CELL_STEPS:
@@ -275,6 +297,7 @@ class CellProbe(Probe):
                 return None
             t = len(self._slots)
             self._slots.append(None)
+            self._recomputed.append(not _outside_backward())
             new_x = _probe_input(x, lambda g: self._on_grad(g, t))
             if args:
                 return (new_x, *rest), kwargs
@@ -300,6 +323,9 @@ class CellProbe(Probe):
 
     def take_temporal(self) -> Tensor | None:
         slots, self._slots = self._slots, []
+        recomputed, self._recomputed = self._recomputed, []
+        self.rearm()
+        slots = [s for s, r in zip(slots, recomputed) if s is not None or not r]
         got = [s for s in slots if s is not None]
         if not got or not self.enabled:
             return None

@@ -461,6 +461,9 @@ class TorchAttachment:
     def _break(self, exc: BaseException) -> None:
         if not self._broken:
             self._broken = True
+            for probe in self._probes:  # the step counter stops: stop probing too
+                probe.enabled = False
+                probe.rearm()
             logger.error(
                 "gradwatch: measuring the gradients failed (%s: %s); gradwatch stops measuring "
                 "this model, training goes on unchanged. Please report this as a bug.",

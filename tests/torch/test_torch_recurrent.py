@@ -115,6 +115,41 @@ def test_cells_in_a_python_loop_form_the_timesteps(cls):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_cells,reentrant", [(False, False), (True, False), (False, True)])
+def test_activation_checkpointing_does_not_duplicate_timesteps(use_cells, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    class Ckpt(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRUCell(4, 6) if use_cells else nn.GRU(4, 6)
+            self.head = nn.Linear(6, 1)
+
+        def body(self, x):
+            if use_cells:
+                h = None
+                for t in range(x.shape[0]):
+                    h = self.rnn(x[t], h)
+                return h
+            return self.rnn(x)[0][-1]
+
+        def forward(self, x):
+            return self.head(checkpoint(self.body, x, use_reentrant=reentrant)).square().mean()
+
+    model = Ckpt()
+    ref = copy.deepcopy(model)
+    x = torch.randn(5, 2, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch_torch.watch(model, opt, profile_every=1, sinks=["memory"]) as w:
+        # reentrant checkpointing only back-propagates when an input requires grad
+        model(x.clone().requires_grad_() if reentrant else x).backward()
+        opt.step()
+        got = w.records[-1].temporal["rnn"].norms
+    xr = x.clone().requires_grad_()
+    ref(xr).backward()
+    np.testing.assert_allclose(got, xr.grad.square().sum((1, 2)).sqrt().numpy(), rtol=1e-5)
+
+
 def _last_step_run(rnn, hidden=64, steps=1):
     model = LastStep(rnn, hidden)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
