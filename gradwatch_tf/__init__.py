@@ -2,6 +2,35 @@
 
 Importing this package does not import TensorFlow (the plugin entry point lives here);
 the two public names load it on first use.
+
+How it behaves, and why:
+
+* Everything per step happens inside the traced step (``tf.function``, XLA, any
+  ``steps_per_execution``): ``optimizer.apply`` is wrapped on the optimizer *instance*
+  and restored by deleting that attribute. Keras' cached train function is dropped at
+  both ends of a fit so no traced copy of the wrapper outlives it. A ``tf.function`` of a
+  custom loop traced while watched keeps gradwatch's ops after ``close()``, but they
+  then stand aside (no clipping, no skipping).
+* The host reads one ring buffer (``steps_per_execution`` rows for ``fit``) per batch end.
+  ``gradwatch.watch`` reads after each step when eager, through a ``tf.py_function``
+  per step inside a ``tf.function``, and under ``jit_compile=True`` when ``watch.records``
+  is read (the ring holds 256 steps).
+* ``on_nonfinite="raise"``: the update is skipped in-graph (and every later update until
+  the host has seen it), then ``NonFiniteGradientError`` is raised on the host: from the
+  callback's batch end (fit stops, the optimizer is restored first) or from the step of
+  an eager loop. Inside a ``tf.function`` TensorFlow wraps it in a ``tf.errors.OpError``
+  carrying the same message. Nothing has changed in either case.
+* Policies run in-graph with the maths of :mod:`gradwatch.policies`; in-graph AutoClip
+  with ``history=None`` keeps the last 8192 norms (``_tensors.AUTOCLIP_CAPACITY``).
+* Mixed precision: under ``LossScaleOptimizer`` the inner optimizer's ``apply`` is
+  wrapped, so gradients are measured unscaled; steps the loss scaler drops as overflows
+  never reach it and have no record.
+* Distribution strategies: gradients (and probe sums) are all-reduced for measuring,
+  so records show the global norm; the per-replica gradients go on to Keras scaled by
+  the same factors.
+* Recurrent layers (SimpleRNN, LSTM, GRU, Bidirectional, masking): per-timestep norms of
+  dL/dx need a static sequence length; LSTM forget-gate statistics need
+  ``return_sequences=True`` and no dropout (otherwise they are left out).
 """
 
 from __future__ import annotations

@@ -48,7 +48,10 @@ class GradWatchCallback(keras.callbacks.Callback):
         model = self.model
         capacity = int(getattr(model, "steps_per_execution", 1) or 1)
         # A train function cached by an earlier fit was traced without the wrapper.
-        model.make_train_function(force=True)
+        try:
+            model.make_train_function(force=True)
+        except Exception as exc:  # noqa: BLE001
+            logger.error("gradwatch: could not reset Keras' train function: %r", exc)
         self._attachment = TFAttachment(model, None, self.monitor, mode="callback", capacity=capacity)
         if self._backend_state:
             self._attachment.load_state_dict(self._backend_state)

@@ -83,3 +83,22 @@ def test_watching_the_same_optimizer_twice_is_an_error():
     with gradwatch_tf.watch(model, opt, sinks=["memory"]):
         with pytest.raises(gradwatch.GradwatchError, match="already watched"):
             gradwatch_tf.watch(model, opt, sinks=["memory"])
+
+
+@pytest.mark.parametrize("compile_mode", ["eager", "graph"])
+def test_raise_in_a_custom_loop_changes_nothing(compile_mode):
+    model = make_model("LSTM")
+    x, y = data(n=2)
+    x[1, 3, 2] = np.nan
+    opt = keras.optimizers.Adam(0.1)
+    opt.build(model.trainable_variables)
+    before = [w.copy() for w in model.get_weights()]
+    step = _train_step(model, opt, compile_mode)
+    with gradwatch_tf.watch(model, opt, on_nonfinite="raise", sinks=["memory"]):
+        # Eagerly the error is gradwatch's own; inside a tf.function TensorFlow wraps the
+        # host callback's exception in a tf.errors.OpError that carries its message.
+        expected = gradwatch.NonFiniteGradientError if compile_mode == "eager" else tf.errors.OpError
+        with pytest.raises(expected, match="Non-finite gradient"):
+            step(tf.constant(x), tf.constant(y))
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert int(opt.iterations.numpy()) == 0
