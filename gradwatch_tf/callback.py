@@ -16,10 +16,11 @@ from typing import Any
 
 import keras
 
-from gradwatch.errors import NonFiniteGradientError
+from gradwatch.errors import ConfigError, NonFiniteGradientError
 from gradwatch.events import GradEvent
 from gradwatch.monitor import Monitor
 from gradwatch.records import StepRecord
+from gradwatch.watch import STATE_VERSION
 from gradwatch_tf.attach import TFAttachment
 
 logger = logging.getLogger("gradwatch")
@@ -113,9 +114,16 @@ class GradWatchCallback(keras.callbacks.Callback):
             self._backend_state = self._attachment.state_dict()
         elif self._backend_state.get("policy") is not None and self.monitor.policy is not None:
             self.monitor.policy.load_state_dict(self._backend_state["policy"])
-        return {"monitor": self.monitor.state_dict(), "backend": dict(self._backend_state)}
+        return {"version": STATE_VERSION, "monitor": self.monitor.state_dict(), "backend": dict(self._backend_state)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (also a ``gradwatch.Watch``'s, after JSON)."""
+        if state.get("version") != STATE_VERSION:
+            raise ConfigError(
+                f"gradwatch state version {state.get('version')!r} is not supported (expected {STATE_VERSION}).",
+                option="state",
+                value=state.get("version"),
+            )
         self.monitor.load_state_dict(state["monitor"])
         self._backend_state = dict(state.get("backend") or {})
         if self._attachment is not None:
