@@ -16,11 +16,11 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
+import keras
+import numpy as np
+import tensorflow as tf
 
-import gradwatch  # noqa: E402
+import gradwatch
 
 
 def main() -> None:
@@ -30,7 +30,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     keras.utils.set_random_seed(0)
 
-    model = keras.Sequential([keras.Input((30, 2)), keras.layers.GRU(16, name="gru"), keras.layers.Dense(1, name="head")])
+    model = keras.Sequential(
+        [keras.Input((30, 2)), keras.layers.GRU(16, name="gru"), keras.layers.Dense(1, name="head")]
+    )
     optimizer = keras.optimizers.Adam(1e-2)
     loss_fn = keras.losses.MeanSquaredError()
 

@@ -16,10 +16,10 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import keras  # noqa: E402
+import keras
+import numpy as np
 
-from gradwatch_tf import GradWatchCallback  # noqa: E402
+from gradwatch_tf import GradWatchCallback
 
 
 def make_data(n: int, timesteps: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,9 @@ def main() -> None:
     last = next(r for r in reversed(cb.records) if r.temporal)
     profile = next(v for k, v in last.temporal.items() if k.endswith("lstm"))  # "sequential/lstm"
     print(f"steps: {len(cb.records)}  grad_norm per epoch: {[round(v, 4) for v in history.history['grad_norm']]}")
-    print(f"lstm at step {last.step}: gain {profile.gain:.3f} per timestep, horizon {profile.horizon} of {len(profile.norms)}")
+    print(
+        f"lstm at step {last.step}: gain {profile.gain:.3f} per timestep, horizon {profile.horizon} of {len(profile.norms)}"
+    )
     print("largest singular values:", {k.split("/")[-1]: round(v, 3) for k, v in last.spectral.items()})
     print(f"events: {len(cb.events)}; run file: {run}")
     cb.close()

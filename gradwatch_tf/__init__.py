@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gradwatch_tf.callback import GradWatchCallback
 
-__all__ = ["watch", "GradWatchCallback"]
+__all__ = ["GradWatchCallback", "watch"]
 
 
 def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:

@@ -95,7 +95,7 @@ def _input_length(layer: Any) -> int | None:
             n = shape[1]
             if n is not None:
                 return int(n)
-        except Exception:  # noqa: BLE001 - any missing attribute means "unknown"
+        except Exception:  # noqa: BLE001, S112 - any missing attribute means "unknown"
             continue
     return None
 

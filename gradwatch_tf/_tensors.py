@@ -97,6 +97,9 @@ class GraphPolicy:
     name = ""
     unitwise = False
 
+    def __init__(self, ref: Any, make: VariableFactory = plain_variable) -> None:
+        """``ref`` is the core policy object whose parameters this twin copies."""
+
     def decide(self, norm: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         raise NotImplementedError
 
@@ -222,7 +225,9 @@ class GraphZClip(GraphPolicy):
         in_warmup = seen < self.warmup
 
         # Warm-up branch: collect; on the last warm-up step, mean and population variance.
-        wbuf = tf.tensor_scatter_nd_update(buf, tf.reshape(tf.minimum(seen, self.warmup - 1), [1, 1]), tf.reshape(x_in, [1]))
+        wbuf = tf.tensor_scatter_nd_update(
+            buf, tf.reshape(tf.minimum(seen, self.warmup - 1), [1, 1]), tf.reshape(x_in, [1])
+        )
         w_mean = tf.reduce_sum(wbuf) / self.warmup
         w_var = tf.reduce_sum(tf.square(wbuf - w_mean)) / self.warmup
         done = tf.equal(seen + 1, self.warmup)

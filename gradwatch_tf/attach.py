@@ -49,7 +49,7 @@ DEFAULT_WATCH_CAPACITY = 256
 _STEP, _THR, _SCALE, _SKIPPED, _PROFILED = range(5)
 _HEADER = 5
 
-_WATCHED: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WATCHED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _xla_context() -> bool:
@@ -191,9 +191,7 @@ class TFAttachment:
         ref_policy = self._monitor.policy
         self._policy = _tensors.graph_policy(ref_policy, self._make_var)
         if ref_policy is not None and self._policy is None:
-            logger.error(
-                "gradwatch: policy %r has no in-graph TensorFlow version; observing only.", ref_policy
-            )
+            logger.error("gradwatch: policy %r has no in-graph TensorFlow version; observing only.", ref_policy)
         self._agc = isinstance(self._policy, _tensors.GraphAGC)
 
         # Recurrent layers: probes and spectral blocks.
@@ -313,7 +311,7 @@ class TFAttachment:
         self._reached_update = False
         try:
             return self._build_step(grads, trainable_variables)
-        except Exception as exc:  # noqa: BLE001 - never break the user's step
+        except Exception as exc:
             if self._reached_update:
                 raise  # the optimizer's own error: not ours to hide, nor to retry
             self._fail("gradient measuring", exc)
@@ -355,10 +353,10 @@ class TFAttachment:
 
         per_sq: list[tf.Tensor] = [zero] * p
         per_nf: list[tf.Tensor] = [zero] * p
-        for j, i in enumerate(idx):
-            if i is not None:
-                per_sq[i] = sq_each[j]
-                per_nf[i] = tf.cast(tf.logical_not(fin_each[j]), f64)
+        for j, pi in enumerate(idx):
+            if pi is not None:
+                per_sq[pi] = sq_each[j]
+                per_nf[pi] = tf.cast(tf.logical_not(fin_each[j]), f64)
 
         active = self._active.read_value()
         # Policy and clipping.
@@ -366,7 +364,7 @@ class TFAttachment:
         scale = tf.constant(1.0, f64)
         new_grads = grads
         clipped_sq: list[tf.Tensor] = []
-        if self._policy is not None and self._agc:
+        if isinstance(self._policy, _tensors.GraphAGC):
             pol = self._policy
             new_grads = []
             per_clipped: list[tf.Tensor] = [zero] * p
@@ -381,8 +379,9 @@ class TFAttachment:
                 new_grads.append(_scale(g, factor))
                 a = _tensors.squared_norm(tf.cast(tf.convert_to_tensor(m), tf.float32) * factor)
                 after_each.append(a)
-                if idx[j] is not None:
-                    per_clipped[idx[j]] = a  # type: ignore[index]
+                pj = idx[j]
+                if pj is not None:
+                    per_clipped[pj] = a
             thr, scale = pol.decision(norm, tf.sqrt(tf.add_n(after_each)))
             clipped_sq = per_clipped
         elif self._policy is not None:
@@ -458,7 +457,9 @@ class TFAttachment:
             slot = tf.math.floormod(step - 1, self._capacity)
             # assign of a whole (small) ring rather than scatter: sync-on-read variables
             # (distribution strategies) implement assign only.
-            ring = tf.tensor_scatter_nd_update(self._ring.read_value(), tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1]))
+            ring = tf.tensor_scatter_nd_update(
+                self._ring.read_value(), tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1])
+            )
             self._ring.assign(ring)
             self._step_var.assign_add(1)
 
@@ -480,8 +481,12 @@ class TFAttachment:
             return
         self._process_rows(np.asarray(row.numpy(), dtype=np.float64).reshape(1, -1))
 
-    def sync(self) -> list[StepRecord]:
+    def sync(self) -> None:
         """Read the ring once and turn every step not seen yet into a record (in order)."""
+        self.sync_records()
+
+    def sync_records(self) -> list[StepRecord]:
+        """:meth:`sync`, returning the new records (oldest first)."""
         if not self._installed:
             if not self._closed:
                 model = self._model_ref()
@@ -602,8 +607,8 @@ class TFAttachment:
             state["policy"] = pol
             try:  # keep the core's copy of the policy state truthful too
                 self._monitor.policy.load_state_dict(pol)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("gradwatch: the core policy did not take the in-graph state: %r", exc)
         state["power"] = {b.name: [float(x) for x in b.vector.numpy()] for b in self._blocks}  # type: ignore[union-attr]
         return state
 
@@ -630,7 +635,9 @@ def _scale(g: Any, factor: tf.Tensor) -> Any:
     return g * tf.cast(factor, g.dtype)
 
 
-def _cond_apply_distributed(ctx: Any, go: tf.Tensor, grads: list[Any], tvars: Any, original: Callable[..., Any]) -> None:
+def _cond_apply_distributed(
+    ctx: Any, go: tf.Tensor, grads: list[Any], tvars: Any, original: Callable[..., Any]
+) -> None:
     """Skip-or-apply under a distribution strategy.
 
     A ``tf.cond`` in the replica context cannot contain the optimizer's ``merge_call``;
@@ -662,8 +669,8 @@ def _drop_traced_functions(model: Any) -> None:
         if getattr(model, attr, None) is not None:
             try:
                 setattr(model, attr, None)
-            except Exception:  # noqa: BLE001
-                pass
+            except Exception as exc:  # noqa: BLE001
+                logger.debug("gradwatch: could not drop %s: %r", attr, exc)
 
 
 def attach(model: Any, optimizer: Any | None, monitor: Any) -> TFAttachment:

@@ -61,7 +61,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         if self._attachment is None:
             return
         try:
-            records = self._attachment.sync()
+            records = self._attachment.sync_records()
         except NonFiniteGradientError:
             self._detach()
             raise

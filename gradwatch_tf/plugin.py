@@ -28,7 +28,7 @@ def _is_keras_model(target: object) -> bool:
 
 
 @hookimpl
-def gradwatch_attach(target: object, optimizer: object | None, monitor: "Monitor") -> "Attachment | None":
+def gradwatch_attach(target: object, optimizer: object | None, monitor: Monitor) -> Attachment | None:
     """Attach to a ``keras.Model`` (TensorFlow backend); None for anything else."""
     if not _is_keras_model(target):
         return None

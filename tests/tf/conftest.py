@@ -6,7 +6,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import pytest  # noqa: E402
+import pytest
 
 tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")

@@ -8,9 +8,10 @@ import pytest
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
 tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 
-import gradwatch  # noqa: E402
-import gradwatch_tf  # noqa: E402
-from tf_helpers import data, make_model, tape_step, twin  # noqa: E402
+from tf_helpers import data, make_model, tape_step, twin
+
+import gradwatch
+import gradwatch_tf
 
 
 def _train_step(model, optimizer, compile_mode):
@@ -80,9 +81,11 @@ def test_watching_the_same_optimizer_twice_is_an_error():
     model = make_model("SimpleRNN")
     opt = keras.optimizers.Adam()
     opt.build(model.trainable_variables)
-    with gradwatch_tf.watch(model, opt, sinks=["memory"]):
-        with pytest.raises(gradwatch.GradwatchError, match="already watched"):
-            gradwatch_tf.watch(model, opt, sinks=["memory"])
+    with (
+        gradwatch_tf.watch(model, opt, sinks=["memory"]),
+        pytest.raises(gradwatch.GradwatchError, match="already watched"),
+    ):
+        gradwatch_tf.watch(model, opt, sinks=["memory"])
 
 
 @pytest.mark.parametrize("compile_mode", ["eager", "graph"])

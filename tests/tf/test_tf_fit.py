@@ -10,9 +10,10 @@ import pytest
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
 tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 
-import gradwatch  # noqa: E402
-from gradwatch_tf import GradWatchCallback  # noqa: E402
-from tf_helpers import data, make_model, tape_step, twin, weights_equal  # noqa: E402
+from tf_helpers import data, make_model, tape_step, twin, weights_equal
+
+import gradwatch
+from gradwatch_tf import GradWatchCallback
 
 
 @pytest.mark.parametrize("cell", ["SimpleRNN", "LSTM", "GRU"])
@@ -157,7 +158,7 @@ def test_fit_restores_the_model_and_saved_model_has_no_gradwatch(tmp_path):
 
 def test_state_round_trips_through_json_and_resume_matches():
     x, y = data(n=12)
-    opts = dict(policy=gradwatch.policies.ZClip(warmup=2, z_threshold=0.5), sinks=["memory"], profile_every=0)
+    opts = {"policy": gradwatch.policies.ZClip(warmup=2, z_threshold=0.5), "sinks": ["memory"], "profile_every": 0}
 
     whole = make_model("LSTM")
     part = twin(whole)
@@ -185,7 +186,7 @@ def test_loss_scale_optimizer_measures_unscaled_gradients():
     model = make_model("GRU")
     truth_model = twin(model)
     x, y = data(n=4)
-    per, glob, _ = tape_step(truth_model, x, y)
+    _, glob, _ = tape_step(truth_model, x, y)
     model.compile(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.01)), "mse")
     cb = GradWatchCallback(sinks=["memory"])
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
@@ -223,7 +224,7 @@ def test_a_failing_profiler_is_logged_once_and_disabled(monkeypatch, caplog):
 
 def _numpy_lstm_forget_gates(x, kernel, recurrent, bias):
     """A plain numpy LSTM (Keras gate order i, f, c, o); returns outputs and forget gates."""
-    sig = lambda z: 1.0 / (1.0 + np.exp(-z))  # noqa: E731
+    sig = lambda z: 1.0 / (1.0 + np.exp(-z))
     units = recurrent.shape[0]
     h = np.zeros((x.shape[0], units))
     c = np.zeros_like(h)

@@ -11,9 +11,9 @@ import pytest
 tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
 
-from gradwatch import _numerics  # noqa: E402
-from gradwatch.policies import AGC, AutoClip, FixedNorm, ZClip  # noqa: E402
-from gradwatch_tf import _tensors  # noqa: E402
+from gradwatch import _numerics
+from gradwatch.policies import AGC, AutoClip, FixedNorm, ZClip
+from gradwatch_tf import _tensors
 
 
 def _norms(n: int = 60, seed: int = 0) -> list[float]:

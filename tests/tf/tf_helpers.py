@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 CELLS = {"SimpleRNN": keras.layers.SimpleRNN, "LSTM": keras.layers.LSTM, "GRU": keras.layers.GRU}
 
@@ -43,7 +43,9 @@ def tape_step(model: keras.Model, x: np.ndarray, y: np.ndarray, optimizer=None):
         loss = loss_fn(y, model(xt, training=True))
     grads = tape.gradient(loss, model.trainable_variables)
     dx = tape.gradient(loss, xt).numpy().astype(np.float64)
-    per = {v.path: float(np.linalg.norm(g.numpy().astype(np.float64))) for v, g in zip(model.trainable_variables, grads)}
+    per = {
+        v.path: float(np.linalg.norm(g.numpy().astype(np.float64))) for v, g in zip(model.trainable_variables, grads)
+    }
     glob = float(np.sqrt(sum(n * n for n in per.values())))
     temporal = np.sqrt(np.sum(dx * dx, axis=(0, 2)))
     if optimizer is not None:
