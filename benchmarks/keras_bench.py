@@ -1,0 +1,167 @@
+"""Keras 3 overhead: ``model.fit`` with gradwatch's callback against an unwatched fit.
+
+Input(100, 64) -> LSTM(256) -> Dense(10), sparse categorical cross-entropy, Adam, batch 32.
+Arms: unwatched; ``global_clipnorm=1.0``; ``GradWatchCallback()`` (defaults);
+``GradWatchCallback(profile_every=1)``. Each arm owns its own model (same initial
+weights) and calls ``fit`` once per round on the same data, ``verbose=0``.
+
+Steps are timed by a per-batch timer callback that every arm carries, placed last in the
+callback list: a step's time is the interval between two consecutive
+``on_train_batch_end`` calls, so it holds the train function and every callback's
+per-batch work, and the first batch of each ``fit`` (where tracing happens) is not a
+step time. The first-batch cost is reported separately.
+
+``python -m benchmarks.keras_bench [--quick] [--json PATH]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Keep torch out of this process, as a Keras user's would be.
+sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+
+import numpy as np  # noqa: E402
+
+from benchmarks.harness import Arm, Workload, emit, logger, run_interleaved, summarize  # noqa: E402
+
+log = logger("keras")
+
+TARGETS = {"GradWatchCallback defaults": 1.05, "GradWatchCallback profile_every=1": 1.10}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--rounds", type=int)
+    a = p.parse_args(argv)
+
+    import keras
+    import tensorflow as tf
+
+    import gradwatch  # noqa: F401
+    from gradwatch_tf import GradWatchCallback
+
+    if a.quick:
+        seq, feat, hidden, classes, batch, steps, rounds, warm_fits = 8, 4, 8, 3, 4, 10, 2, 1
+    else:
+        seq, feat, hidden, classes, batch, steps, rounds, warm_fits = 100, 64, 256, 10, 32, 10, 12, 1
+    if a.rounds:
+        rounds = a.rounds
+    # One fit per arm per round: steps + 1 batches (the first one is not timed).
+    n = batch * (steps + 1)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, seq, feat)).astype("float32")
+    y = rng.integers(0, classes, size=(n,)).astype("int32")
+
+    keras.utils.set_random_seed(0)
+    base = keras.Sequential([keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(classes)])
+    weights = base.get_weights()
+
+    class BatchTimer(keras.callbacks.Callback):
+        """Time between consecutive batch ends; first batch of a fit recorded apart."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[float] = []
+            self.first: list[float] = []
+            self._t = 0.0
+            self._t0 = 0.0
+
+        def on_train_begin(self, logs: Any = None) -> None:
+            self._t0 = time.perf_counter()
+            self._t = 0.0
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            now = time.perf_counter()
+            if self._t:
+                self.steps.append(now - self._t)
+            else:
+                self.first.append(now - self._t0)
+            self._t = now
+
+    def make(name: str, clipnorm: float | None, cb_options: dict[str, Any] | None, note: str) -> Arm:
+        model = keras.Sequential(
+            [keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(classes)]
+        )
+        model.set_weights(weights)
+        opt = keras.optimizers.Adam(1e-3, global_clipnorm=clipnorm) if clipnorm else keras.optimizers.Adam(1e-3)
+        model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        timer = BatchTimer()
+        callbacks: list[Any] = []
+        watch = None
+        if cb_options is not None:
+            watch = GradWatchCallback(**cb_options)
+            callbacks.append(watch)
+        callbacks.append(timer)  # last: its batch end comes after every other callback's
+
+        def run(k: int) -> list[float]:
+            # k is a number of timed steps; one fit covers `steps` timed steps.
+            out: list[float] = []
+            while len(out) < k:
+                timer.steps.clear()
+                model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=callbacks)
+                out += timer.steps
+            return out
+
+        def close() -> None:
+            if watch is not None:
+                watch.close()
+
+        arm = Arm(name, run, close, TARGETS.get(name), note)
+        arm.timer = timer  # type: ignore[attr-defined]
+        return arm
+
+    arms = [
+        make("unwatched", None, None, ""),
+        make("global_clipnorm", 1.0, None, "Adam(global_clipnorm=1.0)"),
+        make("GradWatchCallback defaults", None, {}, "all defaults: sinks=['logging'], profile_every=10"),
+        make("GradWatchCallback profile_every=0", None, {"profile_every": 0}, "diagnostic: norms only"),
+        make("GradWatchCallback profile_every=1", None, {"profile_every": 1}, "otherwise defaults"),
+    ]
+    log(f"{len(arms)} arms, {rounds} rounds x {steps} steps (one fit each), warm-up {warm_fits} fit")
+    t0 = time.perf_counter()
+    try:
+        times, _ = run_interleaved(arms, rounds=rounds, steps=steps, warmup=steps * warm_fits, log=log)
+    finally:
+        for arm in arms:
+            arm.close()
+    results = [summarize(arm, times) for arm in arms]
+    base_first = statistics.median(arms[0].timer.first[warm_fits:])  # type: ignore[attr-defined]
+    first = {
+        arm.name: statistics.median(arm.timer.first[warm_fits:]) / base_first  # type: ignore[attr-defined]
+        for arm in arms
+    }
+    extra = {
+        "first batch of each fit (tracing included), median ratio to unwatched's": ", ".join(
+            f"{k} {v:.2f}" for k, v in first.items()
+        ),
+        "first batch of each fit, unwatched, absolute": f"{base_first:.2f} s",
+    }
+    desc = (
+        f"`fit` of Input({seq}, {feat}) -> LSTM({hidden}) -> Dense({classes}), batch {batch}, Adam, "
+        f"verbose=0; {steps} timed steps per fit (one fit per arm per round)."
+    )
+    wl = Workload("Keras fit", desc, rounds, steps, steps * warm_fits, results, extra)
+    emit(a.json, {
+        "bench": "keras",
+        "tensorflow": tf.__version__,
+        "keras": keras.__version__,
+        "threads": {
+            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+        },
+        "seconds": time.perf_counter() - t0,
+        "workloads": [wl],
+    })
+
+
+if __name__ == "__main__":
+    main()
