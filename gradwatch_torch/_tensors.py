@@ -223,12 +223,13 @@ def packed_timestep_sq_norms(grad_data: Tensor, batch_sizes: Tensor) -> Tensor:
 
     The packed rows of timestep t are the next ``batch_sizes[t]`` rows, so padding is
     never counted. ``batch_sizes`` lives on the CPU (PyTorch keeps it there), so the
-    split sizes are known without a device sync.
+    row-to-timestep index is built without a device sync; one ``index_add_`` sums.
     """
     g = grad_data.to(_reduce_dtype(grad_data.dtype))
     rows = g.square().sum(dim=1)
-    sizes = batch_sizes.tolist()
-    return torch.stack([chunk.sum() for chunk in torch.split(rows, sizes)])
+    steps = torch.repeat_interleave(torch.arange(batch_sizes.shape[0]), batch_sizes.cpu())
+    out = torch.zeros(batch_sizes.shape[0], dtype=rows.dtype, device=rows.device)
+    return out.index_add_(0, steps.to(rows.device), rows)
 
 
 class SpectralTracker:
@@ -239,12 +240,14 @@ class SpectralTracker:
     Pascanu et al. (2013)'s conditions for vanishing (< 1/gamma) and exploding (> 1)
     gradients. An exact SVD costs ~30 ms at H=256 and over a second at H=1024, so this
     runs power iteration with the singular vectors kept between calls: the weights move
-    little between profiles, and one or two warm iterations stay within a few percent.
+    little between profiles, and one warm iteration stays within a few percent.
     The starting vector comes from a private generator so the user's RNG stream is
     never consumed (observe mode must leave training bitwise unchanged).
     """
 
-    def __init__(self, gates: int, warm_iters: int = 2, cold_iters: int = 30) -> None:
+    def __init__(self, gates: int, warm_iters: int = 1, cold_iters: int = 30) -> None:
+        if warm_iters < 1 or cold_iters < 1:
+            raise ValueError("SpectralTracker needs at least one iteration per call")
         self.gates = gates
         self.warm_iters = warm_iters
         self.cold_iters = cold_iters
@@ -265,17 +268,23 @@ class SpectralTracker:
             self.v = torch.randn(w.shape[0], w.shape[2], generator=gen).to(w.device)
             self.v = self.v / self.v.norm(dim=1, keepdim=True)
             iters = self.cold_iters
-        v = self.v.to(w.device)
-        sigma = torch.zeros(w.shape[0], device=w.device)
+        # One matrix-vector product per gate block: torch.bmm on (G, H, P) x (G, P, 1) hits
+        # a slow CPU path here (milliseconds), while G separate mv calls take microseconds.
+        vs = list(self.v.to(w.device).unbind(0))
+        us: list[Tensor] = [vs[0]] * len(vs)  # replaced in the first iteration (iters >= 1)
+        sigmas: list[Tensor] = [vs[0]] * len(vs)
         for _ in range(iters):
-            u = torch.bmm(w, v.unsqueeze(2)).squeeze(2)
-            u = u / u.norm(dim=1, keepdim=True).clamp(min=1e-30)
-            v = torch.bmm(w.transpose(1, 2), u.unsqueeze(2)).squeeze(2)
-            sigma = v.norm(dim=1)
-            v = v / sigma.unsqueeze(1).clamp(min=1e-30)
-            self.u = u
-        self.v = v
-        return sigma
+            for g in range(w.shape[0]):
+                u = torch.mv(w[g], vs[g])
+                u = u / u.norm().clamp(min=1e-30)
+                v = torch.mv(w[g].t(), u)
+                sigma = v.norm()
+                vs[g] = v / sigma.clamp(min=1e-30)
+                us[g] = u
+                sigmas[g] = sigma
+        self.u = torch.stack(us)
+        self.v = torch.stack(vs)
+        return torch.stack(sigmas)
 
     def state_dict(self) -> dict[str, list[list[float]]]:
         """The vectors as JSON lists (float32 values round-trip exactly through float)."""
@@ -304,6 +313,7 @@ def lstm_forget_stats(
     b_hh: Tensor | None,
     batch_first: bool,
     n_gates: int = 4,
+    max_batch: int | None = None,
 ) -> Tensor:
     """Forget-gate statistics of a single-layer LSTM's forward direction, recomputed.
 
@@ -317,6 +327,10 @@ def lstm_forget_stats(
     plays the same role: ``h_t = (1 - z_t) * n_t + z_t * h_{t-1}``, so the carry path's
     gain over the sequence is ``prod_t z_t``.
 
+    ``max_batch`` limits the computation to the first sequences of the batch: the
+    recomputation costs a quarter of the layer's forward matmuls per sequence, and a few
+    sequences estimate a mean over batch, time and units well.
+
     Returns a float32 tensor ``[mean f, mean over batch and units of sum_t log f_t]``.
     """
     hidden = w_ih.shape[0] // n_gates
@@ -326,6 +340,9 @@ def lstm_forget_stats(
         h0 = h0.unsqueeze(1) if h0 is not None else None
     elif batch_first:
         x, out = x.transpose(0, 1), out.transpose(0, 1)
+    if max_batch is not None and x.shape[1] > max_batch:
+        x, out = x[:, :max_batch], out[:, :max_batch]
+        h0 = h0[:, :max_batch] if h0 is not None else None
     # x: (T, B, F); out: (T, B, D*P); the forward direction is out[..., :P]
     proj = w_hh.shape[1]
     h = out[..., :proj].float()
@@ -354,32 +371,40 @@ def packed_lstm_forget_stats(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     n_gates: int = 4,
+    max_batch: int | None = None,
 ) -> Tensor:
     """:func:`lstm_forget_stats` for a ``PackedSequence`` (padding excluded).
 
     Row ``offset[t] + b`` of the packed data is sequence b (in sorted order) at time t,
-    so ``h_{t-1}`` for that row is row ``offset[t-1] + b`` of the output.
+    so ``h_{t-1}`` for that row is row ``offset[t-1] + b`` of the output. With
+    ``max_batch``, only the first (longest) ``max_batch`` sorted sequences are used.
     """
     hidden = w_ih.shape[0] // n_gates
     sl = slice(hidden, 2 * hidden)
     proj = w_hh.shape[1]
-    sizes = batch_sizes.tolist()
-    h = out_data[:, :proj].float()
+    full = batch_sizes.tolist()
     offsets = [0]
-    for s in sizes[:-1]:
-        offsets.append(offsets[-1] + s)
-    idx = torch.cat(
-        [torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]
-    ) if len(sizes) > 1 else torch.zeros(0, dtype=torch.long)
-    idx = idx.to(h.device)
+    for n in full[:-1]:
+        offsets.append(offsets[-1] + n)
+    sizes = [min(n, max_batch) for n in full] if max_batch is not None else full
+    h = out_data[:, :proj].float()
+    device = h.device
+    rows = torch.cat([torch.arange(offsets[t], offsets[t] + sizes[t]) for t in range(len(sizes))]).to(device)
+    if len(sizes) > 1:
+        prev = torch.cat(
+            [torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]
+        ).to(device)
+    else:
+        prev = torch.zeros(0, dtype=torch.long, device=device)
     if h0 is not None:
         first = h0[0].float()
         if sorted_indices is not None:
             first = first.index_select(0, sorted_indices.to(first.device))
         first = first[: sizes[0]]
     else:
-        first = torch.zeros(sizes[0], proj, device=h.device)
-    h_prev = torch.cat([first, h.index_select(0, idx)], dim=0)
+        first = torch.zeros(sizes[0], proj, device=device)
+    h_prev = torch.cat([first, h.index_select(0, prev)], dim=0)
+    data = data.index_select(0, rows) if len(rows) != data.shape[0] else data
     pre = data.float() @ w_ih[sl].float().t() + h_prev @ w_hh[sl].float().t()
     if b_ih is not None:
         pre = pre + b_ih[sl].float()

@@ -216,3 +216,25 @@ def test_forget_gate_stats_packed_exclude_padding():
     assert got[0].item() == pytest.approx(all_f.mean().item(), rel=1e-5)
     path = torch.stack([f.log().sum(0).squeeze(0) for f in per_seq]).mean()
     assert got[1].item() == pytest.approx(path.item(), rel=1e-5)
+
+
+def test_forget_gate_stats_on_a_sample_of_the_batch():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 7)
+    x = torch.randn(6, 9, 5)
+    lengths = [6, 5, 5, 4, 3, 3, 2, 2, 1]
+    args = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    with torch.no_grad():
+        out, _ = lstm(x)
+        got = lstm_forget_stats(x, out, None, *args, False, max_batch=3)
+        want = lstm_forget_stats(x[:, :3], out[:, :3], None, *args, False)
+        torch.testing.assert_close(got, want)
+        packed = pack_padded_sequence(x, lengths)
+        pout, _ = lstm(packed)
+        got = packed_lstm_forget_stats(
+            packed.data, pout.data, packed.batch_sizes, packed.sorted_indices, None, *args, max_batch=3
+        )
+        small = pack_padded_sequence(x[:, :3], lengths[:3])
+        sout, _ = lstm(small)
+        want = packed_lstm_forget_stats(small.data, sout.data, small.batch_sizes, None, None, *args)
+        torch.testing.assert_close(got, want)
