@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 logger = logging.getLogger("gradwatch")
@@ -43,6 +44,9 @@ class SpectralBlock:
     start: int
     stop: int
     vector: tf.Variable | None = None
+    #: True while ``vector`` is not yet near the singular vector (no exact warm start was
+    #: possible): the first profiled step then iterates longer.
+    cold: tf.Variable | None = None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class RecurrentSite:
     anchor: Any = None  # a trainable variable of the layer (see module docstring)
     sq: tf.Variable | None = None  # per-timestep sum of squares of dL/dx_t
     gate_stats: tf.Variable | None = None  # [mean forget gate, log path gain] (LSTM)
+    frozen: bool = False  # the ring layout is fixed: create no more variables
 
 
 def _class_name(obj: Any) -> str:
@@ -120,10 +125,36 @@ def find_sites(model: Any) -> list[RecurrentSite]:
         if id(layer) in inner or not _is_rnn(layer):
             continue
         sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer)))
-    for site in sites:
-        trainable = [w for w in site.layer.trainable_weights]
-        site.anchor = trainable[0] if trainable else None
     return sites
+
+
+def ensure_site_variables(site: RecurrentSite, make: Callable[..., tf.Variable], x: Any = None) -> None:
+    """Create the site's probe (and forget-gate) variables once the layer is built.
+
+    Called eagerly at attach for a built model, or from inside the first traced call of
+    an unbuilt one (``tf.init_scope`` lifts the creation out of the graph, as Keras does
+    for its own lazily built variables). ``x`` (the layer input) gives the sequence
+    length when the model did not record it.
+    """
+    if site.frozen:
+        return
+    site.name = getattr(site.layer, "path", None) or site.layer.name
+    if site.anchor is None:
+        trainable = list(site.layer.trainable_weights)
+        site.anchor = trainable[0] if trainable else None
+    if site.anchor is None:
+        return
+    length = site.length
+    if length is None and x is not None and hasattr(x, "shape") and x.shape.rank == 3 and x.shape[1] is not None:
+        length = int(x.shape[1])
+    if length is None:
+        length = _input_length(site.layer)
+    with tf.init_scope():
+        if site.sq is None and length is not None:
+            site.length = length
+            site.sq = make(np.zeros([length], np.float32), tf.float32, "gradwatch_temporal")
+        if site.gate_stats is None and forget_gate_feasible(site):
+            site.gate_stats = make(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
 
 
 def spectral_blocks(site: RecurrentSite) -> list[SpectralBlock]:
@@ -142,12 +173,10 @@ def spectral_blocks(site: RecurrentSite) -> list[SpectralBlock]:
     return blocks
 
 
-def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -> Callable[[Any], Any]:
+def make_probe(
+    site: RecurrentSite, make: Callable[..., tf.Variable], on_error: Callable[[BaseException], None]
+) -> Callable[[Any], Any]:
     """The identity whose gradient records per-timestep sums of squares into ``site.sq``."""
-    sq_var = site.sq
-    anchor = site.anchor
-    assert sq_var is not None and anchor is not None
-    length = int(sq_var.shape[0])
 
     def probe(x: Any) -> Any:
         try:
@@ -157,13 +186,21 @@ def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -
             return x
 
     def _probed(x: Any) -> Any:
-        if not (hasattr(x, "shape") and x.shape.rank == 3 and x.shape[1] == length):
+        ensure_site_variables(site, make, x)
+        sq_var, anchor = site.sq, site.anchor
+        if sq_var is None or anchor is None:
+            return x
+        if not (hasattr(x, "shape") and x.shape.rank == 3 and x.shape[1] == int(sq_var.shape[0])):
+            return x
+        anchor_var = variable_of(anchor)
+        if not isinstance(anchor_var, tf.Variable):
+            # Keras is building the layer in a stateless (symbolic) pass; the real
+            # forward pass comes after and is probed then.
             return x
 
         @tf.custom_gradient
         def _identity(x: tf.Tensor) -> Any:
-            anchor_value = anchor.value if hasattr(anchor, "value") else anchor
-            anchor_value.read_value()
+            anchor_var.read_value()
 
             def grad(dy: tf.Tensor, variables: Any = None) -> Any:
                 zeros = [tf.zeros_like(v) for v in (variables or [])]
@@ -181,6 +218,16 @@ def make_probe(site: RecurrentSite, on_error: Callable[[BaseException], None]) -
         return _identity(x)
 
     return probe
+
+
+def variable_of(v: Any) -> tf.Variable:
+    """The ``tf.Variable`` behind a Keras variable (``.value`` may be a plain tensor while
+    Keras is still initialising it inside a trace)."""
+    inner = getattr(v, "_value", None)
+    if isinstance(inner, tf.Variable):
+        return inner
+    value = getattr(v, "value", v)
+    return value if isinstance(value, tf.Variable) else v
 
 
 def forget_gate_feasible(site: RecurrentSite) -> bool:

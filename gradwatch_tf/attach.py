@@ -176,33 +176,101 @@ class TFAttachment:
             s = tf.distribute.get_strategy()
             self._strategy = s if s.num_replicas_in_sync > 1 else None
 
-        variables = list(model.trainable_variables)
-        if not variables and getattr(opt, "built", False):
-            variables = list(opt._trainable_variables)
-        layer_of = _layer_map(model)
-        self._names = [v.path for v in variables]
-        layers = [layer_of.get(id(v), v.path.rsplit("/", 1)[0] if "/" in v.path else v.path) for v in variables]
-        self._monitor.bind(self._names, layers)
-        self._index = {id(v): i for i, v in enumerate(variables)}
-        self._path_index = {v.path: i for i, v in enumerate(variables)}
-        self._variables = variables
-        p = len(variables)
-
         ref_policy = self._monitor.policy
         self._policy = _tensors.graph_policy(ref_policy, self._make_var)
         if ref_policy is not None and self._policy is None:
             logger.error("gradwatch: policy %r has no in-graph TensorFlow version; observing only.", ref_policy)
         self._agc = isinstance(self._policy, _tensors.GraphAGC)
+        self._step_var = self._make_var(self._monitor.next_step, tf.int64, "gradwatch_step")
+        self._halted = self._make_var(False, tf.bool, "gradwatch_halted")
+        # False after close: a tf.function the user traced with the wrapper inside keeps
+        # running its ops, so they must then stand aside (scale 1, no skip).
+        self._active = self._make_var(True, tf.bool, "gradwatch_active")
+        self._last_step = self._monitor.next_step - 1
+        self._ready = False
 
-        # Recurrent layers: probes and spectral blocks.
+        # Recurrent layers: wrap their call now (before anything is traced); the probe
+        # variables need the layer built and are created at the first call if need be.
         self._sites: list[_recurrent.RecurrentSite] = []
         self._blocks: list[_recurrent.SpectralBlock] = []
         if self._monitor.options.profile_every > 0:
             try:
-                self._setup_recurrent(model)
+                self._wrap_recurrent(model)
             except Exception as exc:  # noqa: BLE001
                 self._fail("recurrent-layer profiling setup", exc)
-                self._sites, self._blocks = [], []
+
+        self._opt = opt
+        self._original_apply = opt.apply  # the bound class method
+        attachment = self
+
+        def apply(grads: Any, trainable_variables: Any = None) -> Any:
+            return attachment._apply(grads, trainable_variables)
+
+        apply.__doc__ = self._original_apply.__doc__
+        apply.__gradwatch__ = True  # type: ignore[attr-defined]
+        object.__setattr__(opt, "apply", apply)
+        _WATCHED.add(opt)
+
+        def restore_optimizer() -> None:
+            if vars(opt).get("apply") is apply:
+                object.__delattr__(opt, "apply")
+            _WATCHED.discard(opt)
+
+        self._handles.add_callback(restore_optimizer)
+        self._installed = True
+        # A model that is not built yet (no Input, subclassed) gets the rest at the first
+        # apply, when Keras has built it inside the first traced step.
+        if list(model.trainable_variables):
+            self._setup(list(model.trainable_variables))
+        if self._pending_state is not None and self._ready:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
+
+    def _wrap_recurrent(self, model: Any) -> None:
+        for site in _recurrent.find_sites(model):
+            probe = _recurrent.make_probe(site, self._make_var, lambda exc: self._fail("temporal probe", exc))
+            after = self._gate_hook(site) if _recurrent.forget_gate_feasible(site) else None
+            self._handles.add_callback(_recurrent.wrap_call(site, probe, after))
+            self._sites.append(site)
+
+    def _setup(self, variables: list[Any]) -> None:
+        """Bind the parameters, create the probe variables and the ring (once)."""
+        model = self._model_ref()
+        layer_of = _layer_map(model) if model is not None else {}
+        self._names = [v.path for v in variables]
+        layers = [layer_of.get(id(v), v.path.rsplit("/", 1)[0] if "/" in v.path else v.path) for v in variables]
+        self._monitor.bind(self._names, layers)
+        self._index = {id(v): i for i, v in enumerate(variables)}
+        self._path_index = {v.path: i for i, v in enumerate(variables)}
+        p = len(variables)
+
+        sites = []
+        for site in self._sites:
+            try:
+                _recurrent.ensure_site_variables(site, self._make_var)
+                if site.sq is not None:
+                    sites.append(site)
+                elif site.anchor is not None or site.layer.built:
+                    logger.info(
+                        "gradwatch: layer %r has no static sequence length; its per-timestep profile is skipped.",
+                        site.name,
+                    )
+                site.frozen = True
+                for block in _recurrent.spectral_blocks(site):
+                    units = block.stop - block.start
+                    try:  # exact warm start when the kernel can be read now
+                        w = np.asarray(block.kernel.numpy())[:, block.start : block.stop]
+                        start, cold = _tensors.top_right_singular_vector(w), False
+                    except Exception:  # noqa: BLE001 - still being initialised inside a trace
+                        start = np.random.default_rng(0).standard_normal(units).astype(np.float32)
+                        start, cold = start / np.linalg.norm(start), True
+                    block.vector = self._make_var(start, tf.float32, "gradwatch_power")
+                    block.cold = self._make_var(cold, tf.bool, "gradwatch_power_cold")
+                    self._blocks.append(block)
+            except Exception as exc:  # noqa: BLE001
+                self._fail("recurrent-layer profiling setup", exc)
+                site.frozen = True
+        self._sites = sites
 
         # Row layout.
         self._o_sq = _HEADER
@@ -224,57 +292,8 @@ class TFAttachment:
                 self._o_gates.append((site.name, off))
                 off += 2
         self._width = off
-
         self._ring = self._make_var(np.zeros([self._capacity, self._width]), tf.float64, "gradwatch_ring")
-        self._step_var = self._make_var(self._monitor.next_step, tf.int64, "gradwatch_step")
-        self._halted = self._make_var(False, tf.bool, "gradwatch_halted")
-        # False after close: a tf.function the user traced with the wrapper inside keeps
-        # running its ops, so they must then stand aside (scale 1, no skip).
-        self._active = self._make_var(True, tf.bool, "gradwatch_active")
-        self._last_step = self._monitor.next_step - 1
-
-        self._opt = opt
-        self._original_apply = opt.apply  # the bound class method
-        attachment = self
-
-        def apply(grads: Any, trainable_variables: Any = None) -> Any:
-            return attachment._apply(grads, trainable_variables)
-
-        apply.__doc__ = self._original_apply.__doc__
-        apply.__gradwatch__ = True  # type: ignore[attr-defined]
-        object.__setattr__(opt, "apply", apply)
-        _WATCHED.add(opt)
-
-        def restore_optimizer() -> None:
-            if vars(opt).get("apply") is apply:
-                object.__delattr__(opt, "apply")
-            _WATCHED.discard(opt)
-
-        self._handles.add_callback(restore_optimizer)
-        self._installed = True
-        if self._pending_state is not None:
-            state, self._pending_state = self._pending_state, None
-            self.load_state_dict(state)
-
-    def _setup_recurrent(self, model: Any) -> None:
-        for site in _recurrent.find_sites(model):
-            if site.anchor is not None and site.length is not None:
-                site.sq = self._make_var(np.zeros([site.length], np.float32), tf.float32, "gradwatch_temporal")
-                probe = _recurrent.make_probe(site, lambda exc: self._fail("temporal probe", exc))
-                after = None
-                if _recurrent.forget_gate_feasible(site):
-                    site.gate_stats = self._make_var(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
-                    after = self._gate_hook(site)
-                self._handles.add_callback(_recurrent.wrap_call(site, probe, after))
-                self._sites.append(site)
-            elif site.anchor is not None:
-                logger.info(
-                    "gradwatch: layer %r has no static sequence length; its per-timestep profile is skipped.", site.name
-                )
-            for block in _recurrent.spectral_blocks(site):
-                w = np.asarray(block.kernel.numpy())[:, block.start : block.stop]
-                block.vector = self._make_var(_tensors.top_right_singular_vector(w), tf.float32, "gradwatch_power")
-                self._blocks.append(block)
+        self._ready = True
 
     def _gate_hook(self, site: _recurrent.RecurrentSite) -> Callable[[Any, Any, Any], None]:
         """Forward-pass hook: on profiled steps, recompute the LSTM's forget gates."""
@@ -288,8 +307,12 @@ class TFAttachment:
                 step = self._step_var.read_value()
                 every = max(self._monitor.options.profile_every, 1)
                 due = tf.logical_or(tf.equal(step, 1), tf.equal(tf.math.floormod(step, every), 0))
+                if not site.frozen:
+                    _recurrent.ensure_site_variables(site, self._make_var, inputs)
                 cell = site.layer.cell
                 var = site.gate_stats
+                if var is None:
+                    return
 
                 def compute() -> tf.Tensor:
                     value = _recurrent.forget_gate_stats(cell, inputs, outputs, mask)
@@ -310,6 +333,17 @@ class TFAttachment:
         grads = list(grads)
         self._reached_update = False
         try:
+            if not self._ready:
+                tvars = (
+                    list(trainable_variables)
+                    if trainable_variables is not None
+                    else list(self._opt._trainable_variables)
+                )
+                with tf.init_scope():
+                    self._setup(tvars)
+                    if self._pending_state is not None:
+                        state, self._pending_state = self._pending_state, None
+                        self.load_state_dict(state)
             return self._build_step(grads, trainable_variables)
         except Exception as exc:
             if self._reached_update:
@@ -404,7 +438,15 @@ class TFAttachment:
                     for b in blocks:
                         kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
                         w = tf.convert_to_tensor(kv)[:, b.start : b.stop]
-                        out.append(tf.cast(_tensors.power_iteration(w, b.vector, 2), f64))  # type: ignore[arg-type]
+                        vec, cold = b.vector, b.cold
+                        sigma = tf.cond(
+                            cold.read_value(),  # type: ignore[union-attr]
+                            lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 30),  # type: ignore[misc]
+                            lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 2),  # type: ignore[misc]
+                        )
+                        with tf.control_dependencies([sigma]):
+                            cold.assign(False)  # type: ignore[union-attr]
+                        out.append(tf.cast(sigma, f64))
                     return tf.stack(out)
 
                 spec = tf.cond(profiled, compute, lambda: tf.zeros([len(blocks)], f64))
@@ -494,6 +536,8 @@ class TFAttachment:
                     self._install()
             if not self._installed:
                 return []
+        if not self._ready:
+            return []
         try:
             ring = np.asarray(self._ring.numpy(), dtype=np.float64)
         except Exception as exc:  # noqa: BLE001
@@ -580,7 +624,7 @@ class TFAttachment:
         """Restore the optimizer and every wrapped layer; idempotent."""
         if self._closed:
             return
-        if self._installed:
+        if self._ready:
             try:
                 self.sync()
             except NonFiniteGradientError:
@@ -599,7 +643,7 @@ class TFAttachment:
 
     def state_dict(self) -> dict[str, Any]:
         """In-graph state: the policy (JSON, the core policy's layout) and power-iteration vectors."""
-        if not self._installed:
+        if not self._ready:
             return dict(self._pending_state or {})
         state: dict[str, Any] = {"version": 1}
         if self._policy is not None:
@@ -613,7 +657,7 @@ class TFAttachment:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if not self._installed:
+        if not self._ready:
             self._pending_state = dict(state)
             return
         if self._policy is not None and state.get("policy") is not None:

@@ -255,3 +255,42 @@ def test_lstm_forget_gate_statistics():
     assert gate.gate == "f"
     assert gate.mean == pytest.approx(fs.mean(), rel=1e-5)
     assert gate.log_path_gain == pytest.approx(np.log(fs).sum(axis=1).mean(), rel=1e-5)
+
+
+class SubclassedGRU(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.rnn = keras.layers.GRU(4, name="gru")
+        self.head = keras.layers.Dense(1, name="head")
+
+    def call(self, x):
+        return self.head(self.rnn(x))
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclassed"])
+def test_models_built_inside_the_first_step_are_watched_fully(kind):
+    # No Input: Keras builds these models inside the first traced step, so gradwatch
+    # binds the variables and creates its probes there.
+    if kind == "sequential":
+        model = keras.Sequential(
+            [keras.layers.LSTM(4, return_sequences=True, name="lstm"), keras.layers.Flatten(), keras.layers.Dense(1)]
+        )
+    else:
+        model = SubclassedGRU()
+    x, y = data(n=4)
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # lr 0: the weights stay what the step saw
+    cb = GradWatchCallback(sinks=["memory"], profile_every=1)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
+    xt = tf.constant(x)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(xt)
+        loss = keras.losses.MeanSquaredError()(y, model(xt, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    (rec,) = cb.records
+    assert len(rec.param_norms) == len(model.trainable_variables)
+    assert rec.global_norm == pytest.approx(float(tf.linalg.global_norm(grads)), rel=1e-5)
+    (profile,) = rec.temporal.values()
+    dx = tape.gradient(loss, xt).numpy()
+    np.testing.assert_allclose(profile.norms, np.sqrt((dx.astype(np.float64) ** 2).sum(axis=(0, 2))), rtol=1e-4)
+    assert rec.spectral
+    assert bool(rec.gates) == (kind == "sequential")
