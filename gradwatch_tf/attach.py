@@ -408,6 +408,7 @@ class TFAttachment:
                     new_grads.append(g)
                     after_each.append(zero)
                     continue
+                m = tf.convert_to_tensor(m)  # IndexedSlices (embeddings) densified for unit norms
                 factor = _tensors.agc_factor(v.value if hasattr(v, "value") else v, m, pol.clip_factor, pol.eps)
                 factor = tf.where(active, factor, tf.ones_like(factor))
                 new_grads.append(_scale(g, factor))
