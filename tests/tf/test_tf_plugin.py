@@ -10,8 +10,8 @@ import pytest
 
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
 
-from gradwatch.monitor import Monitor  # noqa: E402
-from gradwatch_tf import plugin  # noqa: E402
+from gradwatch.monitor import Monitor
+from gradwatch_tf import plugin
 
 ROOT = Path(__file__).resolve().parents[2]
 
