@@ -200,6 +200,23 @@ def test_grad_scaler_sees_unscaled_gradients():
         assert rec.param_norms[n] == pytest.approx(g.norm().item(), rel=1e-6)
 
 
+def test_steps_the_grad_scaler_skips_are_not_seen():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
+        for poison in (False, True, False):
+            x, y = _batch()
+            opt.zero_grad()
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            if poison:
+                model[0].weight.grad[0, 0] = float("inf")
+            scaler.step(opt)  # unscales, finds inf, skips optimizer.step(): no pre-hook
+            scaler.update()
+        assert [r.step for r in w.records] == [1, 2]
+        assert all(not r.nonfinite for r in w.records)
+
+
 def test_parameter_names_of_ddp_and_compiled_wrappers_are_unwrapped():
     from gradwatch_torch.attach import unwrap_model
 
