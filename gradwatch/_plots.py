@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -53,6 +53,19 @@ def _positive(a: np.ndarray) -> np.ndarray:
     """Values usable on a log axis; everything else (<= 0, NaN, Inf) becomes NaN."""
     a = np.asarray(a, dtype=np.float64)
     return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def _scale_y(ax, values: object = None) -> bool:
+    """Log scale when the drawn values span at least a decade, linear otherwise (a log axis
+    over a narrow range only produces unreadable tick labels). Returns True for log."""
+    if values is None:
+        values = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size and float(v.max()) >= 10 * float(v.min()):
+        ax.set_yscale("log")
+        return True
+    return False
 
 
 def _safe_name(s: str) -> str:
@@ -99,7 +112,12 @@ def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> 
             y = float(np.exp(np.interp(ev.step, steps[good], np.log(norm[good]))))
             ax.scatter([ev.step], [y], marker=_KIND_MARKERS.get(ev.kind, "*"), color=_KIND_COLORS.get(ev.kind, "k"),
                        edgecolor=col, linewidths=1.2, s=55, zorder=6)
-    ax.set_yscale("log")
+    drawn = [np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines]
+    for run in runs:
+        for r in run.records:
+            if r.window is not None:
+                drawn.append(np.array([r.window.norm_min, r.window.norm_max]))
+    is_log = _scale_y(ax, np.concatenate(drawn) if drawn else None)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("global gradient L2 norm (before clipping)")
     ax.set_title("Global gradient norm: line = flushed step, band = min..max of each window")
@@ -113,8 +131,10 @@ def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> 
     if any_nonfinite:
         handles.append(Line2D([], [], ls="", marker="X", color="0.2", markersize=8, label="non-finite norm (top edge)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
-    caption = ("Log scale. Events are drawn on their run's curve at their step"
-               + ("; non-finite norms cannot be drawn and are marked on the top edge" if any_nonfinite else "") + ".")
+    any_zero = any(r.global_norm == 0 for run in runs for r in run.records)
+    caption = (("Log scale. " if is_log else "") + "Events are drawn on their run's curve at their step"
+               + ("; non-finite norms cannot be drawn and are marked on the top edge" if any_nonfinite else "")
+               + ("; exact zeros (a gradient that underflowed) leave gaps" if any_zero and is_log else "") + ".")
     return _save(fig, path), "Global gradient norm over training", caption
 
 
@@ -147,9 +167,11 @@ def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] 
         vmin, vmax = float(finite.min()), float(finite.max())
         if vmax <= vmin:
             vmax = vmin * 10
-        mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap,
-                             norm=LogNorm(vmin=vmin, vmax=vmax), shading="flat")
-        fig.colorbar(mesh, ax=ax, label="layer gradient norm (log)", pad=0.01)
+        log = vmax >= 10 * vmin
+        norm = LogNorm(vmin=vmin, vmax=vmax) if log else Normalize(vmin=vmin, vmax=vmax)
+        mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap, norm=norm,
+                             shading="flat")
+        fig.colorbar(mesh, ax=ax, label="layer gradient norm" + (" (log)" if log else ""), pad=0.01)
     if nonfinite.any():
         yy, xx = np.nonzero(nonfinite)
         ax.scatter(steps[xx], yy + 0.5, marker="x", color="#d62728", s=18, label="NaN / Inf")
@@ -158,7 +180,7 @@ def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] 
     ax.set_ylim(len(layers), 0)
     ax.set_xlabel("optimizer step")
     ax.set_title(f"{lab}: gradient norm per layer over training")
-    caption = "Each row a layer, each column a flushed step; colour on a log scale" + (
+    caption = "Each row a layer, each column a flushed step; colour on a log scale when the norms span a decade" + (
         ", red crosses NaN/Inf" if nonfinite.any() else "") + (
         ", grey cells zero or missing" if (~np.isfinite(pos) & ~nonfinite).any() else "") + "."
     return _save(fig, path), f"Per-layer gradient norms: {lab}", caption
@@ -208,7 +230,7 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
             y = _positive(norms)
             note = " (all NaN/Inf)" if nf.all() else (" (some NaN/Inf)" if nf.any() else "")
             ax.plot(t, y, color=col, lw=1.6, label=f"step {step}{note}")
-        ax.set_yscale("log")
+        _scale_y(ax)
         if not np.isfinite([np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]).any():
             ax.text(0.5, 0.5, "no finite, positive gradient to draw", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("input timestep t (the loss is at the last timestep)")
@@ -216,7 +238,7 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
         ax.set_title(f"{lab}: gradient reaching each input timestep of {layer!r}")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="training step", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    caption = "Log scale, at several points of training (early = dark blue, late = yellow)."
+    caption = "At several points of training (early = dark blue, late = yellow); log scale where the norms span a decade."
     if zeros:
         caption += " Exact zeros (the gradient underflowed float32: vanished completely) cannot be drawn on a log axis and are left out."
     if nonfinite:
@@ -242,10 +264,8 @@ def plot_temporal_compare(runs: Sequence[Run], labels: Sequence[str], path: Path
         peak = np.nanmax(pos) if np.isfinite(pos).any() else np.nan
         zeros |= bool((norms == 0).any())
         ax.plot(np.arange(1, norms.size + 1), pos / peak, color=col, lw=1.8, label=f"{lab} (step {step})")
-    ax.axhline(1e-3, color="0.4", ls=":", lw=1)
-    ax.text(0.01, 1e-3, "1/1000 of the peak: below it the profile counts as vanishing", transform=ax.get_yaxis_transform(),
-            va="bottom", ha="left", fontsize=8, color="0.3")
-    ax.set_yscale("log")
+    ax.axhline(1e-3, color="0.3", ls=":", lw=1.2, label="1/1000 of peak (vanishing below)")
+    ax.set_yscale("log")  # always: the 1/1000 line is the point of this plot
     ax.set_xlabel("input timestep t (the loss is at the last timestep)")
     ax.set_ylabel("‖∂L/∂x_t‖ / peak")
     ax.set_title("Last per-timestep profile of each run, relative to its peak")
@@ -264,7 +284,7 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     fig = _figure(11, 9.5)
     ax_gain, ax_hor, ax_spec = fig.subplots(3, 1, sharex=True)
     colors = _colors(len(runs))
-    any_spec = False
+    any_spec = spec_log = False
     for run, lab, col in zip(runs, labels, colors):
         layers = _recurrent_layers(run)
         for j, layer in enumerate(layers):
@@ -285,18 +305,14 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
                          ls=_STYLES[j % len(_STYLES)], lw=1.3, label=f"{lab}: {k}")
             any_spec = True
     ax_gain.axhline(1.0, color="0.3", lw=1, ls=":")
-    gains = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax_gain.lines] or [np.zeros(0)])
-    gains = gains[np.isfinite(gains) & (gains > 0)]
-    gain_log = bool(gains.size) and float(gains.max() / gains.min()) > 10  # log only when it spans a decade
-    if gain_log:
-        ax_gain.set_yscale("log")
+    gain_log = _scale_y(ax_gain)
     ax_gain.set_ylabel("temporal gain\n(per timestep back)")
     ax_gain.set_title("Temporal gain (<1 vanishing, >1 exploding), horizon and recurrent spectral norms over training")
     ax_hor.set_ylabel("horizon (timesteps)")
     ax_spec.set_ylabel("largest singular value\nof recurrent weights")
     ax_spec.set_xlabel("optimizer step")
     if any_spec:
-        ax_spec.set_yscale("log")
+        spec_log = _scale_y(ax_spec)
         ax_spec.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if sum(1 for _ in ax_spec.lines) <= 16 else 2)
     else:
         ax_spec.text(0.5, 0.5, "no spectral norms in these runs", transform=ax_spec.transAxes, ha="center")
@@ -305,7 +321,7 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     if ax_gain.lines[1:]:
         ax_gain.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     caption = ("Gain" + (" on a log scale" if gain_log else "") + ", 1 dotted; horizon = timesteps back from the peak until the gradient falls "
-               "below 1/1000 of it (the sequence length if it never does); spectral norms per gate block on a log scale.")
+               "below 1/1000 of it (the sequence length if it never does); spectral norms per gate block" + (" on a log scale" if any_spec and spec_log else "") + ".")
     return _save(fig, path), "Gradient flow through time over training", caption
 
 

@@ -121,3 +121,25 @@ def test_report_without_matplotlib_prints_summary_and_says_how_to_get_plots(tmp_
     assert "global norm: p5" in res.stdout
     assert not list((tmp_path / "rep").glob("*.png"))
     assert "data:image" not in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_report_on_a_run_that_diverged_to_nan_still_plots(tmp_path, capsys):
+    import math
+
+    import numpy as np
+
+    import gradwatch
+
+    path = tmp_path / "diverged.jsonl"
+    mon = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=2, profile_every=2)
+    mon.bind(["rnn.weight_hh_l0", "head.weight"])
+    for step in range(1, 21):
+        bad = step > 5
+        sq = np.array([math.nan if bad else 10.0**step, math.inf if bad else 1.0])
+        temporal = {"rnn": np.full(20, math.nan) if bad else np.logspace(5, 0, 20)} if mon.profile_due() else None
+        mon.process(sq, temporal=temporal)
+    mon.close()
+    assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    assert "non-finite 15" in text and "gain nan" in text
+    assert (tmp_path / "rep" / "temporal_diverged.png").stat().st_size > 5_000
