@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    from pathlib import Path
+
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        print(f"gradwatch {args.command}: --out {args.out} is a file; give a directory to write into.", file=sys.stderr)
+        return 2
     try:
         if args.command == "report":
             from gradwatch.report import run_report
@@ -92,10 +97,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from gradwatch.demo import run_demo
 
+        from gradwatch.errors import ConfigError
+
         try:
             run_demo(args.out, args.framework, args.steps)
         except OSError as exc:
             print(f"gradwatch demo: cannot write to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except ConfigError as exc:  # e.g. the jsonl sink refusing an unwritable --out
+            print(f"gradwatch demo: {exc}", file=sys.stderr)
             return 2
         return 0
     except KeyboardInterrupt:

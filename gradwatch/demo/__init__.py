@@ -22,11 +22,13 @@ STORY = """\
 Training signal has to travel back through time. In a vanilla RNN the gradient that
 reaches timestep k is a product of Jacobians diag(tanh')*W_hh, one per step in between,
 so it shrinks (or grows) geometrically: after 99 steps almost nothing is left of it, and
-the model cannot learn that the label sits in the first input. An LSTM's cell state (a GRU's
-update path) is a gated identity: when the forget gate stays near 1 the gradient passes
-through almost unchanged. A ReLU RNN whose recurrent weights are 1.1*I does the opposite:
-the gradient grows about 1.1x per timestep; clipping bounds the step size without changing
-the gradient's direction, so training can proceed."""
+the model cannot learn that the label sits in the first input. An LSTM's cell state (a
+GRU's update path) is a gated identity: while the forget (update) gate stays near 1 the
+gradient passes through almost unchanged, so gates initialised to remember can learn the
+task. A ReLU RNN whose recurrent weights are 1.1*I does the opposite: the gradient grows
+about 1.1x per timestep and its norm explodes. Clipping scales every gradient above a
+threshold back down (its direction unchanged), so a few huge gradients no longer dominate
+training."""
 
 
 def _story_html(task: str, framework: str, runs: list[tuple[str, str]]) -> str:

@@ -41,3 +41,12 @@ def test_importing_the_cli_and_report_pulls_in_no_framework_or_matplotlib():
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_out_that_is_a_file_is_one_line_and_exit_status_2(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    for args in (("report", str(f), "--out", str(f)), ("demo", "--out", str(f), "--steps", "1")):
+        res = gradwatch_cmd(*args)
+        assert res.returncode == 2
+        assert res.stderr.strip().count("\n") == 0 and "is a file" in res.stderr
