@@ -70,11 +70,10 @@ class Watch:
         """Plain JSON-serialisable state (step counter, policy state, detector statistics,
         backend state); load it into a new watch to resume exactly."""
         self._sync()
-        return {
-            "version": STATE_VERSION,
-            "monitor": self.monitor.state_dict(),
-            "backend": self._attachment.state_dict(),
-        }
+        # The backend first: one that keeps policy state on the device (TensorFlow runs
+        # policies in-graph) copies it into the monitor's policy here.
+        backend = self._attachment.state_dict()
+        return {"version": STATE_VERSION, "monitor": self.monitor.state_dict(), "backend": backend}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also after a round trip through JSON)."""
