@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from gradwatch_torch._tensors import (
     SpectralTracker,
+    _profile_dtype,
     lstm_forget_stats,
     packed_lstm_forget_stats,
     packed_timestep_sq_norms,
@@ -319,7 +320,7 @@ class CellProbe(Probe):
             return None
         try:
             with torch.no_grad():
-                sq = g.float().square().sum() if g.dtype != torch.float64 else g.square().sum()
+                sq = g.to(_profile_dtype(g)).square().sum()
                 if t < len(self._slots):
                     prev = self._slots[t]
                     self._slots[t] = sq if prev is None else prev + sq

@@ -206,13 +206,23 @@ def apply_agc_(grads: Sequence[Tensor | None], factors: Sequence[Tensor | None])
             g.mul_(f.to(g.dtype))
 
 
+def _profile_dtype(t: Tensor) -> torch.dtype:
+    """float64 for per-timestep sums of squares where the device has it.
+
+    A vanishing profile is made of tiny gradients: an element of 1e-20 squares to 1e-40,
+    below float32's normal range, so float32 sums would report exact zeros for
+    timesteps whose gradient is small but not zero. Only profiled steps pay for this.
+    """
+    return torch.float32 if t.device.type == "mps" else torch.float64
+
+
 def timestep_sq_norms(grad: Tensor, batch_first: bool) -> Tensor:
     """Squared L2 norm of ``grad`` over batch and features, per timestep.
 
     ``grad`` is (T, B, F), (B, T, F) with ``batch_first``, or (T, F) for an unbatched
-    input. Returns (T,) in float32 at least (squares of fp16 overflow).
+    input. Returns (T,) in float64 (see :func:`_profile_dtype`).
     """
-    g = grad.to(_reduce_dtype(grad.dtype))
+    g = grad.to(_profile_dtype(grad))
     if g.ndim == 2:
         return g.square().sum(dim=1)
     return g.square().sum(dim=(0, 2) if batch_first else (1, 2))
@@ -225,7 +235,7 @@ def packed_timestep_sq_norms(grad_data: Tensor, batch_sizes: Tensor) -> Tensor:
     never counted. ``batch_sizes`` lives on the CPU (PyTorch keeps it there), so the
     row-to-timestep index is built without a device sync; one ``index_add_`` sums.
     """
-    g = grad_data.to(_reduce_dtype(grad_data.dtype))
+    g = grad_data.to(_profile_dtype(grad_data))
     rows = g.square().sum(dim=1)
     steps = torch.repeat_interleave(torch.arange(batch_sizes.shape[0]), batch_sizes.cpu())
     out = torch.zeros(batch_sizes.shape[0], dtype=rows.dtype, device=rows.device)
@@ -287,13 +297,9 @@ class SpectralTracker:
         return torch.stack(sigmas)
 
     def state_dict(self) -> dict[str, list[list[float]]]:
-        """The vectors as JSON lists (float32 values round-trip exactly through float)."""
-        out: dict[str, list[list[float]]] = {}
-        if self.v is not None:
-            out["v"] = self.v.detach().cpu().tolist()
-        if self.u is not None:
-            out["u"] = self.u.detach().cpu().tolist()
-        return out
+        """The right singular vectors as JSON lists (float32 round-trips exactly)."""
+        # v alone determines the next iteration; u is derived from it.
+        return {"v": self.v.detach().cpu().tolist()} if self.v is not None else {}
 
     def load_state_dict(self, state: dict[str, list[list[float]]], device: torch.device) -> None:
         if "v" in state:

@@ -168,7 +168,8 @@ class TorchAttachment:
         self._probes: list[Probe] = find_probes(root, monitor.profile_due) if profile_every else []
         for probe in self._probes:
             module = probe._module()
-            assert module is not None  # alive: root holds it
+            if module is None:  # cannot happen while root is alive; keeps the type checker honest
+                continue
             self._handles.add(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
             if isinstance(probe, SequenceProbe) and probe._want_gates:
                 # prepend: run before FSDP2 reshards the weights after forward

@@ -104,10 +104,16 @@ def test_agc_leaves_zero_gradient_and_zero_weights_alone():
 
 def test_timestep_norms_both_layouts_and_unbatched():
     g = torch.randn(7, 3, 5)  # (T, B, F)
-    want = torch.stack([g[t].norm() ** 2 for t in range(7)])
+    want = torch.stack([g[t].double().norm() ** 2 for t in range(7)])
     torch.testing.assert_close(timestep_sq_norms(g, batch_first=False), want)
     torch.testing.assert_close(timestep_sq_norms(g.transpose(0, 1).contiguous(), batch_first=True), want)
-    torch.testing.assert_close(timestep_sq_norms(g[:, 0], batch_first=False), g[:, 0].square().sum(1))
+    torch.testing.assert_close(timestep_sq_norms(g[:, 0], batch_first=False), g[:, 0].double().square().sum(1))
+
+
+def test_tiny_timestep_gradients_do_not_underflow_to_zero():
+    g = torch.full((4, 2, 3), 1e-25)  # squares (1e-50) underflow float32
+    got = timestep_sq_norms(g, batch_first=False).sqrt()
+    torch.testing.assert_close(got, torch.full((4,), 1e-25 * 6**0.5, dtype=torch.float64))
 
 
 def test_packed_timestep_norms_exclude_padding():
@@ -118,7 +124,7 @@ def test_packed_timestep_norms_exclude_padding():
     packed = pack_padded_sequence(padded, lengths)
     got = packed_timestep_sq_norms(packed.data, packed.batch_sizes)
     want = torch.stack(
-        [sum(padded[t, b].square().sum() for b, n in enumerate(lengths) if t < n) for t in range(5)]
+        [sum(padded[t, b].double().square().sum() for b, n in enumerate(lengths) if t < n) for t in range(5)]
     )
     torch.testing.assert_close(got, want)
 
