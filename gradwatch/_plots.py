@@ -26,8 +26,13 @@ __all__ = ["plot_all"]
 
 DPI = 110
 _KIND_MARKERS = {"exploding": "^", "vanishing": "v", "nonfinite": "X", "skipped": "s", "clipped": "o"}
-_KIND_COLORS = {"exploding": "#d62728", "vanishing": "#1f77b4", "nonfinite": "#000000", "skipped": "#9467bd",
-                "clipped": "#7f7f7f"}
+_KIND_COLORS = {
+    "exploding": "#d62728",
+    "vanishing": "#1f77b4",
+    "nonfinite": "#000000",
+    "skipped": "#9467bd",
+    "clipped": "#7f7f7f",
+}
 _STYLES = ["-", "--", ":", "-."]
 
 
@@ -49,7 +54,7 @@ def _save(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _positive(a: np.ndarray) -> np.ndarray:
+def _positive(a: object) -> np.ndarray:
     """Values usable on a log axis; everything else (<= 0, NaN, Inf) becomes NaN."""
     a = np.asarray(a, dtype=np.float64)
     return np.where(np.isfinite(a) & (a > 0), a, np.nan)
@@ -96,22 +101,49 @@ def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> 
         if np.isfinite(thr).any() and all(r.clip is None or r.clip.policy != "agc" for r in recs):
             ax.plot(steps, _positive(thr), color=col, lw=1.1, ls="--", alpha=0.9)
             any_thr = True
-        bad = ~np.isfinite(norm) | np.array([bool(r.nonfinite) or (r.window is not None and r.window.nonfinite > 0) for r in recs])
+        bad = ~np.isfinite(norm) | np.array(
+            [bool(r.nonfinite) or (r.window is not None and r.window.nonfinite > 0) for r in recs]
+        )
         if bad.any():
             any_nonfinite = True
-            ax.scatter(steps[bad], np.full(int(bad.sum()), 0.97), transform=ax.get_xaxis_transform(), marker="X",
-                       color=col, s=28, zorder=5, clip_on=False)
+            ax.scatter(
+                steps[bad],
+                np.full(int(bad.sum()), 0.97),
+                transform=ax.get_xaxis_transform(),
+                marker="X",
+                color=col,
+                s=28,
+                zorder=5,
+                clip_on=False,
+            )
         # Events sit on the run's curve (a vanishing event's value is a ratio, not a norm).
         good = np.isfinite(_positive(norm))
         for ev in run.events:
             kinds_seen.add(ev.kind)
             if ev.kind == "nonfinite" or not good.any():
-                ax.scatter([ev.step], [0.93], transform=ax.get_xaxis_transform(), marker=_KIND_MARKERS.get(ev.kind, "*"),
-                           color=_KIND_COLORS.get(ev.kind, "k"), edgecolor=col, s=50, zorder=6, clip_on=False)
+                ax.scatter(
+                    [ev.step],
+                    [0.93],
+                    transform=ax.get_xaxis_transform(),
+                    marker=_KIND_MARKERS.get(ev.kind, "*"),
+                    color=_KIND_COLORS.get(ev.kind, "k"),
+                    edgecolor=col,
+                    s=50,
+                    zorder=6,
+                    clip_on=False,
+                )
                 continue
             y = float(np.exp(np.interp(ev.step, steps[good], np.log(norm[good]))))
-            ax.scatter([ev.step], [y], marker=_KIND_MARKERS.get(ev.kind, "*"), color=_KIND_COLORS.get(ev.kind, "k"),
-                       edgecolor=col, linewidths=1.2, s=55, zorder=6)
+            ax.scatter(
+                [ev.step],
+                [y],
+                marker=_KIND_MARKERS.get(ev.kind, "*"),
+                color=_KIND_COLORS.get(ev.kind, "k"),
+                edgecolor=col,
+                linewidths=1.2,
+                s=55,
+                zorder=6,
+            )
     drawn = [np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines]
     for run in runs:
         for r in run.records:
@@ -126,15 +158,28 @@ def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> 
     if any_thr:
         handles.append(Line2D([], [], color="0.3", ls="--", label="clip threshold"))
     for k in sorted(kinds_seen):
-        handles.append(Line2D([], [], ls="", marker=_KIND_MARKERS.get(k, "*"), color=_KIND_COLORS.get(k, "k"),
-                              markersize=8, label=f"event: {k}"))
+        handles.append(
+            Line2D(
+                [],
+                [],
+                ls="",
+                marker=_KIND_MARKERS.get(k, "*"),
+                color=_KIND_COLORS.get(k, "k"),
+                markersize=8,
+                label=f"event: {k}",
+            )
+        )
     if any_nonfinite:
         handles.append(Line2D([], [], ls="", marker="X", color="0.2", markersize=8, label="non-finite norm (top edge)"))
     fig.legend(handles=handles, loc="outside right upper", fontsize=9)
     any_zero = any(r.global_norm == 0 for run in runs for r in run.records)
-    caption = (("Log scale. " if is_log else "") + "Events are drawn on their run's curve at their step"
-               + ("; non-finite norms cannot be drawn and are marked on the top edge" if any_nonfinite else "")
-               + ("; exact zeros (a gradient that underflowed) leave gaps" if any_zero and is_log else "") + ".")
+    caption = (
+        ("Log scale. " if is_log else "")
+        + "Events are drawn on their run's curve at their step"
+        + ("; non-finite norms cannot be drawn and are marked on the top edge" if any_nonfinite else "")
+        + ("; exact zeros (a gradient that underflowed) leave gaps" if any_zero and is_log else "")
+        + "."
+    )
     return _save(fig, path), "Global gradient norm over training", caption
 
 
@@ -155,8 +200,13 @@ def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] 
     fig = _figure(11, 1.6 + 0.42 * len(layers))
     ax = fig.add_subplot()
     if steps.size > 1:
-        edges = np.concatenate([[steps[0] - (steps[1] - steps[0]) / 2], (steps[:-1] + steps[1:]) / 2,
-                                [steps[-1] + (steps[-1] - steps[-2]) / 2]])
+        edges = np.concatenate(
+            [
+                [steps[0] - (steps[1] - steps[0]) / 2],
+                (steps[:-1] + steps[1:]) / 2,
+                [steps[-1] + (steps[-1] - steps[-2]) / 2],
+            ]
+        )
     else:
         edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
     from matplotlib import colormaps
@@ -169,8 +219,9 @@ def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] 
             vmax = vmin * 10
         log = vmax >= 10 * vmin
         norm = LogNorm(vmin=vmin, vmax=vmax) if log else Normalize(vmin=vmin, vmax=vmax)
-        mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap, norm=norm,
-                             shading="flat")
+        mesh = ax.pcolormesh(
+            edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap, norm=norm, shading="flat"
+        )
         fig.colorbar(mesh, ax=ax, label="layer gradient norm" + (" (log)" if log else ""), pad=0.01)
     if nonfinite.any():
         yy, xx = np.nonzero(nonfinite)
@@ -180,9 +231,12 @@ def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] 
     ax.set_ylim(len(layers), 0)
     ax.set_xlabel("optimizer step")
     ax.set_title(f"{lab}: gradient norm per layer over training")
-    caption = "Each row a layer, each column a flushed step; colour on a log scale when the norms span a decade" + (
-        ", red crosses NaN/Inf" if nonfinite.any() else "") + (
-        ", grey cells zero or missing" if (~np.isfinite(pos) & ~nonfinite).any() else "") + "."
+    caption = (
+        "Each row a layer, each column a flushed step; colour on a log scale when the norms span a decade"
+        + (", red crosses NaN/Inf" if nonfinite.any() else "")
+        + (", grey cells zero or missing" if (~np.isfinite(pos) & ~nonfinite).any() else "")
+        + "."
+    )
     return _save(fig, path), f"Per-layer gradient norms: {lab}", caption
 
 
@@ -231,14 +285,18 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
             note = " (all NaN/Inf)" if nf.all() else (" (some NaN/Inf)" if nf.any() else "")
             ax.plot(t, y, color=col, lw=1.6, label=f"step {step}{note}")
         _scale_y(ax)
-        if not np.isfinite([np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]).any():
+        if not np.isfinite(
+            [np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]
+        ).any():
             ax.text(0.5, 0.5, "no finite, positive gradient to draw", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("input timestep t (the loss is at the last timestep)")
         ax.set_ylabel("‖∂L/∂x_t‖")
         ax.set_title(f"{lab}: gradient reaching each input timestep of {layer!r}")
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="training step", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    caption = "At several points of training (early = dark blue, late = yellow); log scale where the norms span a decade."
+    caption = (
+        "At several points of training (early = dark blue, late = yellow); log scale where the norms span a decade."
+    )
     if zeros:
         caption += " Exact zeros (the gradient underflowed float32: vanished completely) cannot be drawn on a log axis and are left out."
     if nonfinite:
@@ -301,8 +359,14 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
                     names.append(k)
         for j, k in enumerate(names):
             recs = [r for r in run.records if k in r.spectral]
-            ax_spec.plot([r.step for r in recs], _positive([r.spectral[k] for r in recs]), color=col,
-                         ls=_STYLES[j % len(_STYLES)], lw=1.3, label=f"{lab}: {k}")
+            ax_spec.plot(
+                [r.step for r in recs],
+                _positive([r.spectral[k] for r in recs]),
+                color=col,
+                ls=_STYLES[j % len(_STYLES)],
+                lw=1.3,
+                label=f"{lab}: {k}",
+            )
             any_spec = True
     ax_gain.axhline(1.0, color="0.3", lw=1, ls=":")
     gain_log = _scale_y(ax_gain)
@@ -313,15 +377,26 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     ax_spec.set_xlabel("optimizer step")
     if any_spec:
         spec_log = _scale_y(ax_spec)
-        ax_spec.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), ncol=1 if sum(1 for _ in ax_spec.lines) <= 16 else 2)
+        ax_spec.legend(
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            ncol=1 if sum(1 for _ in ax_spec.lines) <= 16 else 2,
+        )
     else:
         ax_spec.text(0.5, 0.5, "no spectral norms in these runs", transform=ax_spec.transAxes, ha="center")
     for a in (ax_gain, ax_hor, ax_spec):
         a.grid(True, which="major", alpha=0.3)
     if ax_gain.lines[1:]:
         ax_gain.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    caption = ("Gain" + (" on a log scale" if gain_log else "") + ", 1 dotted; horizon = timesteps back from the peak until the gradient falls "
-               "below 1/1000 of it (the sequence length if it never does); spectral norms per gate block" + (" on a log scale" if any_spec and spec_log else "") + ".")
+    caption = (
+        "Gain"
+        + (" on a log scale" if gain_log else "")
+        + ", 1 dotted; horizon = timesteps back from the peak until the gradient falls "
+        "below 1/1000 of it (the sequence length if it never does); spectral norms per gate block"
+        + (" on a log scale" if any_spec and spec_log else "")
+        + "."
+    )
     return _save(fig, path), "Gradient flow through time over training", caption
 
 

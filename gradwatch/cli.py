@@ -45,10 +45,19 @@ def _parser() -> argparse.ArgumentParser:
         "trains a tanh RNN, an LSTM, a GRU and an exploding ReLU RNN without and with adaptive clipping "
         "(about 1-2 minutes on 2 CPU cores), then writes one JSONL file per run, PNG plots and report.html.",
     )
-    d.add_argument("--out", default="gradwatch-demo", metavar="DIR", help="output directory (default: ./gradwatch-demo)")
-    d.add_argument("--framework", choices=("torch", "keras"), default="torch", help="framework to train with (default: torch)")
-    d.add_argument("--steps", type=_positive_int, default=None, metavar="N",
-                   help="training steps per run (default: 600 for torch, 300 for keras)")
+    d.add_argument(
+        "--out", default="gradwatch-demo", metavar="DIR", help="output directory (default: ./gradwatch-demo)"
+    )
+    d.add_argument(
+        "--framework", choices=("torch", "keras"), default="torch", help="framework to train with (default: torch)"
+    )
+    d.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="training steps per run (default: 600 for torch, 300 for keras)",
+    )
     r = sub.add_parser(
         "report",
         help="summarise run files (JSONL) and write PNG plots and report.html",
@@ -56,7 +65,9 @@ def _parser() -> argparse.ArgumentParser:
         "several runs are overlaid for comparison.",
     )
     r.add_argument("runs", nargs="+", metavar="RUN.jsonl", help="run files written by the 'jsonl:PATH' sink")
-    r.add_argument("--out", default="gradwatch-report", metavar="DIR", help="output directory (default: ./gradwatch-report)")
+    r.add_argument(
+        "--out", default="gradwatch-report", metavar="DIR", help="output directory (default: ./gradwatch-report)"
+    )
     return p
 
 
@@ -96,7 +107,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(missing, file=sys.stderr)
             return 2
         from gradwatch.demo import run_demo
-
         from gradwatch.errors import ConfigError
 
         try:

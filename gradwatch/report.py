@@ -25,7 +25,7 @@ import numpy as np
 
 from gradwatch.jsonl import Run, RunFileError, read_run
 
-__all__ = ["RunSummary", "load_runs", "summarize", "format_summary", "format_table", "write_report", "ReportFiles"]
+__all__ = ["ReportFiles", "RunSummary", "format_summary", "format_table", "load_runs", "summarize", "write_report"]
 
 PLOT_HINT = "gradwatch: plots need matplotlib: pip install 'gradwatch[plot]' (the summary and report.html tables are written without them)."
 
@@ -113,8 +113,12 @@ def summarize(run: Run) -> RunSummary:
     events = run.events
     norms = _finite([r.global_norm for r in records])
     pct = (
-        {"p5": float(np.percentile(norms, 5)), "p50": float(np.percentile(norms, 50)),
-         "p95": float(np.percentile(norms, 95)), "max": float(norms.max())}
+        {
+            "p5": float(np.percentile(norms, 5)),
+            "p50": float(np.percentile(norms, 50)),
+            "p95": float(np.percentile(norms, 95)),
+            "max": float(norms.max()),
+        }
         if norms.size
         else {}
     )
@@ -230,11 +234,22 @@ def table_rows(
         for c in cols:
             if c not in extra_cols:
                 extra_cols.append(c)
-    head = ["run", *extra_cols, "layer", "gain", "horizon", "earliest/peak", "events", "clipped", "norm p50", "norm max"]
+    head = [
+        "run",
+        *extra_cols,
+        "layer",
+        "gain",
+        "horizon",
+        "earliest/peak",
+        "events",
+        "clipped",
+        "norm p50",
+        "norm max",
+    ]
     rows: list[list[str]] = []
     for s in summaries:
         events = ", ".join(f"{k} {n}" for k, n in sorted(s.events_by_kind.items())) or "none"
-        layers = list(s.temporal_last.items()) or [("-", None)]
+        layers: list[tuple[str, dict[str, float] | None]] = list(s.temporal_last.items()) or [("-", None)]
         for layer, t in layers:
             rows.append(
                 [
@@ -298,7 +313,14 @@ def _events_html(run: Run) -> str:
     if not events:
         return "<p class='note'>No events.</p>"
     rows = [
-        [str(ev.step), ev.kind, ev.level_name, ev.layer or "", fmt(ev.value) if ev.value is not None else "", ev.message]
+        [
+            str(ev.step),
+            ev.kind,
+            ev.level_name,
+            ev.layer or "",
+            fmt(ev.value) if ev.value is not None else "",
+            ev.message,
+        ]
         for ev in events[:MAX_EVENTS_HTML]
     ]
     more = (
@@ -368,8 +390,20 @@ def write_report(
     ]
     parts.append(
         _table_html(
-            ["run", "backend", "policy", "steps", "norm p5", "p50", "p95", "max", "clipped steps", "skipped",
-             "non-finite steps", "file"],
+            [
+                "run",
+                "backend",
+                "policy",
+                "steps",
+                "norm p5",
+                "p50",
+                "p95",
+                "max",
+                "clipped steps",
+                "skipped",
+                "non-finite steps",
+                "file",
+            ],
             detail_rows,
         )
     )

@@ -8,12 +8,13 @@ are imported only when their demo runs.
 from __future__ import annotations
 
 import html
+import math
 import sys
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["run_demo", "DEFAULT_STEPS", "STORY"]
+__all__ = ["DEFAULT_STEPS", "STORY", "run_demo"]
 
 #: Training steps per run at default arguments (fits the 2-minute budget on 2 CPU cores).
 DEFAULT_STEPS = {"torch": 600, "keras": 300}
@@ -43,8 +44,13 @@ def _story_html(task: str, framework: str, runs: list[tuple[str, str]]) -> str:
     )
 
 
-def run_demo(out: str | Path, framework: str = "torch", steps: int | None = None, stream: TextIO | None = None,
-             stdout: TextIO | None = None) -> dict[str, Any]:
+def run_demo(
+    out: str | Path,
+    framework: str = "torch",
+    steps: int | None = None,
+    stream: TextIO | None = None,
+    stdout: TextIO | None = None,
+) -> dict[str, Any]:
     """Train the demo runs, write the JSONL files, PNGs and report.html; print the summary.
 
     Returns a dict with the run results, the summaries and the report files (for tests).
@@ -109,7 +115,7 @@ def _conclusions(results: list[Any], summaries: list[Any]) -> str:
         if t is None:
             continue
         ratio = t["earliest_over_peak"]
-        verdict = "vanished" if ratio < 1e-3 or ratio != ratio else "reached t=1"
+        verdict = "vanished" if ratio < 1e-3 or math.isnan(ratio) else "reached t=1"
         events = ", ".join(f"{k} {n}" for k, n in sorted(s.events_by_kind.items())) or "no events"
         lines.append(
             f"  {r.spec.name:<16} accuracy {r.accuracy:.2f}; gradient {verdict} (t=1 gets "

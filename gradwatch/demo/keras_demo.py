@@ -24,10 +24,24 @@ __all__ = ["RUNS", "train_all"]
 
 RUNS: tuple[RunSpec, ...] = (
     RunSpec("rnn_tanh", "tanh", 64, 1e-3, None, "keras SimpleRNN (tanh), default init"),
-    RunSpec("lstm", "lstm", 64, 1e-3, None, "keras LSTM, forget-gate bias 2 (unit_forget_bias adds 1; we use 2 as in the PyTorch demo)"),
+    RunSpec(
+        "lstm",
+        "lstm",
+        64,
+        1e-3,
+        None,
+        "keras LSTM, forget-gate bias 2 (unit_forget_bias adds 1; we use 2 as in the PyTorch demo)",
+    ),
     RunSpec("gru", "gru", 32, 3e-3, None, "keras GRU, update-gate bias 4"),
     RunSpec("relu_rnn", "relu", 64, 3e-3, None, "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, no clipping"),
-    RunSpec("relu_rnn_zclip", "relu", 64, 3e-3, "zclip", "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, policy='zclip' (max_norm=1)"),
+    RunSpec(
+        "relu_rnn_zclip",
+        "relu",
+        64,
+        3e-3,
+        "zclip",
+        "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, policy='zclip' (max_norm=1)",
+    ),
 )
 
 BATCH = 32
@@ -54,12 +68,14 @@ def _build(spec: RunSpec) -> Any:
     elif spec.cell == "gru":  # gate order z, r, h; bias (2, 3h) with reset_after: 2 + 2 on z
         rnn = keras.layers.GRU(h, bias_initializer=_gate_bias(h, 0, 3, 2.0), name="rnn")
     elif spec.cell == "relu":
-        rnn = keras.layers.SimpleRNN(h, activation="relu", recurrent_initializer=keras.initializers.Identity(1.1),
-                                     name="rnn")
+        rnn = keras.layers.SimpleRNN(
+            h, activation="relu", recurrent_initializer=keras.initializers.Identity(1.1), name="rnn"
+        )
     else:
         rnn = keras.layers.SimpleRNN(h, name="rnn")
-    model = keras.Sequential([keras.Input((FirstSignTask().length, 1)), rnn, keras.layers.Dense(1, name="head")],
-                             name=spec.name)
+    model = keras.Sequential(
+        [keras.Input((FirstSignTask().length, 1)), rnn, keras.layers.Dense(1, name="head")], name=spec.name
+    )
     model.compile(keras.optimizers.Adam(spec.lr), keras.losses.BinaryCrossentropy(from_logits=True))
     return model
 
@@ -76,9 +92,13 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     model = _build(spec)
     path = out / f"{spec.name}.jsonl"
     every = max(1, min(5, steps // 20))
-    options: dict[str, Any] = dict(
-        sinks=[f"jsonl:{path}"], profile_every=every, log_every=every, run_name=spec.name, policy=spec.policy
-    )
+    options: dict[str, Any] = {
+        "sinks": [f"jsonl:{path}"],
+        "profile_every": every,
+        "log_every": every,
+        "run_name": spec.name,
+        "policy": spec.policy,
+    }
     if spec.policy is not None:
         options["max_norm"] = 1.0
     watch = GradWatchCallback(**options)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FirstSignTask", "SEQ_LEN"]
+__all__ = ["SEQ_LEN", "FirstSignTask"]
 
 #: Sequence length of the demo (the issue's "sequences of length 100").
 SEQ_LEN = 100

@@ -12,14 +12,14 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 
 from gradwatch.demo._progress import Progress
 from gradwatch.demo.tasks import FirstSignTask
 
-__all__ = ["RunSpec", "RunResult", "RUNS", "train_all"]
+__all__ = ["RUNS", "RunResult", "RunSpec", "train_all"]
 
 
 @dataclass(frozen=True)
@@ -55,27 +55,30 @@ BATCH = 32
 EVAL_SIZE = 512
 
 
-def _build(spec: RunSpec):  # -> torch.nn.Module
+def _build(spec: RunSpec) -> Any:  # a torch.nn.Module
     import torch
     from torch import nn
+
+    def param(module: nn.Module, name: str) -> torch.Tensor:
+        return getattr(module, name)  # type: ignore[no-any-return]
 
     h = spec.hidden
     if spec.cell == "lstm":
         rnn: nn.Module = nn.LSTM(1, h, batch_first=True)
         with torch.no_grad():  # PyTorch gate order i, f, g, o: the forget gate is rows h:2h
-            rnn.bias_ih_l0[h : 2 * h].fill_(1.0)
-            rnn.bias_hh_l0[h : 2 * h].fill_(1.0)
+            param(rnn, "bias_ih_l0")[h : 2 * h].fill_(1.0)
+            param(rnn, "bias_hh_l0")[h : 2 * h].fill_(1.0)
     elif spec.cell == "gru":
         rnn = nn.GRU(1, h, batch_first=True)
         with torch.no_grad():  # gate order r, z, n; h' = (1 - z) n + z h, so z near 1 keeps memory
-            rnn.bias_ih_l0[h : 2 * h].fill_(2.0)
-            rnn.bias_hh_l0[h : 2 * h].fill_(2.0)
+            param(rnn, "bias_ih_l0")[h : 2 * h].fill_(2.0)
+            param(rnn, "bias_hh_l0")[h : 2 * h].fill_(2.0)
     elif spec.cell == "relu":
         rnn = nn.RNN(1, h, nonlinearity="relu", batch_first=True)
         with torch.no_grad():  # identity-like recurrence, 10% too strong: explodes through time
-            rnn.weight_hh_l0.copy_(1.1 * torch.eye(h))
-            rnn.bias_hh_l0.zero_()
-            rnn.bias_ih_l0.zero_()
+            param(rnn, "weight_hh_l0").copy_(1.1 * torch.eye(h))
+            param(rnn, "bias_hh_l0").zero_()
+            param(rnn, "bias_ih_l0").zero_()
     else:
         rnn = nn.RNN(1, h, nonlinearity="tanh", batch_first=True)
 
@@ -104,9 +107,13 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
     path = out / f"{spec.name}.jsonl"
     every = max(1, min(5, steps // 20))  # about 20+ points even for a short run
-    options: dict = dict(
-        sinks=[f"jsonl:{path}"], profile_every=every, log_every=every, run_name=spec.name, policy=spec.policy
-    )
+    options: dict[str, Any] = {
+        "sinks": [f"jsonl:{path}"],
+        "profile_every": every,
+        "log_every": every,
+        "run_name": spec.name,
+        "policy": spec.policy,
+    }
     if spec.policy is not None:
         options["max_norm"] = 1.0
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
@@ -124,7 +131,11 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
             losses.append(float(loss.detach()))
             recent = [v for v in losses[-50:] if math.isfinite(v)]
             norm = watch.monitor.records[-1].global_norm if step % 10 == 0 or step == steps else None
-            bar.update(step, f"loss {np.mean(recent) if recent else math.nan:.3f}" + (f"  |g| {norm:.2e}" if norm is not None else ""))
+            bar.update(
+                step,
+                f"loss {np.mean(recent) if recent else math.nan:.3f}"
+                + (f"  |g| {norm:.2e}" if norm is not None else ""),
+            )
     seconds = time.perf_counter() - start
     eval_rng = np.random.default_rng(10_000 + seed)
     x, y = task.batch(eval_rng, EVAL_SIZE)

@@ -13,13 +13,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def make_run(path: Path, steps: int = 60, *, nan_at: tuple[int, ...] = (), policy: str | None = None,
-             run_name: str | None = None) -> Path:
+def make_run(
+    path: Path, steps: int = 60, *, nan_at: tuple[int, ...] = (), policy: str | None = None, run_name: str | None = None
+) -> Path:
     """A run file from the core alone (numpy): a decaying temporal profile, optional NaN steps."""
     import gradwatch
 
     rng = np.random.default_rng(0)
-    options = dict(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5, policy=policy, run_name=run_name)
+    options = {"sinks": [f"jsonl:{path}"], "log_every": 5, "profile_every": 5, "policy": policy, "run_name": run_name}
     mon = gradwatch.Monitor(**{k: v for k, v in options.items() if v is not None or k == "policy"})
     mon.bind(["rnn.weight_hh_l0", "rnn.weight_ih_l0", "head.weight"])
     for step in range(1, steps + 1):
@@ -36,9 +37,18 @@ def make_run(path: Path, steps: int = 60, *, nan_at: tuple[int, ...] = (), polic
     return path
 
 
-def gradwatch_cmd(*args: str, cwd: Path | None = None, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def gradwatch_cmd(
+    *args: str, cwd: Path | None = None, env_extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``python -m gradwatch ARGS`` in a fresh interpreter (so a traceback would be visible)."""
     env = dict(os.environ)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "gradwatch", *args], capture_output=True, text=True, cwd=cwd,
-                          env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "gradwatch", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=300,
+    )

@@ -10,8 +10,8 @@ pytest.importorskip("keras", reason="gradwatch demo --framework keras needs Kera
 pytest.importorskip("tensorflow", reason="gradwatch demo --framework keras needs TensorFlow")
 pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib")
 
-import gradwatch  # noqa: E402
-from tests.cli.helpers import gradwatch_cmd  # noqa: E402
+import gradwatch
+from tests.cli.helpers import gradwatch_cmd
 
 
 def test_keras_demo_writes_runs_and_vanilla_rnn_vanishes_but_lstm_does_not(tmp_path):
@@ -20,7 +20,10 @@ def test_keras_demo_writes_runs_and_vanilla_rnn_vanishes_but_lstm_does_not(tmp_p
     assert "Traceback" not in res.stderr
     assert re.search(r"lstm\s+\[#+\]\s+20/20", res.stderr)
     assert "final acc" in res.stdout
-    runs = {n: gradwatch.read_run(tmp_path / f"{n}.jsonl") for n in ("rnn_tanh", "lstm", "gru", "relu_rnn", "relu_rnn_zclip")}
+    runs = {
+        n: gradwatch.read_run(tmp_path / f"{n}.jsonl")
+        for n in ("rnn_tanh", "lstm", "gru", "relu_rnn", "relu_rnn_zclip")
+    }
     assert all(r.records[-1].step == 20 for r in runs.values())
     tanh = [r.temporal for r in runs["rnn_tanh"].records if r.temporal]
     assert any(e.kind == "vanishing" for e in runs["rnn_tanh"].events)

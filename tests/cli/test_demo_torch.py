@@ -11,8 +11,8 @@ import pytest
 pytest.importorskip("torch", reason="gradwatch demo --framework torch needs torch")
 pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib")
 
-import gradwatch  # noqa: E402
-from tests.cli.helpers import gradwatch_cmd  # noqa: E402
+import gradwatch
+from tests.cli.helpers import gradwatch_cmd
 
 RUNS = ("rnn_tanh", "lstm", "gru", "relu_rnn", "relu_rnn_zclip")
 
@@ -30,7 +30,7 @@ def _profiles(run, layer="rnn"):
 
 
 def test_demo_writes_one_run_file_per_run_plots_and_html(demo):
-    out, res = demo
+    out, _ = demo
     for name in RUNS:
         run = gradwatch.read_run(out / f"{name}.jsonl")
         assert run.records and run.records[-1].step == 60 and not run.torn
@@ -77,7 +77,7 @@ def test_relu_rnn_explodes_and_zclip_clips(demo):
     assert all(math.isfinite(r.global_norm) for r in clipped.records)
 
 
-def test_numbers_come_from_training_not_constants(demo, tmp_path):
+def test_numbers_come_from_training_not_constants(demo):
     out, _ = demo
     # Same seed and steps: the same numbers; the record norms differ from run to run.
     norms = {n: [r.global_norm for r in gradwatch.read_run(out / f"{n}.jsonl").records] for n in RUNS}
