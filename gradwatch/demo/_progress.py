@@ -23,6 +23,7 @@ class Progress:
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._next_quarter = 1
         self._last_draw = 0.0
+        self._drawn = 0  # length of the line on screen, so a shorter one can blank it out
 
     def update(self, done: int, info: str = "") -> None:
         now = time.perf_counter()
@@ -30,8 +31,7 @@ class Progress:
             if done < self.total and now - self._last_draw < 0.1:
                 return
             self._last_draw = now
-            self.stream.write("\r" + self._line(done, info, now))
-            self.stream.flush()
+            self._redraw(self._line(done, info, now))
         elif done * 4 >= self._next_quarter * self.total:
             while done * 4 >= self._next_quarter * self.total:
                 self._next_quarter += 1
@@ -40,10 +40,16 @@ class Progress:
 
     def close(self, info: str = "") -> None:
         if self._tty:
-            self.stream.write("\r" + self._line(self.total, info, time.perf_counter()) + "\n")
+            self._redraw(self._line(self.total, info, time.perf_counter()))
+            self.stream.write("\n")
             self.stream.flush()
         elif self._next_quarter <= 4:
             self.update(self.total, info)
+
+    def _redraw(self, line: str) -> None:
+        self.stream.write("\r" + line.ljust(self._drawn))
+        self.stream.flush()
+        self._drawn = len(line)
 
     def _line(self, done: int, info: str, now: float) -> str:
         filled = int(self.width * min(done, self.total) / self.total)
