@@ -419,6 +419,16 @@ def write_report(
                 "</figcaption></figure>"
             )
     parts.append("<h2>Events</h2>")
+    kind_rows = [
+        [s.name, kind, layer, str(n)] for s in summaries for (kind, layer), n in sorted(s.events_by_kind_layer.items())
+    ]
+    if kind_rows:
+        parts.append(
+            "<p class='note'>Counts include repeats that rate limiting (alert_every) held back and reported with a "
+            "later alert; repeats still held back when the run ended are not in the run file. The clipped and "
+            "skipped shares in the summary count every step.</p>"
+        )
+        parts.append(_table_html(["run", "kind", "layer", "count"], kind_rows))
     for r in runs:
         parts.append(f"<h3>{e(label(r))}</h3>")
         parts.append(_events_html(r))

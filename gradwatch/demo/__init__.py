@@ -85,18 +85,21 @@ def run_demo(
         }
         for s, r in zip(summaries, results)
     }
+    conclusions = _conclusions(results, summaries)
     files = report.write_report(
         runs,
         out,
         title=f"gradwatch demo ({framework}): vanishing and exploding gradients through time",
-        intro_html=_story_html(task.describe(), framework, [(r.spec.name, r.spec.description) for r in results]),
+        intro_html=_story_html(task.describe(), framework, [(r.spec.name, r.spec.description) for r in results])
+        + f"<p><b>What this training run measured</b> (accuracy on {impl.EVAL_SIZE} held-out sequences; chance is 0.50):</p>"
+        + f"<pre>{html.escape(conclusions.split(chr(10), 2)[-1])}</pre>",
         extra=extra,
         summaries=summaries,
         notes=notes,
     )
-    print("\nSummary (accuracy on 512 held-out sequences; chance is 0.50):", file=stdout)
+    print(f"\nSummary (accuracy on {impl.EVAL_SIZE} held-out sequences; chance is 0.50):", file=stdout)
     print(report.format_table(summaries, extra), file=stdout)
-    print(_conclusions(results, summaries), file=stdout)
+    print(conclusions, file=stdout)
     if files.plots_missing:
         print(report.PLOT_HINT, file=sys.stderr)
     print(
