@@ -2,7 +2,8 @@
 
 Format (schema ``gradwatch/1``): the first line is ``{"type": "header", "schema":
 "gradwatch/1", ...}``; every further line is one object with ``"type": "record"`` or
-``"type": "event"``. The file is strict JSON: non-finite floats are written as the strings
+``"type": "event"``, and a run closed cleanly ends with ``"type": "summary"`` (steps, and
+the alerts rate limiting held back after the last one written). The file is strict JSON: non-finite floats are written as the strings
 ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` and read back as floats, so a NaN gradient
 norm survives the round trip and any JSON tool can open the file. Reading never executes
 or unpickles anything: it is ``json.loads`` and dataclass construction.
@@ -70,11 +71,27 @@ def event_from_dict(d: Mapping[str, Any]) -> GradEvent:
 class Run:
     """A whole run file in memory: header, records and events in file order."""
 
-    def __init__(self, path: Path, header: dict[str, Any], items: list[StepRecord | GradEvent], torn: bool) -> None:
+    def __init__(
+        self,
+        path: Path,
+        header: dict[str, Any],
+        items: list[StepRecord | GradEvent],
+        torn: bool,
+        summary: dict[str, Any] | None = None,
+    ) -> None:
         self.path = path
         self.header = header
         self.items = items
         self.torn = torn
+        #: The closing line written by ``Monitor.close()`` (steps, alerts still held back
+        #: by rate limiting), or None if the run did not close cleanly.
+        self.summary = summary
+
+    @property
+    def suppressed(self) -> list[dict[str, Any]]:
+        """Alerts held back by rate limiting after the last one of their kind was written:
+        ``[{"kind", "layer", "count", "first_step"}]`` from the summary line."""
+        return list((self.summary or {}).get("suppressed") or [])
 
     @property
     def records(self) -> list[StepRecord]:
@@ -112,7 +129,9 @@ def _open_checked(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def read_jsonl(path: str | os.PathLike[str]) -> Iterator[StepRecord | GradEvent]:
+def read_jsonl(
+    path: str | os.PathLike[str], *, _summaries: list[dict[str, Any]] | None = None
+) -> Iterator[StepRecord | GradEvent]:
     """Yield the run's ``StepRecord``s and ``GradEvent``s in file order.
 
     Strict about the header and its schema version (a clear ``RunFileError`` otherwise);
@@ -142,6 +161,8 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[StepRecord | GradEvent]
                     yield StepRecord.from_dict(obj)
                 elif kind == "event":
                     yield event_from_dict(obj)
+                elif kind == "summary" and _summaries is not None:
+                    _summaries.append(obj)
                 # Unknown line types are skipped: newer writers may add kinds of line.
             except (KeyError, TypeError, ValueError) as exc:
                 if last:
@@ -175,11 +196,12 @@ def read_run(path: str | os.PathLike[str]) -> Run:
     header = read_header(path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        items = list(read_jsonl(path))
+        summaries: list[dict[str, Any]] = []
+        items = list(read_jsonl(path, _summaries=summaries))
     torn = any(issubclass(w.category, RuntimeWarning) for w in caught)
     for w in caught:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return Run(Path(path), header, items, torn)
+    return Run(Path(path), header, items, torn, summaries[-1] if summaries else None)
 
 
 def _check_header(p: Path, obj: Any) -> None:

@@ -646,6 +646,15 @@ class Monitor:
         w.skipped = int(ws.get("skipped", 0))
         w.nonfinite = int(ws.get("nonfinite", 0))
 
+    def summary(self) -> dict[str, Any]:
+        """Steps recorded and the alerts still held back by rate limiting (kind, layer,
+        count, first step): what a sink's ``write_summary`` receives at close."""
+        held = []
+        for key, n, first in self._limiter.pending():
+            kind, _, layer = key.partition("|")
+            held.append({"kind": kind, "layer": layer or None, "count": n, "first_step": first})
+        return {"steps": self._step, "suppressed": held}
+
     def flush(self) -> None:
         """Write the current (partial) window to the sinks now."""
         self._flush()
@@ -657,14 +666,10 @@ class Monitor:
             return
         self._flush()
         if self._writes:
-            for key, n, first in self._limiter.pending():
-                kind, _, layer = key.partition("|")
-                where = f" for layer {layer!r}" if layer else ""
-                logger.info(
-                    "[gradwatch] %d further %r alert%s%s since step %d %s suppressed by rate limiting "
-                    "(alert_every=%d); the records hold every step.",
-                    n, kind, "s" if n > 1 else "", where, first, "were" if n > 1 else "was", self.options.alert_every,
-                )
+            summary = self.summary()
+            for sink in list(self._sinks):
+                if callable(getattr(sink, "write_summary", None)):
+                    self._safe(sink, "write_summary", summary)
         for sink in list(self._sinks):
             try:
                 sink.close()

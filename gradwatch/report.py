@@ -142,6 +142,9 @@ def summarize(run: Run) -> RunSummary:
         n = 1 + int(e.suppressed or 0)  # rate-limited repeats are counted, not lost
         by_kind[e.kind] += n
         by_kind_layer[(e.kind, e.layer or "(global)")] += n
+    for held in run.suppressed:  # repeats held back after the last alert written
+        by_kind[held["kind"]] += int(held["count"])
+        by_kind_layer[(held["kind"], held["layer"] or "(global)")] += int(held["count"])
     temporal: dict[str, dict[str, float]] = {}
     spectral: dict[str, float] = {}
     for r in records:

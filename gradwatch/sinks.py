@@ -50,7 +50,9 @@ logger = logging.getLogger(LOGGER_NAME)
 class Sink(Protocol):
     """What a sink implements. Plugins register sink classes through
     ``gradwatch_register_sinks``; such a class also has a ``scheme`` (the part before the
-    colon of its spec string) and a classmethod ``from_spec(arg, monitor)``."""
+    colon of its spec string) and a classmethod ``from_spec(arg, monitor)``. A sink may
+    also have ``write_summary(dict)``, called once at close with the step count and the
+    alerts rate limiting held back, so no count is lost."""
 
     def write_record(self, record: StepRecord) -> None: ...
 
@@ -100,6 +102,16 @@ class LoggingSink:
     def write_event(self, event: GradEvent) -> None:
         self.logger.log(event.severity, "[gradwatch] %s", event.message)
 
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        for s in summary.get("suppressed", ()):
+            n, layer = s["count"], s["layer"]
+            where = f" for layer {layer!r}" if layer else ""
+            self.logger.info(
+                "[gradwatch] %d further %r alert%s%s since step %d %s held back by rate limiting "
+                "(alert_every); the records hold every step.",
+                n, s["kind"], "s" if n > 1 else "", where, s["first_step"], "were" if n > 1 else "was",
+            )
+
     def close(self) -> None:
         return None
 
@@ -112,6 +124,7 @@ class MemorySink:
     def __init__(self, keep: int = 1000) -> None:
         self.records: deque[StepRecord] = deque(maxlen=keep)
         self.events: deque[GradEvent] = deque(maxlen=keep)
+        self.summary: dict[str, Any] | None = None
         self.closed = False
 
     @classmethod
@@ -123,6 +136,9 @@ class MemorySink:
 
     def write_event(self, event: GradEvent) -> None:
         self.events.append(event)
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
 
     def close(self) -> None:
         self.closed = True
@@ -211,6 +227,13 @@ class JsonlSink:
             return
         self._file()
         self._write({"type": "event", **event.to_dict()})
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        """The closing line: written at close only if the file was opened (a rank that
+        wrote nothing still creates nothing)."""
+        if self._closed or self._f is None:
+            return
+        self._write({"type": "summary", **summary})
 
     def close(self) -> None:
         self._closed = True

@@ -149,3 +149,17 @@ def test_read_run_collects_header_records_events(tmp_path):
         run = gradwatch.read_run(path)
     assert run.name == "baseline" and run.header["options"]["log_every"] == 1
     assert len(run.records) == 1 and run.events[0].kind == "nonfinite" and not run.torn
+
+
+def test_alerts_held_back_at_close_reach_the_run_file(tmp_path):
+    path = tmp_path / "run.jsonl"
+    m = monitor(sinks=[f"jsonl:{path}"], alert_every=100, log_every=10)
+    m.bind(["w"])
+    for _ in range(30):
+        m.process(norms=np.array([math.nan]))
+    m.close()
+    run = gradwatch.read_run(path)
+    assert [e.kind for e in run.events] == ["nonfinite"]
+    assert run.summary["steps"] == 30
+    assert run.suppressed == [{"kind": "nonfinite", "layer": "w", "count": 29, "first_step": 2}]
+    assert run.events[0].suppressed + sum(s["count"] for s in run.suppressed) + 1 == 30
