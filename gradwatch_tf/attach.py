@@ -240,6 +240,11 @@ class TFAttachment:
         self._names = [v.path for v in variables]
         layers = [layer_of.get(id(v), v.path.rsplit("/", 1)[0] if "/" in v.path else v.path) for v in variables]
         self._monitor.bind(self._names, layers)
+        meta = getattr(self._monitor, "meta", None)
+        if isinstance(meta, dict):  # facts for the run file's header (the report shows them)
+            meta.setdefault("backend", "tf")
+            meta.setdefault("tensorflow", tf.__version__)
+            meta.setdefault("recurrent_layers", [getattr(site, "name", str(site)) for site in self._sites])
         self._index = {id(v): i for i, v in enumerate(variables)}
         self._path_index = {v.path: i for i, v in enumerate(variables)}
         p = len(variables)
