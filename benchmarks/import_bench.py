@@ -77,6 +77,11 @@ def main(argv: list[str] | None = None) -> None:
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, check=True)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    numpy_only = []
+    for _ in range(runs):
+        code = "import time; t = time.perf_counter(); import numpy; print(time.perf_counter() - t)"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        numpy_only.append(float(out.stdout.strip().splitlines()[-1]))
     own = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", CHILD_OWN], capture_output=True, text=True, check=True)
@@ -91,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
         "median_s": med,
         "min_s": min(secs),
         "own_median_s": statistics.median(own),
+        "numpy_median_s": statistics.median(numpy_only),
         "max_s": max(secs),
         "first_monitor_s": statistics.median(r["monitor_seconds"] for r in results),
         "frameworks": frameworks,

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.quick:
         seq, feat, hidden, classes, batch, steps, rounds, warm_fits = 8, 4, 8, 3, 4, 10, 2, 1
     else:
-        seq, feat, hidden, classes, batch, steps, rounds, warm_fits = 100, 64, 256, 10, 32, 10, 12, 1
+        seq, feat, hidden, classes, batch, steps, rounds, warm_fits = 100, 64, 256, 10, 32, 10, 10, 1
     if a.rounds:
         rounds = a.rounds
     # One fit per arm per round: steps + 1 batches (the first one is not timed).
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
         for arm in arms:
             arm.close()
     results = [summarize(arm, times) for arm in arms]
+    for res in results:
+        log(f"{res.name:36s} median {res.median:.3f} [{res.min:.3f}, {res.max:.3f}]")
     base_first = statistics.median(arms[0].timer.first[warm_fits:])  # type: ignore[attr-defined]
     first = {
         arm.name: statistics.median(arm.timer.first[warm_fits:]) / base_first  # type: ignore[attr-defined]

@@ -173,7 +173,8 @@ def floor_arm(base: nn.Module, data: list, loss_of: Callable) -> Arm:
     return arm
 
 
-def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool) -> tuple[list[Arm], list]:
+def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool, diagnostic: bool = True
+               ) -> tuple[list[Arm], list]:
     import gradwatch
 
     arms: list[Arm] = []
@@ -188,10 +189,11 @@ def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool) -> t
         "gradwatch defaults", base, data, loss_of, attach=lambda m, o: gradwatch.watch(m, o),
         note="all defaults: sinks=['logging'], profile_every=10, log_every=50",
     ))
-    arms.append(make_arm(
-        "gradwatch profile_every=0", base, data, loss_of,
-        attach=lambda m, o: gradwatch.watch(m, o, profile_every=0), note="diagnostic: norms only",
-    ))
+    if diagnostic:
+        arms.append(make_arm(
+            "gradwatch profile_every=0", base, data, loss_of,
+            attach=lambda m, o: gradwatch.watch(m, o, profile_every=0), note="diagnostic: norms only",
+        ))
     arms.append(make_arm(
         "gradwatch zclip", base, data, loss_of, attach=lambda m, o: gradwatch.watch(m, o, policy="zclip"),
         note='policy="zclip", otherwise defaults',
@@ -270,8 +272,8 @@ def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool) -> t
 
 
 PLAN = {  # rounds, steps per round, warm-up steps
-    "W1": (14, 10, 10),
-    "W2": (10, 10, 10),
+    "W1": (10, 10, 10),
+    "W2": (8, 10, 10),
 }
 
 
@@ -280,7 +282,7 @@ def bench(name: str, quick: bool, rounds: int | None = None) -> Workload:
     r, s, w = (2, 10, 2) if quick else PLAN[name]
     if rounds:
         r = rounds
-    arms, absent = build_arms(base, data, loss_of, quick)
+    arms, absent = build_arms(base, data, loss_of, quick, diagnostic=(name == "W1"))
     log(f"{name}: {len(arms)} arms, {r} rounds x {s} steps, warm-up {w}")
     try:
         times, extras = run_interleaved(arms, rounds=r, steps=s, warmup=w, log=log)
@@ -288,6 +290,9 @@ def bench(name: str, quick: bool, rounds: int | None = None) -> Workload:
         for a in arms:
             a.close()
     results = [summarize(a, times) for a in arms] + absent
+    for res in results:
+        log(f"{name} {res.name:32s} median {res.median if res.median is None else round(res.median, 3)} "
+            f"[{res.min and round(res.min, 3)}, {res.max and round(res.max, 3)}]")
     extra: dict[str, Any] = {}
     floor = extras.get("floor: one _foreach_norm", {}).get("foreach_norm")
     if floor:
