@@ -49,11 +49,11 @@ MAX_CELL_STEPS = 100_000
 
 
 def _family(module: nn.Module) -> str | None:
-    if isinstance(module, nn.LSTM) or isinstance(module, nn.LSTMCell):
+    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
         return "LSTM"
-    if isinstance(module, nn.GRU) or isinstance(module, nn.GRUCell):
+    if isinstance(module, (nn.GRU, nn.GRUCell)):
         return "GRU"
-    if isinstance(module, nn.RNN) or isinstance(module, nn.RNNCell):
+    if isinstance(module, (nn.RNN, nn.RNNCell)):
         return "RNN"
     return None
 
@@ -103,6 +103,14 @@ class Probe:
                 exc,
             )
 
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """Forward pre-hook (with_kwargs): probe the input on profiled steps."""
+        raise NotImplementedError
+
+    def take_temporal(self) -> Tensor | None:
+        """Squared per-timestep norms gathered since the last call (then reset)."""
+        raise NotImplementedError
+
     def active(self) -> bool:
         """Probe this forward call? Only with grad enabled and on a profiled step.
 
@@ -137,9 +145,7 @@ class SequenceProbe(Probe):
         self.spectral_enabled = True
         self.trackers: dict[str, SpectralTracker] = {}
         suffixes = [""] + (["_reverse"] if module.bidirectional else [])
-        self.recurrent_weights = [
-            f"weight_hh_l{k}{s}" for k in range(module.num_layers) for s in suffixes
-        ]
+        self.recurrent_weights = [f"weight_hh_l{k}{s}" for k in range(module.num_layers) for s in suffixes]
 
     # -- hooks --------------------------------------------------------------------------
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
@@ -167,7 +173,7 @@ class SequenceProbe(Probe):
             kwargs = dict(kwargs)
             kwargs["input"] = new_x
             return args, kwargs
-        except Exception as exc:  # never break the forward pass
+        except Exception as exc:  # noqa: BLE001 - never break the forward pass
             self.fail("the input-gradient probe", exc)
             return None
 
@@ -178,37 +184,55 @@ class SequenceProbe(Probe):
         output sequences, are kept until the step.
         """
         if not self._want_gates or not self.active():
-            return None
+            return
         try:
-            x = args[0] if args else kwargs.get("input")
+            x: Any = args[0] if args else kwargs.get("input")
             out = output[0] if isinstance(output, tuple) else output
             if type(module.weight_hh_l0).__name__ == "DTensor":
-                return None  # sharded weights here (FSDP2 resharded already): no gates
+                return  # sharded weights here (FSDP2 resharded already): no gates
             hx = self._hx
             h0 = hx[0] if isinstance(hx, tuple) else hx  # LSTM: (h0, c0); GRU: h0
-            w_ih, w_hh = module.weight_ih_l0, module.weight_hh_l0
-            b_ih = module.bias_ih_l0 if module.bias else None
-            b_hh = module.bias_hh_l0 if module.bias else None
+            w_ih: Tensor = module.weight_ih_l0  # type: ignore[assignment]
+            w_hh: Tensor = module.weight_hh_l0  # type: ignore[assignment]
+            b_ih: Tensor | None = module.bias_ih_l0 if module.bias else None  # type: ignore[assignment]
+            b_hh: Tensor | None = module.bias_hh_l0 if module.bias else None  # type: ignore[assignment]
             if isinstance(x, PackedSequence):
                 stats = packed_lstm_forget_stats(
-                    x.data, out.data, x.batch_sizes, x.sorted_indices, h0, w_ih, w_hh, b_ih, b_hh,
-                    n_gates=len(self.gates), max_batch=GATE_SAMPLE,
+                    x.data,
+                    out.data,
+                    x.batch_sizes,
+                    x.sorted_indices,
+                    h0,
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    n_gates=len(self.gates),
+                    max_batch=GATE_SAMPLE,
                 )
             else:
                 stats = lstm_forget_stats(
-                    x, out, h0, w_ih, w_hh, b_ih, b_hh, self.batch_first,
-                    n_gates=len(self.gates), max_batch=GATE_SAMPLE,
+                    x,
+                    out,
+                    h0,
+                    w_ih,
+                    w_hh,
+                    b_ih,
+                    b_hh,
+                    self.batch_first,
+                    n_gates=len(self.gates),
+                    max_batch=GATE_SAMPLE,
                 )
             self._gate_stats = stats
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("the forget-gate statistics", exc)
         finally:
             self._hx = None
-        return None
+        return
 
     def _on_grad(self, g: Tensor, batch_sizes: Tensor | None) -> None:
         if not self.enabled:  # closed, or failed, between forward and backward
-            return None
+            return
         try:
             with torch.no_grad():
                 if batch_sizes is None:
@@ -226,9 +250,9 @@ class SequenceProbe(Probe):
                     acc[: prev.shape[0]] += prev
                     acc[: sq.shape[0]] += sq.to(prev.device)
                     self._sq = acc
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("the input-gradient probe", exc)
-        return None
+        return
 
     # -- collection at the step ---------------------------------------------------------
     def take_temporal(self) -> Tensor | None:
@@ -258,10 +282,8 @@ class SequenceProbe(Probe):
                 if tracker is None:
                     tracker = self.trackers[wname] = SpectralTracker(len(self.gates))
                 values.append(tracker(w))
-                names.extend(
-                    f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates
-                )
-        except Exception as exc:
+                names.extend(f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates)
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.spectral_enabled = False
             logger.error(
                 "gradwatch: the spectral norm of layer %r failed (%s: %s); it is disabled "
@@ -311,22 +333,22 @@ class CellProbe(Probe):
             kwargs = dict(kwargs)
             kwargs["input"] = new_x
             return args, kwargs
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("the input-gradient probe", exc)
             return None
 
     def _on_grad(self, g: Tensor, t: int) -> None:
         if not self.enabled:
-            return None
+            return
         try:
             with torch.no_grad():
                 sq = g.to(_profile_dtype(g)).square().sum()
                 if t < len(self._slots):
                     prev = self._slots[t]
                     self._slots[t] = sq if prev is None else prev + sq
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("the input-gradient probe", exc)
-        return None
+        return
 
     def take_temporal(self) -> Tensor | None:
         slots, self._slots = self._slots, []

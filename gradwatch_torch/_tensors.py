@@ -17,13 +17,13 @@ from torch import Tensor
 
 __all__ = [
     "GradGroups",
-    "scale_grads_",
+    "SpectralTracker",
     "agc_factors",
     "apply_agc_",
-    "timestep_sq_norms",
-    "packed_timestep_sq_norms",
-    "SpectralTracker",
     "lstm_forget_stats",
+    "packed_timestep_sq_norms",
+    "scale_grads_",
+    "timestep_sq_norms",
 ]
 
 
@@ -75,9 +75,7 @@ class GradGroups:
             g.positions.append(i)
         self.groups = list(groups.values())
         self.device = self.params[0].device
-        self.stat_dtype = (
-            torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
-        )
+        self.stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
         order = [i for g in self.groups for i in g.positions]
         # Identity order (one group, the common case) needs no gather.
         self._inverse: Tensor | None = None
@@ -100,7 +98,7 @@ class GradGroups:
     def present_grads(self) -> list[Tensor]:
         """All gradients that exist, flat (for in-place clipping; local shards for FSDP2)."""
         if self.local_shards:
-            return [_local(p.grad) for p in self.params if p.grad is not None]
+            return [_local(p.grad) for p in self.params if p.grad is not None]  # type: ignore[misc]
         return [p.grad for p in self.params if p.grad is not None]
 
     def norms(self, grads: list[list[Tensor | None]] | None = None) -> Tensor:
@@ -397,9 +395,9 @@ def packed_lstm_forget_stats(
     device = h.device
     rows = torch.cat([torch.arange(offsets[t], offsets[t] + sizes[t]) for t in range(len(sizes))]).to(device)
     if len(sizes) > 1:
-        prev = torch.cat(
-            [torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]
-        ).to(device)
+        prev = torch.cat([torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]).to(
+            device
+        )
     else:
         prev = torch.zeros(0, dtype=torch.long, device=device)
     if h0 is not None:

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.handles import HandleGroup
-from gradwatch_torch._recurrent import CellProbe, Probe, SequenceProbe, find_probes
+from gradwatch_torch._recurrent import Probe, SequenceProbe, find_probes
 from gradwatch_torch._tensors import GradGroups, agc_factors, apply_agc_, scale_grads_
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,9 +60,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if name in ("DistributedDataParallel", "DataParallel") and isinstance(
             getattr(model, "module", None), nn.Module
         ):
-            model = model.module
+            model = cast(nn.Module, model.module)
         elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
+            model = cast(nn.Module, model._orig_mod)
         else:
             break
     return model
@@ -73,7 +73,7 @@ def _is_dtensor(t: object) -> bool:
     return type(t).__name__ == "DTensor"
 
 
-def _shard_group(model: nn.Module, root: nn.Module, named: list[tuple[str, Tensor]], unitwise: bool) -> Any:
+def _shard_group(model: nn.Module, root: nn.Module, named: Sequence[tuple[str, Any]], unitwise: bool) -> Any:
     """The process group over which FSDP2 (``fully_shard``) shards the gradients, or None.
 
     Each rank holds dim-0 shards of every gradient, so a parameter's squared norm is the
@@ -173,9 +173,7 @@ class TorchAttachment:
             self._handles.add(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
             if isinstance(probe, SequenceProbe) and probe._want_gates:
                 # prepend: run before FSDP2 reshards the weights after forward
-                self._handles.add(
-                    module.register_forward_hook(probe.forward_hook, with_kwargs=True, prepend=True)
-                )
+                self._handles.add(module.register_forward_hook(probe.forward_hook, with_kwargs=True, prepend=True))
         if optimizer is not None:
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
         _WATCHED.add(root)
@@ -208,7 +206,7 @@ class TorchAttachment:
         self._closed = True
         try:
             self._handles.remove()
-        except Exception:  # a hook whose owner is already gone: nothing left to remove
+        except Exception:  # noqa: BLE001, S110 - a hook whose owner is gone: nothing to remove
             pass
         for probe in self._probes:
             probe.enabled = False
@@ -251,7 +249,6 @@ class TorchAttachment:
     # -- the step ---------------------------------------------------------------------------
     def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._measure()
-        return None
 
     def _check_distributed(self) -> None:
         """Tell the monitor our rank once torch.distributed is up (only rank 0 writes)."""
@@ -289,9 +286,7 @@ class TorchAttachment:
             if self._unitwise and policy is not None:
                 flat = [g for gl in grads for g in gl]
                 params = [p for grp in self._groups.groups for p in grp.params]
-                factors, clipped_sq = agc_factors(
-                    params, flat, float(policy.clip_factor), float(policy.eps)
-                )
+                factors, clipped_sq = agc_factors(params, flat, float(policy.clip_factor), float(policy.eps))
                 parts.append(clipped_sq)
             dtype, device = self._groups.stat_dtype, self._groups.device
             # The single device-to-host copy of the step.
@@ -328,7 +323,7 @@ class TorchAttachment:
                 kwargs["gates"] = gates
             if factors is not None:
                 kwargs["clipped_sq_norms"] = host[pos : pos + n]
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break(exc)
             return None
 
@@ -336,7 +331,7 @@ class TorchAttachment:
             record = self._monitor.process(sq_norms, **kwargs)
         except NonFiniteGradientError:
             raise  # on_nonfinite="raise": nothing has been changed yet
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break(exc)
             return None
 
@@ -351,7 +346,7 @@ class TorchAttachment:
                     apply_agc_(flat, factors)
                 else:
                     scale_grads_(self._groups.present_grads(), float(record.clip.scale))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break(exc)
         return record
 
@@ -416,7 +411,7 @@ class TorchAttachment:
             temporal = flat[:n_t] / world**2
             gate_flat = flat[n_t:] / world
             return list(torch.split(temporal, lens)) if lens else [], list(torch.split(gate_flat, 2)) if gates else []
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             logger.error(
                 "gradwatch: combining the per-timestep profiles across ranks failed (%s: %s); "
                 "profiles are local to each rank from now on.",
@@ -441,7 +436,7 @@ class TorchAttachment:
     def _profiled_step(self) -> bool:
         try:
             return bool(self._monitor.profile_due())
-        except Exception:
+        except Exception:  # noqa: BLE001 - no profiling rather than a broken step
             return False
 
     def _drop_grads(self) -> None:
@@ -474,7 +469,7 @@ class TorchAttachment:
             )
 
 
-def attach(model: nn.Module, optimizer: torch.optim.Optimizer | None, monitor: Any) -> TorchAttachment:
+def attach(model: nn.Module, optimizer: object | None, monitor: Any) -> TorchAttachment:
     """Attach ``monitor`` to ``model`` (and ``optimizer``); see :class:`TorchAttachment`."""
     if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
         raise GradwatchError(

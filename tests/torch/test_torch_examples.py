@@ -21,7 +21,12 @@ def _run(script: str, *args: str, timeout: float = 120) -> subprocess.CompletedP
     env.setdefault("OMP_NUM_THREADS", "1")
     return subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), *args],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+        env=env,
+        cwd=ROOT,
     )
 
 

@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
+from torch_helpers import SeqRegressor, optimizer_state_snapshot, snapshot, states_equal
 
-import gradwatch  # noqa: E402
-import gradwatch_torch  # noqa: E402
-from torch_helpers import SeqRegressor, optimizer_state_snapshot, snapshot, states_equal  # noqa: E402
+import gradwatch
+import gradwatch_torch
 
 BAD_STEP = 3
 BAD_PARAM = "rnn.weight_hh_l0"
@@ -91,9 +91,11 @@ def test_raise_happens_before_anything_changes():
         saved["w"] = snapshot(model)
         saved["s"] = optimizer_state_snapshot(opt)
 
-    with gradwatch_torch.watch(model, opt, on_nonfinite="raise", sinks=["memory"]):
-        with pytest.raises(gradwatch.NonFiniteGradientError) as info:
-            _loop(model, opt, BAD_STEP, on_bad=remember)
+    with (
+        gradwatch_torch.watch(model, opt, on_nonfinite="raise", sinks=["memory"]),
+        pytest.raises(gradwatch.NonFiniteGradientError) as info,
+    ):
+        _loop(model, opt, BAD_STEP, on_bad=remember)
     assert info.value.step == BAD_STEP and BAD_PARAM in info.value.params
     assert isinstance(info.value, FloatingPointError)
     assert all(torch.equal(a, b) for a, b in zip(snapshot(model), saved["w"]))

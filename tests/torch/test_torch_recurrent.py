@@ -9,11 +9,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+from torch_helpers import LastStep, SeqRegressor
 
-import gradwatch_torch  # noqa: E402
-from torch_helpers import LastStep, SeqRegressor  # noqa: E402
+import gradwatch_torch
 
 LENGTHS = [5, 7, 2]
 
@@ -273,7 +273,12 @@ def test_update_gate_statistics_of_single_layer_gru(packed):
             seq = []
             for t in range(n):
                 xt = x[t, b : b + 1]
-                zt = (xt @ cell.weight_ih[8:16].t() + cell.bias_ih[8:16] + h @ cell.weight_hh[8:16].t() + cell.bias_hh[8:16]).sigmoid()
+                zt = (
+                    xt @ cell.weight_ih[8:16].t()
+                    + cell.bias_ih[8:16]
+                    + h @ cell.weight_hh[8:16].t()
+                    + cell.bias_hh[8:16]
+                ).sigmoid()
                 seq.append(zt)
                 h = cell(xt, h)
             seq = torch.cat(seq)

@@ -9,10 +9,10 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
+from torch_helpers import SeqRegressor
 
-import gradwatch_torch  # noqa: E402
-from torch_helpers import SeqRegressor  # noqa: E402
+import gradwatch_torch
 
 HALF = 30
 
@@ -29,7 +29,7 @@ def _steps(model, opt, first, last):
 
 @pytest.mark.parametrize("policy", ["zclip", "autoclip"])
 def test_resumed_run_matches_uninterrupted_run(policy):
-    options = dict(policy=policy, profile_every=3, sinks=["memory"], keep=100)
+    options = {"policy": policy, "profile_every": 3, "sinks": ["memory"], "keep": 100}
     init = SeqRegressor(nn.LSTM, 4, 8, num_layers=2)
 
     # uninterrupted

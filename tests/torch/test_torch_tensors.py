@@ -8,11 +8,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
-from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
-from gradwatch import _numerics  # noqa: E402
-from gradwatch_torch._tensors import (  # noqa: E402
+from gradwatch import _numerics
+from gradwatch_torch._tensors import (
     GradGroups,
     SpectralTracker,
     agc_factors,
@@ -86,7 +86,12 @@ def test_scale_grads_multiplies_in_place_and_skips_exact_one():
 def test_agc_matches_numpy_reference(shape):
     gen = torch.Generator().manual_seed(1)
     p = torch.randn(shape, generator=gen, dtype=torch.float64)
-    g = torch.randn(shape, generator=gen, dtype=torch.float64) * torch.logspace(-3, 1, steps=max(1, p.numel())).reshape(shape) if shape else torch.tensor(5.0, dtype=torch.float64)
+    g = (
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+        * torch.logspace(-3, 1, steps=max(1, p.numel())).reshape(shape)
+        if shape
+        else torch.tensor(5.0, dtype=torch.float64)
+    )
     ref = _numerics.agc_clip(p.numpy(), g.numpy(), clip_factor=0.05, eps=1e-3, unit_axis=0)
     factors, clipped_sq = agc_factors([p], [g], 0.05, 1e-3)
     g2 = g.clone()
@@ -215,8 +220,15 @@ def test_forget_gate_stats_packed_exclude_padding():
         packed = pack_padded_sequence(x, lengths)
         out, _ = lstm(packed)
         got = packed_lstm_forget_stats(
-            packed.data, out.data, packed.batch_sizes, packed.sorted_indices, None,
-            lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0,
+            packed.data,
+            out.data,
+            packed.batch_sizes,
+            packed.sorted_indices,
+            None,
+            lstm.weight_ih_l0,
+            lstm.weight_hh_l0,
+            lstm.bias_ih_l0,
+            lstm.bias_hh_l0,
         )
     all_f = torch.cat([f.reshape(-1, 7) for f in per_seq])
     assert got[0].item() == pytest.approx(all_f.mean().item(), rel=1e-5)

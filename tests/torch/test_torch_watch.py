@@ -11,11 +11,11 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
+from torch_helpers import SeqRegressor
 
-import gradwatch  # noqa: E402
-import gradwatch_torch  # noqa: E402
-from torch_helpers import SeqRegressor, snapshot  # noqa: E402
+import gradwatch
+import gradwatch_torch
 
 
 def _mlp() -> nn.Module:
@@ -177,9 +177,11 @@ def test_manual_step_without_optimizer():
 def test_manual_step_with_optimizer_attached_is_an_error():
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with gradwatch_torch.watch(model, opt, sinks=["memory"]) as w:
-        with pytest.raises(gradwatch.GradwatchError, match="twice"):
-            w.step()
+    with (
+        gradwatch_torch.watch(model, opt, sinks=["memory"]) as w,
+        pytest.raises(gradwatch.GradwatchError, match="twice"),
+    ):
+        w.step()
 
 
 def test_grad_scaler_sees_unscaled_gradients():

@@ -6,7 +6,7 @@ import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
-from torch import nn  # noqa: E402
+from torch import nn
 
 
 class SeqRegressor(nn.Module):
