@@ -50,6 +50,7 @@ def _local(t: Tensor | None) -> Tensor | None:
 class _Group:
     params: list[Tensor]
     positions: list[int]  # index of each param in the bound (named_parameters) order
+    sparse: bool = False  # gradients may be sparse (nn.Embedding(sparse=True))
 
 
 class GradGroups:
@@ -61,16 +62,18 @@ class GradGroups:
     the tensor).
     """
 
-    def __init__(self, params: Sequence[Tensor], local_shards: bool = False) -> None:
+    def __init__(self, params: Sequence[Tensor], local_shards: bool = False, sparse: Sequence[int] = ()) -> None:
         if not params:
             raise ValueError("GradGroups needs at least one parameter")
         self.params = list(params)
         #: FSDP2 (DTensor) parameters: measure and scale each rank's local shard; the
         #: caller all-reduces the squared norms.
         self.local_shards = local_shards
-        groups: dict[tuple[torch.device, torch.dtype], _Group] = {}
+        sparse_set = set(sparse)
+        groups: dict[tuple[torch.device, torch.dtype, bool], _Group] = {}
         for i, p in enumerate(self.params):
-            g = groups.setdefault((p.device, p.dtype), _Group([], []))
+            is_sparse = i in sparse_set
+            g = groups.setdefault((p.device, p.dtype, is_sparse), _Group([], [], is_sparse))
             g.params.append(p)
             g.positions.append(i)
         self.groups = list(groups.values())
@@ -116,7 +119,9 @@ class GradGroups:
                 parts.append(torch.zeros(len(gl), device=self.device, dtype=self.stat_dtype))
                 continue
             dtype = _reduce_dtype(present[0].dtype)
-            if present[0].dtype == dtype:
+            if group.sparse:  # _foreach_norm has no sparse kernel; these are few (embeddings)
+                got = [_sparse_aware_norm(g, dtype) for g in present]
+            elif present[0].dtype == dtype:
                 got = torch._foreach_norm(present, 2.0)
             else:
                 got = torch._foreach_norm(present, 2.0, dtype=dtype)
@@ -131,6 +136,12 @@ class GradGroups:
         if self._inverse is not None:
             flat = flat[self._inverse]
         return flat
+
+
+def _sparse_aware_norm(g: Tensor, dtype: torch.dtype) -> Tensor:
+    if g.is_sparse:
+        g = g.coalesce().values()  # duplicates summed first, as the dense gradient would be
+    return torch.linalg.vector_norm(g, dtype=dtype)
 
 
 def scale_grads_(grads: list[Tensor], scale: float) -> None:
@@ -185,6 +196,10 @@ def agc_factors(
         if g is None:
             factors.append(None)
             sq.append(torch.zeros((), device=device))
+            continue
+        if g.is_sparse:  # left unclipped: unit norms of a sparse gradient are not implemented
+            factors.append(None)
+            sq.append(_sparse_aware_norm(g, torch.float32).square().to(device))
             continue
         p_norm = _unitwise_norm(p.detach()).clamp(min=eps)
         g_norm = _unitwise_norm(g)

@@ -117,6 +117,16 @@ def _shard_group(model: nn.Module, root: nn.Module, named: Sequence[tuple[str, A
     return mesh.get_group()
 
 
+def _sparse_grad_positions(root: nn.Module, named: Sequence[tuple[str, Any]]) -> list[int]:
+    """Positions of parameters whose gradient is sparse (``nn.Embedding(sparse=True)``)."""
+    ids = {
+        id(m.weight)
+        for m in root.modules()
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)
+    }
+    return [i for i, (_, p) in enumerate(named) if id(p) in ids]
+
+
 def _owner(name: str) -> str:
     """The module a parameter belongs to: 'encoder.lstm.weight_hh_l0' -> 'encoder.lstm'."""
     layer, _, _ = name.rpartition(".")
@@ -153,7 +163,11 @@ class TorchAttachment:
         self._model = weakref.ref(root)
         self.names = [n for n, _ in named]
         self.layers = [_owner(n) for n in self.names]
-        self._groups = GradGroups([p for _, p in named], local_shards=self._shard_group is not None)
+        self._groups = GradGroups(
+            [p for _, p in named],
+            local_shards=self._shard_group is not None,
+            sparse=_sparse_grad_positions(root, named),
+        )
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles = HandleGroup()
         self._closed = False

@@ -94,6 +94,39 @@ def test_fixed_policy_equals_clip_grad_norm():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+def test_sparse_embedding_gradients_are_measured_and_clipped():
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 4, sparse=True)
+            self.head = nn.Linear(4, 1)
+
+        def forward(self, idx):
+            return self.head(self.emb(idx)).square().mean()
+
+    model = Bag()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    idx = torch.tensor([[1, 1, 2], [3, 1, 4]])
+    with gradwatch_torch.watch(model, opt, policy="fixed", max_norm=1e-3, sinks=["memory"]) as w:
+        opt.zero_grad()
+        model(idx).backward()
+        dense = model.emb.weight.grad.to_dense().clone()
+        opt.step()
+        rec = w.records[-1]
+    assert rec.param_norms["emb.weight"] == pytest.approx(dense.norm().item(), rel=1e-6)
+    assert rec.clip.scale < 1
+    total = (
+        (
+            model.emb.weight.grad.to_dense().square().sum()
+            + model.head.weight.grad.square().sum()
+            + model.head.bias.grad.square().sum()
+        )
+        .sqrt()
+        .item()
+    )
+    assert total == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_fixed_policy_leaves_gradients_alone_below_threshold():
     model = _mlp()
     ref = copy.deepcopy(model)
