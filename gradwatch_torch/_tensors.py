@@ -120,7 +120,7 @@ class GradGroups:
                 continue
             dtype = _reduce_dtype(present[0].dtype)
             if group.sparse:  # _foreach_norm has no sparse kernel; these are few (embeddings)
-                got: Sequence[Tensor] = [_sparse_aware_norm(g, dtype) for g in present]
+                got: list[Tensor] | tuple[Tensor, ...] = [_sparse_aware_norm(g, dtype) for g in present]
             elif present[0].dtype == dtype:
                 got = torch._foreach_norm(present, 2.0)
             else:
