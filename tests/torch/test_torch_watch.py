@@ -394,3 +394,15 @@ def test_memory_stays_flat_over_many_steps():
         assert len(w.records) <= 50
         assert w.records[-1].step == 1200
     assert grown < 200_000, f"memory grew by {grown} bytes over 900 steps"
+
+
+def test_plugin_imports_without_importing_torch_and_ignores_other_objects():
+    import subprocess
+    import sys
+
+    code = "import sys, gradwatch_torch, gradwatch_torch.plugin; assert 'torch' not in sys.modules"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    from gradwatch_torch.plugin import gradwatch_attach
+
+    assert gradwatch_attach(target=object(), optimizer=None, monitor=None) is None
