@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
     p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--workload", default="W1", choices=("W1", "W2"))
+    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset of " + ",".join(CONFIGS))
     a = p.parse_args(argv)
-    base, data, loss_of, desc = workload("W1", a.quick)
+    base, data, loss_of, desc = workload(a.workload, a.quick)
     steps, warm = (10, 2) if a.quick else (a.steps, 10)
 
     # Unwatched step time without the profiler, for the shares.
@@ -127,12 +129,13 @@ def main(argv: list[str] | None = None) -> None:
         times.append(time.perf_counter() - t0)
     unwatched = statistics.median(times[warm:])
     results = {}
-    for name, cfg in CONFIGS.items():
+    for name in a.configs.split(","):
+        cfg = CONFIGS[name]
         log(f"profiling {name}: {steps} steps")
         results[name] = profile(cfg, base, data, loss_of, steps, warm)
 
     md = [
-        f"cProfile over {steps} steps of W1 ({desc}) per configuration, after {warm} warm-up steps. "
+        f"cProfile over {steps} steps of {a.workload} ({desc}) per configuration, after {warm} warm-up steps. "
         f"Costs are ms per step (averaged over profiled and unprofiled steps) and % of an unwatched "
         f"step ({1000 * unwatched:.0f} ms here, timed without the profiler). cProfile adds its own "
         "overhead to every Python call, so these are upper bounds.",
