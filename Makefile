@@ -41,6 +41,7 @@ test: $(STAMP_TEST)
 	exit $$rc
 
 bench: $(STAMP_TEST)
+	$(PIP) -e '.[torch,tf,plot,dev,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:
