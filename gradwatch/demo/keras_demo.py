@@ -90,18 +90,8 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     rng = np.random.default_rng(seed)
     x, y = task.batch(rng, steps * BATCH)  # one epoch of `steps` batches
     model = _build(spec)
-    path = out / f"{spec.name}.jsonl"
-    every = max(1, min(5, steps // 20))
-    options: dict[str, Any] = {
-        "sinks": [f"jsonl:{path}"],
-        "profile_every": every,
-        "log_every": every,
-        "run_name": spec.name,
-        "policy": spec.policy,
-    }
-    if spec.policy is not None:
-        options["max_norm"] = 1.0
-    watch = GradWatchCallback(**options)
+    path = spec.run_file(out)
+    watch = GradWatchCallback(**spec.watch_options(out, steps))
     watch.monitor.meta["demo"] = {"description": spec.description, "hidden": spec.hidden, "lr": spec.lr}
     bar = Progress(spec.name, steps, stream)
 

@@ -33,6 +33,26 @@ class RunSpec:
     policy: str | None
     description: str
 
+    def run_file(self, out: Path) -> Path:
+        """Where this run's JSONL goes: ``out/<name>.jsonl``."""
+        return out / f"{self.name}.jsonl"
+
+    def watch_options(self, out: Path, steps: int) -> dict[str, Any]:
+        """The gradwatch options of this run, the same for PyTorch and Keras: a run file
+        in ``out``, and profiles and flushes often enough for about 20+ points even on a
+        short run; a policy (if any) caps at max_norm=1."""
+        every = max(1, min(5, steps // 20))
+        options: dict[str, Any] = {
+            "sinks": [f"jsonl:{self.run_file(out)}"],
+            "profile_every": every,
+            "log_every": every,
+            "run_name": self.name,
+            "policy": self.policy,
+        }
+        if self.policy is not None:
+            options["max_norm"] = 1.0
+        return options
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -105,17 +125,8 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     rng = np.random.default_rng(seed)
     model = _build(spec)
     optimizer = torch.optim.Adam(model.parameters(), lr=spec.lr)
-    path = out / f"{spec.name}.jsonl"
-    every = max(1, min(5, steps // 20))  # about 20+ points even for a short run
-    options: dict[str, Any] = {
-        "sinks": [f"jsonl:{path}"],
-        "profile_every": every,
-        "log_every": every,
-        "run_name": spec.name,
-        "policy": spec.policy,
-    }
-    if spec.policy is not None:
-        options["max_norm"] = 1.0
+    path = spec.run_file(out)
+    options = spec.watch_options(out, steps)
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
     losses: list[float] = []
     bar = Progress(spec.name, steps, stream)
