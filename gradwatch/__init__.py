@@ -5,32 +5,45 @@ measures every optimizer step of an existing model (per-parameter and per-layer 
 per-timestep profiles of recurrent layers, recurrent spectral norms), raises alerts, and
 with a policy clips adaptively. The core needs numpy and pluggy only; the PyTorch and
 Keras backends are plugins found through entry points, loaded at the first ``watch()``.
+
+Plugin and backend authors find their names here too: the hook markers, the protocols a
+hook receives (``MonitorView``, ``MonitorPort``), the statistics layout (``Layout``,
+``Segment``, ``StepStats``), the array-ops layer policies run on, ``Attachment`` and
+``HandleGroup``.
 """
 
 from __future__ import annotations
 
 from gradwatch import policies
+from gradwatch._layout import Layout, Segment, StepStats
+from gradwatch._state import STATE_VERSION
+from gradwatch.arrayops import NUMPY, ArrayOps
+from gradwatch.attachment import Attachment, HandleGroup
 from gradwatch.errors import ConfigError, GradwatchError, NonFiniteGradientError
 from gradwatch.events import EVENT_KINDS, EventKind, GradEvent
+from gradwatch.hookspecs import hookimpl
 from gradwatch.jsonl import RunFileError, read_jsonl, read_run
-from gradwatch.monitor import Monitor
-from gradwatch.options import Options
-from gradwatch.policies import AGC, AutoClip, ClipPolicy, FixedNorm, ZClip
-from gradwatch.records import ClipDecision, GateStats, StepRecord, TemporalProfile, WindowStats
+from gradwatch.monitor import Monitor, infer_layer
+from gradwatch.options import Options, profile_due
+from gradwatch.policies import AGC, AutoClip, ClipPolicy, FixedNorm, UnitwisePolicy, ZClip
+from gradwatch.records import ClipDecision, GateStats, Propagation, StepRecord, TemporalProfile, WindowStats
 from gradwatch.sinks import JsonlSink, LoggingSink, MemorySink, TensorBoardSink
-from gradwatch.watch import Watch, watch
+from gradwatch.view import MonitorPort, MonitorView
+from gradwatch.watch import Watch, watch, watch_with
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "__version__",
     "watch",
+    "watch_with",
     "Watch",
     "Monitor",
     "Options",
     "StepRecord",
     "ClipDecision",
     "TemporalProfile",
+    "Propagation",
     "GateStats",
     "WindowStats",
     "GradEvent",
@@ -44,6 +57,7 @@ __all__ = [
     "read_run",
     "policies",
     "ClipPolicy",
+    "UnitwisePolicy",
     "FixedNorm",
     "AutoClip",
     "ZClip",
@@ -52,4 +66,18 @@ __all__ = [
     "MemorySink",
     "JsonlSink",
     "TensorBoardSink",
+    # for plugin and backend authors
+    "hookimpl",
+    "MonitorView",
+    "MonitorPort",
+    "Attachment",
+    "HandleGroup",
+    "Layout",
+    "Segment",
+    "StepStats",
+    "ArrayOps",
+    "NUMPY",
+    "STATE_VERSION",
+    "infer_layer",
+    "profile_due",
 ]

@@ -1,8 +1,6 @@
-"""Numpy reference maths shared by the core and tested against by the backends.
+"""Numpy maths of the core that is not a policy: unit norms, fits of temporal profiles.
 
-Backends re-implement some of this on device (AGC, norms); their tests compare their
-tensors with these functions on the same arrays, so there is one definition of each
-quantity.
+(Policies live in :mod:`gradwatch.policies`, written once over an array-ops layer.)
 """
 
 from __future__ import annotations
@@ -12,14 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = [
-    "unitwise_norm",
-    "agc_clip",
-    "temporal_gain",
-    "temporal_horizon",
-    "percentile",
-    "HORIZON_FRACTION",
-]
+__all__ = ["HORIZON_FRACTION", "temporal_gain", "temporal_horizon", "unitwise_norm"]
 
 #: A timestep is "reached" while its gradient norm is at least this fraction of the peak.
 HORIZON_FRACTION = 1e-3
@@ -39,31 +30,6 @@ def unitwise_norm(x: np.ndarray, unit_axis: int = 0) -> np.ndarray:
     axis = unit_axis % x.ndim
     reduce_axes = tuple(a for a in range(x.ndim) if a != axis)
     return np.sqrt(np.sum(x * x, axis=reduce_axes, keepdims=True))
-
-
-def agc_clip(
-    param: np.ndarray, grad: np.ndarray, clip_factor: float = 0.01, eps: float = 1e-3, unit_axis: int = 0
-) -> np.ndarray:
-    """Adaptive gradient clipping, unit-wise (Brock et al. 2021, "High-Performance
-    Large-Scale Image Recognition Without Normalization", eq. 3).
-
-    For each unit i: if ||G_i|| / max(||W_i||, eps) > clip_factor, then
-    G_i <- clip_factor * max(||W_i||, eps) / ||G_i|| * G_i; otherwise G_i is unchanged.
-    The ``eps`` floor keeps zero-initialised parameters (biases) from having their
-    gradients clipped to zero.
-    """
-    g = np.asarray(grad, dtype=np.float64)
-    p_norm = np.maximum(unitwise_norm(param, unit_axis), eps)
-    g_norm = unitwise_norm(g, unit_axis)
-    max_norm = clip_factor * p_norm
-    # min(1, max/g) written so that a zero gradient gives factor 1, not 0/0.
-    factor = np.where(g_norm > max_norm, max_norm / np.maximum(g_norm, 1e-6), 1.0)
-    return g * factor
-
-
-def percentile(values: Sequence[float] | np.ndarray, q: float) -> float:
-    """The q-th percentile with linear interpolation, as ``np.percentile`` defines it."""
-    return float(np.percentile(np.asarray(values, dtype=np.float64), q))
 
 
 def temporal_gain(norms: Sequence[float] | np.ndarray) -> float:

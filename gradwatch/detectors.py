@@ -1,7 +1,8 @@
-"""Detectors: turn step records into events (vanishing, exploding, non-finite).
+"""Detectors: every source of events (vanishing, exploding, non-finite, clipped, skipped).
 
-A detector sees each record once, right after it is built, and returns the events it
-finds; the monitor rate-limits and emits them. Every threshold is an option (see
+A detector sees each record once, right after it is built, together with a read-only
+:class:`~gradwatch.view.MonitorView`, and returns the events it finds; the monitor
+rate-limits and emits them. Every threshold is an option (see
 :class:`gradwatch.options.Options`). Detectors keep their statistics in plain floats so
 ``state_dict()`` round-trips through JSON and a resumed run alerts exactly as an
 uninterrupted one would.
@@ -17,28 +18,23 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from gradwatch.events import GradEvent
+from gradwatch.formatting import clip_hint, fmt, layer_spectral, nonfinite_message
 from gradwatch.options import Options
 from gradwatch.records import NormMap, StepRecord
 
 if TYPE_CHECKING:
-    from gradwatch.monitor import Monitor
+    from gradwatch.view import MonitorView
 
 __all__ = [
+    "BUILTIN_DETECTORS",
+    "ClipDetector",
     "Detector",
     "NonFiniteDetector",
+    "SkipDetector",
     "SpikeDetector",
     "TemporalDetector",
     "VanishingNormDetector",
-    "BUILTIN_DETECTORS",
-    "fmt",
 ]
-
-
-def fmt(x: float | None) -> str:
-    """A number as a person reads it in an alert: 3 significant digits."""
-    if x is None:
-        return "n/a"
-    return f"{x:.3g}"
 
 
 @runtime_checkable
@@ -50,7 +46,7 @@ class Detector(Protocol):
 
     def __init__(self, options: Options) -> None: ...
 
-    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]: ...
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -70,36 +66,16 @@ class _Stateless:
         return None
 
 
-_ACTION = {
-    "warn": "The optimizer step went ahead with these values (on_nonfinite='warn'); pass "
-    "on_nonfinite='skip' to skip such steps or 'raise' to stop.",
-    "skip": "The optimizer step was skipped: weights and optimizer state are unchanged.",
-    "raise": "Training was stopped before the optimizer step (on_nonfinite='raise').",
-}
-
-
-def nonfinite_message(step: int, params: Sequence[str], layer: str | None, on_nonfinite: str) -> str:
-    """The sentence used both for the event and for NonFiniteGradientError."""
-    shown = ", ".join(repr(p) for p in params[:5])
-    more = f" and {len(params) - 5} more" if len(params) > 5 else ""
-    where = f" in layer {layer!r}" if layer else ""
-    return (
-        f"Non-finite gradient (NaN or Inf) at step {step}{where}: parameter{'s' if len(params) > 1 else ''} "
-        f"{shown}{more}. {_ACTION[on_nonfinite]} Usual causes: a learning rate too high, a log or "
-        f"division of zero in the loss, or a bad input batch."
-    )
-
-
 class NonFiniteDetector(_Stateless):
     """Any NaN or Inf in any gradient: one ERROR event naming the parameters."""
 
     name: ClassVar[str] = "nonfinite"
 
-    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         if not record.nonfinite:
             return ()
         first = record.nonfinite[0]
-        layer = monitor.layer_of(first)
+        layer = view.layer_of(first)
         return (
             GradEvent(
                 kind="nonfinite",
@@ -135,7 +111,7 @@ class SpikeDetector:
         self.mean = 0.0
         self.var = 0.0
 
-    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         norm = record.global_norm
         if not (math.isfinite(norm) and norm > 0):
             return ()
@@ -149,7 +125,7 @@ class SpikeDetector:
                     severity=logging.WARNING,
                     message=(
                         f"Gradient norm {fmt(norm)} at step {record.step} is above the ceiling "
-                        f"norm_ceiling={fmt(o.norm_ceiling)}. {_clip_hint(record)}"
+                        f"norm_ceiling={fmt(o.norm_ceiling)}. {clip_hint(record)}"
                     ),
                     value=norm,
                     threshold=o.norm_ceiling,
@@ -175,7 +151,7 @@ class SpikeDetector:
                     message=(
                         f"Gradient norm spiked at step {record.step}: {fmt(norm)} is {norm / ref:.0f}x its "
                         f"running level {fmt(ref)} (log-space z-score {z:.1f}; alerts above z {fmt(o.spike_z)} "
-                        f"and {fmt(o.spike_ratio)}x). {_clip_hint(record)}"
+                        f"and {fmt(o.spike_ratio)}x). {clip_hint(record)}"
                     ),
                     value=norm,
                     threshold=o.spike_ratio * ref,
@@ -198,17 +174,6 @@ class SpikeDetector:
         self.var = float(state["var"])
 
 
-def _clip_hint(record: StepRecord) -> str:
-    if record.clip is not None:
-        if record.clip.clipped:
-            return (
-                f"Policy {record.clip.policy!r} scaled it by {fmt(record.clip.scale)} "
-                f"(threshold {fmt(record.clip.threshold)})."
-            )
-        return f"Policy {record.clip.policy!r} did not clip it (threshold {fmt(record.clip.threshold)})."
-    return "Consider clipping: policy='zclip' (adaptive) or policy='fixed' with max_norm."
-
-
 class TemporalDetector(_Stateless):
     """Vanishing or exploding gradients *through time* in a recurrent layer.
 
@@ -223,7 +188,7 @@ class TemporalDetector(_Stateless):
 
     name: ClassVar[str] = "temporal"
 
-    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         if not record.temporal:
             return ()
         o = self.options
@@ -233,7 +198,7 @@ class TemporalDetector(_Stateless):
                 continue
             r_peak = prof.earliest_over_peak
             r_last = prof.earliest_over_last
-            sigma = _layer_spectral(record, layer)
+            sigma = layer_spectral(record, layer)
             if r_peak < o.vanish_ratio:
                 gate = record.gates.get(layer)
                 gate_txt = (
@@ -283,18 +248,6 @@ class TemporalDetector(_Stateless):
         return events
 
 
-def _layer_spectral(record: StepRecord, layer: str) -> str:
-    """", largest recurrent singular value 1.1 (rnn.weight_hh_l0)" when measured."""
-    best: tuple[float, str] | None = None
-    for name, s in record.spectral.items():
-        if name.startswith(layer + ".") or name.startswith(layer + "/") or name.startswith(layer + "["):
-            if best is None or s > best[0]:
-                best = (s, name)
-    if best is None:
-        return ""
-    return f", largest recurrent singular value {fmt(best[0])} ({best[1]})"
-
-
 class VanishingNormDetector:
     """The global norm, or one layer's norm, stayed below ``vanish_floor`` for
     ``vanish_patience`` consecutive steps: that part of the model has stopped learning.
@@ -310,7 +263,7 @@ class VanishingNormDetector:
         self.layers: tuple[str, ...] = ()
         self.counts = np.zeros(0, dtype=np.int64)
 
-    def check(self, record: StepRecord, monitor: Monitor) -> Sequence[GradEvent]:
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         o = self.options
         if o.vanish_floor <= 0:
             return ()
@@ -375,4 +328,61 @@ class VanishingNormDetector:
         self.counts = np.asarray(state["counts"], dtype=np.int64)
 
 
-BUILTIN_DETECTORS: tuple[type, ...] = (NonFiniteDetector, SpikeDetector, TemporalDetector, VanishingNormDetector)
+class ClipDetector(_Stateless):
+    """An INFO event for every step the policy scaled down (counted, rate-limited)."""
+
+    name: ClassVar[str] = "clipped"
+
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
+        clip = record.clip
+        if clip is None or clip.scale >= 1.0:
+            return ()
+        return (
+            GradEvent(
+                kind="clipped",
+                step=record.step,
+                severity=logging.INFO,
+                message=(
+                    f"Step {record.step}: gradient norm {fmt(record.global_norm)} clipped by policy "
+                    f"{clip.policy!r} (threshold {fmt(clip.threshold)}, scale {fmt(clip.scale)})."
+                ),
+                value=record.global_norm,
+                threshold=clip.threshold,
+            ),
+        )
+
+
+class SkipDetector(_Stateless):
+    """A WARNING event for every optimizer step gradwatch skipped (``on_nonfinite="skip"``)."""
+
+    name: ClassVar[str] = "skipped"
+
+    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
+        if not record.skipped:
+            return ()
+        first = record.nonfinite[0] if record.nonfinite else None
+        return (
+            GradEvent(
+                kind="skipped",
+                step=record.step,
+                severity=logging.WARNING,
+                message=(
+                    f"Step {record.step} skipped"
+                    + (f" because of a non-finite gradient in {first!r}" if first else "")
+                    + ": weights and optimizer state are unchanged."
+                ),
+                layer=view.layer_of(first) if first else None,
+                param=first,
+                value=record.global_norm,
+            ),
+        )
+
+
+BUILTIN_DETECTORS: tuple[type, ...] = (
+    NonFiniteDetector,
+    SpikeDetector,
+    TemporalDetector,
+    VanishingNormDetector,
+    ClipDetector,
+    SkipDetector,
+)

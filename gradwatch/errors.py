@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["GradwatchError", "ConfigError", "NonFiniteGradientError"]
+__all__ = ["ConfigError", "GradwatchError", "NonFiniteGradientError"]
 
 
 class GradwatchError(Exception):

@@ -6,7 +6,7 @@ import logging
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-__all__ = ["EventKind", "EVENT_KINDS", "GradEvent"]
+__all__ = ["EVENT_KINDS", "EventKind", "GradEvent"]
 
 EventKind = Literal["vanishing", "exploding", "nonfinite", "clipped", "skipped"]
 EVENT_KINDS: tuple[str, ...] = ("vanishing", "exploding", "nonfinite", "clipped", "skipped")

@@ -4,6 +4,10 @@ Hooks that *decide* are ``firstresult=True`` and return ``X | None`` (None: "not
 ask the next plugin"). Hooks that *announce* return None. Announcing hooks fire once per
 step or event with aggregated values, never per parameter, so a plugin costs at most one
 call per step. A plugin whose hook raises is disabled after one ERROR log line.
+
+Hooks are typed against small protocols (:mod:`gradwatch.view`): announcing hooks get a
+read-only :class:`~gradwatch.view.MonitorView`, a backend's ``gradwatch_attach`` a
+:class:`~gradwatch.view.MonitorPort`, never the concrete Monitor.
 """
 
 from __future__ import annotations
@@ -13,18 +17,18 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from gradwatch.attachment import Attachment
     from gradwatch.events import GradEvent
-    from gradwatch.handles import Attachment
-    from gradwatch.monitor import Monitor
     from gradwatch.options import Options
     from gradwatch.policies import ClipPolicy
     from gradwatch.records import StepRecord
+    from gradwatch.view import MonitorPort, MonitorView
 
 PROJECT = "gradwatch"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
-__all__ = ["hookspec", "hookimpl", "PROJECT"]
+__all__ = ["PROJECT", "hookimpl", "hookspec"]
 
 
 @hookspec
@@ -37,7 +41,7 @@ def gradwatch_register_policies() -> list[type[ClipPolicy]]:  # type: ignore[emp
 
 @hookspec
 def gradwatch_register_sinks() -> list[type[Any]]:  # type: ignore[empty-body]
-    """Return sink classes (each with a ``scheme`` and ``from_spec(arg, monitor)``).
+    """Return sink classes (each with a ``scheme`` and ``from_spec(arg, view)``).
 
     Called when a Monitor resolves its ``sinks`` specs; ``"scheme:arg"`` picks the class.
     """
@@ -52,7 +56,7 @@ def gradwatch_register_detectors() -> list[type[Any]]:  # type: ignore[empty-bod
 
 
 @hookspec(firstresult=True)
-def gradwatch_attach(target: object, optimizer: object | None, monitor: Monitor) -> Attachment | None:
+def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorPort) -> Attachment | None:
     """Attach ``monitor`` to ``target`` (and ``optimizer``) if this backend recognises it.
 
     Called by ``gradwatch.watch``. Recognise the target without importing a framework the
@@ -71,7 +75,7 @@ def gradwatch_resolve_policy(spec: object, options: Options) -> ClipPolicy | Non
 
 
 @hookspec
-def gradwatch_step_recorded(record: StepRecord, monitor: Monitor) -> None:
+def gradwatch_step_recorded(record: StepRecord, view: MonitorView) -> None:
     """Announce a step's record, right after detection and the clip decision.
 
     Called once per optimizer step, on every rank. Must be cheap: it runs on the training
@@ -80,5 +84,5 @@ def gradwatch_step_recorded(record: StepRecord, monitor: Monitor) -> None:
 
 
 @hookspec
-def gradwatch_event(event: GradEvent, monitor: Monitor) -> None:
+def gradwatch_event(event: GradEvent, view: MonitorView) -> None:
     """Announce an event as it is emitted (after rate limiting)."""

@@ -23,7 +23,7 @@ from gradwatch.errors import GradwatchError
 from gradwatch.events import GradEvent
 from gradwatch.records import StepRecord
 
-__all__ = ["SCHEMA", "read_jsonl", "read_run", "encode_line", "RunFileError", "Run"]
+__all__ = ["SCHEMA", "Run", "RunFileError", "encode_line", "read_jsonl", "read_run"]
 
 SCHEMA = "gradwatch/1"
 

@@ -13,10 +13,24 @@ from typing import Any
 
 from gradwatch.errors import ConfigError
 
-__all__ = ["Options", "ON_NONFINITE"]
+__all__ = ["ON_NONFINITE", "Options", "profile_due"]
 
 ON_NONFINITE = ("warn", "skip", "raise")
 _UNSET: Any = object()
+
+
+def profile_due(step: Any, every: int, ops: Any = None) -> Any:
+    """The one profiling rule: is optimizer step ``step`` (from 1) a profiled step?
+
+    The first step (so a short run gets a profile), then every ``every`` steps; never
+    when ``every`` is 0. With ``ops`` (an :class:`~gradwatch.arrayops.ArrayOps`) ``step``
+    may be a device scalar and the answer is one too: the in-graph schedule is this rule.
+    """
+    if every <= 0:
+        return False if ops is None else ops.asarray(False, "bool")
+    if ops is None:
+        return step == 1 or step % every == 0
+    return ops.logical_or(ops.equal(step, 1), ops.equal(step % every, 0))
 
 
 def _is_number(v: object) -> bool:
@@ -31,7 +45,7 @@ def _bad(option: str, value: object, allowed: str) -> ConfigError:
 class Options:
     """Every option, with its documented default (README, "Options").
 
-    ``policy`` .. ``keep`` are the options of API.md. The rest tune the detectors; their
+    ``policy`` .. ``keep`` are the options of docs/API.md. The rest tune the detectors; their
     defaults were chosen to stay silent on healthy training (no exploding alert on 10,000
     steps of log-normal norms with sigma 0.3) and to flag a 10x spike at once.
     """

@@ -11,7 +11,7 @@ import pluggy
 
 from gradwatch import hookspecs
 
-__all__ = ["make_plugin_manager", "get_plugin_manager", "backend_names", "ENTRY_POINT_GROUP", "BUILTIN_NAME"]
+__all__ = ["BUILTIN_NAME", "ENTRY_POINT_GROUP", "backend_names", "get_plugin_manager", "make_plugin_manager"]
 
 ENTRY_POINT_GROUP = "gradwatch"
 BUILTIN_NAME = "gradwatch.builtin"
@@ -123,7 +123,7 @@ class IsolatedCaller:
             fn: Callable[..., Any] = impl.function
             try:
                 fn(*[kwargs[a] for a in impl.argnames])
-            except Exception as exc:  # noqa: BLE001 - isolation is the point
+            except Exception as exc:
                 self.disabled.add(id(impl.plugin))
                 name = plugin_label(self.pm, impl.plugin)
                 logger.error(

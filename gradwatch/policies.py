@@ -1,133 +1,116 @@
-"""Clipping policies: how much to scale a gradient, decided from its norm.
+"""The clipping policies: FixedNorm, AutoClip, ZClip (global norm) and AGC (unit-wise).
 
-Each policy owns its state (``state_dict()`` / ``load_state_dict()``, plain JSON values,
-exact round trip) and exposes ``update(norm) -> ClipDecision``. The arithmetic is written
-out in each docstring because the backends re-implement it on device (TensorFlow runs it
-in-graph) and are tested against these numpy/Python versions on the same norm sequences.
+Each is defined once, as pure functions over the array-ops layer (see
+:mod:`gradwatch.clipping` for the protocol and the state format), so the host and the
+device run the same maths. Conventions shared by every global-norm policy:
 
-Conventions shared by every policy:
-
-* ``update`` receives the global L2 norm of the gradient before clipping;
-* the returned ``scale`` is 1 when ``norm <= threshold`` and otherwise
-  ``threshold / (norm + 1e-6)``, the coefficient ``torch.nn.utils.clip_grad_norm_`` uses
-  (which differs from 1 by at most 1e-6 relative in the band norm in (threshold - 1e-6,
-  threshold]); so it lies in [0, 1], clipping never raises a norm, and a step counts as
-  clipped only when the norm really was above the threshold;
+* ``stats.norm`` is the global L2 norm of the gradient before clipping;
+* ``scale`` is 1 when ``norm <= threshold`` and otherwise ``threshold / (norm + 1e-6)``,
+  the coefficient of ``torch.nn.utils.clip_grad_norm_``: it lies in [0, 1], clipping
+  never raises a norm, and a step counts as clipped only when the norm was above the
+  threshold;
 * a non-finite norm changes no state and gives ``scale == 1``: there is nothing sensible
   to scale, and what happens to such a step is ``on_nonfinite``'s decision.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from array import array
-from collections import deque
 from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+import numpy as np
+
+from gradwatch._state import check_version
+from gradwatch.arrayops import NUMPY, ArrayOps
+from gradwatch.clipping import (
+    CLIP_EPS,
+    Clip,
+    ClipPolicy,
+    ClipStats,
+    HostPolicy,
+    Policy,
+    UnitwisePolicy,
+    _is_real,
+    _number,
+    clip_scale,
+    is_policy,
+)
 from gradwatch.errors import ConfigError
-from gradwatch.records import ClipDecision
 
-__all__ = ["ClipPolicy", "FixedNorm", "AutoClip", "ZClip", "AGC", "BUILTIN_POLICIES", "clip_scale"]
+__all__ = [
+    "AGC",
+    "AUTOCLIP_DEFAULT_HISTORY",
+    "BUILTIN_POLICIES",
+    "CLIP_EPS",
+    "AutoClip",
+    "AutoClipState",
+    "Clip",
+    "ClipPolicy",
+    "ClipStats",
+    "FixedNorm",
+    "FixedNormState",
+    "HostPolicy",
+    "Policy",
+    "UnitwisePolicy",
+    "ZClip",
+    "ZClipState",
+    "clip_scale",
+    "is_policy",
+]
 
-#: Added to the norm before dividing, as clip_grad_norm_ does, so a zero norm is harmless.
-CLIP_EPS = 1e-6
-STATE_VERSION = 1
-
-
-def clip_scale(threshold: float, norm: float) -> float:
-    """The factor that brings ``norm`` down to ``threshold``: 1 if it is not above it,
-    else ``threshold / (norm + 1e-6)`` as in ``clip_grad_norm_``."""
-    if norm <= threshold:
-        return 1.0
-    return min(1.0, threshold / (norm + CLIP_EPS))
-
-
-@runtime_checkable
-class ClipPolicy(Protocol):
-    """What a clipping policy implements. Plugins register classes of this shape through
-    the ``gradwatch_register_policies`` hook; ``name`` is the key users pass as
-    ``policy="name"``."""
-
-    name: ClassVar[str]
-    #: True when the policy scales unit by unit (AGC) rather than by one global factor.
-    unitwise: ClassVar[bool]
-
-    def update(self, norm: float) -> ClipDecision: ...
-
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+#: Norms AutoClip keeps when ``history=None``. A fixed size is what a device (XLA) needs
+#: and what keeps memory bounded on long runs; sorting 8,192 norms costs about 0.1 ms.
+AUTOCLIP_DEFAULT_HISTORY = 8192
 
 
-def _positive(owner: str, name: str, value: object, *, allow_none: bool = False, strict: bool = True) -> None:
-    if allow_none and value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > 0 if strict else value >= 0)  # type: ignore[operator]
-    if not ok:
-        rule = "> 0" if strict else ">= 0"
-        extra = " or None" if allow_none else ""
-        raise ConfigError(
-            f"{owner}({name}={value!r}): {name} must be a finite number {rule}{extra}; received {value!r}.",
-            option=name,
-            value=value,
-        )
+# --------------------------------------------------------------------------- FixedNorm
+@dataclass(frozen=True)
+class FixedNormState:
+    """FixedNorm keeps no state."""
 
 
-class _Stateful:
-    name: ClassVar[str] = ""
-    unitwise: ClassVar[bool] = False
-
-    def _check_state(self, state: Mapping[str, Any]) -> None:
-        if state.get("policy") != self.name:
-            raise ConfigError(
-                f"{type(self).__name__}.load_state_dict: the state belongs to policy "
-                f"{state.get('policy')!r}, not {self.name!r}.",
-                option="policy",
-                value=state.get("policy"),
-            )
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"{type(self).__name__}.load_state_dict: state version {state.get('version')!r} is not "
-                f"supported (expected {STATE_VERSION}).",
-                option="version",
-                value=state.get("version"),
-            )
-
-
-class FixedNorm(_Stateful):
+class FixedNorm(Policy):
     """Clip the global gradient norm to ``max_norm`` (Pascanu, Mikolov & Bengio 2013,
     "On the difficulty of training recurrent neural networks", algorithm 1).
 
     scale = max_norm / (norm + 1e-6) when norm > max_norm, else 1: the coefficient of
-    ``clip_grad_norm_`` and, up to the 1e-6, of Keras ``global_clipnorm``. Stateless.
+    ``clip_grad_norm_`` and, up to the 1e-6, of Keras ``global_clipnorm``.
     """
 
     name: ClassVar[str] = "fixed"
 
     def __init__(self, max_norm: float = 1.0) -> None:
-        _positive("FixedNorm", "max_norm", max_norm)
+        _number("FixedNorm", "max_norm", max_norm, "a finite number > 0", _is_real(max_norm) and max_norm > 0)
         self.max_norm = float(max_norm)
 
-    def update(self, norm: float) -> ClipDecision:
-        if not math.isfinite(norm):
-            return ClipDecision(self.max_norm, 1.0, self.name)
-        return ClipDecision(self.max_norm, clip_scale(self.max_norm, norm), self.name)
+    def config(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.name, "version": STATE_VERSION, "max_norm": self.max_norm}
+    def init(self) -> FixedNormState:
+        return FixedNormState()
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_state(state)
-        self.max_norm = float(state["max_norm"])
-
-    def __repr__(self) -> str:
-        return f"FixedNorm(max_norm={self.max_norm})"
+    def update(self, stats: ClipStats, state: FixedNormState, ops: ArrayOps = NUMPY) -> tuple[Clip, FixedNormState]:
+        norm = ops.asarray(stats.norm, "float64")
+        thr = ops.asarray(self.max_norm, "float64")
+        finite = ops.isfinite(norm)
+        safe = ops.where(finite, norm, ops.asarray(0.0, "float64"))
+        return Clip(thr, ops.where(finite, clip_scale(thr, safe, ops), ops.asarray(1.0, "float64"))), state
 
 
-class AutoClip(_Stateful):
+# ---------------------------------------------------------------------------- AutoClip
+@dataclass(frozen=True)
+class AutoClipState:
+    """AutoClip's memory of past norms."""
+
+    #: (history,) float64 ring of the last finite norms; +inf marks a slot not yet used.
+    norms: Any
+    #: int64: finite norms seen in all; the next one goes to slot ``count % history``.
+    count: Any
+
+
+class AutoClip(Policy):
     """Clip at the ``percentile``-th percentile of the gradient norms seen so far
     (Seetharaman, Wichern, Pardo & Le Roux 2020, "AutoClip: Adaptive Gradient Clipping for
     Source Separation Networks").
@@ -135,79 +118,97 @@ class AutoClip(_Stateful):
     At each step the current norm joins the history first (as in the paper's code), then
     threshold = percentile(history, p) with linear interpolation (numpy's default: the
     value at fractional rank (n - 1) * p / 100), and scale = clip_scale(threshold, norm).
-
-    ``history=None`` keeps every finite norm (8 bytes a step, kept sorted so each step
-    costs one binary insertion, not a sort); an integer keeps only the last ``history``
-    norms, which bounds memory and lets the threshold follow a drifting norm.
+    ``history`` is the number of most recent norms kept; ``None`` keeps the last
+    :data:`AUTOCLIP_DEFAULT_HISTORY` (8,192), which bounds memory and gives the state the
+    fixed shape a device needs.
     """
 
     name: ClassVar[str] = "autoclip"
 
     def __init__(self, percentile: float = 10.0, history: int | None = None) -> None:
-        if not (isinstance(percentile, (int, float)) and not isinstance(percentile, bool) and 0 < percentile <= 100):
-            raise ConfigError(
-                f"AutoClip(percentile={percentile!r}): percentile must be a number in (0, 100]; received {percentile!r}.",
-                option="percentile",
-                value=percentile,
-            )
-        if history is not None and not (isinstance(history, int) and not isinstance(history, bool) and history >= 1):
-            raise ConfigError(
-                f"AutoClip(history={history!r}): history must be None or an integer >= 1; received {history!r}.",
-                option="history",
-                value=history,
-            )
+        _number("AutoClip", "percentile", percentile, "a number in (0, 100]", _is_real(percentile) and 0 < percentile <= 100)
+        ok = history is None or (isinstance(history, int) and not isinstance(history, bool) and history >= 1)
+        _number("AutoClip", "history", history, "None or an integer >= 1", ok)
         self.percentile = float(percentile)
         self.history = history
-        self._sorted: array[float] = array("d")
-        self._order: deque[float] = deque()
+        self.capacity = int(history) if history is not None else AUTOCLIP_DEFAULT_HISTORY
 
-    def _threshold(self) -> float:
-        s = self._sorted
-        pos = (len(s) - 1) * self.percentile / 100.0
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(s) - 1)
-        frac = pos - lo
-        return s[lo] + (s[hi] - s[lo]) * frac
+    def config(self) -> dict[str, Any]:
+        return {"percentile": self.percentile, "history": self.history}
 
-    def _push(self, norm: float) -> None:
-        bisect.insort(self._sorted, norm)
-        if self.history is not None:
-            self._order.append(norm)
-            if len(self._order) > self.history:
-                old = self._order.popleft()
-                del self._sorted[bisect.bisect_left(self._sorted, old)]
+    def init(self) -> AutoClipState:
+        return AutoClipState(np.full(self.capacity, np.inf), np.asarray(0, dtype=np.int64))
 
-    def update(self, norm: float) -> ClipDecision:
-        if not math.isfinite(norm):
-            thr = self._threshold() if self._sorted else math.inf
-            return ClipDecision(thr, 1.0, self.name)
-        self._push(float(norm))
-        thr = self._threshold()
-        return ClipDecision(thr, clip_scale(thr, norm), self.name)
+    def threshold(self, norms: Any, count: Any, ops: ArrayOps = NUMPY) -> Any:
+        """The percentile of the stored norms (+inf when none is stored yet)."""
+        w = ops.minimum(count, ops.asarray(self.capacity, "int64"))
+        s = ops.sort(norms)
+        pos = ops.cast(w - 1, "float64") * (self.percentile / 100.0)
+        lo = ops.cast(ops.floor(pos), "int64")
+        hi = ops.minimum(lo + 1, w - 1)
+        frac = pos - ops.cast(lo, "float64")
+        zero = ops.asarray(0, "int64")
+        lo_v = ops.take(s, ops.maximum(lo, zero))
+        hi_v = ops.take(s, ops.maximum(hi, zero))
+        # lo_v where they coincide: inf - inf would be NaN while nothing is stored yet.
+        interp = ops.where(hi_v > lo_v, lo_v + (hi_v - lo_v) * frac, lo_v)
+        return ops.where(w > zero, interp, ops.asarray(math.inf, "float64"))
 
-    def state_dict(self) -> dict[str, Any]:
-        norms = list(self._order) if self.history is not None else self._sorted.tolist()
-        return {
-            "policy": self.name,
-            "version": STATE_VERSION,
-            "percentile": self.percentile,
-            "history": self.history,
-            "norms": norms,
-        }
+    def update(self, stats: ClipStats, state: AutoClipState, ops: ArrayOps = NUMPY) -> tuple[Clip, AutoClipState]:
+        norm = ops.asarray(stats.norm, "float64")
+        finite = ops.isfinite(norm)
+        x = ops.where(finite, norm, ops.asarray(0.0, "float64"))
+        slot = state.count % self.capacity
+        norms = ops.where(finite, ops.put(state.norms, slot, x), state.norms)
+        count = ops.where(finite, state.count + 1, state.count)
+        thr = self.threshold(norms, count, ops)
+        scale = ops.where(finite, clip_scale(thr, x, ops), ops.asarray(1.0, "float64"))
+        return Clip(thr, scale), AutoClipState(norms, count)
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_state(state)
-        self.percentile = float(state["percentile"])
-        self.history = None if state["history"] is None else int(state["history"])
-        norms = [float(v) for v in state["norms"]]
-        self._order = deque(norms) if self.history is not None else deque()
-        self._sorted = array("d", sorted(norms))
+    def dump_state(self, state: Any) -> dict[str, Any]:
+        """Only the stored norms, oldest first (no +inf placeholders: strict JSON)."""
+        out = super().dump_state(None)
+        count = int(np.asarray(state.count))
+        ring = np.asarray(state.norms, dtype=np.float64)
+        n = min(count, self.capacity)
+        order = [(count - n + i) % self.capacity for i in range(n)]
+        out["state"] = {"norms": ring[order].tolist(), "count": count}
+        return out
 
-    def __repr__(self) -> str:
-        return f"AutoClip(percentile={self.percentile}, history={self.history})"
+    def load_state(self, data: Mapping[str, Any]) -> AutoClipState:
+        check_version(data, "AutoClip.load_state_dict")
+        empty = {"norms": np.full(self.capacity, np.inf).tolist(), "count": 0}
+        ring = np.asarray(Policy.load_state(self, {**data, "state": empty}).norms).copy()  # policy and config checks
+        saved = data.get("state")
+        try:
+            norms = [float(v) for v in saved["norms"]]  # type: ignore[index]
+            count = int(saved["count"])  # type: ignore[index]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"AutoClip.load_state_dict: the saved state is malformed ({exc!r}).", option="state") from None
+        n = len(norms)
+        if n > self.capacity or n > count or not all(math.isfinite(v) for v in norms):
+            raise ConfigError("AutoClip.load_state_dict: the saved norms do not fit this policy's history.", option="state")
+        for i, v in enumerate(norms):
+            ring[(count - n + i) % self.capacity] = v
+        return AutoClipState(ring, np.asarray(count, dtype=np.int64))
 
 
-class ZClip(_Stateful):
+# ------------------------------------------------------------------------------- ZClip
+@dataclass(frozen=True)
+class ZClipState:
+    """ZClip's running statistics of the (clipped) norm."""
+
+    #: int64: finite norms seen, counted up to ``warmup`` (then it stays there).
+    seen: Any
+    #: (warmup,) float64: the norms of the warm-up steps; zeros once warm-up is over.
+    buffer: Any
+    #: float64: exponential moving mean of the norm after clipping.
+    mean: Any
+    #: float64: exponential moving variance of the norm after clipping.
+    var: Any
+
+
+class ZClip(Policy):
     """Z-score spike clipping with exponential moving statistics (Kumar et al. 2025,
     "ZClip: Adaptive Spike Mitigation for LLM Pre-Training").
 
@@ -228,138 +229,114 @@ class ZClip(_Stateful):
 
     name: ClassVar[str] = "zclip"
 
-    def __init__(
-        self, alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, max_norm: float | None = None
-    ) -> None:
-        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0 < alpha < 1):
-            raise ConfigError(
-                f"ZClip(alpha={alpha!r}): alpha must be a number in (0, 1); received {alpha!r}.",
-                option="alpha",
-                value=alpha,
-            )
-        _positive("ZClip", "z_threshold", z_threshold)
-        if not (isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 1):
-            raise ConfigError(
-                f"ZClip(warmup={warmup!r}): warmup must be an integer >= 1; received {warmup!r}.",
-                option="warmup",
-                value=warmup,
-            )
-        _positive("ZClip", "max_norm", max_norm, allow_none=True)
+    def __init__(self, alpha: float = 0.97, z_threshold: float = 2.5, warmup: int = 25, max_norm: float | None = None) -> None:
+        _number("ZClip", "alpha", alpha, "a number in (0, 1)", _is_real(alpha) and 0 < alpha < 1)
+        _number("ZClip", "z_threshold", z_threshold, "a finite number > 0", _is_real(z_threshold) and z_threshold > 0)
+        ok = isinstance(warmup, int) and not isinstance(warmup, bool) and warmup >= 1
+        _number("ZClip", "warmup", warmup, "an integer >= 1", ok)
+        ok = max_norm is None or (_is_real(max_norm) and max_norm > 0)
+        _number("ZClip", "max_norm", max_norm, "a finite number > 0 or None", ok)
         self.alpha = float(alpha)
         self.z_threshold = float(z_threshold)
         self.warmup = warmup
         self.max_norm = None if max_norm is None else float(max_norm)
-        self._seen = 0
-        self._buffer: list[float] = []
-        self._mean = 0.0
-        self._var = 0.0
 
-    def update(self, norm: float) -> ClipDecision:
-        cap = math.inf if self.max_norm is None else self.max_norm
-        if not math.isfinite(norm):
-            return ClipDecision(self._current_threshold(cap), 1.0, self.name)
-        norm = float(norm)
-        if self._seen < self.warmup:
-            self._seen += 1
-            self._buffer.append(norm)
-            if self._seen == self.warmup:
-                n = len(self._buffer)
-                self._mean = math.fsum(self._buffer) / n
-                self._var = math.fsum((x - self._mean) ** 2 for x in self._buffer) / n
-                self._buffer = []
-            return ClipDecision(cap, clip_scale(cap, norm) if math.isfinite(cap) else 1.0, self.name)
-        std = math.sqrt(self._var)
-        z = (norm - self._mean) / (std + CLIP_EPS)
-        if z > self.z_threshold:
-            thr = self._mean + self.z_threshold * self.z_threshold * std / z
-        else:
-            thr = self._mean + self.z_threshold * std
-        thr = min(thr, cap)
-        scale = clip_scale(thr, norm)
-        x = min(norm, thr)
-        a = self.alpha
-        self._mean = a * self._mean + (1.0 - a) * x
-        self._var = a * self._var + (1.0 - a) * (x - self._mean) ** 2
-        return ClipDecision(thr, scale, self.name)
+    def config(self) -> dict[str, Any]:
+        return {"alpha": self.alpha, "z_threshold": self.z_threshold, "warmup": self.warmup, "max_norm": self.max_norm}
 
-    def _current_threshold(self, cap: float) -> float:
-        if self._seen < self.warmup:
-            return cap
-        return min(self._mean + self.z_threshold * math.sqrt(self._var), cap)
+    def init(self) -> ZClipState:
+        f = np.float64
+        return ZClipState(np.asarray(0, dtype=np.int64), np.zeros(self.warmup), f(0.0), f(0.0))
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "policy": self.name,
-            "version": STATE_VERSION,
-            "alpha": self.alpha,
-            "z_threshold": self.z_threshold,
-            "warmup": self.warmup,
-            "max_norm": self.max_norm,
-            "seen": self._seen,
-            "buffer": list(self._buffer),
-            "mean": self._mean,
-            "var": self._var,
-        }
+    def update(self, stats: ClipStats, state: ZClipState, ops: ArrayOps = NUMPY) -> tuple[Clip, ZClipState]:
+        f64 = "float64"
+        a, zt, n = self.alpha, self.z_threshold, self.warmup
+        cap = ops.asarray(math.inf if self.max_norm is None else self.max_norm, f64)
+        one = ops.asarray(1.0, f64)
+        norm = ops.asarray(stats.norm, f64)
+        finite = ops.isfinite(norm)
+        x = ops.where(finite, norm, ops.asarray(0.0, f64))
+        seen, buf, mean, var = state.seen, state.buffer, state.mean, state.var
+        in_warmup = seen < n
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_state(state)
-        self.alpha = float(state["alpha"])
-        self.z_threshold = float(state["z_threshold"])
-        self.warmup = int(state["warmup"])
-        self.max_norm = None if state["max_norm"] is None else float(state["max_norm"])
-        self._seen = int(state["seen"])
-        self._buffer = [float(v) for v in state["buffer"]]
-        self._mean = float(state["mean"])
-        self._var = float(state["var"])
+        # Warm-up: collect; on the last warm-up step, mean and population variance.
+        wbuf = ops.put(buf, ops.minimum(seen, ops.asarray(n - 1, "int64")), x)
+        w_mean = ops.sum(wbuf) / n
+        dev = wbuf - w_mean
+        w_var = ops.sum(dev * dev) / n
+        done = ops.logical_and(in_warmup, seen + 1 >= n)
+        warm_mean = ops.where(done, w_mean, mean)
+        warm_var = ops.where(done, w_var, var)
+        warm_scale = clip_scale(cap, x, ops) if self.max_norm is not None else one
 
-    def __repr__(self) -> str:
-        return (
-            f"ZClip(alpha={self.alpha}, z_threshold={self.z_threshold}, warmup={self.warmup}, "
-            f"max_norm={self.max_norm})"
+        # After warm-up: the reciprocal rule.
+        std = ops.sqrt(var)
+        z = (x - mean) / (std + CLIP_EPS)
+        spike = z > zt
+        safe_z = ops.where(spike, z, one)
+        thr = ops.minimum(ops.where(spike, mean + zt * zt * std / safe_z, mean + zt * std), cap)
+        st_scale = clip_scale(thr, x, ops)
+        xc = ops.minimum(x, thr)
+        st_mean = a * mean + (1.0 - a) * xc
+        st_var = a * var + (1.0 - a) * (xc - st_mean) * (xc - st_mean)
+
+        # A non-finite norm reports the current threshold and changes nothing.
+        cur_thr = ops.where(in_warmup, cap, ops.minimum(mean + zt * std, cap))
+        threshold = ops.where(finite, ops.where(in_warmup, cap, thr), cur_thr)
+        scale = ops.where(finite, ops.where(in_warmup, warm_scale, st_scale), one)
+        collect = ops.logical_and(finite, in_warmup)
+        new_state = ZClipState(
+            seen=ops.where(collect, seen + 1, seen),
+            buffer=ops.where(ops.logical_and(collect, ops.logical_not(done)), wbuf, ops.where(ops.logical_and(finite, done), buf * 0.0, buf)),
+            mean=ops.where(finite, ops.where(in_warmup, warm_mean, st_mean), mean),
+            var=ops.where(finite, ops.where(in_warmup, warm_var, st_var), var),
         )
+        return Clip(threshold, scale), new_state
 
 
-class AGC(_Stateful):
+# --------------------------------------------------------------------------------- AGC
+class AGC(Policy):
     """Adaptive gradient clipping, unit-wise (Brock, De, Smith & Simonyan 2021,
-    "High-Performance Large-Scale Image Recognition Without Normalization").
+    "High-Performance Large-Scale Image Recognition Without Normalization", eq. 3).
 
-    Each unit's gradient is limited to ``clip_factor`` times the norm of that unit's
-    weights (floored at ``eps``); see :func:`gradwatch._numerics.agc_clip` for the exact
-    maths. The backends do the clipping on device, because it needs the weights; the
-    record's ``clip.scale`` is the global norm after clipping over the norm before, and
-    ``clip.threshold`` the clip factor. Stateless.
+    For each unit i (an output neuron: a row of a PyTorch ``(out, in)`` weight, a column
+    of a Keras ``(in, out)`` kernel; a vector is one unit): if
+    ||G_i|| > clip_factor * max(||W_i||, eps), then G_i <- G_i * clip_factor *
+    max(||W_i||, eps) / ||G_i||; otherwise G_i is unchanged. The ``eps`` floor keeps
+    zero-initialised parameters (biases) from having their gradients clipped to zero.
+    The record's ``clip.scale`` is the global norm after clipping over the norm before,
+    and ``clip.threshold`` the clip factor. Stateless.
     """
 
     name: ClassVar[str] = "agc"
     unitwise: ClassVar[bool] = True
 
     def __init__(self, clip_factor: float = 0.01, eps: float = 1e-3) -> None:
-        _positive("AGC", "clip_factor", clip_factor)
-        _positive("AGC", "eps", eps)
+        _number("AGC", "clip_factor", clip_factor, "a finite number > 0", _is_real(clip_factor) and clip_factor > 0)
+        _number("AGC", "eps", eps, "a finite number > 0", _is_real(eps) and eps > 0)
         self.clip_factor = float(clip_factor)
         self.eps = float(eps)
 
-    def update(self, norm: float) -> ClipDecision:
-        # The scale of a unit-wise policy is known only after clipping: Monitor fills it
-        # in from the clipped norms the backend reports.
-        return ClipDecision(self.clip_factor, 1.0, self.name)
+    def config(self) -> dict[str, Any]:
+        return {"clip_factor": self.clip_factor, "eps": self.eps}
 
-    def decision_from_norms(self, norm_before: float, norm_after: float) -> ClipDecision:
-        """The record's decision once the backend has clipped unit by unit."""
-        if not (math.isfinite(norm_before) and math.isfinite(norm_after)) or norm_before <= 0:
-            return ClipDecision(self.clip_factor, 1.0, self.name)
-        return ClipDecision(self.clip_factor, min(1.0, norm_after / norm_before), self.name)
+    def init(self) -> None:
+        return None
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.name, "version": STATE_VERSION, "clip_factor": self.clip_factor, "eps": self.eps}
+    def unit_factor(self, param_norm: Any, grad_norm: Any, ops: ArrayOps = NUMPY) -> Any:
+        """The factor of each unit, from the unit norms of the weights and the gradient.
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._check_state(state)
-        self.clip_factor = float(state["clip_factor"])
-        self.eps = float(state["eps"])
+        A zero gradient unit gets 1 (the divisor is clamped, so 0/0 never appears).
+        """
+        limit = ops.maximum(param_norm, ops.ones_like(param_norm) * self.eps) * self.clip_factor
+        return ops.where(grad_norm > limit, limit / ops.maximum(grad_norm, ops.ones_like(grad_norm) * 1e-6), ops.ones_like(grad_norm))
 
-    def __repr__(self) -> str:
-        return f"AGC(clip_factor={self.clip_factor}, eps={self.eps})"
+    def decision(self, norm_before: Any, norm_after: Any, ops: ArrayOps = NUMPY) -> Clip:
+        """scale = min(1, after / before); 1 when either norm is non-finite or before is 0."""
+        ok = ops.logical_and(ops.logical_and(ops.isfinite(norm_before), ops.isfinite(norm_after)), norm_before > 0)
+        one = ops.ones_like(norm_before)
+        safe = ops.where(ok, norm_before, one)
+        return Clip(ops.asarray(self.clip_factor, "float64"), ops.where(ok, ops.minimum(one, norm_after / safe), one))
 
 
-BUILTIN_POLICIES: tuple[type[_Stateful], ...] = (FixedNorm, AutoClip, ZClip, AGC)
+BUILTIN_POLICIES: tuple[type[Policy], ...] = (FixedNorm, AutoClip, ZClip, AGC)

@@ -18,11 +18,12 @@ from gradwatch import _numerics
 
 __all__ = [
     "ClipDecision",
-    "TemporalProfile",
     "GateStats",
-    "WindowStats",
-    "StepRecord",
     "NormMap",
+    "Propagation",
+    "StepRecord",
+    "TemporalProfile",
+    "WindowStats",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -53,6 +54,22 @@ class ClipDecision:
 
 
 @dataclass(frozen=True, slots=True)
+class Propagation:
+    """How one recurrence of a layer carries a gradient back through its own state.
+
+    ``gains[j]`` is the RMS gain of the state Jacobian product over ``j`` steps back,
+    ending at the last processed step: ||ds_T/ds_{T-j}||_F / sqrt(dim s), on this step's
+    forward trajectory (``gains[0] == 1``). ``rate`` is the fitted per-step factor
+    (< 1 vanishing, > 1 exploding); ``horizon`` the number of steps back until ``gains``
+    falls below ``vanish_ratio`` (the sequence length if it never does).
+    """
+
+    gains: tuple[float, ...]
+    rate: float
+    horizon: int
+
+
+@dataclass(frozen=True, slots=True)
 class TemporalProfile:
     """How the gradient of a recurrent layer's input is spread over time.
 
@@ -67,6 +84,10 @@ class TemporalProfile:
     norms: tuple[float, ...]
     gain: float
     horizon: int
+    #: Gains of the most extreme recurrence (see :class:`Propagation`); () when not measured.
+    propagation: tuple[float, ...] = ()
+    #: One :class:`Propagation` per (layer, direction): "l0", "l1", "l0_reverse", ...
+    recurrences: Mapping[str, Propagation] = field(default_factory=_empty)
 
     @classmethod
     def from_norms(cls, norms: Sequence[float] | np.ndarray) -> TemporalProfile:
@@ -171,7 +192,7 @@ class NormMap(Mapping[str, float]):
 
 @dataclass(frozen=True, slots=True)
 class StepRecord:
-    """Everything gradwatch measured and decided at one optimizer step (see API.md).
+    """Everything gradwatch measured and decided at one optimizer step (see docs/API.md).
 
     Norms are L2 norms of the gradients *before* clipping. ``temporal``, ``spectral`` and
     ``gates`` are filled on profiled steps only (``profile_every``). ``window`` is set on
@@ -202,9 +223,7 @@ class StepRecord:
             else {"threshold": self.clip.threshold, "scale": self.clip.scale, "policy": self.clip.policy},
             "skipped": self.skipped,
             "nonfinite": list(self.nonfinite),
-            "temporal": {
-                k: {"norms": list(p.norms), "gain": p.gain, "horizon": p.horizon} for k, p in self.temporal.items()
-            },
+            "temporal": {k: _profile_dict(p) for k, p in self.temporal.items()},
             "spectral": dict(self.spectral),
             "gates": {
                 k: {"gate": g.gate, "mean": g.mean, "log_path_gain": g.log_path_gain} for k, g in self.gates.items()
@@ -229,12 +248,7 @@ class StepRecord:
             else ClipDecision(float(clip["threshold"]), float(clip["scale"]), str(clip["policy"])),
             skipped=bool(d.get("skipped", False)),
             nonfinite=tuple(d.get("nonfinite") or ()),
-            temporal=MappingProxyType(
-                {
-                    k: TemporalProfile(tuple(float(x) for x in p["norms"]), float(p["gain"]), int(p["horizon"]))
-                    for k, p in (d.get("temporal") or {}).items()
-                }
-            ),
+            temporal=MappingProxyType({k: _profile_from_dict(p) for k, p in (d.get("temporal") or {}).items()}),
             spectral=MappingProxyType({k: float(v) for k, v in (d.get("spectral") or {}).items()}),
             gates=MappingProxyType(
                 {
@@ -244,6 +258,33 @@ class StepRecord:
             ),
             window=None if window is None else _window_from_dict(window),
         )
+
+
+def _profile_dict(p: TemporalProfile) -> dict[str, Any]:
+    out: dict[str, Any] = {"norms": list(p.norms), "gain": p.gain, "horizon": p.horizon}
+    if p.propagation:
+        out["propagation"] = list(p.propagation)
+    if p.recurrences:
+        out["recurrences"] = {
+            k: {"gains": list(r.gains), "rate": r.rate, "horizon": r.horizon} for k, r in p.recurrences.items()
+        }
+    return out
+
+
+def _profile_from_dict(p: Mapping[str, Any]) -> TemporalProfile:
+    recs = p.get("recurrences") or {}
+    return TemporalProfile(
+        norms=tuple(float(x) for x in p["norms"]),
+        gain=float(p["gain"]),
+        horizon=int(p["horizon"]),
+        propagation=tuple(float(x) for x in p.get("propagation") or ()),
+        recurrences=MappingProxyType(
+            {
+                str(k): Propagation(tuple(float(x) for x in r["gains"]), float(r["rate"]), int(r["horizon"]))
+                for k, r in recs.items()
+            }
+        ),
+    )
 
 
 def _as_dict(m: Mapping[str, float]) -> dict[str, float]:

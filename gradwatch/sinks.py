@@ -31,16 +31,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from gradwatch.detectors import fmt
 from gradwatch.errors import ConfigError
 from gradwatch.events import GradEvent
+from gradwatch.formatting import summary_line
 from gradwatch.jsonl import SCHEMA, encode_line
 from gradwatch.records import StepRecord
 
 if TYPE_CHECKING:
-    from gradwatch.monitor import Monitor
+    from gradwatch.view import MonitorView
 
-__all__ = ["Sink", "LoggingSink", "MemorySink", "JsonlSink", "TensorBoardSink", "BUILTIN_SINKS", "LOGGER_NAME"]
+__all__ = ["BUILTIN_SINKS", "LOGGER_NAME", "JsonlSink", "LoggingSink", "MemorySink", "Sink", "TensorBoardSink"]
 
 LOGGER_NAME = "gradwatch"
 logger = logging.getLogger(LOGGER_NAME)
@@ -50,7 +50,8 @@ logger = logging.getLogger(LOGGER_NAME)
 class Sink(Protocol):
     """What a sink implements. Plugins register sink classes through
     ``gradwatch_register_sinks``; such a class also has a ``scheme`` (the part before the
-    colon of its spec string) and a classmethod ``from_spec(arg, monitor)``. A sink may
+    colon of its spec string) and a classmethod ``from_spec(arg, view)`` (``view``: a
+    :class:`~gradwatch.view.MonitorView`). A sink may
     also have ``write_summary(dict)``, called once at close with the step count and the
     alerts rate limiting held back, so no count is lost."""
 
@@ -59,24 +60,6 @@ class Sink(Protocol):
     def write_event(self, event: GradEvent) -> None: ...
 
     def close(self) -> None: ...
-
-
-def summary_line(record: StepRecord) -> str:
-    """The INFO line of a flushed record, as a person reads it in a training log."""
-    w = record.window
-    parts = [f"[gradwatch] step {record.step}: grad norm {fmt(record.global_norm)}"]
-    if w is not None and w.steps > 1:
-        parts[0] += f" (last {w.steps} steps: min {fmt(w.norm_min)}, mean {fmt(w.norm_mean)}, max {fmt(w.norm_max)})"
-    if record.clip is not None:
-        share = f"{w.clipped}/{w.steps} steps" if w is not None else ("this step" if record.clip.clipped else "none")
-        parts.append(f"clipped {share} by {record.clip.policy!r} (threshold {fmt(record.clip.threshold)})")
-    if w is not None and w.skipped:
-        parts.append(f"skipped {w.skipped} step{'s' if w.skipped > 1 else ''}")
-    if w is not None and w.nonfinite:
-        parts.append(f"non-finite on {w.nonfinite} step{'s' if w.nonfinite > 1 else ''}")
-    for layer, prof in record.temporal.items():
-        parts.append(f"{layer}: gain {fmt(prof.gain)}/step, horizon {prof.horizon}/{prof.length}")
-    return " | ".join(parts)
 
 
 class LoggingSink:
@@ -92,7 +75,7 @@ class LoggingSink:
         self.logger = logger_ or logger
 
     @classmethod
-    def from_spec(cls, arg: str | None, monitor: Monitor) -> LoggingSink:
+    def from_spec(cls, arg: str | None, view: MonitorView) -> LoggingSink:
         return cls(logging.getLogger(arg) if arg else None)
 
     def write_record(self, record: StepRecord) -> None:
@@ -128,8 +111,8 @@ class MemorySink:
         self.closed = False
 
     @classmethod
-    def from_spec(cls, arg: str | None, monitor: Monitor) -> MemorySink:
-        return cls(monitor.options.keep)
+    def from_spec(cls, arg: str | None, view: MonitorView) -> MemorySink:
+        return cls(view.options.keep)
 
     def write_record(self, record: StepRecord) -> None:
         self.records.append(record)
@@ -187,16 +170,16 @@ class JsonlSink:
             )
         _check_writable_dir(f"jsonl:{path}", self.path.parent)
         self._header = header or {}
-        self._monitor: weakref.ReferenceType[Monitor] | None = None
+        self._view: MonitorView | None = None
         self._f: Any = None
         self._closed = False
 
     @classmethod
-    def from_spec(cls, arg: str | None, monitor: Monitor) -> JsonlSink:
+    def from_spec(cls, arg: str | None, view: MonitorView) -> JsonlSink:
         if not arg:
             raise ConfigError("gradwatch sink 'jsonl:' needs a path, e.g. 'jsonl:runs/run.jsonl'.", option="sinks", value="jsonl:")
         sink = cls(arg)
-        sink._monitor = weakref.ref(monitor)
+        sink._view = view
         return sink
 
     def _file(self) -> Any:
@@ -205,8 +188,7 @@ class JsonlSink:
             self._f = open(self.path, "w", encoding="utf-8")
             _open_files.add(self)
             header = {"type": "header", "schema": SCHEMA}
-            mon = self._monitor() if self._monitor is not None else None
-            header.update(mon.header() if mon is not None else {})
+            header.update(self._view.header() if self._view is not None else {})
             header.update(self._header)
             self._write(header)
         return self._f
@@ -279,7 +261,7 @@ class TensorBoardSink:
         self._writer: Any = None
 
     @classmethod
-    def from_spec(cls, arg: str | None, monitor: Monitor) -> TensorBoardSink:
+    def from_spec(cls, arg: str | None, view: MonitorView) -> TensorBoardSink:
         if not arg:
             raise ConfigError(
                 "gradwatch sink 'tensorboard:' needs a directory, e.g. 'tensorboard:runs/tb'.", option="sinks", value="tensorboard:"

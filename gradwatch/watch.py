@@ -1,50 +1,86 @@
-"""``gradwatch.watch``: attach to a model through whichever backend recognises it."""
+"""``gradwatch.watch`` and the :class:`Watch` handle every integration adapts.
+
+``watch()`` has one body (:func:`watch_with`): ``gradwatch.watch`` passes it the plugin
+dispatch, ``gradwatch_torch.watch`` / ``gradwatch_tf.watch`` their own ``attach``. A
+``Watch`` owns the :class:`~gradwatch.Monitor` for the whole run and the backend's
+attachment while there is one: a callback (Keras ``fit``, Lightning, Hugging Face) makes
+its attachment when training starts and hands it to the same ``Watch``, so records,
+events and state live in one place however the user trains.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any
 
 import pluggy
 
+from gradwatch._state import STATE_VERSION, check_version
+from gradwatch.attachment import Attachment
 from gradwatch.errors import GradwatchError
 from gradwatch.events import GradEvent
-from gradwatch.handles import Attachment
 from gradwatch.monitor import Monitor
 from gradwatch.plugins import backend_names, get_plugin_manager
 from gradwatch.records import StepRecord
 
-__all__ = ["Watch", "watch"]
-
-STATE_VERSION = 1
+__all__ = ["Watch", "watch", "watch_with"]
 
 
 class Watch:
-    """A live watch on one model: records, events, state, and ``close()``.
+    """A watch on one model: records, events, state, and ``close()``.
 
-    Returned by :func:`watch`. It owns the backend's attachment (all hooks) and the
-    :class:`Monitor` (all statistics and sinks); it holds no strong reference to the model.
+    Returned by :func:`watch`. It owns the backend's attachment (all hooks), when there is
+    one, and the :class:`Monitor` (all statistics and sinks); it holds no strong reference
+    to the model.
     """
 
-    def __init__(self, monitor: Monitor, attachment: Attachment) -> None:
+    def __init__(self, monitor: Monitor, attachment: Attachment | None = None) -> None:
         self.monitor = monitor
-        self._attachment = attachment
+        self._attachment: Attachment | None = None
+        #: Backend state kept while no attachment is live (between two Keras fits, say).
+        self._backend_state: dict[str, Any] = {}
         self._closed = False
+        if attachment is not None:
+            self.attach(attachment)
 
     @property
     def backend(self) -> str:
-        return str(getattr(self._attachment, "backend", "?"))
+        return str(getattr(self._attachment, "backend", None) or self.monitor.meta.get("backend") or "?")
 
     @property
-    def attachment(self) -> Attachment:
+    def attachment(self) -> Attachment | None:
+        """The live attachment (hooks on a model), or None between two attachments."""
         return self._attachment
 
+    def attach(self, attachment: Attachment) -> None:
+        """Own ``attachment`` (made later than the watch, e.g. at a callback's train start);
+        backend state kept from a previous attachment is handed to it."""
+        if self._closed:
+            attachment.close()
+            raise GradwatchError("This watch is closed; create a new one to attach again.")
+        if self._attachment is not None:
+            attachment.close()
+            raise GradwatchError("This watch already has a live attachment; detach() it first.")
+        self._attachment = attachment
+        if self._backend_state:
+            attachment.load_state_dict(self._backend_state)
+
+    def detach(self) -> None:
+        """Close the live attachment (every hook removed) but keep the run going: records,
+        events, the monitor's state and the backend's state stay with the watch."""
+        att, self._attachment = self._attachment, None
+        if att is None:
+            return
+        try:
+            att.sync()
+            self._backend_state = dict(att.state_dict())
+        finally:
+            att.close()
+
     def _sync(self) -> None:
-        if not self._closed:
-            sync = getattr(self._attachment, "sync", None)
-            if sync is not None:
-                sync()
+        if self._attachment is not None:
+            self._attachment.sync()
 
     @property
     def records(self) -> list[StepRecord]:
@@ -64,29 +100,24 @@ class Watch:
         optimizer was given to :func:`watch`."""
         if self._closed:
             raise GradwatchError("This watch is closed; call gradwatch.watch(...) again to go on measuring.")
+        if self._attachment is None:
+            raise GradwatchError("This watch has no live attachment (training has not started, or it ended).")
         return self._attachment.step()
 
     def state_dict(self) -> dict[str, Any]:
         """Plain JSON-serialisable state (step counter, policy state, detector statistics,
         backend state); load it into a new watch to resume exactly."""
         self._sync()
-        # The backend first: one that keeps policy state on the device (TensorFlow runs
-        # policies in-graph) copies it into the monitor's policy here.
-        backend = self._attachment.state_dict()
+        backend = self._attachment.state_dict() if self._attachment is not None else dict(self._backend_state)
         return {"version": STATE_VERSION, "monitor": self.monitor.state_dict(), "backend": backend}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (also after a round trip through JSON)."""
-        from gradwatch.errors import ConfigError
-
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(
-                f"gradwatch watch state version {state.get('version')!r} is not supported (expected {STATE_VERSION}).",
-                option="state",
-                value=state.get("version"),
-            )
+        check_version(state, "Watch.load_state_dict")
         self.monitor.load_state_dict(state["monitor"])
-        self._attachment.load_state_dict(state.get("backend") or {})
+        self._backend_state = dict(state.get("backend") or {})
+        if self._attachment is not None:
+            self._attachment.load_state_dict(self._backend_state)
 
     def close(self) -> None:
         """Remove every hook and wrapper, flush and close the sinks. Idempotent."""
@@ -94,7 +125,7 @@ class Watch:
             return
         self._closed = True
         try:
-            self._attachment.close()
+            self.detach()
         finally:
             self.monitor.close()
 
@@ -109,27 +140,21 @@ class Watch:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._closed else ("open" if self._attachment is not None else "detached")
         return f"<gradwatch.Watch backend={self.backend} step={self.monitor.step_count} {state}>"
 
 
-def watch(
-    model: object, optimizer: object | None = None, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any
+def watch_with(
+    attach: Callable[[Monitor], Attachment | None], model: object, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any
 ) -> Watch:
-    """Watch ``model``'s gradients (and act on them through ``optimizer``) with the
-    backend that recognises it. Options are those of the README; a bad one raises
-    :class:`~gradwatch.ConfigError` here, before training starts.
-
-    PyTorch: with ``optimizer`` gradwatch runs inside ``optimizer.step()``; without it,
-    call ``watch.step()`` after ``backward()``. Keras: intercepts ``optimizer.apply``
-    (use ``gradwatch_tf.GradWatchCallback`` for ``fit``).
-    """
+    """The one body of every ``watch()``: build the monitor (options validated here,
+    before any hook exists), let ``attach`` connect it, return the :class:`Watch`."""
     pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
     monitor = Monitor(plugin_manager=pm, **options)
     try:
-        attachment = pm.hook.gradwatch_attach(target=model, optimizer=optimizer, monitor=monitor)
+        attachment = attach(monitor)
     except BaseException:
-        monitor.close()
+        monitor.close()  # its sinks may already hold open files
         raise
     if attachment is None:
         monitor.close()
@@ -144,3 +169,20 @@ def watch(
             f"Installed backends: {names}.{hint} For other frameworks use gradwatch.Monitor(...).observe(grads)."
         )
     return Watch(monitor, attachment)
+
+
+def watch(model: object, optimizer: object | None = None, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any) -> Watch:
+    """Watch ``model``'s gradients (and act on them through ``optimizer``) with the
+    backend that recognises it. Options are those of the README; a bad one raises
+    :class:`~gradwatch.ConfigError` here, before training starts.
+
+    PyTorch: with ``optimizer`` gradwatch runs inside ``optimizer.step()``; without it,
+    call ``watch.step()`` after ``backward()``. Keras: intercepts ``optimizer.apply``
+    (use ``gradwatch_tf.GradWatchCallback`` for ``fit``).
+    """
+    pm = plugin_manager if plugin_manager is not None else get_plugin_manager()
+
+    def attach(monitor: Monitor) -> Attachment | None:
+        return pm.hook.gradwatch_attach(target=model, optimizer=optimizer, monitor=monitor)  # type: ignore[no-any-return]
+
+    return watch_with(attach, model, plugin_manager=pm, **options)

@@ -20,8 +20,8 @@ How it behaves, and why:
   callback's batch end (fit stops, the optimizer is restored first) or from the step of
   an eager loop. Inside a ``tf.function`` TensorFlow wraps it in a ``tf.errors.OpError``
   carrying the same message. Nothing has changed in either case.
-* Policies run in-graph with the maths of :mod:`gradwatch.policies`; in-graph AutoClip
-  with ``history=None`` keeps the last 8192 norms (``_tensors.AUTOCLIP_CAPACITY``).
+* Policies run in-graph: the definitions of :mod:`gradwatch.policies` themselves, executed
+  with TensorFlow ops (:mod:`gradwatch_tf._ops`), state in ``tf.Variable``\\ s.
 * Mixed precision: under ``LossScaleOptimizer`` the inner optimizer's ``apply`` is
   wrapped, so gradients are measured unscaled; steps the loss scaler drops as overflows
   never reach it and have no record.
@@ -44,24 +44,15 @@ __all__ = ["GradWatchCallback", "watch"]
 
 
 def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:
-    """``gradwatch.watch`` without the backend dispatch (see API.md).
+    """``gradwatch.watch`` without the backend dispatch (see docs/API.md).
 
     Intercepts ``optimizer.apply`` (``apply_gradients`` goes through it) of ``optimizer``
     or, when it is None, of ``model.optimizer``; returns a ``gradwatch.Watch``.
     """
-    import gradwatch
-    from gradwatch.monitor import Monitor
+    from gradwatch import watch_with
     from gradwatch_tf.attach import attach
 
-    monitor = Monitor(**options)
-    try:
-        attachment = attach(model, optimizer, monitor)
-    except BaseException:
-        close = getattr(monitor, "close", None)
-        if callable(close):
-            close()
-        raise
-    return gradwatch.Watch(monitor, attachment)
+    return watch_with(lambda monitor: attach(model, optimizer, monitor), model, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 from gradwatch.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from gradwatch.handles import Attachment
-    from gradwatch.monitor import Monitor
+    from gradwatch.attachment import Attachment
+    from gradwatch.view import MonitorPort
 
 
 def _is_keras_model(target: object) -> bool:
@@ -28,7 +28,7 @@ def _is_keras_model(target: object) -> bool:
 
 
 @hookimpl
-def gradwatch_attach(target: object, optimizer: object | None, monitor: Monitor) -> Attachment | None:
+def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorPort) -> Attachment | None:
     """Attach to a ``keras.Model`` (TensorFlow backend); None for anything else."""
     if not _is_keras_model(target):
         return None
@@ -38,10 +38,6 @@ def gradwatch_attach(target: object, optimizer: object | None, monitor: Monitor)
     from gradwatch_tf.attach import attach
 
     return attach(target, optimizer, monitor)
-
-
-def backend_name() -> str:
-    return "tf"
 
 
 __all__: list[Any] = ["gradwatch_attach"]

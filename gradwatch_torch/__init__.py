@@ -52,13 +52,7 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
     ``optimizer.step()``. Options are those of ``gradwatch.watch`` (validated first, so
     a bad option raises ``gradwatch.ConfigError`` before any hook is installed).
     """
-    from gradwatch import Monitor, Watch
+    from gradwatch import watch_with
     from gradwatch_torch.attach import attach
 
-    monitor = Monitor(**options)
-    try:
-        attachment = attach(model, optimizer, monitor)
-    except BaseException:
-        monitor.close()  # its sinks may already hold open files
-        raise
-    return Watch(monitor, attachment)
+    return watch_with(lambda monitor: attach(model, optimizer, monitor), model, **options)

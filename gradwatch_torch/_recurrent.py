@@ -19,14 +19,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradwatch_torch._tensors import (
-    SpectralTracker,
-    _profile_dtype,
-    lstm_forget_stats,
-    packed_lstm_forget_stats,
-    packed_timestep_sq_norms,
-    timestep_sq_norms,
-)
+from gradwatch_torch._gates import lstm_forget_stats, packed_lstm_forget_stats
+from gradwatch_torch._tensors import SpectralTracker, _profile_dtype, packed_timestep_sq_norms, timestep_sq_norms
 
 logger = logging.getLogger("gradwatch")
 
@@ -266,13 +260,13 @@ class SequenceProbe(Probe):
         got, self._gate_stats = self._gate_stats, None
         return got if self.enabled else None
 
-    def spectral(self) -> tuple[list[str], list[Tensor]]:
-        """sigma_max per gate block of each recurrent weight (names, (G,) tensors)."""
+    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
+        """sigma_max per gate block of each recurrent weight: (weight name, one label per
+        block such as "lstm.weight_hh_l0[f]", the (G,) tensor)."""
         module = self._module()
         if module is None or not self.spectral_enabled:
-            return [], []
-        names: list[str] = []
-        values: list[Tensor] = []
+            return []
+        out: list[tuple[str, tuple[str, ...], Tensor]] = []
         try:
             for wname in self.recurrent_weights:
                 w = getattr(module, wname)
@@ -281,19 +275,19 @@ class SequenceProbe(Probe):
                 tracker = self.trackers.get(wname)
                 if tracker is None:
                     tracker = self.trackers[wname] = SpectralTracker(len(self.gates))
-                values.append(tracker(w))
-                names.extend(f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates)
+                labels = tuple(f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates)
+                out.append((wname, labels, tracker(w)))
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.spectral_enabled = False
             logger.error(
-                "gradwatch: the spectral norm of layer %r failed (%s: %s); it is disabled "
-                "for the rest of this run, training is not affected.",
+                "gradwatch: the spectral norm of layer %r failed (%s: %s); it is disabled for the rest of this run, "
+                "training is not affected.",
                 self.name,
                 type(exc).__name__,
                 exc,
             )
-            return [], []
-        return names, values
+            return []
+        return out
 
 
 class CellProbe(Probe):

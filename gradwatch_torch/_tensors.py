@@ -11,20 +11,87 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 __all__ = [
+    "TORCH",
     "GradGroups",
     "SpectralTracker",
+    "TorchOps",
     "agc_factors",
     "apply_agc_",
-    "lstm_forget_stats",
     "packed_timestep_sq_norms",
     "scale_grads_",
     "timestep_sq_norms",
 ]
+
+
+_DTYPES = {"float64": torch.float64, "int64": torch.int64, "bool": torch.bool}
+
+
+class TorchOps:
+    """:class:`gradwatch.ArrayOps` on torch tensors, so a policy defined once in the core
+    runs on the device (AGC's unit factors today) without a host round trip."""
+
+    name = "torch"
+
+    def asarray(self, x: Any, dtype: str) -> Tensor:
+        return torch.as_tensor(x, dtype=_DTYPES[dtype])
+
+    def cast(self, x: Tensor, dtype: str) -> Tensor:
+        return x.to(_DTYPES[dtype])
+
+    def where(self, cond: Tensor, a: Any, b: Any) -> Tensor:
+        return torch.where(cond, a, b)
+
+    def minimum(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.minimum(torch.as_tensor(a), torch.as_tensor(b))
+
+    def maximum(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.maximum(torch.as_tensor(a), torch.as_tensor(b))
+
+    def sqrt(self, x: Tensor) -> Tensor:
+        return torch.sqrt(x)
+
+    def floor(self, x: Tensor) -> Tensor:
+        return torch.floor(x)
+
+    def isfinite(self, x: Tensor) -> Tensor:
+        return torch.isfinite(torch.as_tensor(x))
+
+    def ones_like(self, x: Tensor) -> Tensor:
+        return torch.ones_like(x)
+
+    def logical_and(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.logical_and(a, b)
+
+    def logical_or(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.logical_or(a, b)
+
+    def logical_not(self, a: Tensor) -> Tensor:
+        return torch.logical_not(a)
+
+    def equal(self, a: Any, b: Any) -> Tensor:
+        return torch.eq(torch.as_tensor(a), torch.as_tensor(b))
+
+    def sum(self, x: Tensor) -> Tensor:
+        return torch.sum(x)
+
+    def sort(self, x: Tensor) -> Tensor:
+        return torch.sort(x).values
+
+    def take(self, x: Tensor, i: Any) -> Tensor:
+        return x[i]
+
+    def put(self, x: Tensor, i: Any, v: Any) -> Tensor:
+        return x.index_put((torch.as_tensor(i).reshape(1),), torch.as_tensor(v, dtype=x.dtype).reshape(1))
+
+
+#: The torch implementation of the core's array-ops layer.
+TORCH = TorchOps()
 
 
 def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -176,18 +243,16 @@ def _unitwise_norm(x: Tensor) -> Tensor:
 def agc_factors(
     params: Sequence[Tensor],
     grads: Sequence[Tensor | None],
-    clip_factor: float,
-    eps: float,
+    policy: Any,
 ) -> tuple[list[Tensor | None], Tensor]:
-    """Adaptive gradient clipping factors (Brock et al. 2021, "High-Performance
-    Large-Scale Image Recognition Without Normalization"), without touching the grads.
+    """Unit-wise clipping factors of ``policy`` (AGC), without touching the gradients.
 
-    For each unit: ``max = clip_factor * max(||W_unit||, eps)``; the gradient's unit is
-    scaled by ``max / ||G_unit||`` where ``||G_unit|| > max``, else left alone. The
-    factor is computed with ``torch.where`` (no branch, no host sync). Returns the
-    factors (broadcastable to each gradient) and the squared norm of each clipped
-    gradient, so the monitor can report the decision before anything is modified
-    (``on_nonfinite="raise"`` must raise before the gradients change).
+    The unit norms are measured here, on the device (torch stores weights as
+    ``(out, in, ...)``: a unit is a row); the factor is the policy's own
+    ``unit_factor``, run with :data:`TORCH` ops (``torch.where``: no branch, no host
+    sync). Returns the factors (broadcastable to each gradient) and the squared norm of
+    each clipped gradient, so the monitor can report the decision before anything is
+    modified (``on_nonfinite="raise"`` must raise before the gradients change).
     """
     factors: list[Tensor | None] = []
     sq: list[Tensor] = []
@@ -201,12 +266,8 @@ def agc_factors(
             factors.append(None)
             sq.append(_sparse_aware_norm(g, torch.float32).square().to(device))
             continue
-        p_norm = _unitwise_norm(p.detach()).clamp(min=eps)
         g_norm = _unitwise_norm(g)
-        max_norm = p_norm * clip_factor
-        # factor 1 where already small; clamp the divisor so a zero gradient unit cannot
-        # produce 0/0 (it would be selected away anyway, but NaN * 0 poisons the where).
-        factor = torch.where(g_norm > max_norm, max_norm / g_norm.clamp(min=1e-6), 1.0)
+        factor = policy.unit_factor(_unitwise_norm(p.detach()), g_norm, TORCH)
         factors.append(factor)
         sq.append(((g_norm * factor) ** 2).sum().to(device=device, dtype=torch.float32))
     return factors, torch.stack(sq) if sq else torch.zeros(0)
@@ -319,124 +380,3 @@ class SpectralTracker:
             self.v = torch.tensor(state["v"], dtype=torch.float32, device=device)
         if "u" in state:
             self.u = torch.tensor(state["u"], dtype=torch.float32, device=device)
-
-
-@torch.no_grad()
-def lstm_forget_stats(
-    x: Tensor,
-    out: Tensor,
-    h0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    batch_first: bool,
-    n_gates: int = 4,
-    max_batch: int | None = None,
-) -> Tensor:
-    """Forget-gate statistics of a single-layer LSTM's forward direction, recomputed.
-
-    ``f_t = sigmoid(x_t W_if^T + h_{t-1} W_hf^T + b_if + b_hf)`` with ``h_{t-1}`` the
-    layer's output one step earlier (``h0`` at t = 0). Gate order in PyTorch is
-    i, f, g, o, so the forget rows are the second quarter of the stacked weights.
-    The cell state's gradient through time is multiplied by ``f_t`` at every step, so
-    ``sum_t log f_t`` is the log gain of the cell-state path over the sequence.
-
-    A GRU's update gate ``z_t`` (gate order r, z, n: also the second block, ``n_gates=3``)
-    plays the same role: ``h_t = (1 - z_t) * n_t + z_t * h_{t-1}``, so the carry path's
-    gain over the sequence is ``prod_t z_t``.
-
-    ``max_batch`` limits the computation to the first sequences of the batch: the
-    recomputation costs a quarter of the layer's forward matmuls per sequence, and a few
-    sequences estimate a mean over batch, time and units well.
-
-    Returns a float32 tensor ``[mean f, mean over batch and units of sum_t log f_t]``.
-    """
-    hidden = w_ih.shape[0] // n_gates
-    sl = slice(hidden, 2 * hidden)
-    if x.ndim == 2:  # unbatched (T, F)
-        x, out = x.unsqueeze(1), out.unsqueeze(1)
-        h0 = h0.unsqueeze(1) if h0 is not None else None
-    elif batch_first:
-        x, out = x.transpose(0, 1), out.transpose(0, 1)
-    if max_batch is not None and x.shape[1] > max_batch:
-        x, out = x[:, :max_batch], out[:, :max_batch]
-        h0 = h0[:, :max_batch] if h0 is not None else None
-    # x: (T, B, F); out: (T, B, D*P); the forward direction is out[..., :P]
-    proj = w_hh.shape[1]
-    steps, batch = x.shape[0], x.shape[1]
-    h = out[..., :proj].float()
-    first = h0[0].float().unsqueeze(0) if h0 is not None else torch.zeros_like(h[:1])
-    h_prev = torch.cat([first, h[:-1]], dim=0).reshape(steps * batch, proj)
-    # Two 2-D matmuls with the bias fused (addmm): the 3-D strided products of the batch
-    # slice cost twice as much on CPU.
-    pre = torch.addmm(_gate_bias(b_ih, b_hh, sl, hidden, x), x.float().reshape(steps * batch, -1), w_ih[sl].float().t())
-    pre.addmm_(h_prev, w_hh[sl].float().t())
-    log_f = torch.nn.functional.logsigmoid(pre)  # log sigmoid, exact for very negative pre
-    mean_f = log_f.exp().mean()
-    path = log_f.reshape(steps, batch, hidden).sum(dim=0).mean()
-    return torch.stack([mean_f, path])
-
-
-def _gate_bias(b_ih: Tensor | None, b_hh: Tensor | None, sl: slice, hidden: int, like: Tensor) -> Tensor:
-    bias = torch.zeros(hidden, device=like.device)
-    if b_ih is not None:
-        bias = bias + b_ih[sl].float()
-    if b_hh is not None:
-        bias = bias + b_hh[sl].float()
-    return bias
-
-
-@torch.no_grad()
-def packed_lstm_forget_stats(
-    data: Tensor,
-    out_data: Tensor,
-    batch_sizes: Tensor,
-    sorted_indices: Tensor | None,
-    h0: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
-    n_gates: int = 4,
-    max_batch: int | None = None,
-) -> Tensor:
-    """:func:`lstm_forget_stats` for a ``PackedSequence`` (padding excluded).
-
-    Row ``offset[t] + b`` of the packed data is sequence b (in sorted order) at time t,
-    so ``h_{t-1}`` for that row is row ``offset[t-1] + b`` of the output. With
-    ``max_batch``, only the first (longest) ``max_batch`` sorted sequences are used.
-    """
-    hidden = w_ih.shape[0] // n_gates
-    sl = slice(hidden, 2 * hidden)
-    proj = w_hh.shape[1]
-    full = batch_sizes.tolist()
-    offsets = [0]
-    for n in full[:-1]:
-        offsets.append(offsets[-1] + n)
-    sizes = [min(n, max_batch) for n in full] if max_batch is not None else full
-    h = out_data[:, :proj].float()
-    device = h.device
-    rows = torch.cat([torch.arange(offsets[t], offsets[t] + sizes[t]) for t in range(len(sizes))]).to(device)
-    if len(sizes) > 1:
-        prev = torch.cat([torch.arange(offsets[t - 1], offsets[t - 1] + sizes[t]) for t in range(1, len(sizes))]).to(
-            device
-        )
-    else:
-        prev = torch.zeros(0, dtype=torch.long, device=device)
-    if h0 is not None:
-        first = h0[0].float()
-        if sorted_indices is not None:
-            first = first.index_select(0, sorted_indices.to(first.device))
-        first = first[: sizes[0]]
-    else:
-        first = torch.zeros(sizes[0], proj, device=device)
-    h_prev = torch.cat([first, h.index_select(0, prev)], dim=0)
-    data = data.index_select(0, rows) if len(rows) != data.shape[0] else data
-    pre = torch.addmm(_gate_bias(b_ih, b_hh, sl, hidden, data), data.float(), w_ih[sl].float().t())
-    pre.addmm_(h_prev, w_hh[sl].float().t())
-    log_f = torch.nn.functional.logsigmoid(pre)
-    mean_f = log_f.exp().mean()
-    # sum over each sequence's own timesteps, then mean over sequences and units
-    path = log_f.sum(dim=0) / sizes[0]
-    return torch.stack([mean_f, path.mean()])

@@ -9,18 +9,19 @@ object cannot be a torch module).
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gradwatch.hookspecs import hookimpl
 
 if TYPE_CHECKING:  # pragma: no cover
+    from gradwatch.view import MonitorPort
     from gradwatch_torch.attach import TorchAttachment
 
 __all__ = ["gradwatch_attach"]
 
 
 @hookimpl
-def gradwatch_attach(target: object, optimizer: object | None, monitor: Any) -> TorchAttachment | None:
+def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorPort) -> TorchAttachment | None:
     """Attach to ``target`` if it is a ``torch.nn.Module`` (DDP and compiled ones included).
 
     Returns None for anything else, so another backend may try.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gradwatch import StepStats
+
 import math
 import os
 import subprocess
@@ -32,7 +34,7 @@ def make_run(
             gain = 0.8 + 0.15 * step / steps  # the profile improves as "training" goes on
             temporal = {"rnn": gain ** np.arange(50)[::-1]}
             spectral = {"rnn.weight_hh_l0": 0.9 + 0.002 * step}
-        mon.process(sq, temporal=temporal, spectral=spectral)
+        mon.process(StepStats(sq, temporal=temporal, spectral=spectral))
     mon.close()
     return path
 

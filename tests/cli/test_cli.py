@@ -35,7 +35,7 @@ def test_importing_the_cli_and_report_pulls_in_no_framework_or_matplotlib():
     import sys
 
     code = (
-        "import sys, gradwatch.cli, gradwatch.report, gradwatch.demo\n"
+        "import sys, gradwatch.cli, gradwatch.cli.report, gradwatch.cli.demo\n"
         "bad = [m for m in ('torch', 'tensorflow', 'keras', 'matplotlib') if m in sys.modules]\n"
         "print(bad); sys.exit(1 if bad else 0)\n"
     )

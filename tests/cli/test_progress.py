@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from gradwatch.demo._progress import Progress
+from gradwatch.cli.demo._progress import Progress
 
 
 class _Tty(io.StringIO):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gradwatch import StepStats
+
 import json
 import re
 from pathlib import Path
@@ -139,7 +141,7 @@ def test_report_on_a_run_that_diverged_to_nan_still_plots(tmp_path, capsys):
         bad = step > 5
         sq = np.array([math.nan if bad else 10.0**step, math.inf if bad else 1.0])
         temporal = {"rnn": np.full(20, math.nan) if bad else np.logspace(5, 0, 20)} if mon.profile_due() else None
-        mon.process(sq, temporal=temporal)
+        mon.process(StepStats(sq, temporal=temporal))
     mon.close()
     assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
     text = capsys.readouterr().out

@@ -21,4 +21,12 @@ def feed_global_norms(m: Monitor, norms: Iterable[float]) -> None:
     """Feed a sequence of global norms as a single-parameter model."""
     m.bind(["layer.w"])
     for n in norms:
-        m.process(norms=np.array([n]))
+        feed(m, norms=np.array([n]))
+
+
+def feed(m: Monitor, norms: Any = None, **stats: Any) -> Any:
+    """One step from plain per-parameter norms (and any other StepStats fields)."""
+    from gradwatch import StepStats
+
+    sq = np.square(np.asarray(norms, dtype=np.float64))
+    return m.process(StepStats(sq, **stats))

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.core.helpers import feed_global_norms, monitor
+from tests.core.helpers import feed, feed_global_norms, monitor
 
 
 def test_no_exploding_alarm_on_10000_stationary_lognormal_steps():
@@ -50,7 +50,7 @@ def test_norm_ceiling_flags_from_the_first_step():
 
 def _profile(m, norms_by_layer, step_norm=1.0):
     m.bind(["rnn.w"])
-    return m.process(norms=np.array([step_norm]), temporal=norms_by_layer)
+    return feed(m, norms=np.array([step_norm]), temporal=norms_by_layer)
 
 
 def test_temporal_vanishing_named_with_gain_horizon_and_remedy():
@@ -89,21 +89,21 @@ def test_vanishing_layer_norm_after_patience_steps():
     m = monitor(vanish_floor=1e-6, vanish_patience=5, alert_every=0)
     m.bind(["enc.w", "dec.w"])
     for _ in range(4):
-        m.process(norms=np.array([1e-9, 1.0]))
+        feed(m, norms=np.array([1e-9, 1.0]))
     assert m.events == []
-    m.process(norms=np.array([1e-9, 1.0]))
+    feed(m, norms=np.array([1e-9, 1.0]))
     (e,) = m.events
     assert e.kind == "vanishing" and e.layer == "enc" and e.step == 5
-    m.process(norms=np.array([1.0, 1.0]))  # recovers: the count restarts
+    feed(m, norms=np.array([1.0, 1.0]))  # recovers: the count restarts
     for _ in range(4):
-        m.process(norms=np.array([1e-9, 1.0]))
+        feed(m, norms=np.array([1e-9, 1.0]))
     assert len(m.events) == 1
 
 
 def test_nonfinite_names_the_parameter_and_layer():
     m = monitor()
     m.bind(["enc.w", "dec.w", "dec.b"])
-    r = m.process(norms=np.array([1.0, math.nan, math.inf]))
+    r = feed(m, norms=np.array([1.0, math.nan, math.inf]))
     assert r.nonfinite == ("dec.w", "dec.b")
     (e,) = [e for e in m.events if e.kind == "nonfinite"]
     assert e.severity == logging.ERROR and e.param == "dec.w" and e.layer == "dec"
@@ -115,7 +115,7 @@ def test_alerts_of_one_kind_and_layer_are_rate_limited_and_counted():
     m.bind(["rnn.w"])
     vanish = 0.5 ** np.arange(50)[::-1]
     for _ in range(25):
-        m.process(norms=np.array([1.0]), temporal={"rnn": vanish})
+        feed(m, norms=np.array([1.0]), temporal={"rnn": vanish})
     steps = [e.step for e in m.events]
     assert steps == [1, 11, 21]
     assert [e.suppressed for e in m.events] == [0, 9, 9]
@@ -126,5 +126,5 @@ def test_rate_limit_is_per_layer():
     m = monitor(alert_every=100)
     m.bind(["a.w"])
     vanish = 0.5 ** np.arange(50)[::-1]
-    m.process(norms=np.array([1.0]), temporal={"a": vanish, "b": vanish})
+    feed(m, norms=np.array([1.0]), temporal={"a": vanish, "b": vanish})
     assert sorted(e.layer for e in m.events) == ["a", "b"]

@@ -11,7 +11,7 @@ import pytest
 
 import gradwatch
 from gradwatch import GradEvent, RunFileError, StepRecord, read_jsonl
-from tests.core.helpers import monitor
+from tests.core.helpers import feed, monitor
 
 
 def _strict(path):
@@ -26,9 +26,9 @@ def test_round_trip_keeps_nan_and_inf(tmp_path):
     m = monitor(sinks=[f"jsonl:{path}"], log_every=1, policy="fixed")
     m.bind(["enc.w", "dec.w"])
     written = [
-        m.process(norms=np.array([1.0, 2.0]), temporal={"rnn": [1e-30, 0.5, 1.0]}, spectral={"rnn.w[f]": 1.1}),
-        m.process(norms=np.array([math.nan, 2.0])),
-        m.process(norms=np.array([math.inf, 1.0])),
+        feed(m, norms=np.array([1.0, 2.0]), temporal={"rnn": [1e-30, 0.5, 1.0]}, spectral={"rnn.w[f]": 1.1}),
+        feed(m, norms=np.array([math.nan, 2.0])),
+        feed(m, norms=np.array([math.inf, 1.0])),
     ]
     m.close()
     lines = _strict(path)
@@ -53,7 +53,7 @@ def test_events_come_before_the_flushed_record_in_file_order(tmp_path):
     m = monitor(sinks=[f"jsonl:{path}"], log_every=3)
     m.bind(["w"])
     for n in [1.0, math.nan, 1.0]:
-        m.process(norms=np.array([n]))
+        feed(m, norms=np.array([n]))
     m.close()
     kinds = [type(i).__name__ for i in read_jsonl(path)]
     assert kinds == ["GradEvent", "StepRecord"]
@@ -64,7 +64,7 @@ def test_window_of_a_flushed_record_keeps_a_spike_between_flushes(tmp_path):
     m = monitor(sinks=[f"jsonl:{path}"], log_every=10)
     m.bind(["w"])
     for i in range(20):
-        m.process(norms=np.array([50.0 if i == 4 else 1.0]))
+        feed(m, norms=np.array([50.0 if i == 4 else 1.0]))
     m.close()
     recs = [i for i in read_jsonl(path) if isinstance(i, StepRecord)]
     assert [r.step for r in recs] == [10, 20]
@@ -78,7 +78,7 @@ def test_close_flushes_the_partial_window(tmp_path):
     m = monitor(sinks=[f"jsonl:{path}"], log_every=50)
     m.bind(["w"])
     for _ in range(7):
-        m.process(norms=np.array([1.0]))
+        feed(m, norms=np.array([1.0]))
     m.close()
     (rec,) = list(read_jsonl(path))
     assert rec.step == 7 and rec.window.steps == 7
@@ -142,7 +142,7 @@ def test_read_run_collects_header_records_events(tmp_path):
     path = tmp_path / "r.jsonl"
     m = monitor(sinks=[f"jsonl:{path}"], log_every=1, run_name="baseline")
     m.bind(["w"])
-    m.process(norms=np.array([math.nan]))
+    feed(m, norms=np.array([math.nan]))
     m.close()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -156,7 +156,7 @@ def test_alerts_held_back_at_close_reach_the_run_file(tmp_path):
     m = monitor(sinks=[f"jsonl:{path}"], alert_every=100, log_every=10)
     m.bind(["w"])
     for _ in range(30):
-        m.process(norms=np.array([math.nan]))
+        feed(m, norms=np.array([math.nan]))
     m.close()
     run = gradwatch.read_run(path)
     assert [e.kind for e in run.events] == ["nonfinite"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gradwatch import ConfigError, MemorySink, NonFiniteGradientError
-from tests.core.helpers import monitor
+from tests.core.helpers import feed, monitor
 
 
 def test_observe_norms_match_numpy():
@@ -96,11 +96,11 @@ def test_memory_stays_flat_over_many_steps():
     prof = 0.9 ** np.arange(50)[::-1]
     m.bind(["a.w", "a.b", "b.w", "b.b"])
     for _ in range(300):
-        m.process(norms=np.ones(4), temporal={"rnn": prof})
+        feed(m, norms=np.ones(4), temporal={"rnn": prof})
     tracemalloc.start()
     base = tracemalloc.take_snapshot()
     for _ in range(3000):
-        m.process(norms=np.ones(4), temporal={"rnn": prof})
+        feed(m, norms=np.ones(4), temporal={"rnn": prof})
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
     tracemalloc.stop()
     assert grown < 200_000  # bytes: no growth with the number of steps
@@ -113,7 +113,7 @@ def test_state_dict_resume_matches_uninterrupted_run():
     norms[320, 1] = np.nan
 
     def run(ms, rows):
-        return [ms.process(norms=row) for row in rows]
+        return [feed(ms, norms=row) for row in rows]
 
     opts = dict(policy="zclip", log_every=7, alert_every=13)
     a = monitor(**opts)
@@ -162,7 +162,7 @@ def test_profile_due_schedule():
     m.bind(["w"])
     for _ in range(12):
         due.append(m.profile_due())
-        m.process(norms=np.ones(1))
+        feed(m, norms=np.ones(1))
     assert [i + 1 for i, d in enumerate(due) if d] == [1, 5, 10]
     assert not monitor(profile_every=0).profile_due()
 

@@ -13,7 +13,8 @@ import gradwatch
 from gradwatch import GradwatchError, Monitor, hookspecs
 from gradwatch.hookspecs import hookimpl
 from gradwatch.plugins import make_plugin_manager
-from gradwatch.records import ClipDecision
+from gradwatch.arrayops import NUMPY
+from gradwatch.policies import Clip, Policy
 
 
 def fresh(*plugins: Any):
@@ -23,20 +24,19 @@ def fresh(*plugins: Any):
     return pm
 
 
-class HalfPolicy:
-    """A toy policy: always halves the gradient."""
+class HalfPolicy(Policy):
+    """A toy plugin policy: always halves the gradient (the pure-function protocol)."""
 
     name: ClassVar[str] = "half"
-    unitwise: ClassVar[bool] = False
 
-    def update(self, norm: float) -> ClipDecision:
-        return ClipDecision(norm / 2, 0.5, self.name)
+    def config(self) -> dict:
+        return {}
 
-    def state_dict(self) -> dict:
-        return {"policy": "half", "version": 1}
+    def init(self):
+        return None
 
-    def load_state_dict(self, state) -> None:
-        pass
+    def update(self, stats, state, ops=NUMPY):
+        return Clip(stats.norm / 2, ops.asarray(0.5, "float64")), state
 
 
 class ListSink:
@@ -46,7 +46,7 @@ class ListSink:
         self.arg, self.records, self.events = arg, [], []
 
     @classmethod
-    def from_spec(cls, arg, monitor):
+    def from_spec(cls, arg, view):
         return cls(arg)
 
     def write_record(self, record):
@@ -65,7 +65,7 @@ class BigDetector:
     def __init__(self, options):
         self.options = options
 
-    def check(self, record, monitor):
+    def check(self, record, view):
         if record.global_norm > 5:
             return [gradwatch.GradEvent("exploding", record.step, logging.WARNING, "big norm", value=record.global_norm)]
         return []
@@ -85,6 +85,7 @@ def test_hook_gradwatch_register_policies():
 
     m = Monitor(plugin_manager=fresh(P()), policy="half", sinks=[])
     assert m.observe({"w": np.ones(4)}).clip.scale == 0.5
+    assert m.state_dict()["policy"]["policy"] == "half"
 
 
 def test_hook_gradwatch_register_sinks():
@@ -139,12 +140,13 @@ def test_hook_gradwatch_attach_and_dispatch_to_first_answer():
 
     pm = fresh(Toy())
     with gradwatch.watch([], plugin_manager=pm, sinks=[]) as w:
+        handle = w.attachment
         assert w.backend == "toy"
         assert w.step().step == 1
         state = w.state_dict()
-    assert w.attachment.closed == 1
+    assert handle.closed == 1 and w.attachment is None
     w.close()
-    assert w.attachment.closed == 1  # idempotent
+    assert handle.closed == 1  # idempotent
     assert state["backend"] == {"x": 1} and state["monitor"]["step"] == 1
     with pytest.raises(GradwatchError, match=r"No gradwatch backend recognises an object of type 'builtins.dict'.*Toy"):
         gradwatch.watch({}, plugin_manager=pm, sinks=[])
@@ -166,7 +168,17 @@ def test_hook_gradwatch_resolve_policy():
 
 
 def test_hook_gradwatch_step_recorded():
-    test_hook_gradwatch_event()
+    seen: list = []
+
+    class P:
+        @hookimpl
+        def gradwatch_step_recorded(self, record, view):
+            seen.append((record.step, record.global_norm, view.step, view.names))
+
+    m = Monitor(plugin_manager=fresh(P()), sinks=[])
+    m.observe({"w": np.full(4, 2.0)})
+    m.observe({"w": np.full(4, 3.0)})
+    assert seen == [(1, 4.0, 1, ("w",)), (2, 6.0, 2, ("w",))]
 
 
 def test_hook_gradwatch_event():
@@ -174,16 +186,33 @@ def test_hook_gradwatch_event():
 
     class P:
         @hookimpl
-        def gradwatch_step_recorded(self, record, monitor):
+        def gradwatch_step_recorded(self, record, view):
             seen.append(("record", record.step))
 
         @hookimpl
-        def gradwatch_event(self, event, monitor):
-            seen.append(("event", event.kind))
+        def gradwatch_event(self, event, view):
+            seen.append(("event", event.kind, view.layer_of("w")))
 
     m = Monitor(plugin_manager=fresh(P()), sinks=[])
     m.observe({"w": np.array([np.nan])})
-    assert seen == [("event", "nonfinite"), ("record", 1)]
+    assert seen == [("event", "nonfinite", "w"), ("record", 1)]
+
+
+def test_hooks_receive_a_read_only_view_not_the_monitor():
+    got: list = []
+
+    class P:
+        @hookimpl
+        def gradwatch_step_recorded(self, record, view):
+            got.append(view)
+
+    m = Monitor(plugin_manager=fresh(P()), sinks=[])
+    m.observe({"w": np.ones(2)})
+    (view,) = got
+    assert isinstance(view, gradwatch.MonitorView) and not isinstance(view, Monitor)
+    assert not hasattr(view, "process") and not hasattr(view, "bind")
+    with pytest.raises(AttributeError):
+        view.options = None
 
 
 def test_a_raising_plugin_is_disabled_after_one_error_and_training_goes_on(caplog):
@@ -191,12 +220,12 @@ def test_a_raising_plugin_is_disabled_after_one_error_and_training_goes_on(caplo
 
     class Bad:
         @hookimpl
-        def gradwatch_step_recorded(self, record, monitor):
+        def gradwatch_step_recorded(self, record, view):
             raise RuntimeError("boom")
 
     class Good:
         @hookimpl
-        def gradwatch_step_recorded(self, record, monitor):
+        def gradwatch_step_recorded(self, record, view):
             calls.append(record.step)
 
     m = Monitor(plugin_manager=fresh(Bad(), Good()), sinks=[])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gradwatch._tfevents import crc32c
-from tests.core.helpers import monitor
+from tests.core.helpers import feed, monitor
 
 
 def test_crc32c_known_vector():
@@ -20,7 +20,8 @@ def test_scalars_are_readable_by_tensorboard(tmp_path):
     m = monitor(sinks=[f"tensorboard:{tmp_path}"], log_every=2, policy="fixed")
     m.bind(["rnn.w", "head.w"])
     for i in range(6):
-        m.process(
+        feed(
+            m,
             norms=np.array([3.0, 4.0 + i]),
             temporal={"rnn": 0.5 ** np.arange(20)[::-1]},
             spectral={"rnn.w[f]": 1.25},

@@ -252,7 +252,7 @@ def test_lstm_forget_gate_statistics():
     cb = GradWatchCallback(sinks=["memory"], profile_every=1)
     model.fit(x, y, batch_size=4, epochs=1, verbose=0, callbacks=[cb])
     gate = cb.records[0].gates["rnn"]
-    assert gate.gate == "f"
+    assert gate.gate == "forget"  # the same name as the torch backend
     assert gate.mean == pytest.approx(fs.mean(), rel=1e-5)
     assert gate.log_path_gain == pytest.approx(np.log(fs).sum(axis=1).mean(), rel=1e-5)
 

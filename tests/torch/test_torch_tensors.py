@@ -11,18 +11,18 @@ torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from gradwatch import _numerics
+from gradwatch.policies import AGC
+from gradwatch_torch._gates import lstm_forget_stats, packed_lstm_forget_stats
 from gradwatch_torch._tensors import (
     GradGroups,
     SpectralTracker,
     agc_factors,
     apply_agc_,
-    lstm_forget_stats,
-    packed_lstm_forget_stats,
     packed_timestep_sq_norms,
     scale_grads_,
     timestep_sq_norms,
 )
+from tests.reference import agc_clip
 
 
 def _params_with_grads(dtypes, seed=0):
@@ -92,8 +92,8 @@ def test_agc_matches_numpy_reference(shape):
         if shape
         else torch.tensor(5.0, dtype=torch.float64)
     )
-    ref = _numerics.agc_clip(p.numpy(), g.numpy(), clip_factor=0.05, eps=1e-3, unit_axis=0)
-    factors, clipped_sq = agc_factors([p], [g], 0.05, 1e-3)
+    ref = agc_clip(p.numpy(), g.numpy(), clip_factor=0.05, eps=1e-3, unit_axis=0)
+    factors, clipped_sq = agc_factors([p], [g], AGC(0.05, 1e-3))
     g2 = g.clone()
     apply_agc_([g2], factors)
     np.testing.assert_allclose(g2.numpy(), ref, rtol=1e-12, atol=0)
@@ -102,7 +102,7 @@ def test_agc_matches_numpy_reference(shape):
 
 def test_agc_leaves_zero_gradient_and_zero_weights_alone():
     p, g = torch.zeros(4, 3), torch.zeros(4, 3)
-    factors, sq = agc_factors([p], [g], 0.01, 1e-3)
+    factors, sq = agc_factors([p], [g], AGC(0.01, 1e-3))
     apply_agc_([g], factors)
     assert torch.equal(g, torch.zeros(4, 3)) and sq.item() == 0.0
 

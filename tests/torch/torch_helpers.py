@@ -26,7 +26,7 @@ class SeqRegressor(nn.Module):
 
 
 class LastStep(nn.Module):
-    """A recurrent layer whose loss uses only the last timestep (FACTS.md's setting)."""
+    """A recurrent layer whose loss uses only the last timestep (the setting of the gradient-flow measurements: the loss sees h_T only)."""
 
     def __init__(self, rnn: nn.Module, hidden: int) -> None:
         super().__init__()

@@ -1,6 +1,6 @@
 """PNG plots of run files for ``gradwatch report`` (matplotlib, Agg canvas, no pyplot).
 
-Importing this module imports matplotlib: :mod:`gradwatch.report` imports it lazily and
+Importing this module imports matplotlib: :mod:`gradwatch.cli.report` imports it lazily and
 goes on without plots when matplotlib is missing. No pyplot: figures are built on the Agg
 canvas directly, so nothing global (the user's backend, open windows) is touched.
 

@@ -99,14 +99,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         if args.command == "report":
-            from gradwatch.report import run_report
+            from gradwatch.cli.report import run_report
 
             return run_report(args.runs, args.out, sys.stdout, sys.stderr)
         missing = _framework_missing(args.framework)
         if missing:
             print(missing, file=sys.stderr)
             return 2
-        from gradwatch.demo import run_demo
+        from gradwatch.cli.demo import run_demo
         from gradwatch.errors import ConfigError
 
         try:

@@ -16,9 +16,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from gradwatch.demo._progress import Progress
-from gradwatch.demo.tasks import FirstSignTask
-from gradwatch.demo.torch_demo import RunResult, RunSpec
+from gradwatch.cli.demo._progress import Progress
+from gradwatch.cli.demo.tasks import FirstSignTask
+from gradwatch.cli.demo.torch_demo import RunResult, RunSpec
 
 __all__ = ["RUNS", "train_all"]
 

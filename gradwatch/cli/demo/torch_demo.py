@@ -16,8 +16,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from gradwatch.demo._progress import Progress
-from gradwatch.demo.tasks import FirstSignTask
+from gradwatch.cli.demo._progress import Progress
+from gradwatch.cli.demo.tasks import FirstSignTask
 
 __all__ = ["RUNS", "RunResult", "RunSpec", "train_all"]
 

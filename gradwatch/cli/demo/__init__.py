@@ -1,7 +1,7 @@
 """``gradwatch demo``: why vanilla RNNs fail on long dependencies, and what gating and
 clipping change, shown by training small models under gradwatch (PyTorch or Keras).
 
-The framework modules (:mod:`gradwatch.demo.torch_demo`, :mod:`gradwatch.demo.keras_demo`)
+The framework modules (:mod:`gradwatch.cli.demo.torch_demo`, :mod:`gradwatch.cli.demo.keras_demo`)
 are imported only when their demo runs.
 """
 
@@ -55,8 +55,8 @@ def run_demo(
 
     Returns a dict with the run results, the summaries and the report files (for tests).
     """
-    from gradwatch import report
-    from gradwatch.demo.tasks import FirstSignTask
+    from gradwatch.cli import report
+    from gradwatch.cli.demo.tasks import FirstSignTask
 
     stream = stream if stream is not None else sys.stderr
     stdout = stdout if stdout is not None else sys.stdout
@@ -70,9 +70,9 @@ def run_demo(
     stdout.flush()
     start = time.perf_counter()
     if framework == "torch":
-        from gradwatch.demo import torch_demo as impl
+        from gradwatch.cli.demo import torch_demo as impl
     else:
-        from gradwatch.demo import keras_demo as impl  # type: ignore[no-redef]
+        from gradwatch.cli.demo import keras_demo as impl  # type: ignore[no-redef]
     results = impl.train_all(out, steps, stream=stream)
     train_seconds = time.perf_counter() - start
     runs, notes = report.load_runs([r.path for r in results])
@@ -129,6 +129,6 @@ def _conclusions(results: list[Any], summaries: list[Any]) -> str:
 
 
 def report_fmt(v: float) -> str:
-    from gradwatch.report import fmt
+    from gradwatch.cli.report import fmt
 
     return fmt(v)

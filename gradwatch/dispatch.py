@@ -1,0 +1,238 @@
+"""Where records and events go once the pipeline has made them.
+
+Events are rate-limited (one per ``alert_every`` steps for each kind and layer, repeats
+counted, never silently lost), then written to every sink at once and announced to
+plugins. Records are summarised over a window and flushed every ``log_every`` steps, so
+a spike between two flushes is never lost. A sink or plugin that raises is disabled after
+one ERROR line: nothing reaches the training loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from gradwatch.events import GradEvent
+from gradwatch.records import GateStats, StepRecord, TemporalProfile, WindowStats
+
+if TYPE_CHECKING:
+    from gradwatch.plugins import IsolatedCaller
+    from gradwatch.sinks import Sink
+    from gradwatch.view import MonitorView
+
+__all__ = ["Dispatcher", "RateLimiter", "Window"]
+
+logger = logging.getLogger("gradwatch")
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+class Window:
+    """The statistics of the steps between two flushes."""
+
+    __slots__ = ("clipped", "first", "gates", "hi", "last", "lo", "n_finite", "nonfinite", "skipped", "spectral", "steps", "temporal", "total")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.first = 0
+        self.steps = 0
+        self.n_finite = 0
+        self.total = 0.0
+        self.lo = math.inf
+        self.hi = -math.inf
+        self.clipped = 0
+        self.skipped = 0
+        self.nonfinite = 0
+        self.temporal: Mapping[str, TemporalProfile] = _EMPTY
+        self.spectral: Mapping[str, float] = _EMPTY
+        self.gates: Mapping[str, GateStats] = _EMPTY
+        self.last: StepRecord | None = None
+
+    def add(self, r: StepRecord) -> None:
+        if self.steps == 0:
+            self.first = r.step
+        self.steps += 1
+        g = r.global_norm
+        if math.isfinite(g):
+            self.n_finite += 1
+            self.total += g
+            self.lo = min(self.lo, g)
+            self.hi = max(self.hi, g)
+        self.clipped += r.clip is not None and r.clip.scale < 1.0
+        self.skipped += r.skipped
+        self.nonfinite += bool(r.nonfinite)
+        if r.temporal:
+            self.temporal = r.temporal
+        if r.spectral:
+            self.spectral = r.spectral
+        if r.gates:
+            self.gates = r.gates
+        self.last = r
+
+    def summary(self) -> StepRecord | None:
+        """The last record of the window, carrying the window's statistics and the latest
+        profiles seen in it."""
+        r = self.last
+        if r is None:
+            return None
+        nan = math.nan
+        stats = WindowStats(
+            first_step=self.first,
+            last_step=r.step,
+            steps=self.steps,
+            norm_min=self.lo if self.n_finite else nan,
+            norm_mean=self.total / self.n_finite if self.n_finite else nan,
+            norm_max=self.hi if self.n_finite else nan,
+            clipped=self.clipped,
+            skipped=self.skipped,
+            nonfinite=self.nonfinite,
+        )
+        return dataclasses.replace(
+            r, window=stats, temporal=r.temporal or self.temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
+        )
+
+    _SAVED = ("first", "steps", "n_finite", "total", "clipped", "skipped", "nonfinite")
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in self._SAVED}
+        out["lo"] = self.lo if self.n_finite else None
+        out["hi"] = self.hi if self.n_finite else None
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.reset()
+        for k in self._SAVED:
+            setattr(self, k, type(getattr(self, k))(state.get(k, 0)))
+        self.lo = math.inf if state.get("lo") is None else float(state["lo"])
+        self.hi = -math.inf if state.get("hi") is None else float(state["hi"])
+
+
+class RateLimiter:
+    """At most one alert per ``every`` steps for each (kind, layer); repeats are counted
+    and reported with the next alert that gets through, or at close."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        # key -> [last emitted step, suppressed count, first suppressed step]
+        self.state: dict[str, list[int]] = {}
+
+    def admit(self, event: GradEvent) -> GradEvent | None:
+        if self.every == 0:
+            return event
+        key = f"{event.kind}|{event.layer or ''}"
+        ent = self.state.get(key)
+        if ent is None or event.step - ent[0] >= self.every:
+            if ent is not None and ent[1]:
+                n = ent[1]
+                event = dataclasses.replace(
+                    event,
+                    suppressed=n,
+                    message=f"{event.message} ({n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}.)",
+                )
+            self.state[key] = [event.step, 0, 0]
+            return event
+        if ent[1] == 0:
+            ent[2] = event.step
+        ent[1] += 1
+        return None
+
+    def pending(self) -> list[dict[str, Any]]:
+        """Alerts held back and not yet reported: kind, layer, count, first step."""
+        held = []
+        for key, (_, n, first) in self.state.items():
+            if n:
+                kind, _, layer = key.partition("|")
+                held.append({"kind": kind, "layer": layer or None, "count": n, "first_step": first})
+        return held
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: list(v) for k, v in self.state.items()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.state = {k: [int(x) for x in v] for k, v in state.items()}
+
+
+class Dispatcher:
+    """Sinks, windows, rate limits and plugin announcements of one run.
+
+    Only a writing rank (rank 0, or every rank with ``all_ranks=True``) touches the sinks;
+    every rank announces to plugins.
+    """
+
+    def __init__(self, sinks: Sequence[Sink], hooks: IsolatedCaller, view: MonitorView, *, log_every: int, alert_every: int) -> None:
+        self.sinks: list[Sink] = list(sinks)
+        self.hooks = hooks
+        self.view = view
+        self.log_every = log_every
+        self.window = Window()
+        self.limiter = RateLimiter(alert_every)
+        self.writes = True
+
+    def event(self, event: GradEvent) -> GradEvent | None:
+        """Rate-limit ``event``; if it passes, write it and announce it. Returns it then."""
+        admitted = self.limiter.admit(event)
+        if admitted is None:
+            return None
+        if self.writes:
+            for sink in list(self.sinks):
+                self._safe(sink, "write_event", admitted)
+        self.hooks.call("gradwatch_event", event=admitted, view=self.view)
+        return admitted
+
+    def record(self, record: StepRecord) -> None:
+        """Add a step's record to the window, flush every ``log_every`` steps, announce it."""
+        self.window.add(record)
+        if record.step % self.log_every == 0:
+            self.flush()
+        self.hooks.call("gradwatch_step_recorded", record=record, view=self.view)
+
+    def flush(self) -> None:
+        """Write the current (partial) window to the sinks now."""
+        summary = self.window.summary()
+        self.window.reset()
+        if summary is None or not self.writes:
+            return
+        for sink in list(self.sinks):
+            self._safe(sink, "write_record", summary)
+
+    def close(self, summary: dict[str, Any]) -> None:
+        """Flush the last window, hand ``summary`` to the sinks that take one, close them."""
+        self.flush()
+        if self.writes:
+            for sink in list(self.sinks):
+                if callable(getattr(sink, "write_summary", None)):
+                    self._safe(sink, "write_summary", summary)
+        for sink in list(self.sinks):
+            try:
+                sink.close()
+            except Exception as exc:  # noqa: BLE001 - closing must go on with the other sinks
+                logger.error("[gradwatch] sink %s raised on close: %s", type(sink).__name__, exc)
+
+    def _safe(self, sink: Sink, method: str, arg: Any) -> None:
+        try:
+            getattr(sink, method)(arg)
+        except Exception as exc:  # noqa: BLE001 - a sink must never reach the training loop
+            if sink in self.sinks:
+                self.sinks.remove(sink)
+            logger.error(
+                "[gradwatch] sink %s raised %s: %s; it is disabled for the rest of this run. Training goes on.",
+                type(sink).__name__,
+                type(exc).__name__,
+                exc,
+            )
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001, S110 - already reported above
+                pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"alerts": self.limiter.state_dict(), "window": self.window.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.limiter.load_state_dict(state.get("alerts") or {})
+        self.window.load_state_dict(state.get("window") or {})

@@ -1,0 +1,81 @@
+"""Text a person reads: numbers in alerts, the non-finite sentence, the summary line.
+
+One home for wording, so the event, the exception and the log line say the same thing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gradwatch.records import StepRecord
+
+__all__ = ["clip_hint", "fmt", "layer_spectral", "nonfinite_message", "summary_line"]
+
+
+def fmt(x: float | None) -> str:
+    """A number as a person reads it in an alert: 3 significant digits."""
+    if x is None:
+        return "n/a"
+    return f"{x:.3g}"
+
+
+_ACTION = {
+    "warn": "The optimizer step went ahead with these values (on_nonfinite='warn'); pass "
+    "on_nonfinite='skip' to skip such steps or 'raise' to stop.",
+    "skip": "The optimizer step was skipped: weights and optimizer state are unchanged.",
+    "raise": "Training was stopped before the optimizer step (on_nonfinite='raise').",
+}
+
+
+def nonfinite_message(step: int, params: Sequence[str], layer: str | None, on_nonfinite: str) -> str:
+    """The sentence used both for the event and for ``NonFiniteGradientError``."""
+    shown = ", ".join(repr(p) for p in params[:5])
+    more = f" and {len(params) - 5} more" if len(params) > 5 else ""
+    where = f" in layer {layer!r}" if layer else ""
+    return (
+        f"Non-finite gradient (NaN or Inf) at step {step}{where}: parameter{'s' if len(params) > 1 else ''} "
+        f"{shown}{more}. {_ACTION[on_nonfinite]} Usual causes: a learning rate too high, a log or "
+        f"division of zero in the loss, or a bad input batch."
+    )
+
+
+def clip_hint(record: StepRecord) -> str:
+    """What the policy did about a large norm, or which policy would help."""
+    if record.clip is not None:
+        if record.clip.clipped:
+            return (
+                f"Policy {record.clip.policy!r} scaled it by {fmt(record.clip.scale)} "
+                f"(threshold {fmt(record.clip.threshold)})."
+            )
+        return f"Policy {record.clip.policy!r} did not clip it (threshold {fmt(record.clip.threshold)})."
+    return "Consider clipping: policy='zclip' (adaptive) or policy='fixed' with max_norm."
+
+
+def layer_spectral(record: StepRecord, layer: str) -> str:
+    """", largest recurrent singular value 1.1 (rnn.weight_hh_l0)" when measured."""
+    best: tuple[float, str] | None = None
+    for name, s in record.spectral.items():
+        if name.startswith((layer + ".", layer + "/", layer + "[")):
+            if best is None or s > best[0]:
+                best = (s, name)
+    if best is None:
+        return ""
+    return f", largest recurrent singular value {fmt(best[0])} ({best[1]})"
+
+
+def summary_line(record: StepRecord) -> str:
+    """The INFO line of a flushed record, as a person reads it in a training log."""
+    w = record.window
+    parts = [f"[gradwatch] step {record.step}: grad norm {fmt(record.global_norm)}"]
+    if w is not None and w.steps > 1:
+        parts[0] += f" (last {w.steps} steps: min {fmt(w.norm_min)}, mean {fmt(w.norm_mean)}, max {fmt(w.norm_max)})"
+    if record.clip is not None:
+        share = f"{w.clipped}/{w.steps} steps" if w is not None else ("this step" if record.clip.clipped else "none")
+        parts.append(f"clipped {share} by {record.clip.policy!r} (threshold {fmt(record.clip.threshold)})")
+    if w is not None and w.skipped:
+        parts.append(f"skipped {w.skipped} step{'s' if w.skipped > 1 else ''}")
+    if w is not None and w.nonfinite:
+        parts.append(f"non-finite on {w.nonfinite} step{'s' if w.nonfinite > 1 else ''}")
+    for layer, prof in record.temporal.items():
+        parts.append(f"{layer}: gain {fmt(prof.gain)}/step, horizon {prof.horizon}/{prof.length}")
+    return " | ".join(parts)

@@ -1,0 +1,95 @@
+"""What plugins, detectors, sinks and backends see of a monitor: small protocols.
+
+Hooks, detectors and sinks receive a :class:`MonitorView`, a read-only view (options,
+names, layers, the step count, the profiling schedule), never the monitor itself, so the
+monitor's internals are not de facto plugin API. A backend gets a :class:`MonitorPort`:
+the view plus the few calls that feed a step in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from gradwatch._layout import StepStats
+    from gradwatch.events import GradEvent
+    from gradwatch.options import Options
+    from gradwatch.records import StepRecord
+
+__all__ = ["MonitorPort", "MonitorView"]
+
+
+@runtime_checkable
+class MonitorView(Protocol):
+    """Read-only facts about a run, for detectors, sinks and plugins."""
+
+    @property
+    def options(self) -> Options:
+        """The validated options of the run."""
+        ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps recorded so far."""
+        ...
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Bound parameter names (the framework's own), in bound order."""
+        ...
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """Layer names, in order of first appearance among the parameters."""
+        ...
+
+    @property
+    def policy_name(self) -> str | None:
+        """The clipping policy's registry name, or None (observe only)."""
+        ...
+
+    def layer_of(self, param: str) -> str | None:
+        """The layer a bound parameter belongs to."""
+        ...
+
+    def profile_due(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the next one) is a profiled step."""
+        ...
+
+    def header(self) -> dict[str, Any]:
+        """What the run file's header says about this run."""
+        ...
+
+
+@runtime_checkable
+class MonitorPort(MonitorView, Protocol):
+    """What a backend uses: the view, plus binding parameters and feeding steps in."""
+
+    @property
+    def policy(self) -> Any:
+        """The resolved policy object (a ClipPolicy or UnitwisePolicy) or None."""
+        ...
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        """Facts for the run file's header (backend, framework version, layers); set them
+        at attach time with ``setdefault``."""
+        ...
+
+    @property
+    def next_step(self) -> int: ...
+
+    def bind(self, names: Sequence[str], layers: Sequence[str] | None = None) -> None: ...
+
+    def process(self, stats: StepStats) -> StepRecord: ...
+
+    def emit(self, event: GradEvent) -> None: ...
+
+    def set_distributed(self, rank: int, world_size: int) -> None: ...
+
+    def decide_on_device(self, runner: Any) -> None:
+        """Hand the policy to a runner on the device (it gets the current policy state and
+        owns it from now on: ``state_dict()`` / ``load_state_dict()``); ``None`` takes
+        the state back to the host."""
+        ...

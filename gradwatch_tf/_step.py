@@ -1,0 +1,296 @@
+"""The in-graph step: what runs inside the user's traced step, once per optimizer update.
+
+How a step flows (all of it inside the user's ``tf.function``, under XLA too):
+
+1. Under a distribution strategy the gradients are still per replica: they are summed
+   across replicas (one all-reduce, together with the per-timestep probe sums) for
+   measuring only; the replicas' own gradients go on to Keras, which reduces them again.
+2. Squared norms, non-finite flags, the policy's decision (the core's own policy
+   definition run with TensorFlow ops, state in ``tf.Variable``\\ s: :class:`DevicePolicy`),
+   clipping (one scale, or the unit-wise factors of AGC), then the original ``apply``,
+   inside ``tf.cond`` when ``on_nonfinite`` is "skip" or "raise", so a bad step changes
+   neither weights nor optimizer state nor ``iterations``.
+3. One float64 row in the core's statistics layout (:class:`gradwatch.Layout`) goes into
+   a ring buffer of ``capacity`` rows, indexed by gradwatch's own step counter, so
+   ``steps_per_execution = k`` loses no step; the host reads it (``attach.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from gradwatch import Layout, profile_due
+from gradwatch.errors import GradwatchError, NonFiniteGradientError
+from gradwatch.policies import ClipStats
+from gradwatch_tf import _tensors
+from gradwatch_tf._ops import TF
+
+__all__ = ["DevicePolicy", "GraphContext", "build_step"]
+
+F64 = tf.float64
+
+
+class DevicePolicy:
+    """Runs a core policy (:mod:`gradwatch.policies`) inside the graph and owns its state.
+
+    One ``tf.Variable`` per field of the policy's state dataclass; ``state_dict`` /
+    ``load_state_dict`` use the policy's own format, so the host and the device share
+    one state layout and hand it over when the watch attaches or detaches.
+    """
+
+    def __init__(self, policy: Any, make_var: Callable[..., tf.Variable]) -> None:
+        self.policy = policy
+        init = policy.init()
+        self._cls = type(init)
+        self._vars: dict[str, tf.Variable] = {}
+        for f in dataclasses.fields(init):
+            arr = np.asarray(getattr(init, f.name))
+            self._vars[f.name] = make_var(arr, tf.as_dtype(arr.dtype), f"gradwatch_{policy.name}_{f.name}")
+        try:  # a policy that cannot run on TF ops in a graph fails here, loudly, not silently later
+            with tf.init_scope():
+
+                def trial() -> tf.Tensor:
+                    clip, _ = self.policy.update(ClipStats(tf.constant(1.0, F64)), self._read(), TF)
+                    return tf.stack([tf.cast(clip.threshold, F64), tf.cast(clip.scale, F64)])
+
+                tf.function(trial, autograph=False).get_concrete_function()
+        except Exception as exc:
+            raise GradwatchError(
+                f"policy {policy!r} cannot run inside the TensorFlow graph: {type(exc).__name__}: {exc}. A policy must "
+                "use only the ArrayOps it is given (see gradwatch.policies)."
+            ) from exc
+
+    def _read(self) -> Any:
+        return self._cls(**{k: v.read_value() for k, v in self._vars.items()})
+
+    def run(self, norm: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(threshold, scale) as float64 scalars; the state variables are updated."""
+        clip, new = self.policy.update(ClipStats(norm), self._read(), TF)
+        assigns = [v.assign(tf.cast(getattr(new, k), v.dtype)) for k, v in self._vars.items()]
+        with tf.control_dependencies(assigns):
+            return tf.identity(tf.cast(clip.threshold, F64)), tf.identity(tf.cast(clip.scale, F64))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.policy.dump_state(self._cls(**{k: v.numpy() for k, v in self._vars.items()}))  # type: ignore[no-any-return]
+
+    def load_state_dict(self, state: Any) -> None:
+        st = self.policy.load_state(state)
+        for k, v in self._vars.items():
+            v.assign(np.asarray(getattr(st, k)))
+
+
+@dataclass
+class GraphContext:
+    """What the in-graph step needs, created once when the watch is set up."""
+
+    layout: Layout
+    n_params: int
+    index: dict[int, int]  # id(variable) -> bound position
+    path_index: dict[str, int]  # variable path -> bound position (traced copies)
+    step_var: tf.Variable
+    halted: tf.Variable  # set by a non-finite step under "raise" until the host has seen it
+    active: tf.Variable  # False after close: an already traced step stands aside
+    ring: tf.Variable
+    capacity: int
+    on_nonfinite: str
+    profile_every: int
+    policy: DevicePolicy | None = None
+    unitwise: Any = None  # the core AGC policy (unit_factor / decision)
+    sites: list[Any] = field(default_factory=list)
+    blocks: list[Any] = field(default_factory=list)
+    fail: Callable[[str, BaseException], None] = lambda part, exc: None
+    profile_ok: bool = True
+    reached_update: bool = False
+
+
+def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+    """The gradients to measure (all-reduced across replicas) and the probe sums."""
+    temporal = [site.sq.read_value() for site in c.sites]
+    gates = [site.gate_stats.read_value() for site in c.sites if site.gate_stats is not None]
+    measured = list(grads)
+    if replicas > 1:
+        present = [i for i, g in enumerate(grads) if g is not None]
+        dense = [tf.convert_to_tensor(grads[i]) for i in present]
+        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense + temporal + gates)
+        for k, i in enumerate(present):
+            measured[i] = reduced[k]
+        nt = len(temporal)
+        temporal = list(reduced[len(dense) : len(dense) + nt])
+        # Gate statistics are means over each replica's equal share: average them.
+        gates = [g / replicas for g in reduced[len(dense) + nt :]]
+    return measured, temporal, gates
+
+
+def _clip(c: GraphContext, grads: list[Any], measured: list[Any], tvars: list[Any], idx: list[Any], norm: tf.Tensor, active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list[Any], list[tf.Tensor]]:
+    """The policy's threshold and scale, the gradients to apply, AGC's clipped norms."""
+    zero = tf.constant(0.0, F64)
+    if c.unitwise is not None:
+        pol = c.unitwise
+        new_grads: list[Any] = []
+        per_clipped: list[tf.Tensor] = [zero] * c.n_params
+        after_each = []
+        for j, (g, m, v) in enumerate(zip(grads, measured, tvars)):
+            if g is None:
+                new_grads.append(g)
+                after_each.append(zero)
+                continue
+            m = tf.convert_to_tensor(m)  # IndexedSlices (embeddings) densified for unit norms
+            value = v.value if hasattr(v, "value") else v
+            factor = pol.unit_factor(_tensors.unitwise_norm(value), _tensors.unitwise_norm(m), TF)
+            factor = tf.where(active, factor, tf.ones_like(factor))
+            new_grads.append(_tensors.scale(g, factor))
+            a = _tensors.squared_norm(tf.cast(m, tf.float32) * factor)
+            after_each.append(a)
+            if idx[j] is not None:
+                per_clipped[idx[j]] = a
+        clip = pol.decision(norm, tf.sqrt(tf.add_n(after_each)), TF)
+        return tf.cast(clip.threshold, F64), tf.cast(clip.scale, F64), new_grads, per_clipped
+    if c.policy is not None:
+        thr, scale = c.policy.run(norm)
+        scale = tf.where(active, scale, tf.ones_like(scale))
+        return thr, scale, [_tensors.scale(g, scale) if g is not None else g for g in grads], []
+    return tf.constant(np.nan, F64), tf.constant(1.0, F64), grads, []
+
+
+def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
+    """Largest singular value of each gate block, on profiled steps (zeros otherwise)."""
+    if not c.blocks:
+        return []
+    zeros = tf.zeros([len(c.blocks)], F64)
+    if not c.profile_ok:
+        return [zeros]
+    try:
+        blocks = c.blocks
+
+        def compute() -> tf.Tensor:
+            out = []
+            for b in blocks:
+                kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
+                w = tf.convert_to_tensor(kv)[:, b.start : b.stop]
+                vec, cold = b.vector, b.cold
+                sigma = tf.cond(
+                    cold.read_value(),
+                    lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 30),  # type: ignore[misc]
+                    lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 2),  # type: ignore[misc]
+                )
+                with tf.control_dependencies([sigma]):
+                    cold.assign(False)
+                out.append(tf.cast(sigma, F64))
+            return tf.stack(out)
+
+        return [tf.cond(profiled, compute, lambda: zeros)]
+    except Exception as exc:  # noqa: BLE001 - spectral norms are optional
+        c.fail("spectral norms", exc)
+        c.profile_ok = False
+        return [zeros]
+
+
+def _apply(c: GraphContext, ctx: Any, replicas: int, all_ok: tf.Tensor, active: tf.Tensor, grads: list[Any], tvars: Any, original: Callable[..., Any]) -> tf.Tensor:
+    """Run the optimizer's own ``apply``; under "skip"/"raise" only when every gradient is
+    finite. Returns whether the update was skipped."""
+    c.reached_update = True
+    if c.on_nonfinite not in ("skip", "raise"):
+        original(grads, tvars)
+        return tf.constant(False)
+    go = tf.logical_and(all_ok, tf.logical_not(c.halted.read_value()))
+    go = tf.logical_or(go, tf.logical_not(active))
+
+    def do_apply() -> tf.Tensor:
+        original(grads, tvars)
+        return tf.constant(True)
+
+    if replicas > 1:
+        _cond_apply_distributed(ctx, go, grads, tvars, original)
+    else:
+        tf.cond(go, do_apply, lambda: tf.constant(False))
+    return tf.logical_not(go)
+
+
+def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Callable[..., Any], after: Callable[[tf.Tensor], None] | None = None) -> None:
+    """Add one step's ops to the graph being traced (or run them, when eager).
+
+    ``after(row)`` runs once the row is in the ring (the host callback of a watch).
+    """
+    idx = [c.index.get(id(v), c.path_index.get(getattr(v, "path", None))) for v in tvars]
+    ctx = tf.distribute.get_replica_context()
+    replicas = ctx.num_replicas_in_sync if ctx is not None else 1
+    measured, temporal, gates = _measure(c, ctx, replicas, grads)
+    zero = tf.constant(0.0, F64)
+    sq_each = [_tensors.squared_norm(g) if g is not None else zero for g in measured]
+    fin_each = [_tensors.all_finite(g) if g is not None else tf.constant(True) for g in measured]
+    all_ok = tf.reduce_all(tf.stack(fin_each)) if fin_each else tf.constant(True)
+    norm = tf.sqrt(tf.add_n(sq_each) if sq_each else zero)
+    per_sq: list[tf.Tensor] = [zero] * c.n_params
+    per_nf: list[tf.Tensor] = [zero] * c.n_params
+    for j, pi in enumerate(idx):
+        if pi is not None:
+            per_sq[pi] = sq_each[j]
+            per_nf[pi] = tf.cast(tf.logical_not(fin_each[j]), F64)
+    active = c.active.read_value()
+    thr, scale, new_grads, per_clipped = _clip(c, grads, measured, tvars, idx, norm, active)
+    step = c.step_var.read_value()
+    profiled = profile_due(step, c.profile_every, TF) if (c.sites or c.blocks) else tf.constant(False)
+    spectral = _spectral(c, profiled)
+    # The update itself. Everything that could fail is built above this point, so a
+    # failure never leaves a half-built step that applies the gradients twice.
+    skipped = _apply(c, ctx, replicas, all_ok, active, new_grads, tvars, original)
+    try:
+        if c.on_nonfinite == "raise":
+            c.halted.assign(tf.logical_or(c.halted.read_value(), tf.logical_not(all_ok)))
+        parts: dict[tuple[str, str], Any] = {
+            ("step", ""): tf.cast(step, F64),
+            ("skipped", ""): tf.cast(skipped, F64),
+            ("profiled", ""): tf.cast(profiled, F64),
+            ("sq_norms", ""): tf.stack(per_sq) if per_sq else tf.zeros([0], F64),
+            ("nonfinite", ""): tf.stack(per_nf) if per_nf else tf.zeros([0], F64),
+        }
+        if c.layout.slice("clip") is not None:
+            parts[("clip", "")] = tf.stack([thr, scale])
+        if c.layout.slice("clipped_sq") is not None:
+            parts[("clipped_sq", "")] = tf.stack(per_clipped) if per_clipped else tf.zeros([0], F64)
+        for site, sq in zip(c.sites, temporal):
+            parts[("temporal", site.name)] = sq
+        for k, block in enumerate(c.blocks):
+            parts[("spectral", block.name)] = spectral[0][k]
+        for site, g in zip([s for s in c.sites if s.gate_stats is not None], gates):
+            parts[("gates", site.name)] = g
+        row = c.layout.pack(parts, lambda ts: tf.concat([tf.reshape(tf.cast(t, F64), [-1]) for t in ts], 0))
+        slot = tf.math.floormod(step - 1, c.capacity)
+        # assign of a whole (small) ring rather than scatter: sync-on-read variables
+        # (distribution strategies) implement assign only.
+        c.ring.assign(tf.tensor_scatter_nd_update(c.ring.read_value(), tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1])))
+        c.step_var.assign_add(1)
+        if after is not None:
+            after(row)
+    except NonFiniteGradientError:
+        raise  # on_nonfinite="raise", read eagerly: the update was skipped in-graph
+    except Exception as exc:  # noqa: BLE001 - the update above has happened; only recording fails
+        c.fail("recording gradient statistics", exc)
+
+
+def _cond_apply_distributed(ctx: Any, go: tf.Tensor, grads: list[Any], tvars: Any, original: Callable[..., Any]) -> None:
+    """Skip-or-apply under a distribution strategy.
+
+    A ``tf.cond`` in the replica context cannot contain the optimizer's ``merge_call``;
+    like Keras' ``LossScaleOptimizer``, go to the cross-replica context, branch there and
+    run the original ``apply`` in each replica. ``go`` is identical on every replica
+    (computed from all-reduced values), so the first replica's copy decides.
+    """
+
+    def cross(distribution: Any, go: Any, grads: Any, tvars: Any) -> None:
+        flag = distribution.experimental_local_results(go)[0]
+
+        def do() -> tf.Tensor:
+            distribution.extended.call_for_each_replica(original, args=(grads, tvars))
+            return tf.constant(True)
+
+        tf.cond(flag, do, lambda: tf.constant(False))
+
+    ctx.merge_call(cross, args=(go, grads, tvars))
+
