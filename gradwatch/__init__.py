@@ -27,7 +27,8 @@ from gradwatch.monitor import Monitor, infer_layer
 from gradwatch.options import Options, profile_due
 from gradwatch.policies import AGC, AutoClip, ClipPolicy, FixedNorm, UnitwisePolicy, ZClip
 from gradwatch.records import ClipDecision, GateStats, Propagation, StepRecord, TemporalProfile, WindowStats
-from gradwatch.sinks import JsonlSink, LoggingSink, MemorySink, TensorBoardSink
+from gradwatch.sinks import JsonlSink, LoggingSink, MemorySink
+from gradwatch.tensorboard import TensorBoardSink
 from gradwatch.view import MonitorPort, MonitorView
 from gradwatch.watch import Watch, watch, watch_with
 

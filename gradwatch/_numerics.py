@@ -1,4 +1,4 @@
-"""Numpy maths of the core that is not a policy: unit norms, fits of temporal profiles.
+"""Numpy maths of the core that is not a policy: unit norms, fits of propagation profiles.
 
 (Policies live in :mod:`gradwatch.policies`, written once over an array-ops layer.)
 """
@@ -10,9 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["HORIZON_FRACTION", "temporal_gain", "temporal_horizon", "unitwise_norm"]
+__all__ = ["HORIZON_FRACTION", "propagation_horizon", "propagation_rate", "unitwise_norm"]
 
-#: A timestep is "reached" while its gradient norm is at least this fraction of the peak.
+#: A state is "reached" while the gain back to it is at least this (``vanish_ratio``'s default).
 HORIZON_FRACTION = 1e-3
 
 
@@ -32,45 +32,33 @@ def unitwise_norm(x: np.ndarray, unit_axis: int = 0) -> np.ndarray:
     return np.sqrt(np.sum(x * x, axis=reduce_axes, keepdims=True))
 
 
-def temporal_gain(norms: Sequence[float] | np.ndarray) -> float:
-    """Per-timestep growth factor of a gradient going back in time.
+def propagation_rate(gains: Sequence[float] | np.ndarray) -> float:
+    """Per-step factor of a propagation profile: ``gains[j] ~ rate ** j``.
 
-    Least-squares fit of log(norm_t) = a + b*t over the timesteps whose norm is finite and
-    positive (exact zeros are float underflow of a vanished gradient and carry no slope);
-    the gain is exp(-b), the factor one step further back multiplies the norm by. A gain
-    below 1 means the gradient fades as it travels back (vanishing), above 1 that it grows
-    (exploding). NaN when fewer than two timesteps are usable.
+    Least-squares fit of log(gains[j]) = a + j log(rate) over the steps whose gain is
+    finite and positive (exact zeros are float underflow of a vanished gradient and carry
+    no slope). Below 1: vanishing; above 1: exploding. NaN with fewer than two usable
+    steps.
     """
-    arr = np.asarray(norms, dtype=np.float64).reshape(-1)
-    t = np.arange(arr.size, dtype=np.float64)
+    arr = np.asarray(gains, dtype=np.float64).reshape(-1)
+    j = np.arange(arr.size, dtype=np.float64)
     ok = np.isfinite(arr) & (arr > 0)
     if int(ok.sum()) < 2:
         return math.nan
-    t = t[ok]
+    j = j[ok]
     y = np.log(arr[ok])
-    tc = t - t.mean()
-    denom = float(np.dot(tc, tc))
+    jc = j - j.mean()
+    denom = float(np.dot(jc, jc))
     if denom == 0.0:
         return math.nan
-    slope = float(np.dot(tc, y - y.mean())) / denom
-    return float(math.exp(-slope)) if -slope < 700 else math.inf
+    slope = float(np.dot(jc, y - y.mean())) / denom
+    return float(math.exp(slope)) if slope < 700 else math.inf
 
 
-def temporal_horizon(norms: Sequence[float] | np.ndarray, fraction: float = HORIZON_FRACTION) -> int:
-    """Timesteps back from the peak until the norm first falls below ``fraction`` x peak.
-
-    The sequence length when it never does (the whole sequence is reached). 0 for an
-    empty or all-zero / non-finite profile.
-    """
-    arr = np.asarray(norms, dtype=np.float64).reshape(-1)
-    if arr.size == 0:
-        return 0
-    finite = np.where(np.isfinite(arr), arr, -np.inf)
-    peak_i = int(np.argmax(finite))
-    peak = finite[peak_i]
-    if not peak > 0:
-        return 0
-    below = np.nonzero(finite[:peak_i] < fraction * peak)[0]
-    if below.size == 0:
-        return int(arr.size)
-    return int(peak_i - below[-1])
+def propagation_horizon(gains: Sequence[float] | np.ndarray, ratio: float = HORIZON_FRACTION) -> int:
+    """Steps back until the gain first falls below ``ratio``: the smallest j with
+    ``gains[j] < ratio``; ``len(gains)`` when it never does (the whole sequence is
+    reached). NaN and +inf are never "below"."""
+    arr = np.asarray(gains, dtype=np.float64).reshape(-1)
+    below = np.flatnonzero(arr < ratio)  # NaN compares False
+    return int(below[0]) if below.size else int(arr.size)

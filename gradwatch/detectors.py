@@ -174,16 +174,45 @@ class SpikeDetector:
         self.var = float(state["var"])
 
 
+_VANISH_REMEDY = {
+    "rnn": "Remedies: a gated cell (an LSTM or GRU layer) in place of the plain RNN, orthogonal initialisation of "
+    "the recurrent weights, or shorter truncated sequences (a smaller bptt).",
+    "lstm": "Remedies: a larger forget-gate bias (1 to 3), so the cell state carries the gradient further; "
+    "shorter truncated sequences if the task does not need the long range.",
+    "gru": "Remedies: a larger update-gate bias (so z stays near 1 and the state is carried over); shorter "
+    "truncated sequences if the task does not need the long range.",
+}
+_EXPLODE_REMEDY = (
+    "Remedies: a clipping policy (policy='zclip', or 'fixed' with max_norm), and a smaller recurrent weight scale "
+    "(largest singular value near or below 1: orthogonal initialisation, a smaller initial scale)."
+)
+
+
+def _family(kind: str | None) -> str:
+    k = (kind or "").lower()
+    return "lstm" if "lstm" in k else "gru" if "gru" in k else "rnn"
+
+
+def _recurrence_spectral(record: StepRecord, layer: str, recurrence: str) -> str:
+    """The largest singular value of this recurrence's weights when measured (torch names
+    them ``weight_hh_<recurrence>``), else of the layer's."""
+    own = {k: v for k, v in record.spectral.items() if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))}
+    if own:
+        name, s = max(own.items(), key=lambda kv: kv[1])
+        return f", largest recurrent singular value {fmt(s)} ({name})"
+    return layer_spectral(record, layer)
+
+
 class TemporalDetector(_Stateless):
     """Vanishing or exploding gradients *through time* in a recurrent layer.
 
-    Looks at the per-timestep profile of dL/dx_t (the layer's input): vanishing when the
-    earliest timestep receives less than ``vanish_ratio`` of the peak, exploding when it
-    receives more than ``explode_ratio`` times what the last timestep gets. This is the
-    picture of Pascanu et al. (2013): the gradient reaching step k is a product of t - k
-    Jacobians diag(f'(.)) W_hh, so it shrinks or grows geometrically with the recurrent
-    weights' spectral norm; the messages quote the measured gain per step, the horizon
-    and, when measured, that spectral norm.
+    Judged on propagation (the product of the recurrent Jacobians ds_t/ds_{t-1}, Pascanu
+    et al. 2013), never on the input-gradient profile ``norms``, which says which
+    timesteps the loss uses, not whether the recurrence can carry a gradient. Vanishing:
+    a recurrence's horizon (steps back until its gain falls below ``vanish_ratio``) is
+    shorter than the sequence. Exploding: its gain over some number of steps exceeds
+    ``explode_ratio``. One alert per layer, for its worst recurrence, named with the
+    recurrence and remedies that fit the layer's kind (``view.meta["recurrent_layers"]``).
     """
 
     name: ClassVar[str] = "temporal"
@@ -192,19 +221,41 @@ class TemporalDetector(_Stateless):
         if not record.temporal:
             return ()
         o = self.options
+        kinds = view.meta.get("recurrent_layers") or {}
         events: list[GradEvent] = []
         for layer, prof in record.temporal.items():
-            if len(prof.norms) < 2:
+            recs = {k: r for k, r in prof.recurrences.items() if r.length >= 2}
+            if not recs:
                 continue
-            r_peak = prof.earliest_over_peak
-            r_last = prof.earliest_over_last
-            sigma = layer_spectral(record, layer)
-            if r_peak < o.vanish_ratio:
+            family = _family(kinds.get(layer) if isinstance(kinds, Mapping) else None)
+            exploding = {k: r for k, r in recs.items() if r.peak > o.explode_ratio}
+            vanishing = {k: r for k, r in recs.items() if r.horizon < r.length}
+            if exploding:
+                rec, r = max(exploding.items(), key=lambda kv: kv[1].peak)
+                j = max(range(r.length), key=lambda i: -math.inf if math.isnan(r.gains[i]) else r.gains[i])
+                events.append(
+                    GradEvent(
+                        kind="exploding",
+                        step=record.step,
+                        severity=logging.WARNING,
+                        message=(
+                            f"Exploding gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
+                            f"step {record.step}: a gradient carried back {j} steps through the layer's state grows "
+                            f"{fmt(r.peak)}x (alert above {fmt(o.explode_ratio)}x); {fmt(r.rate)} per step"
+                            f"{_recurrence_spectral(record, layer, rec)}. {_EXPLODE_REMEDY}"
+                        ),
+                        layer=layer,
+                        value=r.peak,
+                        threshold=o.explode_ratio,
+                    )
+                )
+            elif vanishing:
+                rec, r = min(vanishing.items(), key=lambda kv: kv[1].horizon)
                 gate = record.gates.get(layer)
                 gate_txt = (
-                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (cell-path gain e^{gate.log_path_gain:.1f} "
-                    f"over the sequence): a larger {gate.gate}-gate bias (1 to 3) keeps memory longer."
-                    if gate is not None
+                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (cell-path gain e^{gate.log_path_gain:.1f} over the "
+                    f"sequence)."
+                    if gate is not None and family != "rnn"
                     else ""
                 )
                 events.append(
@@ -213,36 +264,16 @@ class TemporalDetector(_Stateless):
                         step=record.step,
                         severity=logging.WARNING,
                         message=(
-                            f"Vanishing gradient through time in recurrent layer {layer!r} at step {record.step}: "
-                            f"the earliest of {prof.length} timesteps receives {fmt(r_peak)} of the peak gradient "
-                            f"(alert below {fmt(o.vanish_ratio)}); gain {fmt(prof.gain)} per step, horizon "
-                            f"{prof.horizon} timesteps{sigma}. The layer cannot learn dependencies longer than "
-                            f"about {prof.horizon} steps.{gate_txt} Remedies: an LSTM or GRU instead of a plain "
-                            f"RNN, a forget-gate bias of 1 to 3, orthogonal initialisation of the recurrent "
-                            f"weights, or shorter (truncated) sequences."
+                            f"Vanishing gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
+                            f"step {record.step}: a gradient carried back through the layer's state falls below "
+                            f"{fmt(o.vanish_ratio)} of its size after {r.horizon} of {r.length} steps (horizon "
+                            f"{r.horizon}); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec)}. The "
+                            f"layer cannot learn dependencies longer than about {r.horizon} steps.{gate_txt} "
+                            f"{_VANISH_REMEDY[family]}"
                         ),
                         layer=layer,
-                        value=r_peak,
-                        threshold=o.vanish_ratio,
-                    )
-                )
-            elif r_last > o.explode_ratio:
-                events.append(
-                    GradEvent(
-                        kind="exploding",
-                        step=record.step,
-                        severity=logging.WARNING,
-                        message=(
-                            f"Exploding gradient through time in recurrent layer {layer!r} at step {record.step}: "
-                            f"the earliest of {prof.length} timesteps receives {fmt(r_last)}x the gradient of "
-                            f"the last (alert above {fmt(o.explode_ratio)}x); gain {fmt(prof.gain)} per "
-                            f"step{sigma}. Remedies: clip the gradient norm (policy='zclip' or 'fixed'), and "
-                            f"keep the recurrent weights' largest singular value near or below 1 (orthogonal "
-                            f"initialisation, a smaller initial scale)."
-                        ),
-                        layer=layer,
-                        value=r_last,
-                        threshold=o.explode_ratio,
+                        value=float(r.horizon),
+                        threshold=float(r.length),
                     )
                 )
         return events

@@ -77,5 +77,6 @@ def summary_line(record: StepRecord) -> str:
     if w is not None and w.nonfinite:
         parts.append(f"non-finite on {w.nonfinite} step{'s' if w.nonfinite > 1 else ''}")
     for layer, prof in record.temporal.items():
-        parts.append(f"{layer}: gain {fmt(prof.gain)}/step, horizon {prof.horizon}/{prof.length}")
+        if prof.recurrences:
+            parts.append(f"{layer}: {fmt(prof.gain)}/step through time, horizon {prof.horizon}/{prof.length}")
     return " | ".join(parts)

@@ -77,6 +77,7 @@ class _View:
     names = property(lambda self: self._m.names)
     layers = property(lambda self: self._m.layers)
     policy_name = property(lambda self: None if self._m.policy is None else self._m.policy.name)
+    meta = property(lambda self: MappingProxyType(self._m.meta))
 
     def layer_of(self, param: str) -> str | None:
         return self._m.layer_of(param)
@@ -228,7 +229,7 @@ class Monitor:
             clip=clip,
             skipped=bool(skipped),
             nonfinite=nonfinite,
-            temporal=self._profiles(stats) if stats.temporal else _EMPTY,
+            temporal=self._profiles(stats) if (stats.temporal or stats.propagation) else _EMPTY,
             spectral=MappingProxyType({k: float(v) for k, v in stats.spectral.items()}) if stats.spectral else _EMPTY,
             gates=MappingProxyType(dict(stats.gates)) if stats.gates else _EMPTY,
         )
@@ -258,9 +259,17 @@ class Monitor:
         return self._host.decide(global_norm)  # type: ignore[union-attr]
 
     def _profiles(self, stats: StepStats) -> Mapping[str, TemporalProfile]:
-        return MappingProxyType(
-            {k: v if isinstance(v, TemporalProfile) else TemporalProfile.from_norms(v) for k, v in stats.temporal.items()}
-        )
+        """One profile per recurrent layer measured this step: its input-gradient norms
+        (sensitivity) and the gains of each of its recurrences (propagation)."""
+        ratio = self.options.vanish_ratio
+        out: dict[str, TemporalProfile] = {}
+        for layer in dict.fromkeys([*stats.temporal, *stats.propagation]):
+            norms = stats.temporal.get(layer, ())
+            if isinstance(norms, TemporalProfile):
+                out[layer] = norms
+            else:
+                out[layer] = TemporalProfile.build(norms, stats.propagation.get(layer), ratio)
+        return MappingProxyType(out)
 
     def _judge(self, record: StepRecord) -> None:
         for det in list(self._detectors):
@@ -287,6 +296,7 @@ class Monitor:
         params: Mapping[str, Any] | None = None,
         *,
         temporal: Mapping[str, Sequence[float]] | None = None,
+        propagation: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         spectral: Mapping[str, float] | None = None,
         unit_axis: int = 0,
     ) -> StepRecord:
@@ -295,6 +305,9 @@ class Monitor:
         ``params`` (same keys) is needed only by unit-wise policies (AGC), which compare
         each unit's gradient with its weights; ``unit_axis`` says which axis indexes the
         units (0 for ``(out, in)`` weights). Apply the decision with :meth:`clip_gradients`.
+        ``temporal`` (layer -> per-timestep norms of dL/dx_t) and ``propagation`` (layer ->
+        recurrence -> gains over j steps back, see :class:`~gradwatch.Propagation`) are
+        what a framework without a backend can measure itself.
         """
         names = tuple(grads)
         if names != self._names:
@@ -308,7 +321,7 @@ class Monitor:
         if getattr(self.policy, "unitwise", False):
             ps = self._unit_params(params, names)
             clipped = np.fromiter((np.sum(np.square(self._unitwise(ps[k], g, unit_axis))) for k, g in zip(names, arrays)), dtype=np.float64, count=len(arrays))
-        stats = StepStats(sq, nonfinite, temporal or _EMPTY, spectral=spectral or _EMPTY, clipped_sq_norms=clipped)
+        stats = StepStats(sq, nonfinite, temporal or _EMPTY, propagation=propagation or _EMPTY, spectral=spectral or _EMPTY, clipped_sq_norms=clipped)
         return self.process(stats)
 
     def _unit_params(self, params: Mapping[str, Any] | None, names: Sequence[str]) -> Mapping[str, Any]:

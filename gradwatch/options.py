@@ -66,9 +66,10 @@ class Options:
     keep: int = 1000
     #: In distributed training, let every rank write to its sinks (default: rank 0 only).
     all_ranks: bool = False
-    #: Temporal vanishing: earliest timestep's norm below this fraction of the peak.
+    #: Through time: a recurrence's horizon ends where its propagation gain falls below
+    #: this; the layer is *vanishing* when that horizon is shorter than the sequence.
     vanish_ratio: float = 1e-3
-    #: Temporal exploding: earliest timestep's norm above this multiple of the last's.
+    #: Through time: *exploding* when a recurrence's propagation gain exceeds this.
     explode_ratio: float = 1e3
     #: Global-norm spike: z-score of log(norm) against its running statistics ...
     spike_z: float = 6.0

@@ -32,9 +32,9 @@ class _Builtin:
 
     @hookspecs.hookimpl
     def gradwatch_register_sinks(self) -> list[type]:
-        from gradwatch.sinks import BUILTIN_SINKS
+        from gradwatch.sinks import _builtin_sinks
 
-        return list(BUILTIN_SINKS)
+        return list(_builtin_sinks())
 
     @hookspecs.hookimpl
     def gradwatch_register_detectors(self) -> list[type]:

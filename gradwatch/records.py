@@ -18,6 +18,7 @@ from gradwatch import _numerics
 
 __all__ = [
     "ClipDecision",
+    "extreme",
     "GateStats",
     "NormMap",
     "Propagation",
@@ -59,7 +60,8 @@ class Propagation:
 
     ``gains[j]`` is the RMS gain of the state Jacobian product over ``j`` steps back,
     ending at the last processed step: ||ds_T/ds_{T-j}||_F / sqrt(dim s), on this step's
-    forward trajectory (``gains[0] == 1``). ``rate`` is the fitted per-step factor
+    forward trajectory (``gains[0] == 1``), in processing order (for a reversed direction
+    j counts back along the reversed sequence). ``rate`` is the fitted per-step factor
     (< 1 vanishing, > 1 exploding); ``horizon`` the number of steps back until ``gains``
     falls below ``vanish_ratio`` (the sequence length if it never does).
     """
@@ -68,17 +70,53 @@ class Propagation:
     rate: float
     horizon: int
 
+    @classmethod
+    def from_gains(cls, gains: Sequence[float] | np.ndarray, vanish_ratio: float = _numerics.HORIZON_FRACTION) -> Propagation:
+        """Fit ``rate`` and ``horizon`` to measured gains with the core's maths."""
+        arr = np.asarray(gains, dtype=np.float64).reshape(-1)
+        return cls(tuple(arr.tolist()), _numerics.propagation_rate(arr), _numerics.propagation_horizon(arr, vanish_ratio))
+
+    @property
+    def length(self) -> int:
+        return len(self.gains)
+
+    @property
+    def peak(self) -> float:
+        """The largest gain over any number of steps back (NaN ignored)."""
+        finite = [g for g in self.gains if not math.isnan(g)]
+        return max(finite) if finite else math.nan
+
+
+def extreme(recurrences: Mapping[str, Propagation]) -> tuple[str, Propagation] | None:
+    """The recurrence whose rate is farthest from 1 in log (NaN rates count least)."""
+    best: tuple[str, Propagation] | None = None
+    best_d = -1.0
+    for name, p in recurrences.items():
+        r = p.rate
+        d = abs(math.log(r)) if math.isfinite(r) and r > 0 else (math.inf if r in (0.0, math.inf) else -0.5)
+        if best is None or d > best_d:
+            best, best_d = (name, p), d
+    return best
+
 
 @dataclass(frozen=True, slots=True)
 class TemporalProfile:
-    """How the gradient of a recurrent layer's input is spread over time.
+    """What gradwatch measured along the time axis of one recurrent layer.
 
-    ``norms[t]`` is the L2 norm of dL/dx_t over batch and features, x being the layer's
-    input sequence, for each timestep t in forward order. ``gain`` is the fitted factor by
-    which that norm changes per timestep going *back* in time (< 1: vanishing, > 1:
-    exploding); ``horizon`` the number of timesteps back from the peak until the norm
-    falls below 1/1000 of the peak (the sequence length if it never does): how far back
-    this layer can currently learn from.
+    Two different questions, both answered:
+
+    * *Sensitivity*, ``norms[t]``: the L2 norm of dL/dx_t over batch and features, x being
+      the layer's input sequence, for each timestep t in forward order. It says which
+      timesteps the loss draws its gradient from; a trained model that uses only x_1 has
+      its largest norm at t=1, and that is healthy.
+    * *Propagation*, ``recurrences``: one :class:`Propagation` per (layer, direction),
+      keyed ``"l0"``, ``"l1"``, ``"l0_reverse"``, ...: how the recurrence itself carries
+      a gradient back through its state. Vanishing and exploding gradients (Pascanu et al.
+      2013) are properties of this Jacobian product, and gradwatch alerts on it only.
+
+    ``propagation``, ``gain`` (the fitted per-step rate) and ``horizon`` are those of the
+    most extreme recurrence (the one whose rate is farthest from 1 in log); without a
+    propagation measurement they are ``()``, NaN and 0.
     """
 
     norms: tuple[float, ...]
@@ -90,31 +128,36 @@ class TemporalProfile:
     recurrences: Mapping[str, Propagation] = field(default_factory=_empty)
 
     @classmethod
-    def from_norms(cls, norms: Sequence[float] | np.ndarray) -> TemporalProfile:
-        """Build a profile, fitting gain and horizon with the core's reference maths."""
-        arr = np.asarray(norms, dtype=np.float64).reshape(-1)
+    def build(
+        cls,
+        norms: Sequence[float] | np.ndarray = (),
+        recurrences: Mapping[str, Any] | None = None,
+        vanish_ratio: float = _numerics.HORIZON_FRACTION,
+    ) -> TemporalProfile:
+        """A profile from input-gradient norms and per-recurrence gains (arrays or
+        :class:`Propagation`\\ s); either may be empty."""
+        recs = {k: v if isinstance(v, Propagation) else Propagation.from_gains(v, vanish_ratio) for k, v in (recurrences or {}).items()}
+        worst = extreme(recs)
+        p = worst[1] if worst is not None else None
         return cls(
-            norms=tuple(float(v) for v in arr),
-            gain=_numerics.temporal_gain(arr),
-            horizon=_numerics.temporal_horizon(arr),
+            norms=tuple(float(v) for v in np.asarray(norms, dtype=np.float64).reshape(-1)),
+            gain=p.rate if p is not None else math.nan,
+            horizon=p.horizon if p is not None else 0,
+            propagation=p.gains if p is not None else (),
+            recurrences=MappingProxyType(recs),
         )
 
     @property
     def length(self) -> int:
-        return len(self.norms)
+        """Timesteps of the profile (of the propagation when measured, else of ``norms``)."""
+        return len(self.propagation) if self.propagation else len(self.norms)
 
     @property
     def earliest_over_peak(self) -> float:
-        """norms[0] / max(norms): tiny when the gradient vanishes before reaching t=0."""
+        """Sensitivity: norms[0] / max(norms), the share of the peak input gradient that
+        x_1 gets (small is healthy when the loss does not need x_1)."""
         peak = max(self.norms) if self.norms else 0.0
         return self.norms[0] / peak if peak > 0 else math.nan
-
-    @property
-    def earliest_over_last(self) -> float:
-        """norms[0] / norms[-1]: huge when the gradient explodes going back in time."""
-        if not self.norms or self.norms[-1] == 0:
-            return math.inf if self.norms and self.norms[0] > 0 else math.nan
-        return self.norms[0] / self.norms[-1]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,9 +9,7 @@ A sink receives every event as it happens and one window-summarised record every
 ``"memory"``              keeps flushed records and events in lists (bounded by ``keep``)
 ``"jsonl:PATH"``          the run file (see :mod:`gradwatch.jsonl`), one line per record or
                           event, each written whole and flushed
-``"tensorboard:DIR"``     TensorBoard scalars: global norm and its window max, per-layer
-                          norms, clip threshold and scale, temporal gain and horizon,
-                          spectral norms
+``"tensorboard:DIR"``     TensorBoard scalars (:mod:`gradwatch.tensorboard`)
 ========================  ==============================================================
 
 Any object with ``write_record``, ``write_event`` and ``close`` is a sink too. A sink that
@@ -23,11 +21,9 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import logging
-import math
 import os
 import weakref
 from collections import deque
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
@@ -40,7 +36,7 @@ from gradwatch.records import StepRecord
 if TYPE_CHECKING:
     from gradwatch.view import MonitorView
 
-__all__ = ["BUILTIN_SINKS", "LOGGER_NAME", "JsonlSink", "LoggingSink", "MemorySink", "Sink", "TensorBoardSink"]
+__all__ = ["LOGGER_NAME", "JsonlSink", "LoggingSink", "MemorySink", "Sink", "check_writable_dir", "now_iso"]
 
 LOGGER_NAME = "gradwatch"
 logger = logging.getLogger(LOGGER_NAME)
@@ -136,7 +132,7 @@ def _close_all_at_exit() -> None:  # pragma: no cover - runs at interpreter exit
         sink.close()
 
 
-def _check_writable_dir(option_value: str, d: Path) -> None:
+def check_writable_dir(option_value: str, d: Path) -> None:
     probe = d
     while not probe.exists():
         probe = probe.parent
@@ -168,7 +164,7 @@ class JsonlSink:
                 option="sinks",
                 value=f"jsonl:{path}",
             )
-        _check_writable_dir(f"jsonl:{path}", self.path.parent)
+        check_writable_dir(f"jsonl:{path}", self.path.parent)
         self._header = header or {}
         self._view: MonitorView | None = None
         self._f: Any = None
@@ -224,67 +220,10 @@ class JsonlSink:
         _open_files.discard(self)
 
 
-def tensorboard_scalars(record: StepRecord) -> Iterator[tuple[str, float]]:
-    """The TensorBoard scalars of one flushed record, as (tag, value) pairs."""
-    yield "grad/global_norm", record.global_norm
-    if record.window is not None:
-        yield "grad/window_max", record.window.norm_max
-        yield "grad/window_mean", record.window.norm_mean
-    for layer, v in record.layer_norms.items():
-        yield f"grad_layer/{layer}", v
-    if record.clip is not None:
-        yield "clip/threshold", record.clip.threshold
-        yield "clip/scale", record.clip.scale
-    for layer, prof in record.temporal.items():
-        yield f"temporal/{layer}/gain", prof.gain
-        yield f"temporal/{layer}/horizon", float(prof.horizon)
-    for name, s in record.spectral.items():
-        yield f"spectral/{name}", s
-    for layer, g in record.gates.items():
-        yield f"gates/{layer}/{g.gate}_mean", g.mean
+def _builtin_sinks() -> tuple[type, ...]:
+    from gradwatch.tensorboard import TensorBoardSink
 
-
-class TensorBoardSink:
-    """Scalars in a TensorBoard log directory (no tensorboard package needed to write)."""
-
-    scheme: ClassVar[str] = "tensorboard"
-
-    def __init__(self, logdir: str | os.PathLike[str]) -> None:
-        self.logdir = Path(logdir)
-        if self.logdir.exists() and not self.logdir.is_dir():
-            raise ConfigError(
-                f"gradwatch sink 'tensorboard:{logdir}': {str(logdir)!r} is a file, not a directory.",
-                option="sinks",
-                value=f"tensorboard:{logdir}",
-            )
-        _check_writable_dir(f"tensorboard:{logdir}", self.logdir)
-        self._writer: Any = None
-
-    @classmethod
-    def from_spec(cls, arg: str | None, view: MonitorView) -> TensorBoardSink:
-        if not arg:
-            raise ConfigError(
-                "gradwatch sink 'tensorboard:' needs a directory, e.g. 'tensorboard:runs/tb'.", option="sinks", value="tensorboard:"
-            )
-        return cls(arg)
-
-    def write_record(self, record: StepRecord) -> None:
-        if self._writer is None:
-            from gradwatch._tfevents import EventFileWriter
-
-            self._writer = EventFileWriter(self.logdir)
-        # TensorBoard cannot show NaN/Inf meaningfully; those steps are in the events.
-        self._writer.add_scalars(record.step, ((t, v) for t, v in tensorboard_scalars(record) if math.isfinite(v)))
-
-    def write_event(self, event: GradEvent) -> None:
-        return None
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-BUILTIN_SINKS: tuple[type, ...] = (LoggingSink, MemorySink, JsonlSink, TensorBoardSink)
+    return (LoggingSink, MemorySink, JsonlSink, TensorBoardSink)
 
 
 def now_iso() -> str:

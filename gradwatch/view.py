@@ -49,6 +49,12 @@ class MonitorView(Protocol):
         """The clipping policy's registry name, or None (observe only)."""
         ...
 
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        """Facts the backend reported (read-only): ``backend``, the framework version,
+        ``recurrent_layers`` (layer -> kind: "rnn_tanh", "rnn_relu", "lstm", "gru")."""
+        ...
+
     def layer_of(self, param: str) -> str | None:
         """The layer a bound parameter belongs to."""
         ...
@@ -72,9 +78,10 @@ class MonitorPort(MonitorView, Protocol):
         ...
 
     @property
-    def meta(self) -> dict[str, Any]:
-        """Facts for the run file's header (backend, framework version, layers); set them
-        at attach time with ``setdefault``."""
+    def meta(self) -> dict[str, Any]:  # type: ignore[override]
+        """Facts for the run file's header, writable by the backend: ``backend``, the
+        framework version, ``recurrent_layers`` (layer -> "rnn_tanh" | "rnn_relu" |
+        "lstm" | "gru"). Set them at attach time with ``setdefault``."""
         ...
 
     @property

@@ -63,6 +63,18 @@ class RecurrentSite:
     frozen: bool = False  # the ring layout is fixed: create no more variables
 
 
+def kind_of(site: RecurrentSite) -> str:
+    """What the core's remedies need to know: "lstm", "gru", "rnn_tanh", "rnn_relu", ..."""
+    cell = site.cells[0] if site.cells else None
+    name = _class_name(cell)
+    if name == "LSTMCell":
+        return "lstm"
+    if name == "GRUCell":
+        return "gru"
+    act = getattr(getattr(cell, "activation", None), "__name__", "tanh")
+    return f"rnn_{act}"
+
+
 def _class_name(obj: Any) -> str:
     return type(obj).__name__
 

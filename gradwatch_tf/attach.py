@@ -147,7 +147,7 @@ class TFAttachment:
         meta = self._monitor.meta  # facts for the run file's header (the report shows them)
         meta.setdefault("backend", "tf")
         meta.setdefault("tensorflow", tf.__version__)
-        meta.setdefault("recurrent_layers", [site.name for site in self._sites])
+        meta.setdefault("recurrent_layers", {site.name: _recurrent.kind_of(site) for site in self._sites})
         sites, blocks = self._setup_sites()
         policy = self._monitor.policy
         unitwise = policy if getattr(policy, "unitwise", False) else None

@@ -79,6 +79,8 @@ class Probe:
     def __init__(self, name: str, module: nn.Module, due: Callable[[], bool]) -> None:
         self.name = name
         self.family = _family(module) or "RNN"
+        #: What the core's remedies need to know: "lstm", "gru", "rnn_tanh" or "rnn_relu".
+        self.kind = self.family.lower() if self.family != "RNN" else f"rnn_{getattr(module, 'nonlinearity', 'tanh')}"
         self._module = weakref.ref(module)
         self._due = due
         self.enabled = True
@@ -104,6 +106,11 @@ class Probe:
     def take_temporal(self) -> Tensor | None:
         """Squared per-timestep norms gathered since the last call (then reset)."""
         raise NotImplementedError
+
+    def take_propagation(self) -> tuple[tuple[str, ...], Tensor] | None:
+        """This profiled step's propagation gains: (recurrence names, an (R, T) tensor of
+        gains over j = 0 .. T-1 steps back), or None when not measured."""
+        return None
 
     def active(self) -> bool:
         """Probe this forward call? Only with grad enabled and on a profiled step.

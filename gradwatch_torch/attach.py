@@ -124,7 +124,7 @@ class TorchAttachment:
         meta = monitor.meta  # facts for the run file's header
         meta.setdefault("backend", "torch")
         meta.setdefault("torch", torch.__version__)
-        meta.setdefault("recurrent_layers", [p.name for p in self._probes])
+        meta.setdefault("recurrent_layers", {p.name: p.kind for p in self._probes})
         self._check_distributed()
 
     # -- Attachment protocol --------------------------------------------------------------
@@ -299,6 +299,13 @@ class TorchAttachment:
         for probe, g in zip(gate_probes, gate_values):
             segments.append(Segment("gates", 2, key=probe.name, labels=(probe.gate_name,)))
             parts[("gates", probe.name)] = g
+        if profiled:
+            for probe in self._probes:
+                got = probe.take_propagation()
+                if got is not None:
+                    labels, gains = got
+                    segments.append(Segment("propagation", int(gains.numel()), key=probe.name, labels=labels))
+                    parts[("propagation", probe.name)] = gains
         return segments, parts
 
     def _drop_grads(self) -> None:

@@ -48,41 +48,83 @@ def test_norm_ceiling_flags_from_the_first_step():
     assert e.step == 1 and e.threshold == 10.0 and "norm_ceiling" in e.message
 
 
-def _profile(m, norms_by_layer, step_norm=1.0):
+def _profile(m, gains_by_layer, norms_by_layer=None, kinds=None):
+    """One step whose recurrent layers propagate with the given gains (recurrence "l0")."""
     m.bind(["rnn.w"])
-    return feed(m, norms=np.array([step_norm]), temporal=norms_by_layer)
+    if kinds:
+        m.meta["recurrent_layers"] = kinds
+    prop = {layer: {"l0": g} for layer, g in gains_by_layer.items()}
+    return feed(m, norms=np.array([1.0]), temporal=norms_by_layer or {}, propagation=prop)
 
 
-def test_temporal_vanishing_named_with_gain_horizon_and_remedy():
+def test_temporal_vanishing_names_layer_recurrence_horizon_and_rnn_remedies():
     m = monitor()
-    prof = 0.8 ** np.arange(100)[::-1]  # fades going back: earliest = 0.8**99 ~ 2.5e-10
-    r = _profile(m, {"enc.rnn": prof})
+    gains = 0.8 ** np.arange(100)  # 0.8**31 = 9.9e-4: below 1e-3 after 31 steps back
+    r = _profile(m, {"enc.rnn": gains}, kinds={"enc.rnn": "rnn_tanh"})
     (e,) = m.events
     assert e.kind == "vanishing" and e.layer == "enc.rnn" and e.severity == logging.WARNING
-    assert e.value == pytest.approx(0.8**99)
-    assert "'enc.rnn'" in e.message and "LSTM" in e.message and "forget-gate" in e.message
-    assert r.temporal["enc.rnn"].gain == pytest.approx(0.8)
+    assert e.value == 31 and e.threshold == 100
+    assert "'enc.rnn'" in e.message and "'l0'" in e.message and "31 of 100 steps" in e.message
+    assert "gated cell" in e.message and "orthogonal" in e.message and "bptt" in e.message
+    prof = r.temporal["enc.rnn"]
+    assert prof.gain == pytest.approx(0.8) and prof.horizon == 31 and prof.recurrences["l0"].horizon == 31
 
 
-def test_temporal_exploding_when_earliest_exceeds_1000x_last():
+@pytest.mark.parametrize("kind, says, never", [("lstm", "forget-gate bias", "LSTM or GRU"), ("gru", "update-gate bias", "LSTM or GRU")])
+def test_vanishing_remedies_fit_the_layer_kind(kind, says, never):
     m = monitor()
-    _profile(m, {"rnn": 1.1 ** np.arange(100)[::-1]})  # earliest = 1.1**99 ~ 1.25e4 x last
+    _profile(m, {"cell": 0.5 ** np.arange(40)}, kinds={"cell": kind})
+    (e,) = m.events
+    assert says in e.message and never not in e.message
+
+
+def test_temporal_exploding_when_a_gain_exceeds_explode_ratio():
+    m = monitor()
+    _profile(m, {"rnn": 1.1 ** np.arange(100)})  # 1.1**99 ~ 1.25e4 > 1e3
     (e,) = m.events
     assert e.kind == "exploding" and e.layer == "rnn"
     assert e.value == pytest.approx(1.1**99)
-    assert "clip" in e.message
+    assert "clip" in e.message and "99 steps" in e.message
 
 
-def test_healthy_profile_raises_nothing():
+def test_healthy_propagation_raises_nothing():
     m = monitor()
-    _profile(m, {"lstm": 0.99 ** np.arange(100)[::-1]})
+    _profile(m, {"lstm": 0.99 ** np.arange(100)})
     assert m.events == []
+
+
+def test_a_trained_model_that_draws_on_x1_is_not_flagged():
+    # Sensitivity peaked at t=1 (the model uses the first input) with healthy propagation:
+    # the input profile alone must never raise a through-time alert.
+    m = monitor()
+    norms = {"lstm": 1e4 * 0.9 ** np.arange(100)}  # x_1 gets 1e4 x what x_100 gets
+    _profile(m, {"lstm": 0.995 ** np.arange(100)}, norms_by_layer=norms)
+    assert m.events == []
+    m2 = monitor()
+    m2.bind(["rnn.w"])
+    feed(m2, norms=np.array([1.0]), temporal={"lstm": 1e-9 * 0.9 ** np.arange(100)[::-1]})  # no propagation measured
+    assert m2.events == [] and math.isnan(m2.records[-1].temporal["lstm"].gain)
 
 
 def test_temporal_thresholds_are_options():
     m = monitor(vanish_ratio=0.5)
-    _profile(m, {"lstm": 0.99 ** np.arange(100)[::-1]})  # earliest/peak = 0.37 < 0.5
-    assert [e.kind for e in m.events] == ["vanishing"]
+    _profile(m, {"lstm": 0.99 ** np.arange(100)})  # 0.99**69 = 0.4998 < 0.5
+    (e,) = m.events
+    assert e.kind == "vanishing" and e.value == 69
+    m = monitor(explode_ratio=2.0)
+    _profile(m, {"rnn": 1.01 ** np.arange(100)})  # 1.01**99 = 2.7 > 2
+    assert [e.kind for e in m.events] == ["exploding"]
+
+
+def test_the_worst_recurrence_of_a_stack_is_named():
+    m = monitor()
+    m.bind(["lstm.w"])
+    prop = {"lstm": {"l0": 0.99 ** np.arange(50), "l1": 0.6 ** np.arange(50), "l1_reverse": 0.7 ** np.arange(50)}}
+    r = feed(m, norms=np.array([1.0]), propagation=prop)
+    (e,) = m.events
+    assert "'l1'" in e.message
+    prof = r.temporal["lstm"]
+    assert prof.gain == pytest.approx(0.6) and prof.propagation == tuple(0.6 ** np.arange(50))
 
 
 def test_vanishing_layer_norm_after_patience_steps():
@@ -113,9 +155,9 @@ def test_nonfinite_names_the_parameter_and_layer():
 def test_alerts_of_one_kind_and_layer_are_rate_limited_and_counted():
     m = monitor(alert_every=10)
     m.bind(["rnn.w"])
-    vanish = 0.5 ** np.arange(50)[::-1]
+    vanish = {"rnn": {"l0": 0.5 ** np.arange(50)}}
     for _ in range(25):
-        feed(m, norms=np.array([1.0]), temporal={"rnn": vanish})
+        feed(m, norms=np.array([1.0]), propagation=vanish)
     steps = [e.step for e in m.events]
     assert steps == [1, 11, 21]
     assert [e.suppressed for e in m.events] == [0, 9, 9]
@@ -125,6 +167,6 @@ def test_alerts_of_one_kind_and_layer_are_rate_limited_and_counted():
 def test_rate_limit_is_per_layer():
     m = monitor(alert_every=100)
     m.bind(["a.w"])
-    vanish = 0.5 ** np.arange(50)[::-1]
-    feed(m, norms=np.array([1.0]), temporal={"a": vanish, "b": vanish})
+    vanish = {"l0": 0.5 ** np.arange(50)}
+    feed(m, norms=np.array([1.0]), propagation={"a": vanish, "b": vanish})
     assert sorted(e.layer for e in m.events) == ["a", "b"]

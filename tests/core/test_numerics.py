@@ -1,4 +1,4 @@
-"""The reference maths of temporal profiles."""
+"""The core's maths of propagation profiles."""
 
 from __future__ import annotations
 
@@ -7,41 +7,42 @@ import math
 import numpy as np
 import pytest
 
-from gradwatch import TemporalProfile
-from gradwatch._numerics import temporal_gain, temporal_horizon
+from gradwatch import Propagation, TemporalProfile
+from gradwatch._numerics import propagation_horizon, propagation_rate
 
 
 @pytest.mark.parametrize("g", [0.5, 0.9, 1.0, 1.1, 2.0])
-def test_gain_of_a_geometric_profile_is_its_ratio(g):
-    norms = g ** np.arange(60)[::-1]  # norm at t is g**(T-1-t): factor g per step back
-    assert temporal_gain(norms) == pytest.approx(g, rel=1e-9)
+def test_rate_of_a_geometric_propagation_is_its_ratio(g):
+    assert propagation_rate(g ** np.arange(60)) == pytest.approx(g, rel=1e-9)
 
 
-def test_gain_ignores_underflowed_zeros():
-    norms = 0.5 ** np.arange(30)[::-1]
-    norms[:10] = 0.0
-    assert temporal_gain(norms) == pytest.approx(0.5)
+def test_rate_ignores_underflowed_zeros():
+    gains = 0.5 ** np.arange(30)
+    gains[20:] = 0.0
+    assert propagation_rate(gains) == pytest.approx(0.5)
 
 
-def test_gain_is_nan_without_two_usable_points():
-    assert math.isnan(temporal_gain([0.0, 0.0, 1.0]))
-    assert math.isnan(temporal_gain([]))
+def test_rate_is_nan_without_two_usable_points():
+    assert math.isnan(propagation_rate([1.0, 0.0, 0.0]))
+    assert math.isnan(propagation_rate([]))
 
 
-def test_horizon_counts_steps_back_from_the_peak_to_below_a_thousandth():
-    norms = np.ones(100)
-    norms[:40] = 1e-4
-    norms[99] = 2.0
-    # the peak is at t=99; going back, t=39 is the first below 2e-3 (1/1000 of it): 60 steps
-    assert temporal_horizon(norms) == 60
+def test_horizon_is_the_first_step_back_below_the_ratio():
+    gains = np.ones(100)
+    gains[40:] = 1e-4
+    assert propagation_horizon(gains, 1e-3) == 40
+    assert propagation_horizon([1.0, np.nan, np.inf, 1e-5], 1e-3) == 3
 
 
 def test_horizon_is_the_length_when_never_below():
-    assert temporal_horizon(np.linspace(1, 2, 50)) == 50
+    assert propagation_horizon(np.linspace(1, 2, 50)) == 50
 
 
-def test_profile_ratios():
-    p = TemporalProfile.from_norms([1e-6, 1.0, 2.0])
+def test_profile_takes_the_most_extreme_recurrence_and_keeps_sensitivity():
+    p = TemporalProfile.build([1e-6, 1.0, 2.0], {"l0": 0.99 ** np.arange(3), "l0_reverse": 3.0 ** np.arange(3)})
     assert p.earliest_over_peak == pytest.approx(5e-7)
-    assert p.earliest_over_last == pytest.approx(5e-7)
-    assert p.length == 3 and p.horizon == 2
+    assert p.gain == pytest.approx(3.0) and p.propagation == (1.0, 3.0, 9.0) and p.length == 3
+    assert set(p.recurrences) == {"l0", "l0_reverse"}
+    assert isinstance(p.recurrences["l0"], Propagation) and p.recurrences["l0"].horizon == 3
+    empty = TemporalProfile.build([1.0, 2.0])
+    assert math.isnan(empty.gain) and empty.horizon == 0 and empty.propagation == () and empty.length == 2

@@ -24,6 +24,7 @@ def test_scalars_are_readable_by_tensorboard(tmp_path):
             m,
             norms=np.array([3.0, 4.0 + i]),
             temporal={"rnn": 0.5 ** np.arange(20)[::-1]},
+            propagation={"rnn": {"l0": 0.9 ** np.arange(20)}},
             spectral={"rnn.w[f]": 1.25},
         )
     m.close()
@@ -34,4 +35,4 @@ def test_scalars_are_readable_by_tensorboard(tmp_path):
     norms = acc.Scalars("grad/global_norm")
     assert [e.step for e in norms] == [2, 4, 6]
     assert norms[-1].value == pytest.approx(np.hypot(3.0, 9.0), rel=1e-6)
-    assert acc.Scalars("temporal/rnn/gain")[0].value == pytest.approx(0.5, rel=1e-6)
+    assert acc.Scalars("temporal/rnn/gain")[0].value == pytest.approx(0.9, rel=1e-6)  # the propagation rate
