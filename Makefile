@@ -31,12 +31,16 @@ demo: $(STAMP_DEMO)
 
 # Each suite runs in its own process: the core with torch, TensorFlow and Keras made
 # unimportable (it must work from numpy alone), and the two frameworks apart, since
-# loading both into one process is not something users do and only slows the run.
+# loading both into one process is not something users do and only slows the run. The
+# backend contract suite (tests/contract) runs once per backend.
 test: $(STAMP_TEST)
 	@rc=0; \
 	GRADWATCH_BLOCK_FRAMEWORKS=1 $(BIN)/python -m pytest tests/core -q || rc=1; \
 	for suite in tests/torch tests/tf tests/cli tests/examples tests/benchmarks; do \
 	  if [ -d $$suite ]; then $(BIN)/python -m pytest $$suite -q || rc=1; fi; \
+	done; \
+	for backend in torch keras; do \
+	  $(BIN)/python -m pytest tests/contract --backend $$backend -q || rc=1; \
 	done; \
 	exit $$rc
 
