@@ -9,7 +9,7 @@ No backend does offset arithmetic of its own.
 Segment kinds (``size`` elements each):
 
 =============  ==========================================================================
-``step``       1: the device's own step counter (orders the rows of a ring buffer)
+``step``       1: the device's own step counter (the backend orders ring-buffer rows by it)
 ``clip``       2: threshold and scale decided on the device
 ``skipped``    1: 1.0 when the device skipped the optimizer update
 ``profiled``   1: 1.0 on a profiled step; otherwise every per-layer segment is ignored
@@ -82,8 +82,6 @@ class StepStats:
     decision: ClipDecision | None = None
     #: The device skipped the update (None: the monitor decides from ``on_nonfinite``).
     skipped: bool | None = None
-    #: The device's step counter, when the backend keeps one.
-    device_step: int | None = None
 
 
 @dataclass(frozen=True)
@@ -165,7 +163,6 @@ class Layout:
         nonfinite = get("nonfinite")
         clip = get("clip")
         skipped = get("skipped")
-        step = get("step")
         flag = get("profiled")
         profiled = flag is None or bool(flag[0] > 0.5)
         temporal: dict[str, np.ndarray] = {}
@@ -197,5 +194,4 @@ class Layout:
             clipped_sq_norms=None if clipped is None else clipped.copy(),
             decision=None if clip is None else ClipDecision(float(clip[0]), float(clip[1]), policy_name or ""),
             skipped=None if skipped is None else bool(skipped[0] > 0.5),
-            device_step=None if step is None else int(step[0]),
         )

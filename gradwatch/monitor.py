@@ -36,7 +36,7 @@ from gradwatch.plugins import IsolatedCaller, get_plugin_manager
 from gradwatch.policies import HostPolicy
 from gradwatch.records import ClipDecision, NormMap, StepRecord, TemporalProfile
 from gradwatch.registry import build_detectors, build_sinks, resolve_policy
-from gradwatch.sinks import Sink, now_iso
+from gradwatch.sinks import now_iso
 
 __all__ = ["Monitor", "infer_layer"]
 
@@ -435,9 +435,3 @@ class Monitor:
     def __repr__(self) -> str:
         return f"Monitor(step={self._step}, policy={self.policy!r}, params={len(self._names)})"
 
-
-def memory_sink(monitor: Monitor) -> Sink | None:
-    """The first MemorySink of a monitor, if any (handy in tests and notebooks)."""
-    from gradwatch.sinks import MemorySink
-
-    return next((s for s in monitor.sinks if isinstance(s, MemorySink)), None)
