@@ -147,6 +147,9 @@ class TemporalProfile:
             recurrences=MappingProxyType(recs),
         )
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_profile_from_dict, (_profile_dict(self),))
+
     @property
     def length(self) -> int:
         """Timesteps of the profile (of the propagation when measured, else of ``norms``)."""
@@ -223,6 +226,10 @@ class NormMap(Mapping[str, float]):
     def __repr__(self) -> str:
         return f"NormMap({dict(self)!r})"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # The shared index is a read-only proxy, which pickle cannot copy: rebuild from values.
+        return (NormMap.from_dict, (self.to_dict(),))
+
     @property
     def array(self) -> np.ndarray:
         """The values as a float64 vector, in the order of iteration (do not modify)."""
@@ -253,6 +260,11 @@ class StepRecord:
     spectral: Mapping[str, float] = field(default_factory=_empty)
     gates: Mapping[str, GateStats] = field(default_factory=_empty)
     window: WindowStats | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Read-only mappings (MappingProxyType) do not pickle: go through the plain dict,
+        # so records can cross process boundaries (multiprocessing, torch.save, DDP).
+        return (StepRecord.from_dict, (self.to_dict(),))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (floats may be non-finite; the JSONL writer encodes those)."""

@@ -184,3 +184,19 @@ def test_process_after_close_is_an_error_and_close_is_idempotent():
     m.close()
     with pytest.raises(Exception, match="closed"):
         m.observe({"w": np.ones(1)})
+
+
+def test_records_and_profiles_survive_pickle_and_deepcopy():
+    import copy
+    import pickle
+
+    m = monitor(policy="fixed")
+    r = m.observe(
+        {"rnn.w": np.full(3, 2.0), "head.w": np.ones(2)},
+        temporal={"rnn": [1.0, 2.0, 4.0]},
+        propagation={"rnn": {"l0": [1.0, 0.5, 0.25]}},
+    )
+    for copy_of in (pickle.loads(pickle.dumps(r)), copy.deepcopy(r)):
+        assert copy_of.to_dict() == r.to_dict()
+        assert copy_of.param_norms["rnn.w"] == pytest.approx(np.sqrt(12.0))
+        assert copy_of.temporal["rnn"].recurrences["l0"].rate == pytest.approx(0.5)
