@@ -82,6 +82,10 @@ class StepStats:
     decision: ClipDecision | None = None
     #: The device skipped the update (None: the monitor decides from ``on_nonfinite``).
     skipped: bool | None = None
+    #: bool per bound parameter: it has a gradient this step (None: every one has).
+    #: Absent parameters (frozen, or not reached by the loss) are left out of the record,
+    #: the global norm and the checks; their ``sq_norms`` entry is ignored.
+    present: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,10 @@ class VanishingNormDetector:
     """The global norm, or one layer's norm, stayed below ``vanish_floor`` for
     ``vanish_patience`` consecutive steps: that part of the model has stopped learning.
 
-    Counts are kept in one numpy vector over layers, so a step costs no Python loop.
+    Counts are kept in one numpy vector over every layer seen so far, so a step costs no
+    Python loop. A layer absent from a record (frozen, or no gradient this step) is not
+    counted: its count neither grows nor resets, so a frozen layer never alerts, and a
+    layer that joins later (a new head, an unfrozen backbone) starts from zero.
     """
 
     name: ClassVar[str] = "vanishing_norm"
@@ -293,6 +296,8 @@ class VanishingNormDetector:
         self.global_count = 0
         self.layers: tuple[str, ...] = ()
         self.counts = np.zeros(0, dtype=np.int64)
+        self._seen: tuple[str, ...] | None = None  # the layer names of the previous record
+        self._pos = np.zeros(0, dtype=np.intp)  # their positions in self.layers
 
     def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         o = self.options
@@ -324,13 +329,20 @@ class VanishingNormDetector:
         else:
             names = tuple(ln)
             vals = np.fromiter((ln[n] for n in names), dtype=np.float64, count=len(names))
-        if names != self.layers:
-            self.layers = names
-            self.counts = np.zeros(len(names), dtype=np.int64)
+        if names != self._seen:
+            known = {n: i for i, n in enumerate(self.layers)}
+            new = [n for n in names if n not in known]
+            if new:
+                self.layers = self.layers + tuple(new)
+                self.counts = np.concatenate([self.counts, np.zeros(len(new), dtype=np.int64)])
+                known.update((n, len(known)) for n in new)
+            self._seen = names
+            self._pos = np.fromiter((known[n] for n in names), dtype=np.intp, count=len(names))
         low = np.isfinite(vals) & (vals < o.vanish_floor)
-        self.counts = np.where(low, self.counts + 1, 0)
-        if len(names) > 1 and self.counts.max(initial=0) >= o.vanish_patience:
-            for i in np.flatnonzero(self.counts >= o.vanish_patience):
+        counts = np.where(low, self.counts[self._pos] + 1, 0)
+        self.counts[self._pos] = counts
+        if len(names) > 1 and counts.max(initial=0) >= o.vanish_patience:
+            for i in np.flatnonzero(counts >= o.vanish_patience):
                 layer = names[int(i)]
                 events.append(
                     GradEvent(
@@ -339,7 +351,7 @@ class VanishingNormDetector:
                         severity=logging.WARNING,
                         message=(
                             f"The gradient of layer {layer!r} has stayed below {fmt(o.vanish_floor)} for "
-                            f"{int(self.counts[i])} steps (now {fmt(float(vals[i]))} at step {record.step}): "
+                            f"{int(counts[i])} steps (now {fmt(float(vals[i]))} at step {record.step}): "
                             f"this layer has stopped learning. Check for dead ReLUs, saturated gates, or a "
                             f"branch the loss does not reach."
                         ),
@@ -356,7 +368,8 @@ class VanishingNormDetector:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.global_count = int(state["global_count"])
         self.layers = tuple(state["layers"])
-        self.counts = np.asarray(state["counts"], dtype=np.int64)
+        self.counts = np.asarray(state["counts"], dtype=np.int64).reshape(-1).copy()
+        self._seen = None
 
 
 class ClipDetector(_Stateless):

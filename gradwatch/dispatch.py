@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from gradwatch.errors import ConfigError
 from gradwatch.events import GradEvent
 from gradwatch.records import GateStats, StepRecord, TemporalProfile, WindowStats
 
@@ -172,6 +173,8 @@ class Dispatcher:
         self.window = Window()
         self.limiter = RateLimiter(alert_every)
         self.writes = True
+        #: Sinks that take every step (``write_step``: the run file's per-step norms).
+        self.taps: list[Sink] = [s for s in self.sinks if callable(getattr(s, "write_step", None))]
 
     def event(self, event: GradEvent) -> GradEvent | None:
         """Rate-limit ``event``; if it passes, write it and announce it. Returns it then."""
@@ -187,6 +190,9 @@ class Dispatcher:
     def record(self, record: StepRecord) -> None:
         """Add a step's record to the window, flush every ``log_every`` steps, announce it."""
         self.window.add(record)
+        if self.taps and self.writes:
+            for sink in list(self.taps):
+                self._safe(sink, "write_step", record)
         if record.step % self.log_every == 0:
             self.flush()
         self.hooks.call("gradwatch_step_recorded", record=record, view=self.view)
@@ -217,18 +223,42 @@ class Dispatcher:
         try:
             getattr(sink, method)(arg)
         except Exception as exc:  # noqa: BLE001 - a sink must never reach the training loop
-            if sink in self.sinks:
-                self.sinks.remove(sink)
-            logger.error(
-                "[gradwatch] sink %s raised %s: %s; it is disabled for the rest of this run. Training goes on.",
-                type(sink).__name__,
-                type(exc).__name__,
-                exc,
-            )
+            self._disable(sink, exc)
+
+    def _disable(self, sink: Sink, exc: Exception) -> None:
+        """Take a sink that raised out of the run, after one ERROR line."""
+        if sink in self.sinks:
+            self.sinks.remove(sink)
+        if sink in self.taps:
+            self.taps.remove(sink)
+        logger.error(
+            "[gradwatch] sink %s raised %s: %s; it is disabled for the rest of this run. Training goes on.",
+            type(sink).__name__,
+            type(exc).__name__,
+            exc,
+        )
+        try:
+            sink.close()
+        except Exception:  # noqa: BLE001, S110 - already reported above
+            pass
+
+    def resume(self, step: int) -> None:
+        """Tell the sinks that continue what they wrote (``resume(step)``: the run file
+        appends) that the run resumes from a checkpoint taken at ``step``. A
+        ``ConfigError`` (a path that holds something other than a run file) reaches the
+        caller, before training goes on; any other failure disables that sink only."""
+        if not self.writes:
+            return
+        for sink in list(self.sinks):
+            resume = getattr(sink, "resume", None)
+            if not callable(resume):
+                continue
             try:
-                sink.close()
-            except Exception:  # noqa: BLE001, S110 - already reported above
-                pass
+                resume(step)
+            except ConfigError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a sink must never reach the training loop
+                self._disable(sink, exc)
 
     def state_dict(self) -> dict[str, Any]:
         return {"alerts": self.limiter.state_dict(), "window": self.window.state_dict()}

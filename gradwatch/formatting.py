@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from gradwatch.records import StepRecord
 
-__all__ = ["clip_hint", "fmt", "layer_spectral", "nonfinite_message", "summary_line"]
+__all__ = ["clip_hint", "fmt", "layer_spectral", "nonfinite_message", "printable", "summary_line"]
 
 
 def fmt(x: float | None) -> str:
@@ -37,6 +37,38 @@ def nonfinite_message(step: int, params: Sequence[str], layer: str | None, on_no
         f"{shown}{more}. {_ACTION[on_nonfinite]} Usual causes: a learning rate too high, a log or "
         f"division of zero in the loss, or a bad input batch."
     )
+
+
+#: Unicode categories never printed raw: controls (ESC starts the sequences that retitle
+#: or clear a terminal), format characters (bidi overrides reorder what a person reads),
+#: line / paragraph separators, surrogates, private use and unassigned code points.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+
+
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` safe to print on a terminal: one line, no control or format character.
+
+    Names in a run file come from whoever wrote it; a name holding ``ESC ]0;...`` would
+    retitle the terminal, ``ESC [2J`` clear it. Every such character is shown as its
+    Python escape (``\\x1b``, ``\\u202e``), so the name stays recognisable; tabs become a
+    space. Longer than ``limit`` characters: cut, with ``…`` at the end.
+    """
+    import unicodedata
+
+    s = text if isinstance(text, str) else str(text)
+    if len(s) > limit:
+        s = s[: max(0, limit - 1)] + "…"
+    if s.isprintable():  # the common case: nothing to do (str.isprintable is C-fast)
+        return s
+    out = []
+    for ch in s:
+        if ch == "\t":
+            out.append(" ")
+        elif ch.isprintable() or unicodedata.category(ch) not in _UNPRINTABLE:
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)
 
 
 def clip_hint(record: StepRecord) -> str:

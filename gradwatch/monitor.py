@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from gradwatch import _numerics
+from gradwatch import _exit, _numerics
 from gradwatch._layout import StepStats
 from gradwatch._state import STATE_VERSION, check_version
 from gradwatch.arrayops import NUMPY
@@ -116,6 +116,7 @@ class Monitor:
         self._dispatch = Dispatcher(sinks, IsolatedCaller(pm), self.view, log_every=self.options.log_every, alert_every=self.options.alert_every)
         self.set_distributed(int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1))
         self._closed = False
+        _exit.track(self)  # closed at interpreter exit if the user does not: the last window reaches the sinks
 
     # ------------------------------------------------------------------ set-up
     def bind(self, names: Sequence[str], layers: Sequence[str] | None = None) -> None:
@@ -140,6 +141,7 @@ class Monitor:
         self._layer_index: Mapping[str, int] = MappingProxyType(pos)
         self._layer_of_param = np.array([pos[layer] for layer in layers], dtype=np.intp)
         self._param_layer = dict(zip(names, layers))
+        self._subsets: dict[bytes, tuple[Mapping[str, int], np.ndarray, Mapping[str, int], np.ndarray]] = {}
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Tell the monitor its place in a distributed job: every rank computes the same
@@ -170,6 +172,8 @@ class Monitor:
     names = property(lambda self: self._names, doc="Bound parameter names, in bound order.")
     layers = property(lambda self: self._layers, doc="Layer names, in order of first appearance.")
     step_count = property(lambda self: self._step, doc="Optimizer steps recorded so far.")
+    step = property(lambda self: self._step, doc="Optimizer steps recorded so far (as MonitorView.step).")
+    policy_name = property(lambda self: None if self.policy is None else self.policy.name, doc="The policy's registry name, or None.")
     next_step = property(lambda self: self._step + 1, doc="The step number the next process() call records.")
     sinks = property(lambda self: list(self._dispatch.sinks))
 
@@ -210,22 +214,37 @@ class Monitor:
             if self._names:
                 raise GradwatchError(f"Monitor.process received {sq.shape[0]} norms but {len(self._names)} parameters are bound.")
             self.bind([f"param_{i}" for i in range(sq.shape[0])])
+        present = None if stats.present is None else np.asarray(stats.present, dtype=bool).reshape(-1)
+        if present is not None:
+            if present.shape[0] != sq.shape[0]:
+                raise GradwatchError(f"Monitor.process received {present.shape[0]} presence flags for {sq.shape[0]} norms.")
+            if present.all():
+                present = None
+            else:  # absent parameters count for nothing, not for zero
+                sq = np.where(present, sq, 0.0)
         with np.errstate(invalid="ignore"):
             n = np.sqrt(sq)
         total = float(sq.sum())
         global_norm = math.sqrt(total) if total >= 0 else math.nan
         bad = ~np.isfinite(n) if stats.nonfinite is None else np.asarray(stats.nonfinite, dtype=bool).reshape(-1)
+        if present is not None:
+            bad = bad & present
         nonfinite = tuple(self._names[i] for i in np.flatnonzero(bad)) if bad.any() else ()
         mode = self.options.on_nonfinite
         raising = bool(nonfinite) and mode == "raise"
         skipped = stats.skipped if stats.skipped is not None else bool(nonfinite) and mode == "skip"
         clip = None if (skipped or raising) else self._decide(stats, global_norm)
-        layer_sq = np.bincount(self._layer_of_param, weights=sq, minlength=len(self._layers))
+        layer_n = np.sqrt(np.bincount(self._layer_of_param, weights=sq, minlength=len(self._layers)))
+        if present is None:
+            param_norms, layer_norms = NormMap(self._index, n), NormMap(self._layer_index, layer_n)
+        else:
+            p_index, p_pos, l_index, l_pos = self._subset(present)
+            param_norms, layer_norms = NormMap(p_index, n[p_pos]), NormMap(l_index, layer_n[l_pos])
         record = StepRecord(
             step=step,
             global_norm=global_norm,
-            param_norms=NormMap(self._index, n),
-            layer_norms=NormMap(self._layer_index, np.sqrt(layer_sq)),
+            param_norms=param_norms,
+            layer_norms=layer_norms,
             clip=clip,
             skipped=bool(skipped),
             nonfinite=nonfinite,
@@ -238,9 +257,33 @@ class Monitor:
         self._judge(record)
         self._dispatch.record(record)
         if raising:
+            self._dispatch.flush()  # the loop is about to stop: every step so far reaches the sinks now
             layer = self.layer_of(nonfinite[0])
             raise NonFiniteGradientError(nonfinite_message(step, nonfinite, layer, "raise"), step=step, params=nonfinite, layer=layer)
         return record
+
+    def _subset(self, present: np.ndarray) -> tuple[Mapping[str, int], np.ndarray, Mapping[str, int], np.ndarray]:
+        """Indices of a record that leaves absent parameters, and layers with no present
+        parameter, out: (param index, param positions, layer index, layer positions).
+
+        Cached per presence pattern (a frozen layer repeats one pattern every step), at
+        most 64 patterns, dropped at :meth:`bind`.
+        """
+        key = present.tobytes()
+        got = self._subsets.get(key)
+        if got is None:
+            pos = np.flatnonzero(present)
+            lpos = np.flatnonzero(np.bincount(self._layer_of_param[pos], minlength=len(self._layers)))
+            got = (
+                MappingProxyType({self._names[i]: k for k, i in enumerate(pos)}),
+                pos,
+                MappingProxyType({self._layers[j]: k for k, j in enumerate(lpos)}),
+                lpos,
+            )
+            if len(self._subsets) >= 64:
+                self._subsets.clear()
+            self._subsets[key] = got
+        return got
 
     def _decide(self, stats: StepStats, global_norm: float) -> ClipDecision | None:
         pol = self.policy
@@ -410,6 +453,7 @@ class Monitor:
                 d.load_state_dict(det_states[key])
         self._dispatch.load_state_dict(state)
         self._step = int(state["step"])
+        self._dispatch.resume(self._step)  # the run file continues (appends) instead of starting over
 
     def summary(self) -> dict[str, Any]:
         """Steps recorded and the alerts still held back by rate limiting (kind, layer,
@@ -426,7 +470,18 @@ class Monitor:
         if self._closed:
             return
         self._closed = True
+        _exit.untrack(self)
         self._dispatch.close(self.summary())
+
+    def __del__(self) -> None:
+        # Dropped without close() (a sweep that rebinds `watch` each trial): the last
+        # window still reaches the sinks. Files stay open until this runs (their
+        # descriptors have no finalizer of their own that could close them first).
+        if getattr(self, "_closed", True) is False:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001, S110 - nothing may escape a finalizer
+                pass
 
     @property
     def closed(self) -> bool:

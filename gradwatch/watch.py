@@ -16,6 +16,7 @@ from typing import Any
 
 import pluggy
 
+from gradwatch import _exit
 from gradwatch._state import STATE_VERSION, check_version
 from gradwatch.attachment import Attachment
 from gradwatch.errors import GradwatchError
@@ -41,6 +42,9 @@ class Watch:
         #: Backend state kept while no attachment is live (between two Keras fits, say).
         self._backend_state: dict[str, Any] = {}
         self._closed = False
+        # Closed at interpreter exit if still open (before its monitor: statistics still
+        # pending on the device reach the host first); weakly held.
+        _exit.track(self, order=0)
         if attachment is not None:
             self.attach(attachment)
 
@@ -77,6 +81,17 @@ class Watch:
             self._backend_state = dict(att.state_dict())
         finally:
             att.close()
+
+    def release(self) -> Attachment | None:
+        """Give up the live attachment *without closing it* and return it: the watch keeps
+        its backend state (as after :meth:`detach`), the caller owns the attachment from
+        now on and either :meth:`attach`\\ es it again or closes it. Sync it first if
+        statistics may be pending. A Keras callback keeps its traced step alive between
+        two ``fit`` calls this way."""
+        att, self._attachment = self._attachment, None
+        if att is not None:
+            self._backend_state = dict(att.state_dict())
+        return att
 
     def _sync(self) -> None:
         if self._attachment is not None:
@@ -124,6 +139,7 @@ class Watch:
         if self._closed:
             return
         self._closed = True
+        _exit.untrack(self)
         try:
             self.detach()
         finally:

@@ -14,7 +14,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-__all__ = ["main"]
+__all__ = ["installed_command", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,6 +71,30 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def installed_command() -> str:
+    """How to run gradwatch from the user's shell: ``gradwatch`` when that is on the PATH
+    and is this installation; else the script beside this interpreter
+    (``.venv/bin/gradwatch`` after ``make demo``, which installs into a virtual
+    environment nobody activated); else ``python -m gradwatch``."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "gradwatch"
+    found = shutil.which("gradwatch")
+    if script.exists():
+        if found and Path(found).resolve() == script.resolve():
+            return "gradwatch"
+        try:
+            rel = os.path.relpath(script)
+        except ValueError:  # another drive (Windows)
+            rel = str(script)
+        return rel if not rel.startswith("..") else str(script)
+    if found:
+        return "gradwatch"
+    return f"{Path(sys.executable).name} -m gradwatch"
+
+
 def _framework_missing(framework: str) -> str | None:
     import importlib.util
 
@@ -94,8 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from pathlib import Path
 
+    from gradwatch.formatting import printable
+
     if Path(args.out).exists() and not Path(args.out).is_dir():
-        print(f"gradwatch {args.command}: --out {args.out} is a file; give a directory to write into.", file=sys.stderr)
+        print(f"gradwatch {args.command}: --out {printable(args.out)} is a file; give a directory to write into.", file=sys.stderr)
         return 2
     try:
         if args.command == "report":

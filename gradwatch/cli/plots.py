@@ -13,231 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import LogNorm, Normalize
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 
+from gradwatch.cli._plotkit import _STYLES, _colors, _figure, _positive, _safe_name, _save, _scale_y, _text
+from gradwatch.cli.plot_norms import global_norm_figure, layer_labels, plot_global_norm, plot_layer_heatmap
+from gradwatch.formatting import printable
 from gradwatch.jsonl import Run
 
-__all__ = ["plot_all"]
-
-DPI = 110
-_KIND_MARKERS = {"exploding": "^", "vanishing": "v", "nonfinite": "X", "skipped": "s", "clipped": "o"}
-_KIND_COLORS = {
-    "exploding": "#d62728",
-    "vanishing": "#1f77b4",
-    "nonfinite": "#000000",
-    "skipped": "#9467bd",
-    "clipped": "#7f7f7f",
-}
-_STYLES = ["-", "--", ":", "-."]
-
-
-def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
-
-
-def _figure(w: float, h: float) -> Figure:
-    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)
-    return path
-
-
-def _positive(a: object) -> np.ndarray:
-    """Values usable on a log axis; everything else (<= 0, NaN, Inf) becomes NaN."""
-    a = np.asarray(a, dtype=np.float64)
-    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
-
-
-def _scale_y(ax, values: object = None) -> bool:
-    """Log scale when the drawn values span at least a decade, linear otherwise (a log axis
-    over a narrow range only produces unreadable tick labels). Returns True for log."""
-    if values is None:
-        values = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
-    v = np.asarray(values, dtype=np.float64).reshape(-1)
-    v = v[np.isfinite(v) & (v > 0)]
-    if v.size and float(v.max()) >= 10 * float(v.min()):
-        ax.set_yscale("log")
-        return True
-    return False
-
-
-def _safe_name(s: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in s)[:60] or "run"
-
-
-# ------------------------------------------------------------------ global norm over steps
-def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str]:
-    fig = _figure(11, 5.2)
-    ax = fig.add_subplot()
-    colors = _colors(len(runs))
-    any_nonfinite = any_thr = False
-    kinds_seen: set[str] = set()
-    for run, lab, col in zip(runs, labels, colors):
-        recs = run.records
-        if not recs:
-            continue
-        steps = np.array([r.step for r in recs], dtype=np.float64)
-        norm = np.array([r.global_norm for r in recs], dtype=np.float64)
-        ax.plot(steps, _positive(norm), color=col, lw=1.6, label=lab)
-        if any(r.window is not None for r in recs):
-            lo = np.array([r.window.norm_min if r.window else np.nan for r in recs])
-            hi = np.array([r.window.norm_max if r.window else np.nan for r in recs])
-            lo, hi = _positive(lo), _positive(hi)
-            ok = np.isfinite(lo) & np.isfinite(hi)
-            ax.fill_between(steps, lo, hi, where=ok, color=col, alpha=0.18, lw=0)
-        thr = np.array([r.clip.threshold if r.clip is not None else np.nan for r in recs])
-        if np.isfinite(thr).any() and all(r.clip is None or r.clip.policy != "agc" for r in recs):
-            ax.plot(steps, _positive(thr), color=col, lw=1.1, ls="--", alpha=0.9)
-            any_thr = True
-        bad = ~np.isfinite(norm) | np.array(
-            [bool(r.nonfinite) or (r.window is not None and r.window.nonfinite > 0) for r in recs]
-        )
-        if bad.any():
-            any_nonfinite = True
-            ax.scatter(
-                steps[bad],
-                np.full(int(bad.sum()), 0.97),
-                transform=ax.get_xaxis_transform(),
-                marker="X",
-                color=col,
-                s=28,
-                zorder=5,
-                clip_on=False,
-            )
-        # Events sit on the run's curve (a vanishing event's value is a ratio, not a norm).
-        good = np.isfinite(_positive(norm))
-        for ev in run.events:
-            kinds_seen.add(ev.kind)
-            if ev.kind == "nonfinite" or not good.any():
-                ax.scatter(
-                    [ev.step],
-                    [0.93],
-                    transform=ax.get_xaxis_transform(),
-                    marker=_KIND_MARKERS.get(ev.kind, "*"),
-                    color=_KIND_COLORS.get(ev.kind, "k"),
-                    edgecolor=col,
-                    s=50,
-                    zorder=6,
-                    clip_on=False,
-                )
-                continue
-            y = float(np.exp(np.interp(ev.step, steps[good], np.log(norm[good]))))
-            ax.scatter(
-                [ev.step],
-                [y],
-                marker=_KIND_MARKERS.get(ev.kind, "*"),
-                color=_KIND_COLORS.get(ev.kind, "k"),
-                edgecolor=col,
-                linewidths=1.2,
-                s=55,
-                zorder=6,
-            )
-    drawn = [np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines]
-    for run in runs:
-        for r in run.records:
-            if r.window is not None:
-                drawn.append(np.array([r.window.norm_min, r.window.norm_max]))
-    is_log = _scale_y(ax, np.concatenate(drawn) if drawn else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("global gradient L2 norm (before clipping)")
-    ax.set_title("Global gradient norm: line = flushed step, band = min..max of each window")
-    ax.grid(True, which="major", alpha=0.3)
-    handles = [Line2D([], [], color=c, lw=2, label=lab) for lab, c in zip(labels, colors)]
-    if any_thr:
-        handles.append(Line2D([], [], color="0.3", ls="--", label="clip threshold"))
-    for k in sorted(kinds_seen):
-        handles.append(
-            Line2D(
-                [],
-                [],
-                ls="",
-                marker=_KIND_MARKERS.get(k, "*"),
-                color=_KIND_COLORS.get(k, "k"),
-                markersize=8,
-                label=f"event: {k}",
-            )
-        )
-    if any_nonfinite:
-        handles.append(Line2D([], [], ls="", marker="X", color="0.2", markersize=8, label="non-finite norm (top edge)"))
-    fig.legend(handles=handles, loc="outside right upper", fontsize=9)
-    any_zero = any(r.global_norm == 0 for run in runs for r in run.records)
-    caption = (
-        ("Log scale. " if is_log else "")
-        + "Events are drawn on their run's curve at their step"
-        + ("; non-finite norms cannot be drawn and are marked on the top edge" if any_nonfinite else "")
-        + ("; exact zeros (a gradient that underflowed) leave gaps" if any_zero and is_log else "")
-        + "."
-    )
-    return _save(fig, path), "Global gradient norm over training", caption
-
-
-# ------------------------------------------------------------------ per-layer heatmap
-def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | None:
-    recs = [r for r in run.records if r.layer_norms]
-    if not recs:
-        return None
-    layers: list[str] = []
-    for r in recs:
-        for name in r.layer_norms:
-            if name not in layers:
-                layers.append(name)
-    steps = np.array([r.step for r in recs], dtype=np.float64)
-    data = np.array([[r.layer_norms.get(n, np.nan) for r in recs] for n in layers], dtype=np.float64)
-    nonfinite = ~np.isfinite(data)
-    pos = _positive(data)
-    fig = _figure(11, 1.6 + 0.42 * len(layers))
-    ax = fig.add_subplot()
-    if steps.size > 1:
-        edges = np.concatenate(
-            [
-                [steps[0] - (steps[1] - steps[0]) / 2],
-                (steps[:-1] + steps[1:]) / 2,
-                [steps[-1] + (steps[-1] - steps[-2]) / 2],
-            ]
-        )
-    else:
-        edges = np.array([steps[0] - 0.5, steps[0] + 0.5])
-    from matplotlib import colormaps
-
-    cmap = colormaps["viridis"].with_extremes(bad="#e0e0e0")
-    finite = pos[np.isfinite(pos)]
-    if finite.size:
-        vmin, vmax = float(finite.min()), float(finite.max())
-        if vmax <= vmin:
-            vmax = vmin * 10
-        log = vmax >= 10 * vmin
-        norm = LogNorm(vmin=vmin, vmax=vmax) if log else Normalize(vmin=vmin, vmax=vmax)
-        mesh = ax.pcolormesh(
-            edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap, norm=norm, shading="flat"
-        )
-        fig.colorbar(mesh, ax=ax, label="layer gradient norm" + (" (log)" if log else ""), pad=0.01)
-    if nonfinite.any():
-        yy, xx = np.nonzero(nonfinite)
-        ax.scatter(steps[xx], yy + 0.5, marker="x", color="#d62728", s=18, label="NaN / Inf")
-        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.25 if len(layers) < 4 else -0.12), fontsize=8, frameon=False)
-    ax.set_yticks(np.arange(len(layers)) + 0.5, labels=layers, fontsize=9)
-    ax.set_ylim(len(layers), 0)
-    ax.set_xlabel("optimizer step")
-    ax.set_title(f"{lab}: gradient norm per layer over training")
-    caption = (
-        "Each row a layer, each column a flushed step; colour on a log scale when the norms span a decade"
-        + (", red crosses NaN/Inf" if nonfinite.any() else "")
-        + (", grey cells zero or missing" if (~np.isfinite(pos) & ~nonfinite).any() else "")
-        + "."
-    )
-    return _save(fig, path), f"Per-layer gradient norms: {lab}", caption
+__all__ = ["global_norm_figure", "layer_labels", "plot_all"]
 
 
 # ------------------------------------------------------------------ temporal profiles
@@ -254,6 +39,11 @@ def _profile_points(run: Run, layer: str, k: int = 5) -> list[tuple[int, np.ndar
     return [uniq[i] for i in idx]
 
 
+#: Recurrent layers drawn per run, and spectral-norm lines per run (the figure stays readable).
+MAX_RECURRENT = 8
+MAX_SPECTRAL = 16
+
+
 def _recurrent_layers(run: Run) -> list[str]:
     out: list[str] = []
     for r in run.records:
@@ -264,7 +54,7 @@ def _recurrent_layers(run: Run) -> list[str]:
 
 
 def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | None:
-    layers = _recurrent_layers(run)
+    layers = _recurrent_layers(run)[:MAX_RECURRENT]
     if not layers:
         return None
     fig = _figure(11, 0.6 + 3.6 * len(layers))
@@ -291,7 +81,7 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
             ax.text(0.5, 0.5, "no finite, positive gradient to draw", transform=ax.transAxes, ha="center", va="center")
         ax.set_xlabel("input timestep t (the loss is at the last timestep)")
         ax.set_ylabel("‖∂L/∂x_t‖")
-        ax.set_title(f"{lab}: gradient reaching each input timestep of {layer!r}")
+        ax.set_title(_text(f"{lab}: gradient reaching each input timestep of {layer!r}", 120))
         ax.grid(True, which="major", alpha=0.3)
         ax.legend(title="training step", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     caption = (
@@ -307,10 +97,10 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
 def plot_temporal_compare(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str] | None:
     lines = []
     for run, lab in zip(runs, labels):
-        for layer in _recurrent_layers(run):
+        for layer in _recurrent_layers(run)[:MAX_RECURRENT]:
             last = [r for r in run.records if layer in r.temporal]
             norms = np.asarray(last[-1].temporal[layer].norms, dtype=np.float64)
-            lines.append((f"{lab}: {layer}" if len(_recurrent_layers(run)) > 1 else lab, last[-1].step, norms))
+            lines.append((_text(f"{lab}: {layer}" if len(_recurrent_layers(run)) > 1 else lab), last[-1].step, norms))
     if not lines:
         return None
     fig = _figure(11, 5)
@@ -344,11 +134,11 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     colors = _colors(len(runs))
     any_spec = spec_log = False
     for run, lab, col in zip(runs, labels, colors):
-        layers = _recurrent_layers(run)
+        layers = _recurrent_layers(run)[:MAX_RECURRENT]
         for j, layer in enumerate(layers):
             recs = [r for r in run.records if layer in r.temporal]
             steps = [r.step for r in recs]
-            name = lab if len(layers) == 1 else f"{lab}: {layer}"
+            name = _text(lab if len(layers) == 1 else f"{lab}: {layer}")
             ls = _STYLES[j % len(_STYLES)]
             ax_gain.plot(steps, _positive([r.temporal[layer].gain for r in recs]), color=col, ls=ls, lw=1.5, label=name)
             ax_hor.plot(steps, [r.temporal[layer].horizon for r in recs], color=col, ls=ls, lw=1.5, label=name)
@@ -357,7 +147,7 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
             for k in r.spectral:
                 if k not in names:
                     names.append(k)
-        for j, k in enumerate(names):
+        for j, k in enumerate(names[:MAX_SPECTRAL]):
             recs = [r for r in run.records if k in r.spectral]
             ax_spec.plot(
                 [r.step for r in recs],
@@ -365,7 +155,7 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
                 color=col,
                 ls=_STYLES[j % len(_STYLES)],
                 lw=1.3,
-                label=f"{lab}: {k}",
+                label=_text(f"{lab}: {k}"),
             )
             any_spec = True
     ax_gain.axhline(1.0, color="0.3", lw=1, ls=":")
@@ -400,14 +190,38 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     return _save(fig, path), "Gradient flow through time over training", caption
 
 
-def plot_all(runs: Sequence[Run], out: Path, labels: Sequence[str]) -> list[tuple[Path, str, str]]:
-    """Every plot; returns (png path, heading, caption) in the order the report shows them."""
-    made: list[tuple[Path, str, str] | None] = [plot_global_norm(runs, labels, out / "global_norm.png")]
-    made.append(plot_temporal_compare(runs, labels, out / "temporal_compare.png"))
-    made.append(plot_dynamics(runs, labels, out / "dynamics.png"))
-    names = [_safe_name(lab) for lab in labels]
+def plot_all(
+    runs: Sequence[Run], out: Path, labels: Sequence[str], problems: list[str] | None = None
+) -> list[tuple[Path, str, str]]:
+    """Every plot; returns (png path, heading, caption) in the order the report shows them.
+
+    A plot that fails (whatever a run file holds) is left out and one sentence about it
+    appended to ``problems``: the report is written regardless.
+    """
+    problems = problems if problems is not None else []
+    made: list[tuple[Path, str, str]] = []
+
+    def attempt(what: str, fn: Any, *args: Any) -> None:
+        try:
+            got = fn(*args)
+        except Exception as exc:  # noqa: BLE001 - one plot must not cost the whole report
+            problems.append(f"The {what} plot could not be drawn ({type(exc).__name__}: {printable(exc, 160)}); the report is written without it.")
+            return
+        if got is not None:
+            made.append(got)
+
+    attempt("global norm", plot_global_norm, runs, labels, out / "global_norm.png")
+    attempt("profiles compared", plot_temporal_compare, runs, labels, out / "temporal_compare.png")
+    attempt("gradient flow", plot_dynamics, runs, labels, out / "dynamics.png")
+    names: list[str] = []
+    for lab in labels:  # distinct file names, even for labels that differ only in punctuation
+        base = name = _safe_name(lab)
+        k = 2
+        while name in names:
+            name, k = f"{base}_{k}", k + 1
+        names.append(name)
     for run, lab, name in zip(runs, labels, names):
-        made.append(plot_temporal(run, lab, out / f"temporal_{name}.png"))
+        attempt(f"per-timestep profiles of {lab!r}", plot_temporal, run, lab, out / f"temporal_{name}.png")
     for run, lab, name in zip(runs, labels, names):
-        made.append(plot_layer_heatmap(run, lab, out / f"layers_{name}.png"))
-    return [m for m in made if m is not None]
+        attempt(f"per-layer heatmap of {lab!r}", plot_layer_heatmap, run, lab, out / f"layers_{name}.png")
+    return made

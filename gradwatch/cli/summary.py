@@ -1,10 +1,13 @@
 """Summaries of run files: what the terminal and the report tables say about each run.
 
-Everything here reads only what the run file holds: one record per ``log_every`` steps
-(each with the window's min / mean / max global norm and its clipped / skipped /
-non-finite counts, and the latest temporal profiles and spectral norms) and every event.
-Percentiles of the global norm are therefore over the flushed steps, while clipped and
-skipped counts cover every step.
+Everything here reads only what the run file holds: every step's global norm, clip
+decision, skipped and non-finite flags (the ``"norms"`` lines), one record per
+``log_every`` steps (per-layer norms, the latest temporal profiles and spectral norms),
+and every event. Files written before the per-step lines existed have the flushed records
+only: percentiles are then over those, and the summary says so.
+
+Every string that came from the file (run, layer and event names) goes through
+:func:`gradwatch.formatting.printable` before it reaches the terminal.
 """
 
 from __future__ import annotations
@@ -19,14 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
+from gradwatch.formatting import printable
 from gradwatch.jsonl import Run, RunFileError, read_run
 
 __all__ = ["RunSummary", "fmt", "format_summary", "format_table", "label", "load_runs", "summarize", "table_rows"]
 
+#: A norm within this relative distance of the run's largest counts as "at the ceiling".
+CEILING_RTOL = 1e-4
+
 
 @dataclass
 class RunSummary:
-    """What the terminal summary and the HTML tables say about one run."""
+    """What the terminal summary and the HTML tables say about one run. Names are
+    printable (control characters escaped, long names cut)."""
 
     name: str
     path: Path
@@ -35,21 +43,68 @@ class RunSummary:
     steps: int
     records: int
     torn: bool
-    norm_percentiles: dict[str, float]  # p5 / p50 / p95 / max over flushed steps (finite norms)
-    norm_min: float  # over every step (window minima)
-    norm_max: float  # over every step (window maxima)
-    clipped_steps: int
+    norm_percentiles: dict[str, float]  # p5 / p50 / p95 / max (finite norms)
+    norm_min: float
+    norm_max: float
+    clipped_steps: int  # steps gradwatch's own policy scaled down
     skipped_steps: int
     nonfinite_steps: int
-    counted_steps: int  # steps covered by window statistics
+    counted_steps: int  # steps the counts cover
+    per_step: bool = True  # False: the file has flushed records only (one per log_every steps)
     events_by_kind: Counter = field(default_factory=Counter)
     events_by_kind_layer: Counter = field(default_factory=Counter)
     temporal_last: dict[str, dict[str, float]] = field(default_factory=dict)
     spectral_last: dict[str, float] = field(default_factory=dict)
+    #: The value the global norm sits at on many steps (see :func:`ceiling`), if any.
+    ceiling: float | None = None
+    ceiling_steps: int = 0
+    resumed_at: list[int] = field(default_factory=list)
+    dropped: int = 0
+    closed: bool = True  # the file ends with the summary line close() writes
+    log_every: int | None = None
 
     @property
     def clipped_share(self) -> float:
         return self.clipped_steps / self.counted_steps if self.counted_steps else math.nan
+
+    @property
+    def has_policy(self) -> bool:
+        return self.policy != "none"
+
+    @property
+    def notes(self) -> list[str]:
+        """Sentences a person needs to read the numbers right."""
+        out = []
+        if self.ceiling is not None:
+            out.append(
+                f"The global norm sits at {fmt(self.ceiling)} on {self.ceiling_steps} of {self.counted_steps} steps: the "
+                f"gradients were probably clipped before gradwatch measured them (e.g. clip_grad_norm_(..., "
+                f"max_norm={fmt(self.ceiling)}) before optimizer.step()). gradwatch sees what the optimizer receives, "
+                f"after such clipping, and 'clipped' counts only its own policy; to see the norms before it, let "
+                f"gradwatch clip instead (policy='fixed', max_norm={fmt(self.ceiling)})."
+            )
+        if self.resumed_at:
+            at = ", ".join(str(s) for s in self.resumed_at)
+            n = self.dropped
+            dropped = (
+                f"; {n} record{'s' if n > 1 else ''} or event{'s' if n > 1 else ''} that an earlier process wrote after "
+                f"that checkpoint {'are' if n > 1 else 'is'} left out (still in the file)"
+                if n
+                else ""
+            )
+            out.append(f"Resumed from a checkpoint at step {at}{dropped}.")
+        if not self.closed:
+            lost = f" (up to {self.log_every - 1} steps after step {self.steps})" if self.log_every and self.log_every > 1 else ""
+            out.append(
+                f"No closing line: the run is still being written, or its process was killed before gradwatch could "
+                f"write its last steps{lost}; a SIGTERM that Python does not handle ends it so (see the README)."
+            )
+        if not self.per_step:
+            out.append(
+                "This file has no per-step norms (written by an older gradwatch): percentiles and plots use the "
+                "flushed records only, one per log_every steps."
+            )
+        return out
 
 
 # ----------------------------------------------------------------------------- loading
@@ -57,8 +112,7 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Run], list[
     """Read every run file; return the runs and the warnings met (torn last lines).
 
     Raises :class:`RunFileError` (one clear sentence) for a file that is missing, a
-    directory, empty, not JSONL, or of another schema version; ``OSError`` is turned into
-    one too, so the command line needs to catch one exception type.
+    directory, empty, not JSONL, malformed, or of another schema version.
     """
     runs: list[Run] = []
     notes: list[str] = []
@@ -78,34 +132,50 @@ def load_runs(paths: Sequence[str | os.PathLike[str]]) -> tuple[list[Run], list[
 
 
 def _unique_names(runs: list[Run]) -> None:
-    """Give runs with the same name distinct labels (file stem, then a number)."""
-    seen: Counter = Counter(r.name for r in runs)
+    """Give runs printable labels, distinct even when names repeat (file stem, then a number)."""
+    names = [printable(r.name, 60) for r in runs]
+    seen: Counter = Counter(names)
     used: set[str] = set()
-    for r in runs:
-        label = r.name
-        if seen[label] > 1:
-            label = f"{r.name} ({r.path.stem})" if r.path.stem != r.name else r.name
-        base, k = label, 2
-        while label in used:
-            label, k = f"{base} #{k}", k + 1
-        used.add(label)
-        r.label = label  # type: ignore[attr-defined]
+    for r, name in zip(runs, names):
+        stem = printable(r.path.stem, 60)
+        lab = f"{name} ({stem})" if seen[name] > 1 and stem != name else name
+        base, k = lab, 2
+        while lab in used:
+            lab, k = f"{base} #{k}", k + 1
+        used.add(lab)
+        r.label = lab  # type: ignore[attr-defined]
 
 
 def label(run: Run) -> str:
-    return str(getattr(run, "label", run.name))
+    """The printable label of a run loaded with :func:`load_runs`."""
+    return str(getattr(run, "label", None) or printable(run.name, 60))
 
 
 # --------------------------------------------------------------------------- summaries
-def _finite(values: Sequence[float]) -> np.ndarray:
-    a = np.asarray(values, dtype=np.float64)
-    return a[np.isfinite(a)]
+def ceiling(norms: np.ndarray) -> tuple[float | None, int]:
+    """The value the finite norms sit at on many steps, and on how many.
+
+    A clipped gradient's norm is the clipping threshold (``clip_grad_norm_`` leaves it at
+    max_norm·n/(n+1e-6), within 1e-6 of it), while unclipped norms almost never repeat to
+    four digits. So: at least 5 steps, and a fifth of them, within CEILING_RTOL of the
+    largest norm.
+    """
+    v = norms[np.isfinite(norms) & (norms > 0)]
+    if v.size < 5:
+        return None, 0
+    top = float(v.max())
+    at = int(np.count_nonzero(v >= top * (1 - CEILING_RTOL)))
+    if at >= 5 and at >= 0.2 * v.size:
+        return top, at
+    return None, 0
 
 
 def summarize(run: Run) -> RunSummary:
     records = run.records
     events = run.events
-    norms = _finite([r.global_norm for r in records])
+    series = run.steps
+    values = series.global_norm
+    norms = values[np.isfinite(values)]
     pct = (
         {
             "p5": float(np.percentile(norms, 5)),
@@ -117,46 +187,50 @@ def summarize(run: Run) -> RunSummary:
         else {}
     )
     windows = [r.window for r in records if r.window is not None]
-    lo = _finite([w.norm_min for w in windows]) if windows else norms
-    hi = _finite([w.norm_max for w in windows]) if windows else norms
-    if windows:
+    if series.per_step or not windows:
+        lo, hi = norms, norms
+        counted = len(series)
+        clipped = int(np.count_nonzero(series.clipped))
+        skipped = int(np.count_nonzero(series.skipped))
+        nonfinite = int(np.count_nonzero(series.nonfinite))
+    else:  # an older file: the windows of the flushed records count every step
+        lo = np.array([w.norm_min for w in windows])
+        hi = np.array([w.norm_max for w in windows])
+        lo, hi = lo[np.isfinite(lo)], hi[np.isfinite(hi)]
         counted = sum(w.steps for w in windows)
         clipped = sum(w.clipped for w in windows)
         skipped = sum(w.skipped for w in windows)
         nonfinite = sum(w.nonfinite for w in windows)
-    else:  # records written without window statistics: count what is there
-        counted = len(records)
-        clipped = sum(1 for r in records if r.clip is not None and r.clip.scale < 1.0)
-        skipped = sum(1 for r in records if r.skipped)
-        nonfinite = sum(1 for r in records if r.nonfinite)
-    steps = max([r.step for r in records] + [e.step for e in events] + [0])
+    steps = max([int(series.step.max()) if len(series) else 0] + [r.step for r in records] + [e.step for e in events])
     by_kind: Counter = Counter()
     by_kind_layer: Counter = Counter()
     for e in events:
         n = 1 + int(e.suppressed or 0)  # rate-limited repeats are counted, not lost
-        by_kind[e.kind] += n
-        by_kind_layer[(e.kind, e.layer or "(global)")] += n
+        by_kind[printable(e.kind, 30)] += n
+        by_kind_layer[(printable(e.kind, 30), printable(e.layer or "(global)", 60))] += n
     for held in run.suppressed:  # repeats held back after the last alert written
-        by_kind[held["kind"]] += int(held["count"])
-        by_kind_layer[(held["kind"], held["layer"] or "(global)")] += int(held["count"])
+        by_kind[printable(held["kind"], 30)] += int(held["count"])
+        by_kind_layer[(printable(held["kind"], 30), printable(held["layer"] or "(global)", 60))] += int(held["count"])
     temporal: dict[str, dict[str, float]] = {}
     spectral: dict[str, float] = {}
     for r in records:
         for layer, prof in r.temporal.items():
-            temporal[layer] = {
+            temporal[printable(layer, 60)] = {
                 "gain": prof.gain,
                 "horizon": float(prof.horizon),
                 "length": float(prof.length),
                 "earliest_over_peak": prof.earliest_over_peak,
                 "step": float(r.step),
             }
-        spectral.update(r.spectral)
-    policy = run.header.get("options", {}).get("policy") if isinstance(run.header.get("options"), dict) else None
+        spectral.update({printable(k, 80): v for k, v in r.spectral.items()})
+    options = run.header.get("options")
+    policy = options.get("policy") if isinstance(options, dict) else None
+    top, at_top = ceiling(values if series.per_step else np.array([r.global_norm for r in records]))
     return RunSummary(
         name=label(run),
         path=run.path,
-        backend=str(run.header.get("backend", "?")),
-        policy=str(policy) if policy is not None else "none",
+        backend=printable(run.header.get("backend") or "?", 30),
+        policy=printable(policy, 60) if policy is not None else "none",
         steps=steps,
         records=len(records),
         torn=run.torn,
@@ -167,14 +241,21 @@ def summarize(run: Run) -> RunSummary:
         skipped_steps=skipped,
         nonfinite_steps=nonfinite,
         counted_steps=counted,
+        per_step=series.per_step,
         events_by_kind=by_kind,
         events_by_kind_layer=by_kind_layer,
         temporal_last=temporal,
         spectral_last=spectral,
+        ceiling=top,
+        ceiling_steps=at_top,
+        resumed_at=list(run.resumed_at),
+        dropped=run.dropped,
+        closed=run.summary is not None,
+        log_every=options.get("log_every") if isinstance(options, dict) else None,
     )
 
 
-def fmt(v: float) -> str:
+def fmt(v: float | None) -> str:
     """Short number: 3 significant digits, scientific when tiny or huge, 'nan'/'inf' kept."""
     if v is None:
         return "-"
@@ -190,22 +271,27 @@ def _pct(v: float) -> str:
     return "-" if not math.isfinite(v) else f"{100 * v:.1f}%"
 
 
+def clipped_text(s: RunSummary) -> str:
+    """'12/100 steps (12.0%) by 'zclip'', or 'no policy' when gradwatch clipped nothing."""
+    if not s.has_policy:
+        return "none (no policy: gradwatch only observed)"
+    return f"{s.clipped_steps}/{s.counted_steps} steps ({_pct(s.clipped_share)}) by policy {s.policy!r}"
+
+
 def format_summary(s: RunSummary) -> str:
-    """The multi-line terminal summary of one run."""
-    lines = [f"run {s.name}  ({s.path})" + ("  [torn last line ignored]" if s.torn else "")]
+    """The multi-line terminal summary of one run (printable: safe on any terminal)."""
+    lines = [f"run {s.name}  ({printable(s.path, 160)})" + ("  [torn last line ignored]" if s.torn else "")]
     lines.append(f"  backend {s.backend}, policy {s.policy}; {s.steps} steps, {s.records} records")
+    where = "every step" if s.per_step else "flushed steps only"
     if s.norm_percentiles:
         p = s.norm_percentiles
         lines.append(
-            f"  global norm: p5 {fmt(p['p5'])}  median {fmt(p['p50'])}  p95 {fmt(p['p95'])}  "
-            f"(flushed steps); min {fmt(s.norm_min)}  max {fmt(s.norm_max)} (every step)"
+            f"  global norm ({where}): p5 {fmt(p['p5'])}  median {fmt(p['p50'])}  p95 {fmt(p['p95'])}  "
+            f"min {fmt(s.norm_min)}  max {fmt(s.norm_max)}"
         )
     else:
         lines.append("  global norm: no finite value recorded")
-    lines.append(
-        f"  clipped {s.clipped_steps}/{s.counted_steps} steps ({_pct(s.clipped_share)}), skipped {s.skipped_steps}, "
-        f"non-finite {s.nonfinite_steps}"
-    )
+    lines.append(f"  clipped by gradwatch: {clipped_text(s)}; skipped {s.skipped_steps}, non-finite {s.nonfinite_steps}")
     if s.events_by_kind:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(s.events_by_kind.items()))
         lines.append(f"  events: {kinds}")
@@ -218,6 +304,8 @@ def format_summary(s: RunSummary) -> str:
             f"  {layer}: last profile (step {int(t['step'])}): gain {fmt(t['gain'])}/timestep, horizon "
             f"{int(t['horizon'])}/{int(t['length'])}, earliest/peak {fmt(t['earliest_over_peak'])}"
         )
+    for note in s.notes:
+        lines.append(f"  note: {note}")
     return "\n".join(lines)
 
 
@@ -257,7 +345,7 @@ def table_rows(
                     f"{int(t['horizon'])}/{int(t['length'])}" if t else "-",
                     fmt(t["earliest_over_peak"]) if t else "-",
                     events,
-                    _pct(s.clipped_share),
+                    _pct(s.clipped_share) if s.has_policy else "no policy",
                     fmt(s.norm_percentiles.get("p50", math.nan)),
                     fmt(s.norm_max),
                 ]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from gradwatch import StepStats
-
 import math
 import os
 import subprocess
@@ -11,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from gradwatch import StepStats
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from gradwatch import StepStats
-
 import json
 import re
 from pathlib import Path
 
 import pytest
 
+from gradwatch import StepStats
 from gradwatch.cli import main
 from tests.cli.helpers import gradwatch_cmd, make_run
 
@@ -26,8 +25,8 @@ def test_report_prints_summary_and_writes_self_contained_html(tmp_path, capsys):
     assert main(["report", str(run), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "run first" in text and "60 steps" in text
-    assert "global norm: p5" in text and "median" in text
-    assert re.search(r"clipped \d+/60 steps", text)
+    assert "global norm (every step): p5" in text and "median" in text
+    assert re.search(r"clipped by gradwatch: \d+/60 steps", text)
     assert "rnn: last profile (step 60): gain" in text and "horizon" in text
     html = (out / "report.html").read_text()
     srcs = _srcs(html)
@@ -122,7 +121,7 @@ def test_report_without_matplotlib_prints_summary_and_says_how_to_get_plots(tmp_
     res = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "pip install 'gradwatch[plot]'" in res.stderr
-    assert "global norm: p5" in res.stdout
+    assert "global norm (every step): p5" in res.stdout
     assert not list((tmp_path / "rep").glob("*.png"))
     assert "data:image" not in (tmp_path / "rep" / "report.html").read_text()
 

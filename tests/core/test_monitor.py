@@ -200,3 +200,30 @@ def test_records_and_profiles_survive_pickle_and_deepcopy():
         assert copy_of.to_dict() == r.to_dict()
         assert copy_of.param_norms["rnn.w"] == pytest.approx(np.sqrt(12.0))
         assert copy_of.temporal["rnn"].recurrences["l0"].rate == pytest.approx(0.5)
+
+
+def test_absent_parameters_count_for_nothing_not_for_zero():
+    from gradwatch import StepStats
+
+    m = monitor(policy="fixed", max_norm=1.0)
+    m.bind(["enc.w", "enc.b", "dec.w"])
+    sq = np.array([9.0, 16.0, np.nan])  # dec.w absent this step: its value must not matter
+    r = m.process(StepStats(sq, present=np.array([True, True, False])))
+    assert dict(r.param_norms) == {"enc.w": 3.0, "enc.b": 4.0}
+    assert dict(r.layer_norms) == {"enc": 5.0}
+    assert r.global_norm == 5.0 and r.nonfinite == ()
+    assert r.clip.scale == pytest.approx(1.0 / (5.0 + 1e-6))
+
+
+def test_a_frozen_layer_is_not_reported_as_vanished():
+    from gradwatch import StepStats
+
+    m = monitor(vanish_floor=1e-6, vanish_patience=3, alert_every=0)
+    m.bind(["enc.w", "dec.w"])
+    for _ in range(10):  # dec is frozen: absent from every record, never "stopped learning"
+        m.process(StepStats(np.array([1.0, 0.0]), present=np.array([True, False])))
+    assert m.events == []
+    for _ in range(3):  # a present layer whose norm does vanish still alerts
+        m.process(StepStats(np.array([1e-20, 1.0])))
+    (e,) = m.events
+    assert e.kind == "vanishing" and e.layer == "enc"

@@ -55,7 +55,7 @@ def run_demo(
 
     Returns a dict with the run results, the summaries and the report files (for tests).
     """
-    from gradwatch.cli import report
+    from gradwatch.cli import installed_command, report
     from gradwatch.cli.demo.tasks import FirstSignTask
 
     stream = stream if stream is not None else sys.stderr
@@ -104,7 +104,7 @@ def run_demo(
         print(report.PLOT_HINT, file=sys.stderr)
     print(
         f"\nTraining took {train_seconds:.0f}s. Open {files.html} (plots: {len(files.pngs)} PNGs; run files: "
-        f"{', '.join(p.path.name for p in results)}).\nReport on any run file: gradwatch report {out}/<run>.jsonl",
+        f"{', '.join(p.path.name for p in results)}).\nReport on any run file: {installed_command()} report {out}/<run>.jsonl",
         file=stdout,
     )
     return {"results": results, "summaries": summaries, "files": files}

@@ -1,0 +1,78 @@
+"""What every plot of ``gradwatch report`` shares: the Agg figure, saving, log-axis
+helpers, colours and markers, and making strings from a run file safe to draw.
+
+Importing this module imports matplotlib (see :mod:`gradwatch.cli.plots`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from gradwatch.formatting import printable
+
+DPI = 110
+_KIND_MARKERS = {"exploding": "^", "vanishing": "v", "nonfinite": "X", "skipped": "s", "clipped": "o"}
+_KIND_COLORS = {
+    "exploding": "#d62728",
+    "vanishing": "#1f77b4",
+    "nonfinite": "#000000",
+    "skipped": "#9467bd",
+    "clipped": "#7f7f7f",
+}
+_STYLES = ["-", "--", ":", "-."]
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return [cmap(i % 10) for i in range(n)]
+
+
+def _figure(w: float, h: float) -> Figure:
+    fig = Figure(figsize=(w, h), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    with warnings.catch_warnings():
+        # A name in a script the font lacks is drawn as a box; no warning per glyph.
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from font", category=UserWarning)
+        fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _positive(a: object) -> np.ndarray:
+    """Values usable on a log axis; everything else (<= 0, NaN, Inf) becomes NaN."""
+    a = np.asarray(a, dtype=np.float64)
+    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def _scale_y(ax, values: object = None) -> bool:
+    """Log scale when the drawn values span at least a decade, linear otherwise (a log axis
+    over a narrow range only produces unreadable tick labels). Returns True for log."""
+    if values is None:
+        values = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size and float(v.max()) >= 10 * float(v.min()):
+        ax.set_yscale("log")
+        return True
+    return False
+
+
+def _safe_name(s: str) -> str:
+    return "".join(c if c.isascii() and (c.isalnum() or c in "-_") else "_" for c in s)[:60] or "run"
+
+
+def _text(s: object, limit: int = 60) -> str:
+    """A string from a run file, safe for matplotlib: printable, cut to ``limit``, and
+    every ``$`` escaped, so a name like ``cost_$x_$`` is drawn as written instead of
+    being parsed as mathtext (which fails on it and would stop the report)."""
+    return printable(s, limit).replace("$", r"\$")

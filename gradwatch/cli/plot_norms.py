@@ -1,0 +1,258 @@
+"""The global-norm figure (every step, one panel per run) and the per-layer heatmaps of
+``gradwatch report``. Importing this module imports matplotlib."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.colors import LogNorm, Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from gradwatch.cli._plotkit import _KIND_COLORS, _KIND_MARKERS, _colors, _figure, _positive, _save, _scale_y, _text
+from gradwatch.cli.summary import fmt
+from gradwatch.jsonl import Run
+
+__all__ = ["global_norm_figure", "layer_labels", "plot_global_norm", "plot_layer_heatmap"]
+
+
+# ------------------------------------------------------------------ global norm over steps
+#: Runs drawn in the global-norm figure (one panel each); more are left out, and said so.
+MAX_PANELS = 24
+#: Up to this many steps a panel draws every step; beyond, each of ~BLOCKS blocks of
+#: consecutive steps is drawn as its median (line) and its min..max (band), so no spike
+#: is lost and the figure stays readable.
+MAX_RAW_STEPS = 1500
+BLOCKS = 400
+
+
+def _blocks(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Block centres, medians, minima and maxima of ``y`` (NaN ignored)."""
+    edges = np.linspace(0, x.size, BLOCKS + 1).astype(int)
+    cx, med, lo, hi = [], [], [], []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks
+        for a, b in itertools.pairwise(edges):
+            if b <= a:
+                continue
+            seg = y[a:b]
+            cx.append(float(x[a:b].mean()))
+            med.append(np.nanmedian(seg))
+            lo.append(np.nanmin(seg))
+            hi.append(np.nanmax(seg))
+    return np.array(cx), np.array(med), np.array(lo), np.array(hi)
+
+
+def global_norm_figure(runs: Sequence[Run], labels: Sequence[str]) -> tuple[Figure, str]:
+    """The figure (one panel per run, shared scales) and its caption."""
+    from gradwatch.cli.summary import ceiling
+
+    shown = list(zip(runs, labels))[:MAX_PANELS]
+    n = max(1, len(shown))
+    ncols = 1 if n <= 4 else 2
+    nrows = math.ceil(n / ncols)
+    # One step axis for all panels when the runs are about as long; else each its own, so
+    # a short run is not squeezed into a corner of a long one's axis.
+    spans = [float(r.steps.step.max()) for r, _ in shown if len(r.steps)] or [1.0]
+    share_x = max(spans) <= 2 * min(spans)
+    fig = _figure(11, 1.3 + 2.0 * nrows + (0 if share_x else 0.25 * nrows))
+    axes = fig.subplots(nrows, ncols, sharex=share_x, sharey=True, squeeze=False)
+    colors = _colors(len(shown))
+    seen: set[str] = set()  # legend entries needed
+    drawn: list[np.ndarray] = []
+    blocked = coarse = False
+    for ax, (run, lab), col in zip(axes.flat, shown, colors):
+        s = run.steps
+        x = s.step.astype(np.float64)
+        y = _positive(s.global_norm)
+        ax.set_title(_text(lab), loc="left", fontsize=9.5)
+        ax.grid(True, which="major", alpha=0.3)
+        if not len(s):
+            ax.text(0.5, 0.5, "no steps recorded", transform=ax.transAxes, ha="center", va="center", color="0.4")
+            continue
+        coarse |= not s.per_step
+        if x.size > MAX_RAW_STEPS:
+            blocked = True
+            cx, med, lo, hi = _blocks(x, y)
+            ax.fill_between(cx, lo, hi, color=col, alpha=0.25, lw=0)
+            ax.plot(cx, med, color=col, lw=1.4)
+            drawn += [lo, hi]
+        else:
+            ax.plot(x, y, color=col, lw=1.1, marker="." if x.size <= 60 else None, ms=3)
+            drawn.append(y)
+        thr = s.clip_threshold
+        policy = run.header.get("options", {}).get("policy") if isinstance(run.header.get("options"), dict) else None
+        if np.isfinite(thr).any() and policy != "agc":
+            ax.plot(x, _positive(thr), color="0.25", lw=1.0, ls="--")
+            seen.add("threshold")
+        bad = s.nonfinite | ~np.isfinite(s.global_norm)
+        if bad.any():
+            ax.scatter(x[bad], np.full(int(bad.sum()), 0.96), transform=ax.get_xaxis_transform(), marker="X",
+                       color="k", s=22, zorder=5, clip_on=False)
+            seen.add("nonfinite")
+        if s.skipped.any():
+            ax.scatter(x[s.skipped], np.full(int(s.skipped.sum()), 0.88), transform=ax.get_xaxis_transform(),
+                       marker="s", color=_KIND_COLORS["skipped"], s=16, zorder=5, clip_on=False)
+            seen.add("skipped")
+        top, at = ceiling(s.global_norm)
+        if top is not None:
+            ax.axhline(top, color="#d62728", ls=":", lw=1.2)
+            ax.text(0.99, 0.04, f"{at}/{len(s)} steps at {fmt(top)}: clipped before gradwatch measured?",
+                    transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#d62728")
+            seen.add("ceiling")
+        good = np.isfinite(y)
+        for ev in run.events[:2000]:
+            if ev.kind in ("nonfinite", "skipped", "clipped") or not good.any():
+                continue  # marked per step above, or (clipped) one event per step would bury the line
+            yv = float(np.exp(np.interp(ev.step, x[good], np.log(y[good]))))
+            ax.scatter([ev.step], [yv], marker=_KIND_MARKERS.get(ev.kind, "*"), color=_KIND_COLORS.get(ev.kind, "k"),
+                       edgecolor="white", linewidths=0.6, s=46, zorder=6)
+            seen.add(f"event:{ev.kind}")
+    for ax in axes.flat[len(shown):]:
+        ax.set_visible(False)
+    is_log = _scale_y(axes.flat[0], np.concatenate(drawn) if drawn else None)
+    for col_axes in axes.T:  # the lowest visible panel of each column carries the step axis
+        visible = [ax for ax in col_axes if ax.get_visible()]
+        if visible:
+            visible[-1].xaxis.set_tick_params(labelbottom=True)
+            visible[-1].set_xlabel("optimizer step")
+    fig.supylabel("global gradient L2 norm")
+    fig.suptitle("Global gradient norm at every step, as the optimizer received it (before gradwatch's clipping)")
+    handles: list[Line2D] = []  # the runs are named by their panels
+    if "threshold" in seen:
+        handles.append(Line2D([], [], color="0.25", ls="--", label="gradwatch's clip threshold"))
+    if "ceiling" in seen:
+        handles.append(Line2D([], [], color="#d62728", ls=":", label="norm ceiling (clipped before gradwatch?)"))
+    for k in sorted(x[6:] for x in seen if x.startswith("event:")):
+        handles.append(Line2D([], [], ls="", marker=_KIND_MARKERS.get(k, "*"), color=_KIND_COLORS.get(k, "k"),
+                              markersize=7, label=f"event: {_text(k)}"))
+    if "nonfinite" in seen:
+        handles.append(Line2D([], [], ls="", marker="X", color="k", markersize=7, label="NaN/Inf norm (top edge)"))
+    if "skipped" in seen:
+        handles.append(Line2D([], [], ls="", marker="s", color=_KIND_COLORS["skipped"], markersize=6, label="skipped step"))
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(4, len(handles)), fontsize=8.5, frameon=False)
+    caption = (
+        "One panel per run, "
+        + ("on the same scales" if share_x else "on the same norm scale, each over its own steps")
+        + ("; log norm axis" if is_log else "")
+        + ("; every step is drawn" if not blocked else f"; runs longer than {MAX_RAW_STEPS} steps are drawn as the "
+           f"median (line) and min..max (band) of {BLOCKS} blocks of consecutive steps, so no spike is lost")
+        + ("; files without per-step norms show one point per log_every steps" if coarse else "")
+        + ". Events are drawn on the curve at their step; NaN/Inf norms cannot be drawn and are marked on the top edge"
+        + (f". Only the first {MAX_PANELS} of {len(runs)} runs are shown" if len(runs) > MAX_PANELS else "")
+        + "."
+    )
+    return fig, caption
+
+
+def plot_global_norm(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str]:
+    fig, caption = global_norm_figure(runs, labels)
+    return _save(fig, path), "Global gradient norm over training", caption
+
+
+# ------------------------------------------------------------------ per-layer heatmap
+#: Layers drawn in a heatmap; more are reduced to those with the largest norms.
+MAX_LAYERS = 48
+_RECURRENT_KINDS = {"lstm": "LSTM", "gru": "GRU", "rnn_tanh": "RNN tanh", "rnn_relu": "RNN ReLU"}
+
+
+def layer_labels(run: Run, layers: Sequence[str]) -> list[str]:
+    """Row labels a person can find in their model: the layer's name with its type from
+    the header's facts (``layer_types``, ``recurrent_layers``) when the writer recorded
+    them; a layer named by an index alone (``nn.Sequential``: "0", "2") gets its
+    parameters' names instead."""
+    got = run.header.get("layer_types")
+    types: dict[str, str] = got if isinstance(got, dict) else {}
+    got = run.header.get("recurrent_layers")
+    recurrent: dict[str, str] = got if isinstance(got, dict) else {}
+    params: list[str] = next((list(r.param_norms) for r in run.records if r.param_norms), [])
+    out = []
+    for layer in layers:
+        kind = types.get(layer) or _RECURRENT_KINDS.get(recurrent.get(layer, ""), recurrent.get(layer))
+        lab = layer
+        if kind:
+            lab = f"{layer} ({kind})"
+        elif re.search(r"(^|[./])\d+$", layer):
+            leaves = [p[len(layer) + 1 :] for p in params if p.startswith(layer) and p[len(layer) : len(layer) + 1] in "./" and len(p) > len(layer)]
+            if leaves:
+                lab = f"{layer} ({', '.join(leaves[:3])}{', …' if len(leaves) > 3 else ''})"
+        out.append(_text(lab, 48))
+    return out
+
+
+def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | None:
+    recs = [r for r in run.records if r.layer_norms]
+    if not recs:
+        return None
+    layers: list[str] = []
+    for r in recs:
+        for name in r.layer_norms:
+            if name not in layers:
+                layers.append(name)
+    steps = np.array([r.step for r in recs], dtype=np.float64)
+    data = np.array([[r.layer_norms.get(n, np.nan) for r in recs] for n in layers], dtype=np.float64)
+    total = len(layers)
+    if total > MAX_LAYERS:  # keep the largest, in model order
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            peak = np.nanmax(np.where(np.isfinite(data), data, np.nan), axis=1)
+        keep = np.sort(np.argsort(np.nan_to_num(peak, nan=-1.0))[::-1][:MAX_LAYERS])
+        layers = [layers[i] for i in keep]
+        data = data[keep]
+    if steps.size > 1 and np.any(np.diff(steps) <= 0):  # resumed files are in step order; be safe anyway
+        order = np.argsort(steps, kind="stable")
+        steps, data = steps[order], data[:, order]
+        steps, idx = np.unique(steps, return_index=True)
+        data = data[:, idx]
+    nonfinite = ~np.isfinite(data)
+    pos = _positive(data)
+    fig = _figure(11, 1.6 + 0.42 * len(layers))
+    ax = fig.add_subplot()
+    # Each column spans its record's window (the steps it summarises) when known.
+    firsts = {r.step: r.window.first_step for r in recs if r.window is not None}
+    if steps.size > 1:
+        mids = np.concatenate([[steps[0] - (steps[1] - steps[0]) / 2], (steps[:-1] + steps[1:]) / 2])
+    else:
+        mids = np.array([steps[0] - 0.5])
+    left = np.array([firsts[int(s)] - 0.5 if int(s) in firsts else m for s, m in zip(steps, mids)])
+    left = np.maximum.accumulate(np.maximum(left, np.concatenate([[-np.inf], steps[:-1] + 0.5])))
+    edges = np.concatenate([left, [steps[-1] + 0.5]])
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"].with_extremes(bad="#e0e0e0")
+    finite = pos[np.isfinite(pos)]
+    if finite.size:
+        vmin, vmax = float(finite.min()), float(finite.max())
+        if vmax <= vmin:
+            vmax = vmin * 10
+        log = vmax >= 10 * vmin
+        norm = LogNorm(vmin=vmin, vmax=vmax) if log else Normalize(vmin=vmin, vmax=vmax)
+        mesh = ax.pcolormesh(
+            edges, np.arange(len(layers) + 1), np.ma.masked_invalid(pos), cmap=cmap, norm=norm, shading="flat"
+        )
+        fig.colorbar(mesh, ax=ax, label="layer gradient norm" + (" (log)" if log else ""), pad=0.01)
+    if nonfinite.any():
+        yy, xx = np.nonzero(nonfinite)
+        ax.scatter(steps[xx], yy + 0.5, marker="x", color="#d62728", s=18, label="NaN / Inf")
+        ax.legend(loc="upper left", bbox_to_anchor=(0, -0.25 if len(layers) < 4 else -0.12), fontsize=8, frameon=False)
+    ax.set_yticks(np.arange(len(layers)) + 0.5, labels=layer_labels(run, layers), fontsize=9)
+    ax.set_ylim(len(layers), 0)
+    ax.set_xlabel("optimizer step")
+    ax.set_title(_text(f"{lab}: gradient norm per layer over training", 120))
+    caption = (
+        "Each row a layer (its type, or its parameters for a layer named by an index), each column a flushed "
+        "record (one per log_every steps) spanning the steps of its window and coloured by its last step; colour "
+        "on a log scale when the norms span a decade"
+        + (", red crosses NaN/Inf" if nonfinite.any() else "")
+        + (", grey cells zero or missing (a frozen layer has no gradient)" if (~np.isfinite(pos) & ~nonfinite).any() else "")
+        + (f"; the {MAX_LAYERS} layers with the largest norms of {total}" if total > MAX_LAYERS else "")
+        + "."
+    )
+    return _save(fig, path), f"Per-layer gradient norms: {lab}", caption
