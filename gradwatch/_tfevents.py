@@ -1,9 +1,20 @@
-"""A minimal TensorBoard event-file writer for scalars, with the standard library only.
+"""A minimal TensorBoard event-file writer, with the standard library only.
 
-TensorBoard reads TFRecord files of ``Event`` protocol buffers. Scalars need four
-fields, so they are encoded by hand here rather than pulling in tensorboard or protobuf:
-the core must stay numpy + pluggy + stdlib. Format: each record is
+TensorBoard reads TFRecord files of ``Event`` protocol buffers. The few messages needed
+here are encoded by hand rather than pulling in tensorboard or protobuf: the core must
+stay numpy + pluggy + stdlib. Format: each record is
 ``uint64 length | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``.
+
+Three kinds of summary are written, each as its plugin expects it:
+
+* scalars: ``Summary.Value.simple_value`` (TensorBoard migrates it to the scalars plugin);
+* text (the text plugin): a scalar ``DT_STRING`` tensor with plugin ``"text"``, markdown;
+* the custom-scalars layout (tag ``custom_scalars__config__``, plugin ``"custom_scalars"``):
+  a serialised ``Layout`` whose charts overlay every tag matching a regular expression,
+  so curves that belong together are drawn in one chart.
+
+Field numbers are those of tensorboard/compat/proto/{event,summary,tensor}.proto and
+plugins/custom_scalar/layout.proto.
 """
 
 from __future__ import annotations
@@ -12,10 +23,15 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["EventFileWriter", "crc32c"]
+__all__ = ["LAYOUT_TAG", "EventFileWriter", "crc32c", "layout"]
+
+#: The tag TensorBoard's custom-scalars plugin reads its layout from.
+LAYOUT_TAG = "custom_scalars__config__"
+_DT_STRING = 7  # tensorflow DataType
+_DATA_CLASS_TENSOR = 2  # SummaryMetadata.DataClass
 
 
 def _make_table() -> list[int]:
@@ -78,8 +94,29 @@ def _summary(scalars: Iterable[tuple[str, float]]) -> bytes:
     return out
 
 
+def _string_tensor_value(tag: str, plugin: str, text: bytes) -> bytes:
+    """A ``Summary.Value`` holding a scalar string tensor for ``plugin``."""
+    plugin_data = _len_field(0x0A, plugin.encode())  # PluginData.plugin_name (content: empty)
+    metadata = _len_field(0x0A, plugin_data) + b"\x20" + _varint(_DATA_CLASS_TENSOR)  # plugin_data, data_class
+    tensor = b"\x08" + _varint(_DT_STRING) + _len_field(0x12, b"") + _len_field(0x42, text)  # dtype, shape [], string_val
+    return _len_field(0x0A, tag.encode()) + _len_field(0x4A, metadata) + _len_field(0x42, tensor)  # tag, metadata, tensor
+
+
+def layout(categories: Sequence[tuple[str, Sequence[tuple[str, Sequence[str]]]]]) -> bytes:
+    """A serialised custom-scalars ``Layout``: ``[(category title, [(chart title,
+    [tag regex, ...]), ...]), ...]``; each chart overlays every tag its regexes match."""
+    out = b""
+    for title, charts in categories:
+        cat = _len_field(0x0A, title.encode())
+        for chart_title, regexes in charts:
+            multiline = b"".join(_len_field(0x0A, r.encode()) for r in regexes)  # MultilineChartContent.tag
+            cat += _len_field(0x12, _len_field(0x0A, chart_title.encode()) + _len_field(0x12, multiline))  # Chart
+        out += _len_field(0x12, cat)  # Layout.category
+    return out
+
+
 class EventFileWriter:
-    """Appends scalar summaries to one ``events.out.tfevents.*`` file in ``logdir``."""
+    """Appends summaries to one ``events.out.tfevents.*`` file in ``logdir``."""
 
     def __init__(self, logdir: str | os.PathLike[str]) -> None:
         d = Path(logdir)
@@ -99,6 +136,18 @@ class EventFileWriter:
         if not items:
             return
         self._write(_event(time.time(), step, summary=_summary(items)))
+        self._f.flush()
+
+    def add_text(self, step: int, tag: str, text: str) -> None:
+        """One text summary (markdown, shown by TensorBoard's text dashboard) at ``step``."""
+        value = _string_tensor_value(tag, "text", text.encode("utf-8"))
+        self._write(_event(time.time(), step, summary=_len_field(0x0A, value)))
+        self._f.flush()
+
+    def add_layout(self, serialised_layout: bytes) -> None:
+        """The custom-scalars layout (see :func:`layout`), at step 0."""
+        value = _string_tensor_value(LAYOUT_TAG, "custom_scalars", serialised_layout)
+        self._write(_event(time.time(), 0, summary=_len_field(0x0A, value)))
         self._f.flush()
 
     def close(self) -> None:
