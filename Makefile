@@ -1,4 +1,5 @@
 # make demo  - create .venv if missing, install gradwatch with PyTorch (CPU) and plotting, run the demo
+# make report - gradwatch report on the demo's run files (or RUNS="a.jsonl b.jsonl"), into gradwatch-report/
 # make test  - create .venv if missing, install everything the suite needs, run the whole suite
 # make bench - run the benchmarks and write benchmarks/RESULTS.md
 #
@@ -13,7 +14,7 @@ PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constra
 STAMP_DEMO := $(VENV)/.gradwatch-demo
 STAMP_TEST := $(VENV)/.gradwatch-test
 
-.PHONY: demo test bench clean
+.PHONY: demo report test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +24,15 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 	touch $@
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
-	$(PIP) -e '.[torch,tf,plot,dev]'
+	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers]'
 	touch $@ $(STAMP_DEMO)
 
 demo: $(STAMP_DEMO)
 	$(BIN)/gradwatch demo
+
+RUNS ?= gradwatch-demo/*.jsonl
+report: $(STAMP_DEMO)
+	$(BIN)/gradwatch report $(RUNS) --out gradwatch-report
 
 # Each suite runs in its own process: the core with torch, TensorFlow and Keras made
 # unimportable (it must work from numpy alone), and the two frameworks apart, since
@@ -45,8 +50,8 @@ test: $(STAMP_TEST)
 	exit $$rc
 
 bench: $(STAMP_TEST)
-	$(PIP) -e '.[torch,tf,plot,dev,bench]'
+	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis gradwatch-demo
+	rm -rf $(VENV) .pytest_cache .hypothesis gradwatch-demo gradwatch-report
