@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from gradwatch import _exit, _numerics
+from gradwatch import _exit
+from gradwatch._arrays import apply_decision, stats_from_arrays
 from gradwatch._layout import StepStats
 from gradwatch._state import STATE_VERSION, check_version
 from gradwatch.arrayops import NUMPY
@@ -37,6 +38,7 @@ from gradwatch.policies import HostPolicy
 from gradwatch.records import ClipDecision, NormMap, StepRecord, TemporalProfile
 from gradwatch.registry import build_detectors, build_sinks, resolve_policy
 from gradwatch.sinks import now_iso
+from gradwatch.view import ReadOnlyView
 
 __all__ = ["Monitor", "infer_layer"]
 
@@ -64,31 +66,6 @@ def infer_layer(name: str, known: Sequence[str] = ()) -> str:
     return name
 
 
-class _View:
-    """The read-only :class:`~gradwatch.view.MonitorView` of a monitor."""
-
-    __slots__ = ("_m",)
-
-    def __init__(self, monitor: Monitor) -> None:
-        self._m = monitor
-
-    options = property(lambda self: self._m.options)
-    step = property(lambda self: self._m.step_count)
-    names = property(lambda self: self._m.names)
-    layers = property(lambda self: self._m.layers)
-    policy_name = property(lambda self: None if self._m.policy is None else self._m.policy.name)
-    meta = property(lambda self: MappingProxyType(self._m.meta))
-
-    def layer_of(self, param: str) -> str | None:
-        return self._m.layer_of(param)
-
-    def profile_due(self, step: int | None = None) -> bool:
-        return self._m.profile_due(step)
-
-    def header(self) -> dict[str, Any]:
-        return self._m.header()
-
-
 class Monitor:
     """Measures, judges and (with a policy) decides the clipping of every optimizer step.
 
@@ -107,7 +84,7 @@ class Monitor:
         self._detectors = build_detectors(self.options, pm)
         #: Free-form facts a backend adds for the run file header (backend, layers, ...).
         self.meta: dict[str, Any] = {}
-        self.view = _View(self)
+        self.view = ReadOnlyView(self)
         self._records: deque[StepRecord] = deque(maxlen=self.options.keep)
         self._events: deque[GradEvent] = deque(maxlen=self.options.keep)
         self._step = 0
@@ -355,33 +332,7 @@ class Monitor:
         names = tuple(grads)
         if names != self._names:
             self.bind(names)
-        arrays = [np.asarray(g) for g in grads.values()]
-        sq = np.fromiter((np.sum(np.square(a, dtype=np.float64)) for a in arrays), dtype=np.float64, count=len(arrays))
-        nonfinite = None
-        if not np.isfinite(sq).all():  # a finite gradient can still overflow its square: look at the values
-            nonfinite = np.fromiter((not np.isfinite(a).all() for a in arrays), dtype=bool, count=len(arrays))
-        clipped = None
-        if getattr(self.policy, "unitwise", False):
-            ps = self._unit_params(params, names)
-            clipped = np.fromiter((np.sum(np.square(self._unitwise(ps[k], g, unit_axis))) for k, g in zip(names, arrays)), dtype=np.float64, count=len(arrays))
-        stats = StepStats(sq, nonfinite, temporal or _EMPTY, propagation=propagation or _EMPTY, spectral=spectral or _EMPTY, clipped_sq_norms=clipped)
-        return self.process(stats)
-
-    def _unit_params(self, params: Mapping[str, Any] | None, names: Sequence[str]) -> Mapping[str, Any]:
-        if params is None or set(params) != set(names):
-            raise ConfigError(
-                f"policy {self.policy!r} clips unit by unit against the weights: pass params= with the same keys as "
-                f"the gradients.",
-                option="policy",
-                value=self.policy,
-            )
-        return params
-
-    def _unitwise(self, param: Any, grad: np.ndarray, unit_axis: int) -> np.ndarray:
-        g = np.asarray(grad, dtype=np.float64)
-        with np.errstate(all="ignore"):
-            factor = self.policy.unit_factor(_numerics.unitwise_norm(np.asarray(param), unit_axis), _numerics.unitwise_norm(g, unit_axis), NUMPY)
-        return g * factor  # type: ignore[no-any-return]
+        return self.process(stats_from_arrays(grads, params, self.policy, unit_axis, temporal, propagation, spectral))
 
     def clip_gradients(
         self, grads: Mapping[str, Any], record: StepRecord, params: Mapping[str, Any] | None = None, unit_axis: int = 0
@@ -389,15 +340,7 @@ class Monitor:
         """The gradients as they should reach the optimizer after ``record``'s decision:
         unchanged without a policy, scaled by ``record.clip.scale``, or clipped unit-wise
         for AGC. (A skipped record means: do not apply them at all.)"""
-        if record.clip is None:
-            return {k: np.asarray(g) for k, g in grads.items()}
-        if getattr(self.policy, "unitwise", False):
-            ps = self._unit_params(params, tuple(grads))
-            return {k: self._unitwise(ps[k], np.asarray(g), unit_axis) for k, g in grads.items()}
-        if record.clip.scale >= 1.0:
-            return {k: np.asarray(g) for k, g in grads.items()}
-        s = record.clip.scale
-        return {k: np.asarray(g) * s for k, g in grads.items()}
+        return apply_decision(grads, record, self.policy, params, unit_axis)
 
     # ------------------------------------------------------------ reading & state
     @property

@@ -9,6 +9,7 @@ the view plus the few calls that feed a step in.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -17,7 +18,7 @@ if TYPE_CHECKING:
     from gradwatch.options import Options
     from gradwatch.records import StepRecord
 
-__all__ = ["MonitorPort", "MonitorView"]
+__all__ = ["MonitorPort", "MonitorView", "ReadOnlyView"]
 
 
 @runtime_checkable
@@ -100,3 +101,28 @@ class MonitorPort(MonitorView, Protocol):
         owns it from now on: ``state_dict()`` / ``load_state_dict()``); ``None`` takes
         the state back to the host."""
         ...
+
+
+class ReadOnlyView:
+    """The read-only :class:`MonitorView` of a monitor: what hooks, detectors and sinks get."""
+
+    __slots__ = ("_m",)
+
+    def __init__(self, monitor: Any) -> None:
+        self._m = monitor
+
+    options = property(lambda self: self._m.options)
+    step = property(lambda self: self._m.step_count)
+    names = property(lambda self: self._m.names)
+    layers = property(lambda self: self._m.layers)
+    policy_name = property(lambda self: None if self._m.policy is None else self._m.policy.name)
+    meta = property(lambda self: MappingProxyType(self._m.meta))
+
+    def layer_of(self, param: str) -> str | None:
+        return self._m.layer_of(param)
+
+    def profile_due(self, step: int | None = None) -> bool:
+        return self._m.profile_due(step)
+
+    def header(self) -> dict[str, Any]:
+        return self._m.header()
