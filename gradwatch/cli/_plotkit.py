@@ -63,8 +63,15 @@ def _scale_y(ax, values: object = None) -> bool:
     v = v[np.isfinite(v) & (v > 0)]
     if v.size and float(v.max()) >= 10 * float(v.min()):
         ax.set_yscale("log")
+        hi, lo = float(v.max()), float(v.min())
+        if hi / lo > 10.0**MAX_DECADES:  # matplotlib's log locator overflows on hundreds of decades
+            ax.set_ylim(hi / 10.0**MAX_DECADES, hi * 10)
         return True
     return False
+
+
+#: Decades a log axis shows at most (below that, a curve leaves the bottom of the plot).
+MAX_DECADES = 120
 
 
 def _safe_name(s: str) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.cli._plotkit import _STYLES, _colors, _figure, _positive, _safe_name, _save, _scale_y, _text
+from gradwatch.cli._plotkit import _STYLES, MAX_DECADES, _colors, _figure, _positive, _safe_name, _save, _scale_y, _text
 from gradwatch.cli.plot_norms import global_norm_figure, layer_labels, plot_global_norm, plot_layer_heatmap
 from gradwatch.formatting import printable
 from gradwatch.jsonl import Run
@@ -26,22 +26,52 @@ __all__ = ["global_norm_figure", "layer_labels", "plot_all"]
 
 
 # ------------------------------------------------------------------ temporal profiles
+def _sample(points: list[tuple[int, Any]], k: int) -> list[tuple[int, Any]]:
+    if len(points) <= k:
+        return points
+    idx = sorted(set(np.linspace(0, len(points) - 1, k).round().astype(int).tolist()))
+    return [points[i] for i in idx]
+
+
 def _profile_points(run: Run, layer: str, k: int = 5) -> list[tuple[int, np.ndarray]]:
-    prof = [(r.step, np.asarray(r.temporal[layer].norms, dtype=np.float64)) for r in run.records if layer in r.temporal]
+    """Sensitivity profiles (||dL/dx_t||) at up to ``k`` points of training."""
+    prof = [(r.step, np.asarray(r.temporal[layer].norms, dtype=np.float64)) for r in run.records if layer in r.temporal and r.temporal[layer].norms]
     # Flushed records repeat the latest profile when none was taken in the window: dedupe.
     uniq: list[tuple[int, np.ndarray]] = []
     for s, a in prof:
         if not uniq or a.shape != uniq[-1][1].shape or not np.array_equal(a, uniq[-1][1], equal_nan=True):
             uniq.append((s, a))
-    if len(uniq) <= k:
-        return uniq
-    idx = sorted(set(np.linspace(0, len(uniq) - 1, k).round().astype(int).tolist()))
-    return [uniq[i] for i in idx]
+    return _sample(uniq, k)
+
+
+def _propagation_points(run: Run, layer: str, k: int = 4) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """Propagation gains per recurrence at up to ``k`` points of training."""
+    uniq: list[tuple[int, dict[str, np.ndarray]]] = []
+    for r in run.records:
+        prof = r.temporal.get(layer)
+        if prof is None or not prof.recurrences:
+            continue
+        recs = {name: np.asarray(p.gains, dtype=np.float64) for name, p in prof.recurrences.items()}
+        if uniq and recs.keys() == uniq[-1][1].keys() and all(np.array_equal(recs[n], uniq[-1][1][n], equal_nan=True) for n in recs):
+            continue
+        uniq.append((r.step, recs))
+    return _sample(uniq, k)
+
+
+def _thresholds(run: Run) -> tuple[float, float]:
+    """The run's own vanish_ratio and explode_ratio (header options), else the defaults."""
+    opts = run.header.get("options") if isinstance(run.header.get("options"), dict) else {}
+    out = []
+    for key, default in (("vanish_ratio", 1e-3), ("explode_ratio", 1e3)):
+        v = opts.get(key, default) if opts else default
+        out.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0 else default)
+    return out[0], out[1]
 
 
 #: Recurrent layers drawn per run, and spectral-norm lines per run (the figure stays readable).
 MAX_RECURRENT = 8
 MAX_SPECTRAL = 16
+MAX_RECURRENCES = 4
 
 
 def _recurrent_layers(run: Run) -> list[str]:
@@ -53,76 +83,116 @@ def _recurrent_layers(run: Run) -> list[str]:
     return out
 
 
+def _clamp_decades(ax: Any) -> None:
+    """A log axis over at most MAX_DECADES decades (a vanished gain can reach 1e-300)."""
+    v = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size and v.max() / v.min() > 10.0**MAX_DECADES:
+        ax.set_ylim(v.max() / 10.0**MAX_DECADES, v.max() * 10)
+
+
+def _draw_propagation(ax: Any, run: Run, layer: str, lab: str) -> bool:
+    """Gains over j steps back, per recurrence, at a few points of training; True if drawn."""
+    from matplotlib import colormaps
+
+    points = _propagation_points(run, layer)
+    vanish, explode = _thresholds(run)
+    if not points:
+        ax.text(0.5, 0.5, "propagation not measured for this layer", transform=ax.transAxes, ha="center", va="center")
+        ax.set_axis_off()
+        return False
+    cmap = colormaps["plasma"]
+    for i, (step, recs) in enumerate(points):
+        col = cmap(0.85 * i / max(1, len(points) - 1))
+        for k, (name, gains) in enumerate(list(recs.items())[:MAX_RECURRENCES]):
+            label = f"step {step}" + (f", {name}" if len(recs) > 1 else "")
+            ax.plot(np.arange(gains.size), _positive(gains), color=col, ls=_STYLES[k % len(_STYLES)], lw=1.6, label=label)
+    ax.axhline(vanish, color="#1f77b4", ls=":", lw=1.2, label=f"vanishing below {vanish:g}")
+    ax.axhline(explode, color="#d62728", ls=":", lw=1.2, label=f"exploding above {explode:g}")
+    ax.set_yscale("log")  # always: the thresholds are the point of this panel
+    _clamp_decades(ax)
+    ax.set_xlabel("steps back through the recurrence (j)")
+    ax.set_ylabel("gain ‖∂s_T/∂s_(T−j)‖ / √dim s")
+    ax.set_title(_text(f"{lab}: propagation through {layer!r}", 90))
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    return True
+
+
 def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | None:
     layers = _recurrent_layers(run)[:MAX_RECURRENT]
     if not layers:
         return None
-    fig = _figure(11, 0.6 + 3.6 * len(layers))
-    axes = fig.subplots(len(layers), 1, squeeze=False)[:, 0]
+    fig = _figure(13, 0.6 + 3.6 * len(layers))
+    axes = fig.subplots(len(layers), 2, squeeze=False)
     from matplotlib import colormaps
 
     cmap = colormaps["plasma"]
     zeros = nonfinite = False
-    for ax, layer in zip(axes, layers):
+    for (ax_p, ax), layer in zip(axes, layers):
+        _draw_propagation(ax_p, run, layer, lab)
         points = _profile_points(run, layer)
         for i, (step, norms) in enumerate(points):
             col = cmap(0.85 * i / max(1, len(points) - 1))
             zeros |= bool((norms == 0).any())
             nf = ~np.isfinite(norms)
             nonfinite |= bool(nf.any())
-            t = np.arange(1, norms.size + 1)
-            y = _positive(norms)
             note = " (all NaN/Inf)" if nf.all() else (" (some NaN/Inf)" if nf.any() else "")
-            ax.plot(t, y, color=col, lw=1.6, label=f"step {step}{note}")
+            ax.plot(np.arange(1, norms.size + 1), _positive(norms), color=col, lw=1.6, label=f"step {step}{note}")
         _scale_y(ax)
-        if not np.isfinite(
-            [np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]
-        ).any():
-            ax.text(0.5, 0.5, "no finite, positive gradient to draw", transform=ax.transAxes, ha="center", va="center")
-        ax.set_xlabel("input timestep t (the loss is at the last timestep)")
+        if not points or not np.isfinite([np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]).any():
+            ax.text(0.5, 0.5, "no finite, positive input gradient to draw", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xlabel("input timestep t")
         ax.set_ylabel("‖∂L/∂x_t‖")
-        ax.set_title(_text(f"{lab}: gradient reaching each input timestep of {layer!r}", 120))
+        ax.set_title(_text(f"sensitivity: which input timesteps of {layer!r} the loss draws on", 90))
         ax.grid(True, which="major", alpha=0.3)
-        ax.legend(title="training step", fontsize=8, title_fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        if points:
+            ax.legend(title="training step", fontsize=7, title_fontsize=7, loc="upper left")
     caption = (
-        "At several points of training (early = dark blue, late = yellow); log scale where the norms span a decade."
+        "Left, propagation: the gain of the recurrence's state Jacobian product over j steps back, on the run's own "
+        "trajectory; vanishing and exploding are judged on it (dotted lines: the run's thresholds). Right, "
+        "sensitivity: the gradient reaching each input timestep; a model that uses the first input peaks there, "
+        "which is healthy. Early in training dark blue, late yellow."
     )
     if zeros:
-        caption += " Exact zeros (the gradient underflowed float32: vanished completely) cannot be drawn on a log axis and are left out."
+        caption += " Exact zeros (float32 underflow) cannot be drawn on a log axis and are left out."
     if nonfinite:
         caption += " NaN/Inf values are left out."
-    return _save(fig, path), f"Per-timestep gradient profiles: {lab}", caption
+    return _save(fig, path), f"Through time: {lab}", caption
 
 
 def plot_temporal_compare(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str] | None:
+    """Each run's latest propagation (its most extreme recurrence) against the thresholds."""
     lines = []
     for run, lab in zip(runs, labels):
-        for layer in _recurrent_layers(run)[:MAX_RECURRENT]:
-            last = [r for r in run.records if layer in r.temporal]
-            norms = np.asarray(last[-1].temporal[layer].norms, dtype=np.float64)
-            lines.append((_text(f"{lab}: {layer}" if len(_recurrent_layers(run)) > 1 else lab), last[-1].step, norms))
+        layers = _recurrent_layers(run)[:MAX_RECURRENT]
+        for layer in layers:
+            last = [r for r in run.records if layer in r.temporal and r.temporal[layer].propagation]
+            if last:
+                gains = np.asarray(last[-1].temporal[layer].propagation, dtype=np.float64)
+                lines.append((_text(f"{lab}: {layer}" if len(layers) > 1 else lab), last[-1].step, gains))
     if not lines:
         return None
+    vanish, explode = _thresholds(runs[0])
     fig = _figure(11, 5)
     ax = fig.add_subplot()
-    colors = _colors(len(lines))
-    zeros = False
-    for (lab, step, norms), col in zip(lines, colors):
-        pos = _positive(norms)
-        peak = np.nanmax(pos) if np.isfinite(pos).any() else np.nan
-        zeros |= bool((norms == 0).any())
-        ax.plot(np.arange(1, norms.size + 1), pos / peak, color=col, lw=1.8, label=f"{lab} (step {step})")
-    ax.axhline(1e-3, color="0.3", ls=":", lw=1.2, label="1/1000 of peak (vanishing below)")
-    ax.set_yscale("log")  # always: the 1/1000 line is the point of this plot
-    ax.set_xlabel("input timestep t (the loss is at the last timestep)")
-    ax.set_ylabel("‖∂L/∂x_t‖ / peak")
-    ax.set_title("Last per-timestep profile of each run, relative to its peak")
+    for (lab, step, gains), col in zip(lines, _colors(len(lines))):
+        ax.plot(np.arange(gains.size), _positive(gains), color=col, lw=1.8, label=f"{lab} (step {step})")
+    ax.axhline(vanish, color="#1f77b4", ls=":", lw=1.2, label=f"vanishing below {vanish:g}")
+    ax.axhline(explode, color="#d62728", ls=":", lw=1.2, label=f"exploding above {explode:g}")
+    ax.set_yscale("log")
+    _clamp_decades(ax)
+    ax.set_xlabel("steps back through the recurrence (j)")
+    ax.set_ylabel("gain ‖∂s_T/∂s_(T−j)‖ / √dim s")
+    ax.set_title("Latest propagation of each run (its most extreme recurrence)")
     ax.grid(True, which="major", alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=9)
-    caption = "Log scale. A line that falls steeply to the left is a gradient that vanishes before reaching the first timesteps."
-    if zeros:
-        caption += " Lines that stop early went to exactly zero (float32 underflow)."
-    return _save(fig, path), "Per-timestep profiles compared", caption
+    caption = (
+        "Log scale. A line that falls below the blue dotted line within the sequence is a gradient the recurrence "
+        "cannot carry that far back (vanishing); one above the red line grows out of bounds (exploding). Lines "
+        "that stop early went to exactly zero (float32 underflow)."
+    )
+    return _save(fig, path), "Propagation through time compared", caption
 
 
 # ------------------------------------------------------------------ gain, horizon, spectral
@@ -137,11 +207,12 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
         layers = _recurrent_layers(run)[:MAX_RECURRENT]
         for j, layer in enumerate(layers):
             recs = [r for r in run.records if layer in r.temporal]
-            steps = [r.step for r in recs]
             name = _text(lab if len(layers) == 1 else f"{lab}: {layer}")
             ls = _STYLES[j % len(_STYLES)]
-            ax_gain.plot(steps, _positive([r.temporal[layer].gain for r in recs]), color=col, ls=ls, lw=1.5, label=name)
-            ax_hor.plot(steps, [r.temporal[layer].horizon for r in recs], color=col, ls=ls, lw=1.5, label=name)
+            measured = [r for r in recs if r.temporal[layer].recurrences]
+            steps = [r.step for r in measured]
+            ax_gain.plot(steps, _positive([r.temporal[layer].gain for r in measured]), color=col, ls=ls, lw=1.5, marker=".", label=name)
+            ax_hor.plot(steps, [r.temporal[layer].horizon for r in measured], color=col, ls=ls, lw=1.5, marker=".", label=name)
         names: list[str] = []
         for r in run.records:
             for k in r.spectral:
@@ -160,9 +231,9 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
             any_spec = True
     ax_gain.axhline(1.0, color="0.3", lw=1, ls=":")
     gain_log = _scale_y(ax_gain)
-    ax_gain.set_ylabel("temporal gain\n(per timestep back)")
-    ax_gain.set_title("Temporal gain (<1 vanishing, >1 exploding), horizon and recurrent spectral norms over training")
-    ax_hor.set_ylabel("horizon (timesteps)")
+    ax_gain.set_ylabel("propagation rate\n(per step back)")
+    ax_gain.set_title("Propagation rate (<1 vanishing, >1 exploding), horizon and recurrent spectral norms over training")
+    ax_hor.set_ylabel("horizon (steps back)")
     ax_spec.set_ylabel("largest singular value\nof recurrent weights")
     ax_spec.set_xlabel("optimizer step")
     if any_spec:
@@ -182,8 +253,8 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
     caption = (
         "Gain"
         + (" on a log scale" if gain_log else "")
-        + ", 1 dotted; horizon = timesteps back from the peak until the gradient falls "
-        "below 1/1000 of it (the sequence length if it never does); spectral norms per gate block"
+        + ", 1 dotted: the fitted per-step factor of the recurrence's state Jacobian product; horizon = steps back "
+        "until its gain falls below vanish_ratio (the sequence length if it never does); spectral norms per gate block"
         + (" on a log scale" if any_spec and spec_log else "")
         + "."
     )
@@ -211,7 +282,7 @@ def plot_all(
             made.append(got)
 
     attempt("global norm", plot_global_norm, runs, labels, out / "global_norm.png")
-    attempt("profiles compared", plot_temporal_compare, runs, labels, out / "temporal_compare.png")
+    attempt("propagation compared", plot_temporal_compare, runs, labels, out / "temporal_compare.png")
     attempt("gradient flow", plot_dynamics, runs, labels, out / "dynamics.png")
     names: list[str] = []
     for lab in labels:  # distinct file names, even for labels that differ only in punctuation
@@ -221,7 +292,7 @@ def plot_all(
             name, k = f"{base}_{k}", k + 1
         names.append(name)
     for run, lab, name in zip(runs, labels, names):
-        attempt(f"per-timestep profiles of {lab!r}", plot_temporal, run, lab, out / f"temporal_{name}.png")
+        attempt(f"through-time plots of {lab!r}", plot_temporal, run, lab, out / f"temporal_{name}.png")
     for run, lab, name in zip(runs, labels, names):
         attempt(f"per-layer heatmap of {lab!r}", plot_layer_heatmap, run, lab, out / f"layers_{name}.png")
     return made

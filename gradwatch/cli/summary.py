@@ -213,15 +213,18 @@ def summarize(run: Run) -> RunSummary:
         by_kind_layer[(printable(held["kind"], 30), printable(held["layer"] or "(global)", 60))] += int(held["count"])
     temporal: dict[str, dict[str, float]] = {}
     spectral: dict[str, float] = {}
+    nan = math.nan
     for r in records:
         for layer, prof in r.temporal.items():
-            temporal[printable(layer, 60)] = {
-                "gain": prof.gain,
-                "horizon": float(prof.horizon),
-                "length": float(prof.length),
-                "earliest_over_peak": prof.earliest_over_peak,
-                "step": float(r.step),
-            }
+            t = temporal.setdefault(
+                printable(layer, 60),
+                {"gain": nan, "horizon": nan, "length": nan, "peak": nan, "step": nan, "earliest_over_peak": nan},
+            )
+            if prof.norms:  # sensitivity: the latest input-gradient profile
+                t["earliest_over_peak"] = prof.earliest_over_peak
+            if prof.recurrences:  # propagation: the latest measured one (not every profile has it)
+                finite = [g for g in prof.propagation if math.isfinite(g)] or [nan]
+                t.update(gain=prof.gain, horizon=float(prof.horizon), length=float(len(prof.propagation)), peak=max(finite), step=float(r.step))
         spectral.update({printable(k, 80): v for k, v in r.spectral.items()})
     options = run.header.get("options")
     policy = options.get("policy") if isinstance(options, dict) else None
@@ -300,10 +303,14 @@ def format_summary(s: RunSummary) -> str:
     else:
         lines.append("  events: none")
     for layer, t in s.temporal_last.items():
-        lines.append(
-            f"  {layer}: last profile (step {int(t['step'])}): gain {fmt(t['gain'])}/timestep, horizon "
-            f"{int(t['horizon'])}/{int(t['length'])}, earliest/peak {fmt(t['earliest_over_peak'])}"
-        )
+        if math.isfinite(t["step"]):
+            lines.append(
+                f"  {layer}: through time (step {int(t['step'])}): {fmt(t['gain'])}/step, horizon "
+                f"{int(t['horizon'])}/{int(t['length'])} steps, largest gain {fmt(t['peak'])}; input sensitivity "
+                f"x_1/peak {fmt(t['earliest_over_peak'])}"
+            )
+        else:
+            lines.append(f"  {layer}: propagation not measured; input sensitivity x_1/peak {fmt(t['earliest_over_peak'])}")
     for note in s.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
@@ -323,9 +330,9 @@ def table_rows(
         "run",
         *extra_cols,
         "layer",
-        "gain",
+        "rate/step",
         "horizon",
-        "earliest/peak",
+        "x_1/peak",
         "events",
         "clipped",
         "norm p50",
@@ -341,8 +348,8 @@ def table_rows(
                     s.name,
                     *[str(extra.get(s.name, {}).get(c, "")) for c in extra_cols],
                     layer,
-                    fmt(t["gain"]) if t else "-",
-                    f"{int(t['horizon'])}/{int(t['length'])}" if t else "-",
+                    fmt(t["gain"]) if t and math.isfinite(t["gain"]) else "-",
+                    f"{int(t['horizon'])}/{int(t['length'])}" if t and math.isfinite(t["step"]) else "-",
                     fmt(t["earliest_over_peak"]) if t else "-",
                     events,
                     _pct(s.clipped_share) if s.has_policy else "no policy",

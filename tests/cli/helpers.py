@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def make_run(
     path: Path, steps: int = 60, *, nan_at: tuple[int, ...] = (), policy: str | None = None, run_name: str | None = None
 ) -> Path:
-    """A run file from the core alone (numpy): a decaying temporal profile, optional NaN steps."""
+    """A run file from the core alone (numpy): decaying sensitivity and propagation profiles,
+    optional NaN steps."""
     import gradwatch
 
     rng = np.random.default_rng(0)
@@ -29,12 +30,13 @@ def make_run(
         sq = rng.lognormal(0.0, 0.3, size=3) ** 2
         if step in nan_at:
             sq[0] = math.nan
-        temporal = spectral = None
+        temporal = spectral = propagation = None
         if mon.profile_due():
             gain = 0.8 + 0.15 * step / steps  # the profile improves as "training" goes on
             temporal = {"rnn": gain ** np.arange(50)[::-1]}
+            propagation = {"rnn": {"l0": gain ** np.arange(50)}}
             spectral = {"rnn.weight_hh_l0": 0.9 + 0.002 * step}
-        mon.process(StepStats(sq, temporal=temporal, spectral=spectral))
+        mon.process(StepStats(sq, temporal=temporal or {}, propagation=propagation or {}, spectral=spectral or {}))
     mon.close()
     return path
 

@@ -27,7 +27,7 @@ def test_report_prints_summary_and_writes_self_contained_html(tmp_path, capsys):
     assert "run first" in text and "60 steps" in text
     assert "global norm (every step): p5" in text and "median" in text
     assert re.search(r"clipped by gradwatch: \d+/60 steps", text)
-    assert "rnn: last profile (step 60): gain" in text and "horizon" in text
+    assert "rnn: through time (step 60): 0.95/step, horizon 50/50 steps" in text
     html = (out / "report.html").read_text()
     srcs = _srcs(html)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)  # nothing points at a file
@@ -139,10 +139,12 @@ def test_report_on_a_run_that_diverged_to_nan_still_plots(tmp_path, capsys):
     for step in range(1, 21):
         bad = step > 5
         sq = np.array([math.nan if bad else 10.0**step, math.inf if bad else 1.0])
-        temporal = {"rnn": np.full(20, math.nan) if bad else np.logspace(5, 0, 20)} if mon.profile_due() else None
-        mon.process(StepStats(sq, temporal=temporal))
+        due = mon.profile_due()
+        temporal = {"rnn": np.full(20, math.nan) if bad else np.logspace(5, 0, 20)} if due else {}
+        propagation = {"rnn": {"l0": np.full(20, math.nan) if bad else np.logspace(0, -5, 20)}} if due else {}
+        mon.process(StepStats(sq, temporal=temporal, propagation=propagation))
     mon.close()
     assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
     text = capsys.readouterr().out
-    assert "non-finite 15" in text and "gain nan" in text
+    assert "non-finite 15" in text and "nan/step" in text
     assert (tmp_path / "rep" / "temporal_diverged.png").stat().st_size > 5_000

@@ -58,7 +58,15 @@ def _run_file(path, run_name, layer="enc", message="m", kind="exploding"):
                 "global_norm": 1.2,
                 "param_norms": {f"{layer}.w": 1.0, "head.w": 0.6},
                 "layer_norms": {layer: 1.0, "head": 0.6},
-                "temporal": {layer: {"norms": [1e-3, 0.1, 1.0], "gain": 0.1, "horizon": 2}},
+                "temporal": {
+                    layer: {
+                        "norms": [1e-3, 0.1, 1.0],
+                        "gain": 0.1,
+                        "horizon": 2,
+                        "propagation": [1.0, 0.1, 0.01],
+                        "recurrences": {"l0": {"gains": [1.0, 0.1, 0.01], "rate": 0.1, "horizon": 3}},
+                    }
+                },
             }
         )
     )
