@@ -193,10 +193,16 @@ def _family(kind: str | None) -> str:
     return "lstm" if "lstm" in k else "gru" if "gru" in k else "rnn"
 
 
-def _recurrence_spectral(record: StepRecord, layer: str, recurrence: str) -> str:
-    """The largest singular value of this recurrence's weights when measured (torch names
-    them ``weight_hh_<recurrence>``), else of the layer's."""
-    own = {k: v for k, v in record.spectral.items() if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))}
+def _recurrence_spectral(record: StepRecord, layer: str, recurrence: str, weights: Any) -> str:
+    """The largest singular value of this recurrence's own recurrent weights when measured:
+    the backend names them in ``meta["recurrence_weights"]`` (layer -> recurrence -> weight
+    names, the prefixes of their spectral keys), or torch's ``weight_hh_<recurrence>``;
+    else the layer's largest."""
+    prefixes = weights.get(layer, {}).get(recurrence) if isinstance(weights, Mapping) and isinstance(weights.get(layer), Mapping) else None
+    if prefixes:
+        own = {k: v for k, v in record.spectral.items() if any(k == p or k.startswith(p + "[") for p in prefixes)}
+    else:
+        own = {k: v for k, v in record.spectral.items() if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))}
     if own:
         name, s = max(own.items(), key=lambda kv: kv[1])
         return f", largest recurrent singular value {fmt(s)} ({name})"
@@ -222,6 +228,7 @@ class TemporalDetector(_Stateless):
             return ()
         o = self.options
         kinds = view.meta.get("recurrent_layers") or {}
+        weights = view.meta.get("recurrence_weights") or {}
         events: list[GradEvent] = []
         for layer, prof in record.temporal.items():
             recs = {k: r for k, r in prof.recurrences.items() if r.length >= 2}
@@ -242,7 +249,7 @@ class TemporalDetector(_Stateless):
                             f"Exploding gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
                             f"step {record.step}: a gradient carried back {j} steps through the layer's state grows "
                             f"{fmt(r.peak)}x (alert above {fmt(o.explode_ratio)}x); {fmt(r.rate)} per step"
-                            f"{_recurrence_spectral(record, layer, rec)}. {_EXPLODE_REMEDY}"
+                            f"{_recurrence_spectral(record, layer, rec, weights)}. {_EXPLODE_REMEDY}"
                         ),
                         layer=layer,
                         value=r.peak,
@@ -267,7 +274,7 @@ class TemporalDetector(_Stateless):
                             f"Vanishing gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
                             f"step {record.step}: a gradient carried back through the layer's state falls below "
                             f"{fmt(o.vanish_ratio)} of its size after {r.horizon} of {r.length} steps (horizon "
-                            f"{r.horizon}); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec)}. The "
+                            f"{r.horizon}); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec, weights)}. The "
                             f"layer cannot learn dependencies longer than about {r.horizon} steps.{gate_txt} "
                             f"{_VANISH_REMEDY[family]}"
                         ),

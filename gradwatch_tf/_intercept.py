@@ -3,7 +3,10 @@
 Keras' ``apply_gradients`` calls ``optimizer.apply``; gradwatch replaces ``apply`` *on the
 instance* (never on the class), so restoring is deleting that attribute, and the
 optimizer is then exactly the object it was. Traced step functions cached by Keras keep
-whatever they were traced with, so they are dropped when gradwatch leaves for good.
+whatever they were traced with: :class:`FitFunctions` keeps the ones traced during a
+watched ``fit`` apart from the user's (swapped in at train begin, out at train end), so
+a later watched ``fit`` of the same compiled model reuses its trace and an unwatched one
+never runs gradwatch's ops; :func:`drop_traced_functions` forgets them for a custom loop.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ import tensorflow as tf
 
 from gradwatch.errors import GradwatchError
 
-__all__ = ["drop_traced_functions", "unwrap_optimizer", "wrap_apply", "xla_context"]
+__all__ = ["FitFunctions", "FitSignature", "drop_traced_functions", "unwrap_optimizer", "wrap_apply", "xla_context"]
+
+#: The step functions Keras caches on a model (``make_*_function``), traced lazily.
+FUNCTIONS = ("train_function", "test_function", "predict_function")
 
 logger = logging.getLogger("gradwatch")
 
@@ -84,9 +90,107 @@ def drop_traced_functions(model: Any) -> None:
     the Python attributes does not change a graph already traced, so the next ``fit``
     must retrace without them. Keras rebuilds these lazily (as after ``compile``).
     """
-    for attr in ("train_function", "test_function", "predict_function"):
+    for attr in FUNCTIONS:
         if getattr(model, attr, None) is not None:
             try:
                 setattr(model, attr, None)
             except Exception as exc:  # noqa: BLE001 - a read-only attribute: leave it
                 logger.debug("gradwatch: could not drop %s: %r", attr, exc)
+
+
+class FitSignature:
+    """What a traced train step depends on: the model, its optimizer, its compilation
+    (``compile`` makes a new ``_compile_config`` each time), ``steps_per_execution``,
+    ``jit_compile``, ``run_eagerly``, the distribution strategy and the trainable
+    variables. Two fits with equal signatures can share one trace.
+
+    Objects are compared by identity and held strongly (an ``id`` could be reused by a
+    later object once the first is freed); the callback drops its signature at ``close``.
+    """
+
+    __slots__ = ("_objects", "_values")
+
+    def __init__(self, model: Any) -> None:
+        opt = getattr(model, "optimizer", None)
+        self._objects: tuple[Any, ...] = (
+            model,
+            opt,
+            unwrap_optimizer(opt) if opt is not None else None,
+            getattr(model, "_compile_config", None),
+            getattr(model, "distribute_strategy", None),
+            *list(getattr(model, "trainable_variables", ())),
+        )
+        self._values = (
+            int(getattr(model, "steps_per_execution", 1) or 1),
+            bool(getattr(model, "jit_compile", False)),
+            bool(getattr(model, "run_eagerly", False)),
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, FitSignature):
+            return NotImplemented
+        return (
+            self._values == other._values
+            and len(self._objects) == len(other._objects)
+            and all(a is b for a, b in zip(self._objects, other._objects))
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class FitFunctions:
+    """Keras' step functions traced during watched fits, kept apart from the user's.
+
+    ``enter`` (train begin) remembers the model's functions and puts gradwatch's in their
+    place: the ones kept from an earlier fit, or else a fresh train function (the one Keras
+    cached may have been traced without the wrapper). ``leave`` (train end) keeps whatever
+    the fit traced and gives the model back exactly the functions it had, so nothing of
+    gradwatch runs in a later unwatched ``fit``, ``evaluate`` or ``predict``.
+    """
+
+    def __init__(self, model: Any) -> None:
+        self._model_ref = weakref.ref(model)
+        self._ours: dict[str, Any] = {}
+        self._users: dict[str, Any] | None = None
+
+    @property
+    def entered(self) -> bool:
+        return self._users is not None
+
+    def enter(self, guard: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Swap gradwatch's functions in; ``guard`` wraps the train function (the
+        callback's way to see an exception that ends ``fit``)."""
+        model = self._model_ref()
+        if model is None or self._users is not None:
+            return
+        self._users = {a: getattr(model, a, None) for a in FUNCTIONS}
+        for a, fn in self._ours.items():
+            setattr(model, a, fn)
+        if "train_function" not in self._ours:
+            try:
+                model.train_function = None
+                model.make_train_function()  # untraced: traced at the first batch, with the wrapper
+            except BaseException:
+                model.train_function = self._users["train_function"]
+                raise
+        model.train_function = guard(model.train_function)
+
+    def leave(self) -> None:
+        """Keep what the fit traced; give the model back its own functions."""
+        model, users, self._users = self._model_ref(), self._users, None
+        if model is None or users is None:
+            return
+        for a in FUNCTIONS:
+            current = getattr(model, a, None)
+            if current is users[a]:
+                continue
+            if current is not None:
+                self._ours[a] = getattr(current, "__gradwatch_guarded__", current)
+            try:
+                setattr(model, a, users[a])
+            except Exception as exc:  # noqa: BLE001 - a read-only attribute: leave it
+                logger.debug("gradwatch: could not restore %s: %r", a, exc)
+
+    def forget(self) -> None:
+        """Drop the kept traces (and with them gradwatch's graph state)."""
+        self._ours.clear()

@@ -1,8 +1,13 @@
-"""Recurrent layers: finding them, probing their input gradient per timestep, gate blocks.
+"""Recurrent layers: finding them, wrapping their call, probing their input gradient, gate blocks.
 
-The probe is a ``tf.custom_gradient`` identity put on the layer's input by wrapping the
-layer's ``call`` on the instance (restored at close). Its gradient function writes the
-per-timestep sum of squares of dL/dx_t into a fixed-shape variable (static shape: XLA).
+The layer's ``call`` is wrapped on the instance (restored at close). The wrapper
+
+* puts the *sensitivity probe* on the input: a ``tf.custom_gradient`` identity whose
+  gradient function writes the per-timestep sum of squares of dL/dx_t into a
+  fixed-shape variable (static shape: XLA);
+* hands what the call saw (input, mask, initial state, training, the cells' dropout
+  masks) to a hook that measures *propagation* on profiled steps
+  (:mod:`gradwatch_tf._propagation`, :mod:`gradwatch_tf._replay`).
 
 Why the probe reads one of the layer's own trainable variables: Keras asks the tape for
 gradients with respect to the model's trainable variables only, and TensorFlow prunes
@@ -16,6 +21,7 @@ path to a requested source; the probe returns an exact zero for that kernel, and
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,14 +50,16 @@ class SpectralBlock:
     start: int
     stop: int
     vector: tf.Variable | None = None
-    #: True while ``vector`` is not yet near the singular vector (no exact warm start was
-    #: possible): the first profiled step then iterates longer.
+    #: True while ``vector`` has not been iterated yet (no exact warm start was possible).
+    #: The iteration runs to a tolerance either way; kept for the attachment's state.
     cold: tf.Variable | None = None
+    #: The runner-up right singular vector (the power iteration works on two vectors).
+    second: tf.Variable | None = None
 
 
 @dataclass
 class RecurrentSite:
-    """A probed layer: a SimpleRNN/LSTM/GRU or a Bidirectional around one."""
+    """A probed layer: a SimpleRNN/LSTM/GRU (or ``RNN(cell)``) or a Bidirectional around one."""
 
     layer: Any
     name: str  # the layer's path: the key of ``temporal``
@@ -59,8 +67,31 @@ class RecurrentSite:
     length: int | None = None  # timesteps, when static
     anchor: Any = None  # a trainable variable of the layer (see module docstring)
     sq: tf.Variable | None = None  # per-timestep sum of squares of dL/dx_t
-    gate_stats: tf.Variable | None = None  # [mean forget gate, log path gain] (LSTM)
+    #: [mean keep gate, mean sum_t log gate] of the last replay (LSTM forget, GRU update).
+    gate_stats: tf.Variable | None = None
     frozen: bool = False  # the ring layout is fixed: create no more variables
+    #: (recurrence name, RNN layer) per direction: ("l0", layer) or, for a Bidirectional,
+    #: ("l0", forward_layer) and ("l0_reverse", backward_layer).
+    directions: list[tuple[str, Any]] = field(default_factory=list)
+    prop: tf.Variable | None = None  # [R, T] log propagation gains of the last replay
+    prop_step: tf.Variable | None = None  # the optimizer step that replay was for
+    #: Per cell (by id): the dropout masks the cell made during the current call.
+    dropout: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def recurrences(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.directions)
+
+    @property
+    def gate_name(self) -> str | None:
+        """"forget" (LSTM), "update" (GRU), None (SimpleRNN, or mixed directions)."""
+        names = {_GATE_NAMES.get(_class_name(cell)) for cell in self.cells}
+        return names.pop() if len(names) == 1 else None
+
+
+#: The keep gate each gated cell reports: LSTM's forget gate f, GRU's update gate z
+#: (Keras: h = z h_prev + (1 - z) h~, so z carries the state over, like f).
+_GATE_NAMES = {"LSTMCell": "forget", "GRUCell": "update"}
 
 
 def kind_of(site: RecurrentSite) -> str:
@@ -118,25 +149,27 @@ def _input_length(layer: Any) -> int | None:
 
 
 def find_sites(model: Any) -> list[RecurrentSite]:
-    """Every SimpleRNN / LSTM / GRU of the model, a Bidirectional counting as one site
-    (its input is what both directions read; its two cells are both kept for spectra)."""
+    """Every SimpleRNN / LSTM / GRU (or ``RNN`` of one such cell) of the model, a
+    Bidirectional counting as one site with two recurrences ("l0", "l0_reverse"): its
+    input is what both directions read."""
     keras = _keras()
     sites: list[RecurrentSite] = []
     inner: set[int] = set()
     layers = _walk(model)
     for layer in layers:
         if isinstance(layer, keras.layers.Bidirectional):
-            cells = []
-            for sub in (layer.forward_layer, layer.backward_layer):
+            directions = []
+            for name, sub in (("l0", layer.forward_layer), ("l0_reverse", layer.backward_layer)):
                 inner.add(id(sub))
                 if _is_rnn(sub):
-                    cells.append(sub.cell)
-            if cells:
-                sites.append(RecurrentSite(layer, layer.path, cells, _input_length(layer)))
+                    directions.append((name, sub))
+            if directions:
+                cells = [sub.cell for _, sub in directions]
+                sites.append(RecurrentSite(layer, layer.path, cells, _input_length(layer), directions=directions))
     for layer in layers:
         if id(layer) in inner or not _is_rnn(layer):
             continue
-        sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer)))
+        sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer), directions=[("l0", layer)]))
     return sites
 
 
@@ -165,8 +198,23 @@ def ensure_site_variables(site: RecurrentSite, make: Callable[..., tf.Variable],
         if site.sq is None and length is not None:
             site.length = length
             site.sq = make(np.zeros([length], np.float32), tf.float32, "gradwatch_temporal")
-        if site.gate_stats is None and forget_gate_feasible(site):
-            site.gate_stats = make(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
+        if site.prop is None and site.length is not None and replay_feasible(site):
+            rec = len(site.directions)
+            site.prop = make(np.zeros([rec, site.length], np.float32), tf.float32, "gradwatch_propagation")
+            site.prop_step = make(0, tf.int64, "gradwatch_propagation_step")
+            if site.gate_name is not None:
+                site.gate_stats = make(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
+
+
+def recurrence_weights(site: RecurrentSite) -> dict[str, list[str]]:
+    """Recurrence name -> the paths of its recurrent kernel (the prefix of its spectral
+    names), so an alert about "l0_reverse" quotes that direction's singular value."""
+    out: dict[str, list[str]] = {}
+    for name, layer in site.directions:
+        kernel = getattr(getattr(layer, "cell", None), "recurrent_kernel", None)
+        if kernel is not None and isinstance(getattr(kernel, "path", None), str):
+            out[name] = [kernel.path]
+    return out
 
 
 def spectral_blocks(site: RecurrentSite) -> list[SpectralBlock]:
@@ -242,68 +290,106 @@ def variable_of(v: Any) -> tf.Variable:
     return value if isinstance(value, tf.Variable) else v
 
 
-def forget_gate_feasible(site: RecurrentSite) -> bool:
-    """Forget-gate statistics can be recomputed exactly from the layer's input and output
-    when the output holds every timestep (``return_sequences=True``), the layer runs
-    forwards, and no dropout perturbs the gates (a plain LSTM, not a Bidirectional)."""
-    layer = site.layer
-    cell = getattr(layer, "cell", None)
-    return (
-        _class_name(cell) == "LSTMCell"
-        and getattr(layer, "return_sequences", False)
-        and not getattr(layer, "return_state", False)
-        and not getattr(layer, "go_backwards", False)
-        and not getattr(cell, "dropout", 0)
-        and not getattr(cell, "recurrent_dropout", 0)
-        and not getattr(layer, "stateful", False)
-    )
+def replay_feasible(site: RecurrentSite) -> bool:
+    """Propagation (and gate statistics) can be measured: every direction runs one of
+    Keras' own cells (SimpleRNNCell, LSTMCell, GRUCell), whose Jacobians the replay
+    knows (:mod:`gradwatch_tf._replay`)."""
+    from gradwatch_tf._replay import supported
+
+    return bool(site.directions) and all(supported(layer.cell) for _, layer in site.directions)
 
 
-def forget_gate_stats(cell: Any, x: tf.Tensor, h: tf.Tensor, mask: Any = None) -> tf.Tensor:
-    """[mean of f_t, mean over batch and units of sum_t log f_t] for a Keras LSTM.
-
-    f_t = recurrent_activation(x_t W_f + h_{t-1} U_f + b_f), with h_{-1} = 0 and Keras'
-    gate order i, f, c, o in the columns; h is the layer's output sequence. Masked
-    timesteps (where the layer keeps its state) are left out of both statistics.
-    """
-    units = int(cell.units)
-    x = tf.stop_gradient(tf.cast(x, tf.float32))
-    h = tf.stop_gradient(tf.cast(h, tf.float32))
-    h_prev = tf.concat([tf.zeros_like(h[:, :1]), h[:, :-1]], axis=1)
-    w = tf.convert_to_tensor(cell.kernel.value)[:, units : 2 * units]
-    u = tf.convert_to_tensor(cell.recurrent_kernel.value)[:, units : 2 * units]
-    z = tf.einsum("btf,fu->btu", x, tf.cast(w, tf.float32)) + tf.einsum("btv,vu->btu", h_prev, tf.cast(u, tf.float32))
-    if cell.use_bias:
-        z = z + tf.cast(tf.convert_to_tensor(cell.bias.value)[units : 2 * units], tf.float32)
-    f = tf.cast(cell.recurrent_activation(z), tf.float32)
-    if mask is not None:
-        m = tf.cast(mask, tf.float32)[:, :, None] * tf.ones_like(f)
-    else:
-        m = tf.ones_like(f)
-    mean = tf.reduce_sum(f * m) / tf.maximum(tf.reduce_sum(m), 1.0)
-    log_gain = tf.reduce_sum(tf.math.log(tf.maximum(f, 1e-30)) * m, axis=1)  # (batch, units)
-    return tf.stack([mean, tf.reduce_mean(log_gain)])
+#: The name ``attach.py`` asks: the replay measures the gates of every gated layer now
+#: (Bidirectional, ``return_sequences=False``, dropout and initial states included).
+forget_gate_feasible = replay_feasible
 
 
-def wrap_call(
-    site: RecurrentSite,
-    probe: Callable[[Any], Any],
-    after: Callable[[Any, Any, Any], None] | None = None,
-) -> Callable[[], None]:
-    """Put ``probe`` on the first argument of ``layer.call`` (instance attribute).
+@dataclass
+class CallArgs:
+    """What one call of a recurrent layer received, by meaning (not by position)."""
 
-    Returns the function that restores the layer: it deletes the instance attribute, so
-    ``layer.call`` is the class's method again and nothing of gradwatch stays on the layer
-    (a model saved afterwards contains no trace of it).
+    inputs: Any
+    initial_state: Any = None
+    mask: Any = None
+    training: Any = None
+
+
+def _bind(signature: inspect.Signature | None, inputs: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> CallArgs:
+    named: dict[str, Any] = dict(kwargs)
+    if signature is not None:
+        try:
+            named = dict(signature.bind(inputs, *args, **kwargs).arguments)
+        except TypeError:
+            named = dict(kwargs)
+    mask = named.get("mask")
+    if isinstance(mask, (list, tuple)):
+        mask = mask[0] if mask else None
+    return CallArgs(inputs, named.get("initial_state"), mask, named.get("training"))
+
+
+def _capture_dropout(site: RecurrentSite, cell: Any) -> Callable[[], None]:
+    """Record the dropout masks ``cell`` hands out during a call (the first of each kind:
+    Keras makes them once per call and reuses them at every step), so the replay applies
+    the very masks the layer used. Restored by the returned function."""
+    slot = site.dropout.setdefault(id(cell), {})
+    undo: list[Callable[[], None]] = []
+    for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
+        original = getattr(cell, attr, None)
+        if original is None or attr in vars(cell):
+            continue
+
+        def get(step_input: Any, _original: Any = original, _key: str = key) -> Any:
+            mask = _original(step_input)
+            slot.setdefault(_key, mask)
+            return mask
+
+        object.__setattr__(cell, attr, get)
+
+        def restore(_attr: str = attr, _get: Any = get) -> None:
+            if vars(cell).get(_attr) is _get:
+                object.__delattr__(cell, _attr)
+
+        undo.append(restore)
+
+    def restore_all() -> None:
+        for fn in reversed(undo):
+            fn()
+
+    return restore_all
+
+
+def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None) -> Callable[[], None]:
+    """Put ``probe`` on the first argument of ``layer.call`` (instance attribute) and,
+    with a ``hook`` (``before(CallArgs) -> context | None``, ``after(context)``), let it
+    see every call; the cells' dropout masks are recorded for it.
+
+    Returns the function that restores the layer and its cells: it deletes the instance
+    attributes, so ``layer.call`` is the class's method again and nothing of gradwatch
+    stays on the layer (a model saved afterwards contains no trace of it). Calling
+    ``wrap_call`` again after that wraps again.
     """
     layer = site.layer
     original = layer.call
+    try:
+        signature: inspect.Signature | None = inspect.signature(original)
+    except (TypeError, ValueError):
+        signature = None
+    undo = [_capture_dropout(site, cell) for cell in site.cells] if hook is not None else []
 
     @functools.wraps(original)
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        context = None
+        if hook is not None:
+            try:
+                context = hook.before(_bind(signature, inputs, args, kwargs))
+            except Exception as exc:  # noqa: BLE001 - the hook reports its own errors; never the user's call
+                logger.debug("gradwatch: recurrent hook failed: %r", exc)
         outputs = original(probe(inputs), *args, **kwargs)
-        if after is not None:
-            after(inputs, outputs, kwargs.get("mask"))
+        if context is not None:
+            try:
+                hook.after(context)
+            except Exception as exc:  # noqa: BLE001 - as above
+                logger.debug("gradwatch: recurrent hook failed: %r", exc)
         return outputs
 
     object.__setattr__(layer, "call", call)
@@ -311,5 +397,7 @@ def wrap_call(
     def restore() -> None:
         if layer.__dict__.get("call") is call:
             object.__delattr__(layer, "call")
+        for fn in reversed(undo):
+            fn()
 
     return restore

@@ -10,7 +10,12 @@ How a step flows (all of it inside the user's ``tf.function``, under XLA too):
    clipping (one scale, or the unit-wise factors of AGC), then the original ``apply``,
    inside ``tf.cond`` when ``on_nonfinite`` is "skip" or "raise", so a bad step changes
    neither weights nor optimizer state nor ``iterations``.
-3. One float64 row in the core's statistics layout (:class:`gradwatch.Layout`) goes into
+3. On profiled steps: the largest singular value of each recurrent gate block
+   (:func:`gradwatch_tf._tensors.power_iteration`, iterated to a tolerance), and what the
+   recurrent layers' forward hooks measured in this step's forward pass (propagation and
+   gate statistics, :mod:`gradwatch_tf._propagation`); a layer the step did not replay
+   sends NaN, which the host leaves out.
+4. One float64 row in the core's statistics layout (:class:`gradwatch.Layout`) goes into
    a ring buffer of ``capacity`` rows, indexed by gradwatch's own step counter, so
    ``steps_per_execution = k`` loses no step; the host reads it (``attach.py``).
 """
@@ -25,13 +30,13 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import Layout, profile_due
+from gradwatch import Layout, Segment, profile_due
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.policies import ClipStats
 from gradwatch_tf import _tensors
 from gradwatch_tf._ops import TF
 
-__all__ = ["DevicePolicy", "GraphContext", "build_step"]
+__all__ = ["DevicePolicy", "GraphContext", "build_step", "step_layout"]
 
 F64 = tf.float64
 
@@ -85,6 +90,27 @@ class DevicePolicy:
             v.assign(np.asarray(getattr(st, k)))
 
 
+def step_layout(policy: Any, n_params: int, sites: list[Any], blocks: list[Any]) -> Layout:
+    """The row of one step: the core's segments for what this model has (the recurrent
+    layers' per-timestep norms, spectral norms, gate statistics and propagation gains)."""
+    p = n_params
+    segments = [Segment("step", 1), Segment("skipped", 1), Segment("profiled", 1)]
+    if policy is not None:
+        segments.append(Segment("clip", 2))
+    segments += [Segment("sq_norms", p), Segment("nonfinite", p)]
+    if getattr(policy, "unitwise", False):
+        segments.append(Segment("clipped_sq", p))
+    segments += [Segment("temporal", int(s.sq.shape[0]), key=s.name) for s in sites if s.sq is not None]
+    segments += [Segment("spectral", 1, key=b.name, labels=(b.name,)) for b in blocks]
+    segments += [Segment("gates", 2, key=s.name, labels=(s.gate_name or "",)) for s in sites if s.gate_stats is not None]
+    segments += [
+        Segment("propagation", int(np.prod(s.prop.shape)), key=s.name, labels=s.recurrences)
+        for s in sites
+        if s.prop is not None
+    ]
+    return Layout(segments)
+
+
 @dataclass
 class GraphContext:
     """What the in-graph step needs, created once when the watch is set up."""
@@ -107,24 +133,31 @@ class GraphContext:
     fail: Callable[[str, BaseException], None] = lambda part, exc: None
     profile_ok: bool = True
     reached_update: bool = False
+    #: Called once while the first step is traced (layers whose sequence length only the
+    #: traced step shows join the layout); None when there is nothing to wait for.
+    relayout: Callable[[], None] | None = None
 
 
-def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-    """The gradients to measure (all-reduced across replicas) and the probe sums."""
-    temporal = [site.sq.read_value() for site in c.sites]
+def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+    """The gradients to measure (all-reduced across replicas), the probe sums, the gate
+    statistics and the log propagation gains of the forward hooks."""
+    temporal = [site.sq.read_value() for site in c.sites if site.sq is not None]
     gates = [site.gate_stats.read_value() for site in c.sites if site.gate_stats is not None]
+    logs = [site.prop.read_value() for site in c.sites if site.prop is not None]
     measured = list(grads)
     if replicas > 1:
         present = [i for i, g in enumerate(grads) if g is not None]
         dense = [tf.convert_to_tensor(grads[i]) for i in present]
-        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense + temporal + gates)
+        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, dense + temporal + gates + logs)
         for k, i in enumerate(present):
             measured[i] = reduced[k]
-        nt = len(temporal)
+        nt, ng = len(temporal), len(gates)
         temporal = list(reduced[len(dense) : len(dense) + nt])
-        # Gate statistics are means over each replica's equal share: average them.
-        gates = [g / replicas for g in reduced[len(dense) + nt :]]
-    return measured, temporal, gates
+        # Gate statistics are means over each replica's equal share: average them; the
+        # mean of log gains is the geometric mean over every replica's sequences.
+        gates = [g / replicas for g in reduced[len(dense) + nt : len(dense) + nt + ng]]
+        logs = [v / replicas for v in reduced[len(dense) + nt + ng :]]
+    return measured, temporal, gates, logs
 
 
 def _clip(c: GraphContext, grads: list[Any], measured: list[Any], tvars: list[Any], idx: list[Any], norm: tf.Tensor, active: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, list[Any], list[tf.Tensor]]:
@@ -159,7 +192,8 @@ def _clip(c: GraphContext, grads: list[Any], measured: list[Any], tvars: list[An
 
 
 def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
-    """Largest singular value of each gate block, on profiled steps (zeros otherwise)."""
+    """Largest singular value of each gate block, on profiled steps (zeros otherwise),
+    iterated to a tolerance (:func:`gradwatch_tf._tensors.power_iteration`)."""
     if not c.blocks:
         return []
     zeros = tf.zeros([len(c.blocks)], F64)
@@ -173,14 +207,10 @@ def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
             for b in blocks:
                 kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
                 w = tf.convert_to_tensor(kv)[:, b.start : b.stop]
-                vec, cold = b.vector, b.cold
-                sigma = tf.cond(
-                    cold.read_value(),
-                    lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 30),  # type: ignore[misc]
-                    lambda w=w, vec=vec: _tensors.power_iteration(w, vec, 2),  # type: ignore[misc]
-                )
-                with tf.control_dependencies([sigma]):
-                    cold.assign(False)
+                sigma = _tensors.power_iteration(w, b.vector, getattr(b, "second", None))
+                if b.cold is not None:  # the vector has now been iterated to convergence
+                    with tf.control_dependencies([sigma]):
+                        b.cold.assign(False)
                 out.append(tf.cast(sigma, F64))
             return tf.stack(out)
 
@@ -189,6 +219,21 @@ def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
         c.fail("spectral norms", exc)
         c.profile_ok = False
         return [zeros]
+
+
+def _replayed(c: GraphContext, step: tf.Tensor, gates: list[Any], logs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """Gate statistics and propagation gains (float64) of the sites replayed for this very
+    step; NaN for the others (the host leaves those out)."""
+    nan = tf.constant(np.nan, F64)
+    fresh = {id(site): tf.equal(site.prop_step.read_value(), step) for site in c.sites if site.prop_step is not None}
+    out_gates = []
+    for site, g in zip([s for s in c.sites if s.gate_stats is not None], gates):
+        ok = fresh.get(id(site), tf.constant(False))
+        out_gates.append(tf.where(ok, tf.cast(g, F64), nan))
+    out_logs = []
+    for site, v in zip([s for s in c.sites if s.prop is not None], logs):
+        out_logs.append(tf.where(fresh[id(site)], tf.exp(tf.cast(v, F64)), nan))
+    return out_gates, out_logs
 
 
 def _apply(c: GraphContext, ctx: Any, replicas: int, all_ok: tf.Tensor, active: tf.Tensor, grads: list[Any], tvars: Any, original: Callable[..., Any]) -> tf.Tensor:
@@ -217,10 +262,16 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
 
     ``after(row)`` runs once the row is in the ring (the host callback of a watch).
     """
-    idx = [c.index.get(id(v), c.path_index.get(getattr(v, "path", None))) for v in tvars]
+    if c.relayout is not None:
+        try:
+            c.relayout()
+        except Exception as exc:  # noqa: BLE001 - those layers then stay unprofiled
+            c.relayout = None
+            c.fail("recurrent-layer profiling setup", exc)
+    idx = [c.index.get(id(v), c.path_index.get(str(getattr(v, "path", "")))) for v in tvars]
     ctx = tf.distribute.get_replica_context()
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-    measured, temporal, gates = _measure(c, ctx, replicas, grads)
+    measured, temporal, gates, logs = _measure(c, ctx, replicas, grads)
     zero = tf.constant(0.0, F64)
     sq_each = [_tensors.squared_norm(g) if g is not None else zero for g in measured]
     fin_each = [_tensors.all_finite(g) if g is not None else tf.constant(True) for g in measured]
@@ -237,6 +288,7 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
     step = c.step_var.read_value()
     profiled = profile_due(step, c.profile_every, TF) if (c.sites or c.blocks) else tf.constant(False)
     spectral = _spectral(c, profiled)
+    gates, gains = _replayed(c, step, gates, logs)
     # The update itself. Everything that could fail is built above this point, so a
     # failure never leaves a half-built step that applies the gradients twice.
     skipped = _apply(c, ctx, replicas, all_ok, active, new_grads, tvars, original)
@@ -254,12 +306,14 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
             parts[("clip", "")] = tf.stack([thr, scale])
         if c.layout.slice("clipped_sq") is not None:
             parts[("clipped_sq", "")] = tf.stack(per_clipped) if per_clipped else tf.zeros([0], F64)
-        for site, sq in zip(c.sites, temporal):
+        for site, sq in zip([s for s in c.sites if s.sq is not None], temporal):
             parts[("temporal", site.name)] = sq
         for k, block in enumerate(c.blocks):
             parts[("spectral", block.name)] = spectral[0][k]
         for site, g in zip([s for s in c.sites if s.gate_stats is not None], gates):
             parts[("gates", site.name)] = g
+        for site, v in zip([s for s in c.sites if s.prop is not None], gains):
+            parts[("propagation", site.name)] = v
         row = c.layout.pack(parts, lambda ts: tf.concat([tf.reshape(tf.cast(t, F64), [-1]) for t in ts], 0))
         slot = tf.math.floormod(step - 1, c.capacity)
         # assign of a whole (small) ring rather than scatter: sync-on-read variables

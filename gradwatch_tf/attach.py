@@ -12,20 +12,22 @@ and that part is left out (the original ``apply`` still runs).
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch import HandleGroup, infer_layer
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
-from gradwatch_tf._intercept import drop_traced_functions, unwrap_optimizer, wrap_apply, xla_context
-from gradwatch_tf._step import DevicePolicy, GraphContext, build_step
+from gradwatch_tf._intercept import drop_traced_functions, unwrap_optimizer, wrap_apply
+from gradwatch_tf._ring import RingReader
+from gradwatch_tf._step import DevicePolicy, GraphContext, build_step, step_layout
 
 logger = logging.getLogger("gradwatch")
 
@@ -54,7 +56,7 @@ def _known_layers(model: Any) -> list[str]:
     return out
 
 
-class TFAttachment:
+class TFAttachment(RingReader):
     """gradwatch's live connection to a Keras model and its optimizer.
 
     ``mode="watch"`` (``gradwatch.watch``): in eager mode the host reads each step right
@@ -71,9 +73,14 @@ class TFAttachment:
         self._mode = mode
         self._capacity = int(capacity) if capacity else (1 if mode == "callback" else DEFAULT_WATCH_CAPACITY)
         self._handles = HandleGroup()
+        #: What ``_install`` put on Python objects, as functions that put it there again
+        #: and return its undo: :meth:`resume` re-applies them after :meth:`suspend`.
+        self._wrappers: list[Callable[[], Callable[[], None]]] = []
         self._installed = False
         self._ready = False
         self._closed = False
+        self._suspended = False
+        self._held_state: dict[str, Any] | None = None  # state_dict() while suspended
         self._opt_arg = optimizer
         self._errors_logged: set[str] = set()
         self._pending_state: Mapping[str, Any] | None = None
@@ -118,8 +125,13 @@ class TFAttachment:
             strategy = tf.distribute.get_strategy()
         self._strategy = strategy if (strategy is not None and strategy.num_replicas_in_sync > 1) else None
         self._opt = opt
-        self._original_apply, restore = wrap_apply(opt, getattr(model, "name", "?"), self._apply)
-        self._handles.add_callback(restore)
+        model_name = getattr(model, "name", "?")
+
+        def wrap_optimizer() -> Callable[[], None]:
+            self._original_apply, restore = wrap_apply(opt, model_name, self._apply)
+            return restore
+
+        self._hold(wrap_optimizer)
         self._installed = True
         # Recurrent layers: wrap their call now (before anything is traced); the probe
         # variables need the layer built and are created at the first call if need be.
@@ -129,7 +141,7 @@ class TFAttachment:
                 for site in _recurrent.find_sites(model):
                     probe = _recurrent.make_probe(site, self._make_var, lambda exc: self._fail("temporal probe", exc))
                     after = self._gate_hook(site) if _recurrent.forget_gate_feasible(site) else None
-                    self._handles.add_callback(_recurrent.wrap_call(site, probe, after))
+                    self._hold(functools.partial(_recurrent.wrap_call, site, probe, after))
                     self._sites.append(site)
             except Exception as exc:  # noqa: BLE001 - profiling is optional
                 self._fail("recurrent-layer profiling setup", exc)
@@ -137,6 +149,11 @@ class TFAttachment:
         # apply, when Keras has built it inside the first traced step.
         if list(model.trainable_variables):
             self._setup(list(model.trainable_variables))
+
+    def _hold(self, wrap: Callable[[], Callable[[], None]]) -> None:
+        """Apply ``wrap`` now, and again at each :meth:`resume`; its undo goes in the handles."""
+        self._handles.add_callback(wrap())
+        self._wrappers.append(wrap)
 
     def _setup(self, variables: list[Any]) -> None:
         """Bind the parameters, create the probe variables, the ring and the layout (once)."""
@@ -148,32 +165,30 @@ class TFAttachment:
         meta.setdefault("backend", "tf")
         meta.setdefault("tensorflow", tf.__version__)
         meta.setdefault("recurrent_layers", {site.name: _recurrent.kind_of(site) for site in self._sites})
+        meta.setdefault("recurrence_weights", {site.name: _recurrent.recurrence_weights(site) for site in self._sites})
         sites, blocks = self._setup_sites()
         policy = self._monitor.policy
         unitwise = policy if getattr(policy, "unitwise", False) else None
         device_policy = DevicePolicy(policy, self._make_var) if policy is not None and unitwise is None else None
         p = len(variables)
-        segments = [Segment("step", 1), Segment("skipped", 1), Segment("profiled", 1)]
-        if policy is not None:
-            segments.append(Segment("clip", 2))
-        segments += [Segment("sq_norms", p), Segment("nonfinite", p)]
-        if unitwise is not None:
-            segments.append(Segment("clipped_sq", p))
-        segments += [Segment("temporal", int(s.sq.shape[0]), key=s.name) for s in sites]  # type: ignore[union-attr]
-        segments += [Segment("spectral", 1, key=b.name, labels=(b.name,)) for b in blocks]
-        segments += [Segment("gates", 2, key=s.name, labels=("forget",)) for s in sites if s.gate_stats is not None]
-        layout = Layout(segments)
+        layout = step_layout(self._monitor.policy, p, sites, blocks)
         make = self._make_var
+        # The recurrent layers' forward hooks may have made the step counter and the
+        # active flag already (a model built inside its first traced step): one of each.
+        step_var, active = self.__dict__.get("_forward_counters") or (
+            make(self._monitor.next_step, tf.int64, "gradwatch_step"),
+            make(True, tf.bool, "gradwatch_active"),
+        )
         self._graph = GraphContext(
             layout=layout,
             n_params=p,
             index={id(v): i for i, v in enumerate(variables)},
             path_index={v.path: i for i, v in enumerate(variables)},
-            step_var=make(self._monitor.next_step, tf.int64, "gradwatch_step"),
+            step_var=step_var,
             halted=make(False, tf.bool, "gradwatch_halted"),
             # False after close: a tf.function the user traced with the wrapper inside
             # keeps running its ops, so they must then stand aside (scale 1, no skip).
-            active=make(True, tf.bool, "gradwatch_active"),
+            active=active,
             ring=make(np.zeros([self._capacity, layout.width]), tf.float64, "gradwatch_ring"),
             capacity=self._capacity,
             on_nonfinite=self._monitor.options.on_nonfinite,
@@ -183,6 +198,7 @@ class TFAttachment:
             sites=sites,
             blocks=blocks,
             fail=self._fail,
+            relayout=self._relayout if self.__dict__.get("_waiting_sites") else None,
         )
         self._step_slice = layout.slice("step")
         self._last_step = self._monitor.next_step - 1
@@ -193,18 +209,49 @@ class TFAttachment:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
 
+    def _relayout(self) -> None:
+        """Called once by the in-graph step while its first trace is built: layers whose
+        sequence length the model does not declare (``Input((None, F))``) but the traced
+        step has shown join the layout (a new, wider ring); the others are left out and
+        an INFO line says so."""
+        g = self._graph
+        g.relayout = None
+        waiting = self.__dict__.pop("_waiting_sites", None) or []
+        seen = [s for s in waiting if s.sq is not None or s.prop is not None]
+        for s in waiting:
+            s.frozen = True
+            if s not in seen:
+                logger.info(
+                    "gradwatch: layer %r has no static sequence length in the traced step; its per-timestep profile "
+                    "and propagation are skipped.",
+                    s.name,
+                )
+        if not seen:
+            return
+        with tf.init_scope():
+            recorded = int(g.step_var.numpy()) != self._monitor.next_step or self._last_step != self._monitor.next_step - 1
+            if recorded:  # rows of the old layout may wait in the ring: keep it
+                return
+            g.sites = g.sites + seen
+            self._sites = g.sites
+            g.layout = step_layout(self._monitor.policy, g.n_params, g.sites, g.blocks)
+            g.ring = self._make_var(np.zeros([self._capacity, g.layout.width]), tf.float64, "gradwatch_ring")
+            self._step_slice = g.layout.slice("step")
+
     def _setup_sites(self) -> tuple[list[Any], list[Any]]:
-        """Probe and gate variables of each recurrent layer, and its spectral blocks."""
+        """Probe, propagation and gate variables of each recurrent layer, and its spectral
+        blocks. A layer whose sequence length is not known yet waits for :meth:`_relayout`."""
         sites: list[Any] = []
+        waiting: list[Any] = []
         blocks: list[Any] = []
         for site in self._sites:
             try:
                 _recurrent.ensure_site_variables(site, self._make_var)
-                if site.sq is not None:
+                if site.sq is not None or site.prop is not None:
                     sites.append(site)
-                elif site.anchor is not None or site.layer.built:
-                    logger.info("gradwatch: layer %r has no static sequence length; its per-timestep profile is skipped.", site.name)
-                site.frozen = True
+                    site.frozen = True
+                else:
+                    waiting.append(site)
                 for block in _recurrent.spectral_blocks(site):
                     try:  # exact warm start when the kernel can be read now
                         w = np.asarray(block.kernel.numpy())[:, block.start : block.stop]
@@ -214,39 +261,44 @@ class TFAttachment:
                         start, cold = start / np.linalg.norm(start), True
                     block.vector = self._make_var(start, tf.float32, "gradwatch_power")
                     block.cold = self._make_var(cold, tf.bool, "gradwatch_power_cold")
+                    block.second = self._make_var(_tensors.runner_up_start(start), tf.float32, "gradwatch_power_second")
                     blocks.append(block)
             except Exception as exc:  # noqa: BLE001 - profiling is optional
                 self._fail("recurrent-layer profiling setup", exc)
                 site.frozen = True
         self._sites = sites
+        self.__dict__["_waiting_sites"] = waiting
         return sites, blocks
 
     def _gate_hook(self, site: _recurrent.RecurrentSite) -> Any:
-        """Forward-pass hook: on profiled steps, recompute the LSTM's forget gates."""
-        from gradwatch import profile_due
-        from gradwatch_tf._ops import TF
+        """Forward-pass hook of a recurrent layer: on profiled steps, its propagation and
+        gate statistics, replayed from what the call saw (:mod:`gradwatch_tf._propagation`)."""
+        import zlib
 
-        def after(inputs: Any, outputs: Any, mask: Any) -> None:
-            if "forget-gate statistics" in self._errors_logged or not self._ready:
-                return
-            try:
-                if not (hasattr(outputs, "shape") and outputs.shape.rank == 3 and hasattr(inputs, "shape")):
-                    return
-                var = site.gate_stats
-                if var is None:
-                    return
-                due = profile_due(self._graph.step_var.read_value(), max(self._monitor.options.profile_every, 1), TF)
-                cell = site.layer.cell
+        from gradwatch_tf._propagation import ReplayHook
 
-                def compute() -> tf.Tensor:
-                    var.assign(_recurrent.forget_gate_stats(cell, inputs, outputs, mask))  # type: ignore[union-attr]
-                    return tf.constant(True)
+        def counters() -> tuple[tf.Variable, tf.Variable]:
+            if self._ready:
+                return self._graph.step_var, self._graph.active
+            made = self.__dict__.get("_forward_counters")
+            if made is None:  # the first traced forward pass of a model set up later
+                with tf.init_scope():
+                    made = (
+                        self._make_var(self._monitor.next_step, tf.int64, "gradwatch_step"),
+                        self._make_var(True, tf.bool, "gradwatch_active"),
+                    )
+                self.__dict__["_forward_counters"] = made
+            return made
 
-                tf.cond(due, compute, lambda: tf.constant(False))
-            except Exception as exc:  # noqa: BLE001 - gate statistics are optional
-                self._fail("forget-gate statistics", exc)
-
-        return after
+        return ReplayHook(
+            site,
+            make_var=self._make_var,
+            counters=counters,
+            profile_every=self._monitor.options.profile_every,
+            salt=zlib.crc32(str(site.layer.name).encode()) & 0xFFFF,
+            fail=lambda exc: self._fail("propagation replay", exc),
+            disabled=lambda: self._closed or "propagation replay" in self._errors_logged,
+        )
 
     # ------------------------------------------------------------ in-graph step
     def _apply(self, grads: Any, trainable_variables: Any, original: Any) -> Any:
@@ -271,86 +323,6 @@ class TFAttachment:
             return original(grads, trainable_variables)
         return None
 
-    def _after_row(self) -> Any:
-        """How a step's row reaches the host in ``mode="watch"`` (None: the ring is read later)."""
-        if self._mode != "watch":
-            return None
-        if tf.executing_eagerly():
-            return lambda row: self.sync()
-        replica = tf.distribute.get_replica_context()
-        if (replica is None or replica.num_replicas_in_sync == 1) and not xla_context():
-            return lambda row: tf.py_function(self._host_row, [row], [])
-        return None
-
-    # ------------------------------------------------------------------ host side
-    def _host_row(self, row: Any) -> None:
-        """Host callback of a ``tf.function`` custom loop: one row, one record."""
-        if not self._closed:
-            self._process_rows(np.asarray(row.numpy(), dtype=np.float64).reshape(1, -1))
-
-    def sync(self) -> None:
-        """Read the ring once and turn every step not seen yet into a record (in order)."""
-        self.sync_records()
-
-    def sync_records(self) -> list[StepRecord]:
-        """:meth:`sync`, returning the new records (oldest first)."""
-        if not self._installed and not self._closed:
-            model = self._model_ref()
-            if model is not None and getattr(model, "optimizer", None) is not None:
-                self._install()
-        if not self._ready:
-            return []
-        try:
-            ring = np.asarray(self._graph.ring.numpy(), dtype=np.float64)
-        except Exception as exc:  # noqa: BLE001 - reading is optional, training goes on
-            self._fail("reading gradient statistics", exc)
-            return []
-        return self._process_rows(ring)
-
-    def _process_rows(self, rows: np.ndarray) -> list[StepRecord]:
-        steps = rows[:, self._step_slice].reshape(-1)
-        new = np.flatnonzero(steps > self._last_step)
-        if new.size == 0:
-            return []
-        new = new[np.argsort(steps[new])]
-        first = int(steps[new[0]])
-        if first != self._last_step + 1 and "lost" not in self._errors_logged:
-            self._errors_logged.add("lost")
-            logger.warning(
-                "gradwatch: %d steps were not read before the ring buffer (%d steps) wrapped; they have no record.",
-                first - self._last_step - 1,
-                self._capacity,
-            )
-        out = []
-        for i in new:
-            self._last_step = int(steps[i])
-            record = self._process_row(rows[i])
-            if record is not None:
-                out.append(record)
-        return out
-
-    def _process_row(self, row: np.ndarray) -> StepRecord | None:
-        layout = self._graph.layout
-        stats = layout.unpack(row, getattr(self._monitor.policy, "name", None))
-        if "temporal probe" in self._errors_logged:
-            stats = _without(stats, "temporal")
-        if "forget-gate statistics" in self._errors_logged:
-            stats = _without(stats, "gates")
-        if not self._graph.profile_ok:
-            stats = _without(stats, "spectral")
-        try:
-            record = self._monitor.process(stats)
-        except NonFiniteGradientError:
-            # The halted flag kept every later update of this execution from happening;
-            # release it so that a caller who catches the error can go on.
-            self._graph.halted.assign(False)
-            raise
-        except Exception as exc:  # noqa: BLE001 - recording is optional, training goes on
-            self._fail("recording a step", exc)
-            return None
-        self.last_record = record
-        return record
-
     # ------------------------------------------------------------------ protocol
     def step(self) -> StepRecord | None:
         """Keras has no manual measuring point: bring pending steps over, return the last."""
@@ -367,44 +339,97 @@ class TFAttachment:
             except NonFiniteGradientError:
                 pass
         self._closed = True
-        if self._ready:
-            try:
-                self._graph.active.assign(False)
-                self._graph.halted.assign(False)
-            except Exception as exc:  # noqa: BLE001 - deactivating is best effort
-                self._fail("deactivating", exc)
-            if self._graph.policy is not None:
-                self._monitor.decide_on_device(None)  # the policy state goes back to the host
+        if not self._suspended:
+            self._stand_aside()
         self._handles.remove()
         model = self._model_ref()
-        if model is not None:
+        if model is not None and self._mode == "watch":
+            # A ``fit`` run while this watch was on traced gradwatch's wrapper into Keras'
+            # cached functions. (The callback keeps its own traces apart: FitFunctions.)
             drop_traced_functions(model)
+
+    def _stand_aside(self) -> None:
+        """Make the ops already traced into a step stand aside (scale 1, no skip) and give
+        the policy state back to the host."""
+        if not self._ready:
+            return
+        try:
+            self._graph.active.assign(False)
+            self._graph.halted.assign(False)
+        except Exception as exc:  # noqa: BLE001 - deactivating is best effort
+            self._fail("deactivating", exc)
+        if self._graph.policy is not None:
+            self._monitor.decide_on_device(None)  # the policy state goes back to the host
+
+    def suspend(self) -> None:
+        """Leave the model and optimizer as they were but keep the graph state (variables,
+        ring, the steps already traced with gradwatch's ops), so :meth:`resume` needs no
+        retrace. Between the two, an already traced step's gradwatch ops stand aside
+        (``active`` is False: no clipping, no skipping) and the policy state is the host's.
+        The caller syncs first (pending rows stay in the ring otherwise)."""
+        if self._closed or self._suspended:
+            return
+        self._stand_aside()
+        self._handles.remove()
+        self._suspended = False
+        self._held_state = self.state_dict()  # nothing changes it until resume: read once
+        self._suspended = True
+
+    def resume(self) -> None:
+        """Undo :meth:`suspend`: wrap the optimizer and the layers again (a retrace, e.g.
+        for a new input shape, then includes gradwatch), activate the traced ops, and hand
+        the policy state to the device again."""
+        if self._closed:
+            raise GradwatchError("This gradwatch attachment is closed; create a new one.")
+        if not self._suspended:
+            return
+        try:
+            for wrap in self._wrappers:
+                self._handles.add_callback(wrap())
+        except BaseException:
+            self._handles.remove()
+            raise
+        self._suspended = False
+        self._held_state = None
+        if self._ready:
+            self._graph.active.assign(True)
+            if self._graph.policy is not None:
+                self._monitor.decide_on_device(self._graph.policy)
+
+    @property
+    def model(self) -> Any:
+        """The watched model (None once it no longer exists)."""
+        return self._model_ref()
 
     def state_dict(self) -> dict[str, Any]:
         """Power-iteration vectors (the policy's state is the monitor's to save)."""
         if not self._ready:
             return dict(self._pending_state or {})
-        return {"power": {b.name: [float(x) for x in b.vector.numpy()] for b in self._graph.blocks}}
+        if self._suspended and self._held_state is not None:
+            return dict(self._held_state)
+        blocks = self._graph.blocks
+        out: dict[str, Any] = {"power": {b.name: [float(x) for x in b.vector.numpy()] for b in blocks}}
+        cold = [b.name for b in blocks if b.cold is not None and bool(b.cold.numpy())]
+        if cold:  # vectors not yet iterated: the next profiled step must iterate longer
+            out["cold"] = cold
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not self._ready:
             self._pending_state = dict(state)
             return
+        if self._suspended and state == self._held_state and self._last_step == self._monitor.next_step - 1:
+            return  # re-attached to the same watch, nothing loaded in between: already so
         for b in self._graph.blocks:
             vec = (state.get("power") or {}).get(b.name)
             if vec is not None and len(vec) == int(b.vector.shape[0]):
                 b.vector.assign(np.asarray(vec, np.float32))
-                b.cold.assign(False)
+                b.cold.assign(b.name in (state.get("cold") or ()))
         # Re-align gradwatch's in-graph step counter with the (restored) monitor.
         self._graph.step_var.assign(self._monitor.next_step)
         self._graph.ring.assign(np.zeros([self._capacity, self._graph.layout.width]))
         self._last_step = self._monitor.next_step - 1
-
-
-def _without(stats: Any, field_name: str) -> Any:
-    import dataclasses
-
-    return dataclasses.replace(stats, **{field_name: {}})
+        self._held_state = None
 
 
 def attach(model: Any, optimizer: Any | None, monitor: Any) -> TFAttachment:

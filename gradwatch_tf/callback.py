@@ -1,31 +1,48 @@
 """``GradWatchCallback``: gradwatch for ``model.fit``, a thin adapter over ``gradwatch.Watch``.
 
 Keras' ``fit`` owns the training loop, so there is no place for a hook around
-``optimizer.apply`` other than the optimizer itself: at train begin the callback makes a
-:class:`~gradwatch_tf.attach.TFAttachment` (which wraps ``apply`` on the optimizer
-instance) and hands it to its :class:`~gradwatch.Watch`; at train end the watch detaches
-it again, so the optimizer and the model are exactly as they were. The gradients are
-measured and clipped inside the traced step; the callback only reads the per-step ring
-buffer once per batch end. Records, events and state live in the watch across fits.
+``optimizer.apply`` other than the optimizer itself: at train begin the callback gives
+its :class:`~gradwatch.Watch` a :class:`~gradwatch_tf.attach.TFAttachment` (which wraps
+``apply`` on the optimizer instance); the gradients are measured and clipped inside the
+traced step, and the callback reads the per-step ring buffer once per batch end.
+
+Why a second ``fit`` costs no retrace: at train end the attachment is *suspended*, not
+closed. The optimizer and the layers get their own methods back, the model gets back the
+step functions it had before the fit (so an unwatched ``fit``, ``evaluate`` or
+``predict`` runs none of gradwatch's ops), and the callback keeps the functions traced
+during the fit together with gradwatch's variables. The next ``fit`` of the same model,
+optimizer and compilation swaps them in again; any change (another model or optimizer,
+``compile`` again, ``steps_per_execution``, ``jit_compile``, the trainable variables)
+starts afresh, with a retrace, as Keras itself would.
+
+The run file is complete at the end of every ``fit``: the last partial window reaches the
+sinks at train end, and also when ``fit`` stops with an exception (raised in the train
+step, Ctrl-C included, or ``on_nonfinite="raise"``). Records, events and state live in the
+watch across fits; ``close()`` is needed only to close the sinks for good.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import NonFiniteGradientError
 from gradwatch.events import GradEvent
 from gradwatch.records import StepRecord
+from gradwatch_tf._intercept import FitFunctions, FitSignature
 from gradwatch_tf.attach import TFAttachment
 
 logger = logging.getLogger("gradwatch")
 
 __all__ = ["GradWatchCallback"]
+
+#: Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit.
+_END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
 
 
 class GradWatchCallback(keras.callbacks.Callback):
@@ -36,12 +53,22 @@ class GradWatchCallback(keras.callbacks.Callback):
     policy) is set at each batch end, so it shows in the progress bar and in
     ``History``; at epoch end the last step's values are reported. ``records``,
     ``events``, ``state_dict()``, ``load_state_dict()`` and ``close()`` are the watch's.
+
+    Pass the same callback to every ``fit`` of a run: steps count on, and later fits of
+    the same compiled model reuse the first one's trace. At the end of each ``fit`` the
+    optimizer and the model are as they were and every sink has every step; ``close()``
+    (optional) closes the sinks, e.g. to finish the run file with its summary line.
     """
 
     def __init__(self, **options: Any) -> None:
         super().__init__()
         self.watch = Watch(Monitor(**options))
         self._last: StepRecord | None = None
+        #: Suspended between two fits (owned by the watch during a fit).
+        self._kept: TFAttachment | None = None
+        self._signature: FitSignature | None = None
+        self._functions: FitFunctions | None = None
+        self._in_fit = False
 
     @property
     def monitor(self) -> Monitor:
@@ -49,14 +76,34 @@ class GradWatchCallback(keras.callbacks.Callback):
 
     # ------------------------------------------------------------------ fit hooks
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
+        if self._in_fit:  # the previous fit stopped where no hook of ours could see it
+            self._end_fit()
         model = self.model
-        capacity = int(getattr(model, "steps_per_execution", 1) or 1)
-        # A train function cached by an earlier fit was traced without the wrapper.
+        signature = FitSignature(model)
+        att = self._kept
+        if att is not None and (signature != self._signature or att.model is not model):
+            self._forget()
+            att = None
+        self._kept, self._signature = None, signature
+        if att is None:
+            capacity = int(getattr(model, "steps_per_execution", 1) or 1)
+            att = TFAttachment(model, None, self.monitor, mode="callback", capacity=capacity)
+            self._functions = FitFunctions(model)
+            self.watch.attach(att)
+        else:
+            self.watch.attach(att)  # hands it the watch's backend state (a no-op if unchanged)
+            try:
+                att.resume()
+            except BaseException:  # e.g. the optimizer is now held by another watch
+                self.watch.release()
+                self._kept = att  # still suspended: kept for a later fit, closed by close()
+                raise
+        self._in_fit = True
+        assert self._functions is not None
         try:
-            model.make_train_function(force=True)
-        except Exception as exc:  # noqa: BLE001 - Keras retraces lazily anyway
-            logger.error("gradwatch: could not reset Keras' train function: %r", exc)
-        self.watch.attach(TFAttachment(model, None, self.monitor, mode="callback", capacity=capacity))
+            self._functions.enter(self._guard)
+        except Exception as exc:  # noqa: BLE001 - Keras makes the function lazily anyway
+            logger.error("gradwatch: could not prepare Keras' train function: %r", exc)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
@@ -65,7 +112,7 @@ class GradWatchCallback(keras.callbacks.Callback):
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
-            self.watch.detach()
+            self._end_fit()
             raise
         if records:
             self._last = records[-1]
@@ -75,7 +122,60 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._fill_logs(logs)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
-        self.watch.detach()
+        self._end_fit()
+
+    def _guard(self, train_function: Callable[..., Any]) -> Callable[..., Any]:
+        """``train_function`` that ends the fit properly (sinks flushed, optimizer
+        restored) when an exception leaves it: Keras calls no ``on_train_end`` then."""
+
+        def guarded(iterator: Any) -> Any:
+            try:
+                return train_function(iterator)
+            except _END_OF_DATA:
+                raise
+            except BaseException:
+                self._end_fit()
+                raise
+
+        guarded.__gradwatch_guarded__ = train_function  # type: ignore[attr-defined]
+        return guarded
+
+    def _end_fit(self) -> None:
+        """Read what is pending, flush the partial window to the sinks, give the model
+        and optimizer back, keep the graph state for the next fit. Idempotent."""
+        if not self._in_fit:
+            return
+        self._in_fit = False
+        att = self.watch.attachment
+        try:
+            if isinstance(att, TFAttachment):
+                try:
+                    att.sync()
+                except NonFiniteGradientError:
+                    pass  # already raised once (its event is emitted); the fit is over
+        finally:
+            try:
+                if self._functions is not None:
+                    self._functions.leave()
+            finally:
+                if isinstance(att, TFAttachment):
+                    att.suspend()
+                released = self.watch.release()  # the watch keeps the backend state
+                if isinstance(released, TFAttachment):
+                    self._kept = released
+                elif released is not None:
+                    released.close()
+                self.monitor.flush()
+
+    def _forget(self) -> None:
+        """Drop the kept attachment and traces (another model, optimizer or compilation)."""
+        kept, self._kept = self._kept, None
+        if kept is not None:
+            kept.close()
+        if self._functions is not None:
+            self._functions.forget()
+        self._functions = None
+        self._signature = None
 
     def _fill_logs(self, logs: dict[str, Any] | None) -> None:
         if logs is None or self._last is None:
@@ -103,5 +203,12 @@ class GradWatchCallback(keras.callbacks.Callback):
         self.watch.load_state_dict(state)
 
     def close(self) -> None:
-        """Restore now (normally done at train end) and close the monitor's sinks."""
-        self.watch.close()
+        """Remove everything of gradwatch now (also in the middle of a ``fit``) and close
+        the monitor's sinks (the run file gets its summary line). Idempotent."""
+        try:
+            self._end_fit()
+        finally:
+            try:
+                self.watch.close()
+            finally:
+                self._forget()

@@ -170,3 +170,15 @@ def test_rate_limit_is_per_layer():
     vanish = {"l0": 0.5 ** np.arange(50)}
     feed(m, norms=np.array([1.0]), propagation={"a": vanish, "b": vanish})
     assert sorted(e.layer for e in m.events) == ["a", "b"]
+
+
+def test_an_alert_quotes_the_singular_value_of_its_own_recurrence():
+    m = monitor()
+    m.bind(["bi/fwd/cell/recurrent_kernel"])
+    m.meta["recurrent_layers"] = {"bi": "lstm"}
+    m.meta["recurrence_weights"] = {"bi": {"l0": ["bi/fwd/cell/recurrent_kernel"], "l0_reverse": ["bi/bwd/cell/recurrent_kernel"]}}
+    spectral = {"bi/fwd/cell/recurrent_kernel[f]": 0.7, "bi/bwd/cell/recurrent_kernel[f]": 3.5}
+    prop = {"bi": {"l0": 0.5 ** np.arange(40), "l0_reverse": 0.99 ** np.arange(40)}}  # the forward one vanishes
+    feed(m, norms=np.array([1.0]), propagation=prop, spectral=spectral)
+    (e,) = m.events
+    assert "'l0'" in e.message and "0.7 (bi/fwd/cell/recurrent_kernel[f])" in e.message and "3.5" not in e.message

@@ -116,10 +116,29 @@ def test_a_policy_that_cannot_run_on_tf_ops_is_refused_loudly():
         _device(NumpyOnly())
 
 
-def test_power_iteration_converges_to_the_largest_singular_value():
+def _unit(x):
+    return (x / np.linalg.norm(x)).astype(np.float32)
+
+
+def test_power_iteration_reaches_the_exact_largest_singular_value_from_a_cold_start():
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((16, 16)).astype(np.float32)
-    v = tf.Variable(np.ones(16, np.float32) / 4.0)
-    for _ in range(30):
-        sigma = _tensors.power_iteration(tf.constant(w), v, 2)
-    assert float(sigma.numpy()) == pytest.approx(np.linalg.norm(w, 2), rel=1e-4)
+    w = rng.standard_normal((24, 24)).astype(np.float32)
+    v = tf.Variable(_unit(rng.standard_normal(24)))
+    sigma = float(_tensors.power_iteration(tf.constant(w), v).numpy())
+    assert sigma == pytest.approx(np.linalg.norm(w.astype(np.float64), 2), rel=1e-4)
+
+
+def test_power_iteration_recovers_when_the_top_two_singular_values_swapped():
+    # The warm vectors are mostly the runner-up and the third right singular vectors, as
+    # after the top two singular values crossed between two profiles.
+    rng = np.random.default_rng(1)
+    u, _, vt = np.linalg.svd(rng.standard_normal((32, 32)))
+    s = np.linspace(1.0, 0.2, 32)
+    s[:2] = [1.5, 1.45]
+    w = (u * s) @ vt
+    v = tf.Variable(_unit(vt[1] + 0.01 * vt[0]))
+    second = tf.Variable(_unit(vt[2]))
+    sigma = float(_tensors.power_iteration(tf.constant(w.astype(np.float32)), v, second).numpy())
+    assert sigma == pytest.approx(np.linalg.norm(w.astype(np.float32).astype(np.float64), 2), rel=1e-4)
+    # The vector kept for the next profile is the top right singular vector.
+    assert abs(float(np.dot(v.numpy(), vt[0]))) == pytest.approx(1.0, abs=1e-3)

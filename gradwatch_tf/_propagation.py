@@ -1,0 +1,193 @@
+"""The forward-pass hook of a recurrent layer: on profiled steps, measure propagation.
+
+:func:`gradwatch_tf._recurrent.wrap_call` shows the hook every call of the layer. When the
+call belongs to a training step (a gradient tape is recording, or ``training=True``),
+the hook adds, after the layer's own ops, one ``tf.cond`` on the profiling rule
+(:func:`gradwatch.profile_due` on gradwatch's step counter, and only while the watch is
+active; a layer whose replay would cost more than 5% of the profiled steps' time replays
+on every n-th profiled step only, :func:`replay_period`): then it replays each direction
+of the layer
+(:func:`gradwatch_tf._replay.measure`) and writes the log gains, the gate statistics and
+the step they belong to into the site's variables; on every other step it does nothing.
+The in-graph step (:mod:`gradwatch_tf._step`) reads them; a replay that did not happen
+for this very step (the layer was not called in it) reads as missing, never as stale.
+
+Why in the forward pass: everything the replay needs (the input, mask, initial state and
+dropout masks of this call) exists there, in the same traced function, with no tensor
+kept across graphs; and the step counter exists from the first trace on, even for a model
+Keras builds inside its first step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+
+from gradwatch import profile_due
+from gradwatch_tf import _recurrent, _replay
+from gradwatch_tf._ops import TF
+
+__all__ = ["REPLAY_BUDGET", "SMALL_REPLAY_FLOPS", "ReplayHook", "replay_period"]
+
+#: Replays may cost at most this share of the profiled steps' time ...
+REPLAY_BUDGET = 0.05
+#: ... unless one is this cheap (floating-point operations, about a millisecond or two):
+#: small layers replay on every profiled step.
+SMALL_REPLAY_FLOPS = 5e7
+
+
+def replay_period(site: _recurrent.RecurrentSite, x: Any) -> tf.Tensor:
+    """Replay on every n-th profiled step (int64 n >= 1; the first profiled step always).
+
+    n = ceil(replay cost / (REPLAY_BUDGET x the layer's own training cost)), both counted
+    in the multiply-adds of the matmuls with the layer's kernels, from shapes only (the
+    batch size may only be known at run time): training, forward and backward over the
+    batch, about 3 B T (F + u) G u per direction; the replay, the probed sequences' input
+    projection and forward pass with the tangent, and the probe rows backward. Counting
+    only this layer's training (not the rest of the model) errs on the cheap side.
+    Measured on LSTM(256), 100 steps, batch 32: a replay is about 0.3 of a training
+    step, so n = 7, and gradwatch's defaults spend about 0.5% of training on it.
+    """
+    seq, feat = int(x.shape[1]), int(x.shape[2])
+    batch = tf.cast(tf.shape(x)[0], tf.float64)
+    b = tf.minimum(batch, float(_replay.MAX_SEQUENCES))
+    train = tf.constant(0.0, tf.float64)
+    replay = tf.constant(0.0, tf.float64)
+    for _, layer in site.directions:
+        model = _replay.CELLS[type(layer.cell).__name__]
+        u, g = int(layer.cell.units), model.gates
+        dim = u * model.parts
+        exact = dim <= _replay.EXACT_DIM
+        rows = b * dim if exact else b * (1 + _replay.random_rows(x.shape[0]))
+        train += 3.0 * batch * seq * (feat + u) * g * u
+        replay += b * seq * feat * g * u + (1.0 if exact else 2.0) * b * seq * u * g * u + rows * seq * g * u * u
+    n = tf.math.ceil(replay / (REPLAY_BUDGET * tf.maximum(train, 1.0)))
+    n = tf.where(2.0 * replay < SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
+    return tf.cast(n, tf.int64)
+
+
+def _recording() -> bool:
+    """A gradient tape is recording this forward pass (a training step follows)."""
+    try:
+        from tensorflow.python.eager import record
+
+        return bool(record.could_possibly_record())
+    except Exception:  # noqa: BLE001 - private API moved: rely on ``training`` alone
+        return False
+
+
+@dataclass
+class _Call:
+    args: _recurrent.CallArgs
+    training: bool
+    states: list[list[Any] | None]  # initial states per direction (None: zeros)
+
+
+class ReplayHook:
+    """See the module docstring. ``counters()`` gives (step counter, active flag) as
+    ``tf.Variable``\\ s; ``fail(exc)`` reports an error once and disables the hook."""
+
+    def __init__(
+        self,
+        site: _recurrent.RecurrentSite,
+        *,
+        make_var: Callable[..., tf.Variable],
+        counters: Callable[[], tuple[tf.Variable, tf.Variable]],
+        profile_every: int,
+        salt: int,
+        fail: Callable[[BaseException], None],
+        disabled: Callable[[], bool],
+    ) -> None:
+        self.site = site
+        self._make = make_var
+        self._counters = counters
+        self._every = max(int(profile_every), 1)
+        self._salt = int(salt)
+        self._fail = fail
+        self._disabled = disabled
+
+    def before(self, args: _recurrent.CallArgs) -> _Call | None:
+        """Decide whether this call is measured; capture what changes during the call."""
+        site = self.site
+        for slot in site.dropout.values():
+            slot.clear()
+        if self._disabled():
+            return None
+        try:
+            x = args.inputs
+            if not (hasattr(x, "shape") and x.shape.rank == 3):
+                return None
+            _recurrent.ensure_site_variables(site, self._make, x)
+            if site.prop is None or x.shape[1] != int(site.prop.shape[1]):
+                return None
+            if site.anchor is None or not isinstance(_recurrent.variable_of(site.anchor), tf.Variable):
+                return None  # Keras building the layer symbolically: the real pass comes later
+            training = args.training if isinstance(args.training, bool) else bool(args.training is not None)
+            if not (training or _recording()):
+                return None  # evaluation or prediction: no optimizer step follows
+            return _Call(args, training, self._initial_states(args.initial_state))
+        except Exception as exc:  # noqa: BLE001 - measuring is optional
+            self._fail(exc)
+            return None
+
+    def _initial_states(self, given: Any) -> list[list[Any] | None]:
+        """Per direction: the states the layer starts from, read now (a stateful layer
+        overwrites its own during the call)."""
+        directions = self.site.directions
+        if given is not None:
+            flat = list(given) if isinstance(given, (list, tuple)) else [given]
+            per = len(flat) // len(directions)
+            return [flat[i * per : (i + 1) * per] or None for i in range(len(directions))]
+        out: list[list[Any] | None] = []
+        for _, layer in directions:
+            states = getattr(layer, "states", None) if getattr(layer, "stateful", False) else None
+            if states is None:
+                out.append(None)
+                continue
+            flat = list(states) if isinstance(states, (list, tuple)) else [states]
+            out.append([tf.identity(tf.convert_to_tensor(getattr(v, "value", v))) for v in flat])
+        return out
+
+    def after(self, call: _Call) -> None:
+        """Add the profiled-step replay (inside ``tf.cond``) after the layer's ops."""
+        try:
+            step_var, active = self._counters()
+            step = step_var.read_value()
+            # The k-th profiled step (from 0) replays when k is a multiple of the period.
+            k = step - 1 if self._every == 1 else step // self._every
+            period = replay_period(self.site, call.args.inputs)
+            due = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
+            due = tf.logical_and(due, tf.equal(tf.math.floormod(k, period), 0))
+            tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))
+        except Exception as exc:  # noqa: BLE001 - measuring is optional
+            self._fail(exc)
+
+    def _measure(self, call: _Call, step: tf.Tensor) -> tf.Tensor:
+        site = self.site
+        logs, gates = [], []
+        for i, (_, layer) in enumerate(site.directions):
+            masks = site.dropout.get(id(layer.cell), {})
+            traj = _replay.Trajectory(
+                call.args.inputs,
+                call.args.mask,
+                call.states[i],
+                backwards=bool(getattr(layer, "go_backwards", False)),
+                input_mask=masks.get("input"),
+                recurrent_mask=masks.get("recurrent"),
+            )
+            seed = tf.stack([tf.cast(step, tf.int64), tf.constant(self._salt * 16 + i, tf.int64)])
+            log_gains, gate = _replay.measure(layer.cell, traj, training=call.training, seed=seed)
+            logs.append(log_gains)
+            gates.append(gate)
+        assert site.prop is not None and site.prop_step is not None
+        writes = [site.prop.assign(tf.stack(logs)), site.prop_step.assign(tf.cast(step, tf.int64))]
+        if site.gate_stats is not None and all(g is not None for g in gates):
+            # Several directions: the one whose memory path closes most (lowest log path
+            # gain), the one a vanishing alert is about (gradwatch.GateStats).
+            per = tf.stack(gates)  # [R, 2]
+            writes.append(site.gate_stats.assign(tf.gather(per, tf.argmin(per[:, 1]))))
+        with tf.control_dependencies(writes):
+            return tf.constant(True)
