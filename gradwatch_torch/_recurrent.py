@@ -1,245 +1,333 @@
-"""Through-time probes for recurrent layers: per-timestep input gradients, spectral norms
-of the recurrent weights, LSTM forget-gate statistics.
+"""Through-time probes for recurrent layers: per-timestep input gradients (sensitivity),
+propagation through the recurrence and gate statistics (a replay of the probed
+sequences), spectral norms of the recurrent weights.
 
 Each probe is a pair of module hooks plus, on profiled steps only, one tensor hook on the
 layer's input. Everything a probe measures stays on the device until the step's single
-host copy (:class:`gradwatch_torch.attach.TorchAttachment` gathers it). A probe that hits
-a bug logs once at ERROR on the ``gradwatch`` logger and switches itself off: profiling
-must never break training.
+host copy (:class:`gradwatch_torch.attach.TorchAttachment` gathers it). Each measurement
+fails on its own: a bug in one logs once at ERROR on the ``gradwatch`` logger, naming the
+layer and the measurement, and switches that measurement off; the others go on, and
+training is never affected.
+
+The replay (:mod:`gradwatch_torch._trajectory`, :mod:`gradwatch_torch._replay`) runs on
+the first call of the layer in a profiled step, within a cost share: one replay of a
+large stacked layer can cost most of a training step, so it runs on every n-th profiled
+step only, n the smallest that keeps it under ``REPLAY_SHARE`` of the profiled steps'
+time (n = 1 for small layers; see :func:`~gradwatch_torch._probing.replay_every`). The choice depends only on
+shapes and step numbers, so a repeated or resumed run measures on the same steps.
+
+Copies of a watched model (``copy.deepcopy``, ``pickle``, ``torch.save(model)``,
+``AveragedModel``) leave these hooks out (see :class:`gradwatch_torch._probing.CleanCopies`).
 """
 
 from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradwatch_torch._gates import lstm_forget_stats, packed_lstm_forget_stats
-from gradwatch_torch._tensors import SpectralTracker, _profile_dtype, packed_timestep_sq_norms, timestep_sq_norms
+from gradwatch_torch._gates import module_gates
+from gradwatch_torch._probing import (
+    REPLAY_FREE,
+    REPLAY_SHARE,
+    CleanCopies,
+    Hook,
+    ProbeContext,
+    dense_parameter_count,
+    one_thread,
+    outside_backward,
+    probe_input,
+    replay_every,
+    split_call,
+    tolerance,
+    with_input,
+)
+from gradwatch_torch._replay import Replayed, replay, seed_for
+from gradwatch_torch._tensors import SpectralTracker, packed_timestep_sq_norms, timestep_sq_norms
+from gradwatch_torch._trajectory import PROBED, kind_of, replay_flops, sequence_trajectories
+
+__all__ = [
+    "GATES",
+    "REPLAY_FREE",
+    "REPLAY_SHARE",
+    "Probe",
+    "ProbeContext",
+    "SequenceProbe",
+    "dense_parameter_count",
+    "find_probes",
+    "install",
+    "one_thread",
+    "replay_every",
+    "tolerance",
+]
 
 logger = logging.getLogger("gradwatch")
 
 #: Gate blocks of ``weight_hh`` in PyTorch's storage order.
-GATES: dict[str, tuple[str, ...]] = {
-    "LSTM": ("i", "f", "g", "o"),
-    "GRU": ("r", "z", "n"),
-    "RNN": ("",),
-}
+GATES: dict[str, tuple[str, ...]] = {"lstm": ("i", "f", "g", "o"), "gru": ("r", "z", "n"), "rnn_tanh": ("",), "rnn_relu": ("",)}
 
-#: Sequences of the batch the gate statistics are recomputed on. Recomputing one gate
-#: costs about a quarter of the layer's forward matmuls per sequence; 4 sequences keep it
-#: near 1% of a step at batch 32 while the mean over time and units stays well estimated.
-GATE_SAMPLE = 4
-
-#: Cell calls remembered within one step; a cell driven for longer than this without an
-#: optimizer step (an evaluation loop with grad enabled, say) stops adding timesteps, so
-#: memory stays bounded.
+#: Cell calls remembered within one step for the input-gradient profile; a cell driven
+#: for longer without an optimizer step (an evaluation loop with grad enabled, say) stops
+#: adding timesteps, so memory stays bounded.
 MAX_CELL_STEPS = 100_000
+#: Cell calls recorded for the replay within one step (their probed rows are copied).
+MAX_CELL_REPLAY = 4096
 
-
-def _family(module: nn.Module) -> str | None:
-    if isinstance(module, (nn.LSTM, nn.LSTMCell)):
-        return "LSTM"
-    if isinstance(module, (nn.GRU, nn.GRUCell)):
-        return "GRU"
-    if isinstance(module, (nn.RNN, nn.RNNCell)):
-        return "RNN"
-    return None
-
-
-def _outside_backward() -> bool:
-    getter = getattr(torch._C, "_current_graph_task_id", None)
-    return getter is None or getter() == -1
-
-
-def _probe_input(x: Tensor, on_grad: Callable[[Tensor], None]) -> Tensor:
-    """Return a tensor equal to ``x`` whose gradient is reported to ``on_grad``.
-
-    A raw input (no grad) is replaced by ``x.detach().requires_grad_()``: nothing upstream
-    needs its gradient, and the user's tensor keeps ``.grad`` None. An input that already
-    requires grad (an embedding's output) goes through ``view_as`` so the hook sees the
-    gradient coming from this layer only, not from other consumers of the same tensor;
-    a view's backward is the identity, so upstream gradients stay bitwise unchanged.
-    """
-    probe = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
-    probe.register_hook(on_grad)
-    return probe
+_MEASURES = {
+    "profile": "input-gradient profile",
+    "replay": "propagation replay (propagation and gate statistics)",
+    "spectral": "spectral norms",
+}
 
 
 class Probe:
-    """Common part of the recurrent probes: the on/off switch and the error policy."""
+    """Common part of the recurrent probes: switches, schedule, error policy, results."""
 
-    kind = "probe"
-
-    def __init__(self, name: str, module: nn.Module, due: Callable[[], bool]) -> None:
+    def __init__(self, name: str, module: nn.Module, ctx: ProbeContext) -> None:
         self.name = name
-        self.family = _family(module) or "RNN"
         #: What the core's remedies need to know: "lstm", "gru", "rnn_tanh" or "rnn_relu".
-        self.kind = self.family.lower() if self.family != "RNN" else f"rnn_{getattr(module, 'nonlinearity', 'tanh')}"
+        self.kind = kind_of(module)
+        self.gates = GATES[self.kind]
+        self.gate_name = "forget" if self.kind == "lstm" else "update"
         self._module = weakref.ref(module)
-        self._due = due
-        self.enabled = True
+        self._ctx = ctx
+        self._off: set[str] = set()
         self._armed = True
+        self._replayed = False  # a replay was started this step (first call only)
+        self._result: tuple[tuple[str, ...], Tensor, Tensor | None, Tensor | None, float] | None = None
+        self._gates: Tensor | None = None
+        self._propagation: tuple[tuple[str, ...], Tensor] | None = None
+        self._generator = torch.Generator(device="cpu")
+        self.trackers: dict[str, SpectralTracker] = {}
+        self.recurrent_weights: list[str] = []
 
-    def fail(self, what: str, exc: BaseException) -> None:
-        """Log once at ERROR and switch this probe off (training goes on)."""
-        if self.enabled:
-            self.enabled = False
-            logger.error(
-                "gradwatch: %s of layer %r failed (%s: %s); it is disabled for the rest of "
-                "this run, training is not affected.",
-                what,
-                self.name,
-                type(exc).__name__,
-                exc,
-            )
+    # -- switches -----------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return "closed" not in self._off
 
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        """Forward pre-hook (with_kwargs): probe the input on profiled steps."""
-        raise NotImplementedError
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        if on:
+            self._off.discard("closed")
+        else:
+            self._off.add("closed")
 
-    def take_temporal(self) -> Tensor | None:
-        """Squared per-timestep norms gathered since the last call (then reset)."""
-        raise NotImplementedError
+    def on(self, measure: str) -> bool:
+        return measure not in self._off and "closed" not in self._off
 
-    def take_propagation(self) -> tuple[tuple[str, ...], Tensor] | None:
-        """This profiled step's propagation gains: (recurrence names, an (R, T) tensor of
-        gains over j = 0 .. T-1 steps back), or None when not measured."""
-        return None
+    def fail(self, measure: str, exc: BaseException | str) -> None:
+        """Log once at ERROR and switch ``measure`` off (the others and training go on)."""
+        if measure in self._off or "closed" in self._off:
+            return
+        self._off.add(measure)
+        why = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
+        logger.error(
+            "gradwatch: the %s of recurrent layer %r failed (%s); that measurement is disabled for the rest of "
+            "this run, the layer's other measurements go on and training is not affected.",
+            _MEASURES[measure],
+            self.name,
+            why,
+        )
 
     def active(self) -> bool:
-        """Probe this forward call? Only with grad enabled and on a profiled step.
+        """Probe this forward call's input? Only with grad enabled and on a profiled step.
 
         Activation checkpointing recomputes the forward during backward and insists the
         recomputation saves exactly the tensors the first forward saved, so the input
         transformation must be the same both times: the decision uses ``_armed``, which
-        changes only between steps, never ``enabled``, which a failure may clear
-        mid-backward.
+        changes only between steps, never the switches a failure may flip mid-backward.
         """
-        return self._armed and torch.is_grad_enabled() and self._due()
+        return self._armed and torch.is_grad_enabled() and self._ctx.due()
 
     def rearm(self) -> None:
-        """At a step boundary: a probe that failed stays off from now on."""
-        self._armed = self.enabled
+        """At a step boundary: a profile that failed stays off from now on."""
+        self._armed = self.on("profile")
+        self._replayed = False
+
+    def _replay_due(self, flops: float, tokens: int) -> bool:
+        if not self.on("replay") or self._replayed or not outside_backward():
+            return False
+        step = self._ctx.step()
+        if step == 1:
+            return True
+        return (step // max(self._ctx.every, 1)) % replay_every(flops, self._ctx.model_params, tokens) == 0
+
+    # -- the replay's results -----------------------------------------------------------
+    def _store(self, labels: tuple[str, ...], results: list[Replayed], exact: bool, tol: float) -> None:
+        gains = torch.stack([r.gains for r in results])
+        gates = module_gates(results)
+        dev = torch.stack([r.deviation for r in results]).max() if exact else None
+        self._result = (labels, gains, gates, dev, tol)
+
+    def _settle(self) -> None:
+        """Check this step's replay against the layer's own output (once per replay)."""
+        res, self._result = self._result, None
+        if res is None or not self.on("replay"):
+            return
+        labels, gains, gates, dev, tol = res
+        if dev is not None:
+            worst = float(dev)  # the only host read of the replay, on replay steps only
+            if not worst <= tol:
+                self.fail(
+                    "replay",
+                    f"the replayed states differ from the layer's own output by {worst:.3g} of its largest value "
+                    f"(tolerance {tol:g}); is the layer's forward modified, or its weights changed inside forward?",
+                )
+                return
+        self._propagation = (labels, gains)
+        self._gates = gates
+
+    def take_propagation(self) -> tuple[tuple[str, ...], Tensor] | None:
+        """This step's propagation: (recurrence names, an (R, T) tensor of gains over
+        j = 0 .. T-1 steps back), or None when not measured this step."""
+        self._settle()
+        got, self._propagation = self._propagation, None
+        return got if self.on("replay") else None
+
+    def take_gates(self) -> Tensor | None:
+        """[mean gate, mean sum_t log gate] (LSTM forget / GRU update gate) of this step's
+        replay, or None."""
+        self._settle()
+        got, self._gates = self._gates, None
+        return got if self.on("replay") and self.kind in ("lstm", "gru") else None
+
+    def _seeded(self) -> torch.Generator:
+        return self._generator.manual_seed(seed_for(self.name, self._ctx.step()))
+
+    # -- subclasses -----------------------------------------------------------------------
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        raise NotImplementedError
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        raise NotImplementedError
+
+    def take_temporal(self) -> Tensor | None:
+        raise NotImplementedError
+
+    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
+        """sigma_max per gate block of each recurrent weight: (weight name, one label per
+        block such as "lstm.weight_hh_l0[f]", the (G,) tensor)."""
+        module = self._module()
+        if module is None or not self.on("spectral"):
+            return []
+        out: list[tuple[str, tuple[str, ...], Tensor]] = []
+        try:
+            for wname in self.recurrent_weights:
+                w = getattr(module, wname)
+                if type(w).__name__ == "DTensor":  # FSDP2: every rank gathers the same matrix
+                    w = w.full_tensor()
+                tracker = self.trackers.get(wname)
+                if tracker is None:
+                    tracker = self.trackers[wname] = SpectralTracker(len(self.gates))
+                labels = tuple(f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates)
+                with one_thread(w.device.type):  # small products: one thread is faster (see one_thread)
+                    out.append((wname, labels, tracker(w)))
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self.fail("spectral", exc)
+            return []
+        return out
+
+    def close(self) -> None:
+        self.enabled = False
+        self._result = None
+        self._gates = None
+        self._propagation = None
 
 
 class SequenceProbe(Probe):
     """Probe for ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` (whole sequences per call)."""
 
-    kind = "sequence"
-
-    def __init__(self, name: str, module: nn.RNNBase, due: Callable[[], bool]) -> None:
-        super().__init__(name, module, due)
+    def __init__(self, name: str, module: nn.RNNBase, ctx: ProbeContext) -> None:
+        super().__init__(name, module, ctx)
         self.batch_first = bool(module.batch_first)
-        self.gates = GATES[self.family]
         self._sq: Tensor | None = None  # accumulated per-timestep squared norms
-        self._gate_stats: Tensor | None = None
-        self._hx: Any = None
-        # Gates can be recomputed from input and output only when the output is layer 0's.
-        self._want_gates = self.family in ("LSTM", "GRU") and module.num_layers == 1
-        self.gate_name = "forget" if self.family == "LSTM" else "update"
-        self.spectral_enabled = True
-        self.trackers: dict[str, SpectralTracker] = {}
+        self._capture: tuple[Any, Any, Tensor | None] | None = None
         suffixes = [""] + (["_reverse"] if module.bidirectional else [])
         self.recurrent_weights = [f"weight_hh_l{k}{s}" for k in range(module.num_layers) for s in suffixes]
 
-    # -- hooks --------------------------------------------------------------------------
+    def _flops(self, module: nn.RNNBase, x: Any) -> tuple[float, int]:
+        if isinstance(x, PackedSequence):
+            batch, steps = int(x.batch_sizes[0]), int(x.batch_sizes.shape[0])
+        elif x.dim() == 2:
+            batch, steps = 1, int(x.shape[0])
+        else:
+            batch, steps = int(x.shape[0 if self.batch_first else 1]), int(x.shape[1 if self.batch_first else 0])
+        proj = getattr(module, "proj_size", 0) or module.hidden_size
+        flops = replay_flops(
+            self.kind, module.num_layers, 2 if module.bidirectional else 1, module.input_size, module.hidden_size, proj,
+            min(batch, PROBED), steps,
+        )
+        return flops, batch * steps
+
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not (torch.is_grad_enabled() and self._ctx.due()) or not self.enabled:
+            return None
+        split = split_call(args, kwargs)
+        if split is None:
+            return None
+        x, hx, by_keyword = split
+        if not isinstance(x, PackedSequence) and not (isinstance(x, Tensor) and x.is_floating_point()):
+            return None
+        try:
+            if self._capture is None and self._replay_due(*self._flops(module, x)):  # type: ignore[arg-type]
+                self._replayed = True
+                rnn: Any = module
+                dropout = rnn.training and rnn.dropout > 0 and rnn.num_layers > 1
+                data = x.data if isinstance(x, PackedSequence) else x
+                rng = torch.get_rng_state() if dropout and data.device.type == "cpu" else None
+                self._capture = (x, hx, rng)
+        except Exception as exc:  # noqa: BLE001 - never break the forward pass
+            self.fail("replay", exc)
         if not self.active():
             return None
         try:
-            if args:
-                x, rest = args[0], args[1:]
-            elif "input" in kwargs:
-                x, rest = kwargs["input"], ()
-            else:
-                return None
-            hx = rest[0] if rest else kwargs.get("hx")
             if isinstance(x, PackedSequence):
                 sizes = x.batch_sizes
-                data = _probe_input(x.data, lambda g: self._on_grad(g, sizes))
+                data = probe_input(x.data, lambda g: self._on_grad(g, sizes))
                 new_x: Any = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
-            elif isinstance(x, Tensor) and x.is_floating_point():
-                new_x = _probe_input(x, lambda g: self._on_grad(g, None))
             else:
-                return None
-            self._hx = hx if self._want_gates else None
-            if args:
-                return (new_x, *rest), kwargs
-            kwargs = dict(kwargs)
-            kwargs["input"] = new_x
-            return args, kwargs
+                new_x = probe_input(x, lambda g: self._on_grad(g, None))
+            return with_input(args, kwargs, new_x, by_keyword)
         except Exception as exc:  # noqa: BLE001 - never break the forward pass
-            self.fail("the input-gradient probe", exc)
+            self.fail("profile", exc)
             return None
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Recompute the forget gates of a profiled single-layer LSTM forward, under no_grad.
+        """Replay the probed sequences of this call (the first of a profiled step).
 
-        Done here rather than at the step so that only two numbers, not the input and
-        output sequences, are kept until the step.
+        Done here, under no_grad and without autocast, while the weights are those of
+        the forward (FSDP2 reshards them right after: this hook is prepended).
         """
-        if not self._want_gates or not self.active():
+        cap, self._capture = self._capture, None
+        if cap is None or not self.on("replay"):
             return
         try:
-            x: Any = args[0] if args else kwargs.get("input")
-            out = output[0] if isinstance(output, tuple) else output
-            if type(module.weight_hh_l0).__name__ == "DTensor":
-                return  # sharded weights here (FSDP2 resharded already): no gates
-            hx = self._hx
-            h0 = hx[0] if isinstance(hx, tuple) else hx  # LSTM: (h0, c0); GRU: h0
-            w_ih: Tensor = module.weight_ih_l0  # type: ignore[assignment]
-            w_hh: Tensor = module.weight_hh_l0  # type: ignore[assignment]
-            b_ih: Tensor | None = module.bias_ih_l0 if module.bias else None  # type: ignore[assignment]
-            b_hh: Tensor | None = module.bias_hh_l0 if module.bias else None  # type: ignore[assignment]
-            if isinstance(x, PackedSequence):
-                stats = packed_lstm_forget_stats(
-                    x.data,
-                    out.data,
-                    x.batch_sizes,
-                    x.sorted_indices,
-                    h0,
-                    w_ih,
-                    w_hh,
-                    b_ih,
-                    b_hh,
-                    n_gates=len(self.gates),
-                    max_batch=GATE_SAMPLE,
-                )
-            else:
-                stats = lstm_forget_stats(
-                    x,
-                    out,
-                    h0,
-                    w_ih,
-                    w_hh,
-                    b_ih,
-                    b_hh,
-                    self.batch_first,
-                    n_gates=len(self.gates),
-                    max_batch=GATE_SAMPLE,
-                )
-            self._gate_stats = stats
+            rnn: Any = module
+            if type(rnn.weight_hh_l0).__name__ == "DTensor":
+                return  # sharded weights here (FSDP2 resharded already): no replay
+            x, hx, rng = cap
+            data = x.data if isinstance(x, PackedSequence) else x
+            out = output[0]
+            tol = tolerance((out.data if isinstance(out, PackedSequence) else out).dtype, data.device.type)
+            with torch.no_grad(), torch.autocast(data.device.type, enabled=False):
+                trajectories, exact = sequence_trajectories(rnn, x, hx, output, rng)
+                gen = self._seeded()
+                results = [replay(tr, gen) for tr in trajectories]
+            self._store(tuple(r.name for r in results), results, exact, tol)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self.fail("the forget-gate statistics", exc)
-        finally:
-            self._hx = None
-        return
+            self.fail("replay", exc)
 
     def _on_grad(self, g: Tensor, batch_sizes: Tensor | None) -> None:
-        if not self.enabled:  # closed, or failed, between forward and backward
+        if not self.on("profile"):  # closed, or failed, between forward and backward
             return
         try:
             with torch.no_grad():
-                if batch_sizes is None:
-                    sq = timestep_sq_norms(g, self.batch_first)
-                else:
-                    sq = packed_timestep_sq_norms(g, batch_sizes)
+                sq = timestep_sq_norms(g, self.batch_first) if batch_sizes is None else packed_timestep_sq_norms(g, batch_sizes)
                 prev = self._sq
                 if prev is None:
                     self._sq = sq
@@ -252,123 +340,35 @@ class SequenceProbe(Probe):
                     acc[: sq.shape[0]] += sq.to(prev.device)
                     self._sq = acc
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self.fail("the input-gradient probe", exc)
-        return
+            self.fail("profile", exc)
 
-    # -- collection at the step ---------------------------------------------------------
     def take_temporal(self) -> Tensor | None:
         """The squared per-timestep norms gathered this step (reset afterwards)."""
         sq, self._sq = self._sq, None
+        self._capture = None
         self.rearm()
-        return sq if self.enabled else None
-
-    def take_gates(self) -> Tensor | None:
-        """[mean gate, mean sum_t log gate_t] (LSTM forget / GRU update gate), or None."""
-        got, self._gate_stats = self._gate_stats, None
-        return got if self.enabled else None
-
-    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
-        """sigma_max per gate block of each recurrent weight: (weight name, one label per
-        block such as "lstm.weight_hh_l0[f]", the (G,) tensor)."""
-        module = self._module()
-        if module is None or not self.spectral_enabled:
-            return []
-        out: list[tuple[str, tuple[str, ...], Tensor]] = []
-        try:
-            for wname in self.recurrent_weights:
-                w = getattr(module, wname)
-                if type(w).__name__ == "DTensor":  # FSDP2: every rank gathers the same matrix
-                    w = w.full_tensor()
-                tracker = self.trackers.get(wname)
-                if tracker is None:
-                    tracker = self.trackers[wname] = SpectralTracker(len(self.gates))
-                labels = tuple(f"{self.name}.{wname}[{g}]" if g else f"{self.name}.{wname}" for g in self.gates)
-                out.append((wname, labels, tracker(w)))
-        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self.spectral_enabled = False
-            logger.error(
-                "gradwatch: the spectral norm of layer %r failed (%s: %s); it is disabled for the rest of this run, "
-                "training is not affected.",
-                self.name,
-                type(exc).__name__,
-                exc,
-            )
-            return []
-        return out
+        return sq if self.on("profile") else None
 
 
-class CellProbe(Probe):
-    """Probe for ``nn.RNNCell`` / ``nn.LSTMCell`` / ``nn.GRUCell`` driven in a Python loop.
-
-    The calls within one optimizer step are the timesteps of the profile, in call order:
-    call t's input gradient lands in slot t whichever order backward visits them.
-    """
-
-    kind = "cell"
-
-    def __init__(self, name: str, module: nn.Module, due: Callable[[], bool]) -> None:
-        super().__init__(name, module, due)
-        self._slots: list[Tensor | None] = []
-        # True for calls made while backward recomputes a checkpointed forward: with
-        # non-reentrant checkpointing their hooks never fire, and they are not timesteps.
-        self._recomputed: list[bool] = []
-
-    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-        if not self.active() or len(self._slots) >= MAX_CELL_STEPS:
-            return None
-        try:
-            if args:
-                x, rest = args[0], args[1:]
-            elif "input" in kwargs:
-                x, rest = kwargs["input"], ()
-            else:
-                return None
-            if not isinstance(x, Tensor) or not x.is_floating_point():
-                return None
-            t = len(self._slots)
-            self._slots.append(None)
-            self._recomputed.append(not _outside_backward())
-            new_x = _probe_input(x, lambda g: self._on_grad(g, t))
-            if args:
-                return (new_x, *rest), kwargs
-            kwargs = dict(kwargs)
-            kwargs["input"] = new_x
-            return args, kwargs
-        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self.fail("the input-gradient probe", exc)
-            return None
-
-    def _on_grad(self, g: Tensor, t: int) -> None:
-        if not self.enabled:
-            return
-        try:
-            with torch.no_grad():
-                sq = g.to(_profile_dtype(g)).square().sum()
-                if t < len(self._slots):
-                    prev = self._slots[t]
-                    self._slots[t] = sq if prev is None else prev + sq
-        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self.fail("the input-gradient probe", exc)
-        return
-
-    def take_temporal(self) -> Tensor | None:
-        slots, self._slots = self._slots, []
-        recomputed, self._recomputed = self._recomputed, []
-        self.rearm()
-        slots = [s for s, r in zip(slots, recomputed) if s is not None or not r]
-        got = [s for s in slots if s is not None]
-        if not got or not self.enabled:
-            return None
-        zero = torch.zeros((), dtype=got[0].dtype, device=got[0].device)
-        return torch.stack([s if s is not None else zero for s in slots])
-
-
-def find_probes(root: nn.Module, due: Callable[[], bool]) -> list[Probe]:
+def find_probes(root: nn.Module, ctx: ProbeContext) -> list[Probe]:
     """A probe for every recurrent layer and cell anywhere under ``root``."""
+    from gradwatch_torch._cells import CellProbe
+
     probes: list[Probe] = []
     for name, m in root.named_modules():
         if isinstance(m, (nn.RNN, nn.LSTM, nn.GRU)):
-            probes.append(SequenceProbe(name or type(m).__name__.lower(), m, due))
+            probes.append(SequenceProbe(name or type(m).__name__.lower(), m, ctx))
         elif isinstance(m, (nn.RNNCell, nn.LSTMCell, nn.GRUCell)):
-            probes.append(CellProbe(name or type(m).__name__.lower(), m, due))
+            probes.append(CellProbe(name or type(m).__name__.lower(), m, ctx))
     return probes
+
+
+def install(probe: Probe, module: nn.Module) -> list[Any]:
+    """Register the probe's hooks on its module and leave them out of the module's copies
+    (:class:`~gradwatch_torch._probing.CleanCopies`); returns what undoes it all. The
+    forward hook is prepended so it runs before FSDP2 reshards the weights."""
+    handles = [
+        module.register_forward_pre_hook(Hook(probe, "pre_hook"), with_kwargs=True),
+        module.register_forward_hook(Hook(probe, "forward_hook"), with_kwargs=True, prepend=True),
+    ]
+    return [*handles, CleanCopies.add(module, [h.id for h in handles])]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -94,13 +95,18 @@ class TorchOps:
 TORCH = TorchOps()
 
 
-def _reduce_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype a gradient's norm is computed in.
+def _reduce_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a gradient's norm is computed in (None: its own, without a dtype argument).
 
     Half-precision gradients are reduced in float32: the sum of squares of fp16 values
     overflows fp16 long before the gradient itself is large (65504 is fp16's maximum).
-    float64 stays float64 so a float64 model keeps its precision.
+    float64 stays float64 so a float64 model keeps its precision. Complex gradients are
+    reduced as ``clip_grad_norm_`` reduces them, in their own precision: the norm of a
+    complex tensor is real (sqrt of sum |z|^2), and torch refuses a real ``dtype=`` for a
+    complex input.
     """
+    if dtype.is_complex:
+        return None
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -121,12 +127,16 @@ class _Group:
 
 
 class GradGroups:
-    """Parameters grouped by (device, dtype) once, at attach time.
+    """Parameters grouped by (device, dtype) once, when the parameter set is bound.
 
     ``torch._foreach_norm`` needs tensors of one device and dtype, exactly as
     ``clip_grad_norm_`` groups them; doing the grouping once keeps the per-step Python
-    work to reading ``p.grad`` (which must be re-read every step: autograd may replace
-    the tensor).
+    work to reading ``p.grad`` and ``p.requires_grad`` (re-read every step: autograd may
+    replace the tensor, the user may freeze the parameter).
+
+    A parameter is *present* at a step when it requires grad and has a gradient. Absent
+    ones (frozen, or not reached by this step's loss) are measured as nothing: 0 in the
+    norm vector, ``False`` in the presence mask, never scaled.
     """
 
     def __init__(self, params: Sequence[Tensor], local_shards: bool = False, sparse: Sequence[int] = ()) -> None:
@@ -145,7 +155,8 @@ class GradGroups:
             g.positions.append(i)
         self.groups = list(groups.values())
         self.device = self.params[0].device
-        self.stat_dtype = torch.float64 if any(p.dtype == torch.float64 for p in self.params) else torch.float32
+        wide = (torch.float64, torch.complex128)
+        self.stat_dtype = torch.float64 if any(p.dtype in wide for p in self.params) else torch.float32
         order = [i for g in self.groups for i in g.positions]
         # Identity order (one group, the common case) needs no gather.
         self._inverse: Tensor | None = None
@@ -154,41 +165,58 @@ class GradGroups:
             for k, i in enumerate(order):
                 inv[i] = k
             self._inverse = torch.tensor(inv, device=self.device)
-        self._zero = torch.zeros((), device=self.device, dtype=self.stat_dtype)
 
     def __len__(self) -> int:
         return len(self.params)
 
     def grads(self) -> list[list[Tensor | None]]:
-        """The current gradients, per group (``None`` where a parameter has none)."""
-        if self.local_shards:
-            return [[_local(p.grad) for p in g.params] for g in self.groups]
-        return [[p.grad for p in g.params] for g in self.groups]
+        """This step's gradients, per group; ``None`` for an absent parameter.
 
-    def present_grads(self) -> list[Tensor]:
-        """All gradients that exist, flat (for in-place clipping; local shards for FSDP2)."""
+        A parameter that does not require grad is absent even if a ``.grad`` is left on
+        it: after ``requires_grad_(False)`` and ``zero_grad(set_to_none=False)`` that is
+        a stale zero, not this step's gradient.
+        """
         if self.local_shards:
-            return [_local(p.grad) for p in self.params if p.grad is not None]  # type: ignore[misc]
-        return [p.grad for p in self.params if p.grad is not None]
+            return [[_local(p.grad) if p.requires_grad else None for p in g.params] for g in self.groups]
+        return [[p.grad if p.requires_grad else None for p in g.params] for g in self.groups]
+
+    def present_grads(self, grads: list[list[Tensor | None]] | None = None) -> list[Tensor]:
+        """The gradients that exist, flat (for in-place clipping; local shards for FSDP2).
+
+        Pass the lists :meth:`grads` returned for the measured step, so exactly what was
+        measured is scaled.
+        """
+        if grads is None:
+            grads = self.grads()
+        return [g for gl in grads for g in gl if g is not None]
 
     def norms(self, grads: list[list[Tensor | None]] | None = None) -> Tensor:
-        """L2 norm of every parameter's gradient, in bound order, on ``self.device``.
+        """L2 norm of every parameter's gradient, in bound order (0 where absent)."""
+        return self.measure(grads)[0]
+
+    def measure(self, grads: list[list[Tensor | None]] | None = None) -> tuple[Tensor, np.ndarray | None]:
+        """The norms (in bound order, on ``self.device``) and the presence mask (bool per
+        bound parameter, in bound order; ``None`` when every parameter is present).
 
         One ``_foreach_norm`` per (device, dtype) group; half precision is reduced in
-        float32. A parameter without a gradient counts as norm 0.
+        float32, complex in its own precision. The mask costs nothing when every
+        parameter is present (the count of present gradients per group tells).
         """
         if grads is None:
             grads = self.grads()
         parts: list[Tensor] = []
+        absent: list[int] = []
         for group, gl in zip(self.groups, grads):
             present = [g for g in gl if g is not None]
+            if len(present) != len(gl):
+                absent.extend(pos for pos, g in zip(group.positions, gl) if g is None)
             if not present:
                 parts.append(torch.zeros(len(gl), device=self.device, dtype=self.stat_dtype))
                 continue
             dtype = _reduce_dtype(present[0].dtype)
             if group.sparse:  # _foreach_norm has no sparse kernel; these are few (embeddings)
                 got: list[Tensor] | tuple[Tensor, ...] = [_sparse_aware_norm(g, dtype) for g in present]
-            elif present[0].dtype == dtype:
+            elif dtype is None or present[0].dtype == dtype:
                 got = torch._foreach_norm(present, 2.0)
             else:
                 got = torch._foreach_norm(present, 2.0, dtype=dtype)
@@ -202,10 +230,14 @@ class GradGroups:
         flat = parts[0] if len(parts) == 1 else torch.cat(parts)
         if self._inverse is not None:
             flat = flat[self._inverse]
-        return flat
+        mask: np.ndarray | None = None
+        if absent:
+            mask = np.ones(len(self.params), dtype=bool)
+            mask[absent] = False
+        return flat, mask
 
 
-def _sparse_aware_norm(g: Tensor, dtype: torch.dtype) -> Tensor:
+def _sparse_aware_norm(g: Tensor, dtype: torch.dtype | None) -> Tensor:
     if g.is_sparse:
         g = g.coalesce().values()  # duplicates summed first, as the dense gradient would be
     return torch.linalg.vector_norm(g, dtype=dtype)
@@ -316,67 +348,5 @@ def packed_timestep_sq_norms(grad_data: Tensor, batch_sizes: Tensor) -> Tensor:
     return out.index_add_(0, steps.to(rows.device), rows)
 
 
-class SpectralTracker:
-    """Largest singular value of the gate blocks of one recurrent weight matrix.
-
-    ``weight_hh`` of PyTorch RNNs stacks one (H, P) block per gate along axis 0 (LSTM:
-    i, f, g, o; GRU: r, z, n; RNN: one). sigma_max of each block is the quantity in
-    Pascanu et al. (2013)'s conditions for vanishing (< 1/gamma) and exploding (> 1)
-    gradients. An exact SVD costs ~30 ms at H=256 and over a second at H=1024, so this
-    runs power iteration with the singular vectors kept between calls: the weights move
-    little between profiles, and one warm iteration stays within a few percent.
-    The starting vector comes from a private generator so the user's RNG stream is
-    never consumed (observe mode must leave training bitwise unchanged).
-    """
-
-    def __init__(self, gates: int, warm_iters: int = 1, cold_iters: int = 30) -> None:
-        if warm_iters < 1 or cold_iters < 1:
-            raise ValueError("SpectralTracker needs at least one iteration per call")
-        self.gates = gates
-        self.warm_iters = warm_iters
-        self.cold_iters = cold_iters
-        self.u: Tensor | None = None  # (G, H)
-        self.v: Tensor | None = None  # (G, P)
-
-    def blocks(self, weight: Tensor) -> Tensor:
-        w = weight.detach()
-        return w.reshape(self.gates, w.shape[0] // self.gates, w.shape[1]).float()
-
-    @torch.no_grad()
-    def __call__(self, weight: Tensor) -> Tensor:
-        """Return sigma_max per gate block, shape (G,), float32, on the weight's device."""
-        w = self.blocks(weight)
-        iters = self.warm_iters
-        if self.v is None or self.v.shape != (w.shape[0], w.shape[2]):
-            gen = torch.Generator(device="cpu").manual_seed(0)
-            self.v = torch.randn(w.shape[0], w.shape[2], generator=gen).to(w.device)
-            self.v = self.v / self.v.norm(dim=1, keepdim=True)
-            iters = self.cold_iters
-        # One matrix-vector product per gate block: torch.bmm on (G, H, P) x (G, P, 1) hits
-        # a slow CPU path here (milliseconds), while G separate mv calls take microseconds.
-        vs = list(self.v.to(w.device).unbind(0))
-        us: list[Tensor] = [vs[0]] * len(vs)  # replaced in the first iteration (iters >= 1)
-        sigmas: list[Tensor] = [vs[0]] * len(vs)
-        for _ in range(iters):
-            for g in range(w.shape[0]):
-                u = torch.mv(w[g], vs[g])
-                u = u / u.norm().clamp(min=1e-30)
-                v = torch.mv(w[g].t(), u)
-                sigma = v.norm()
-                vs[g] = v / sigma.clamp(min=1e-30)
-                us[g] = u
-                sigmas[g] = sigma
-        self.u = torch.stack(us)
-        self.v = torch.stack(vs)
-        return torch.stack(sigmas)
-
-    def state_dict(self) -> dict[str, list[list[float]]]:
-        """The right singular vectors as JSON lists (float32 round-trips exactly)."""
-        # v alone determines the next iteration; u is derived from it.
-        return {"v": self.v.detach().cpu().tolist()} if self.v is not None else {}
-
-    def load_state_dict(self, state: dict[str, list[list[float]]], device: torch.device) -> None:
-        if "v" in state:
-            self.v = torch.tensor(state["v"], dtype=torch.float32, device=device)
-        if "u" in state:
-            self.u = torch.tensor(state["u"], dtype=torch.float32, device=device)
+# The spectral norms of recurrent weights live in their own module; importable from here too.
+from gradwatch_torch._spectral import SpectralTracker

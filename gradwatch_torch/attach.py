@@ -15,14 +15,26 @@ or drop them so the optimizer step is a no-op).
 ``optimizer.step()``, so gradwatch sees and clips unscaled gradients. A step the scaler
 skips (it found Inf/NaN in the scaled gradients) never calls ``optimizer.step()``; gradwatch
 does not see it, does not count it, and the scaler's own backoff handles it.
+
+``optimizer.step(closure)``: the step's gradient exists only once the closure has run
+inside ``step()``; gradwatch measures after the closure's first evaluation
+(:mod:`gradwatch_torch._closure`). The parameter set is followed as it changes
+(:mod:`gradwatch_torch._paramset`): parameters added later are measured, clipped and
+checked; frozen ones and those without a gradient this step are absent from the record.
+
+Failures: a failure of the core measurement (the gradient norms, the step's one copy, the
+monitor, applying the decision) stops gradwatch on this model, training untouched; an
+optional measurement that fails (a recurrent layer's profile, gate statistics, spectral
+norms, propagation gains; unit-wise clipping) turns off alone, with a message naming it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +42,10 @@ from torch import Tensor, nn
 from gradwatch import HandleGroup, Layout, Segment, infer_layer
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch_torch import _distributed
-from gradwatch_torch._recurrent import Probe, SequenceProbe, find_probes
+from gradwatch_torch._closure import ClosureSteps, refuse_policy
+from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
+from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, install
+from gradwatch_torch._segments import cat_to, gates_of, propagation_of, spectral_of, temporal_of
 from gradwatch_torch._tensors import GradGroups, SpectralTracker, agc_factors, apply_agc_, scale_grads_
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -39,39 +54,10 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["TorchAttachment", "attach", "unwrap_model"]
 
 logger = logging.getLogger("gradwatch")
+_T = TypeVar("_T")
 
 #: Models currently watched (the unwrapped module). Weak: a Watch never keeps a model alive.
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module whose ``named_parameters()`` names the user knows.
-
-    ``DistributedDataParallel`` / ``DataParallel`` keep it in ``.module``;
-    ``torch.compile`` in ``._orig_mod``. Their own names would carry a ``module.`` or
-    ``_orig_mod.`` prefix the user never wrote.
-    """
-    for _ in range(8):
-        if type(model).__name__ in ("DistributedDataParallel", "DataParallel") and isinstance(getattr(model, "module", None), nn.Module):
-            model = cast(nn.Module, model.module)
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = cast(nn.Module, model._orig_mod)
-        else:
-            break
-    return model
-
-
-def _sparse_grad_positions(root: nn.Module, named: Sequence[tuple[str, Any]]) -> list[int]:
-    """Positions of parameters whose gradient is sparse (``nn.Embedding(sparse=True)``)."""
-    ids = {id(m.weight) for m in root.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and getattr(m, "sparse", False)}
-    return [i for i, (_, p) in enumerate(named) if id(p) in ids]
-
-
-def _cat(device: torch.device, dtype: torch.dtype) -> Any:
-    def concat(parts: list[Tensor]) -> Tensor:
-        return torch.cat([p.reshape(-1).to(device=device, dtype=dtype) for p in parts])
-
-    return concat
 
 
 class TorchAttachment:
@@ -90,36 +76,46 @@ class TorchAttachment:
                 f"This {type(root).__name__} is already watched by gradwatch. Close the first watch (watch.close(), or "
                 "use `with gradwatch.watch(...)`) before watching it again."
             )
-        named = [(n, p) for n, p in root.named_parameters() if p.requires_grad]
-        if not named:
-            raise GradwatchError(f"{type(root).__name__} has no parameter that requires grad; there is no gradient for gradwatch to watch.")
+        refuse_policy(optimizer, monitor.policy, monitor.options.policy)
         self._policy = monitor.policy
         self._unitwise = bool(getattr(self._policy, "unitwise", False))
-        self._shard_group = _distributed.shard_group(model, root, named, self._unitwise)
         self._monitor = monitor
         self._model = weakref.ref(root)
-        self.names = [n for n, _ in named]
-        self._groups = GradGroups([p for _, p in named], local_shards=self._shard_group is not None, sparse=_sparse_grad_positions(root, named))
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles = HandleGroup()
         self._closed = False
         self._broken = False
+        self._off: set[tuple[str, str]] = set()  # optional measurements turned off after a failure
+        self._collecting = True  # may the probes collect now? (not in LBFGS's later evaluations)
         self._world = 1
         self._pending_state: dict[str, Any] = {}
         self._layouts: dict[tuple[Segment, ...], Layout] = {}
-        monitor.bind(self.names, [infer_layer(n) for n in self.names])
+        self.names: list[str] = []
+        self._params = ParamSet(root, optimizer)
+        self._handles.add(self._params)
+        try:
+            named, _ = self._params.collect()
+            if not named:
+                raise GradwatchError(f"{type(root).__name__} has no parameters; there is no gradient for gradwatch to watch.")
+            self._bind(named, wrapper=model)
+        except BaseException:
+            self._handles.remove()
+            raise
 
-        self._probes: list[Probe] = find_probes(root, monitor.profile_due) if monitor.options.profile_every else []
+        self._probes: list[Probe] = []
+        if monitor.options.profile_every:
+            ctx = ProbeContext(self._probe_due, lambda: monitor.next_step, monitor.options.profile_every, dense_parameter_count(root))
+            self._probes = find_probes(root, ctx)
         for probe in self._probes:
             module = probe._module()
             if module is None:  # cannot happen while root is alive; keeps the type checker honest
                 continue
-            self._handles.add(module.register_forward_pre_hook(probe.pre_hook, with_kwargs=True))
-            if isinstance(probe, SequenceProbe) and probe._want_gates:
-                # prepend: run before FSDP2 reshards the weights after forward
-                self._handles.add(module.register_forward_hook(probe.forward_hook, with_kwargs=True, prepend=True))
+            for handle in install(probe, module):  # hooks that copies of the model leave out (_probing.CleanCopies)
+                self._handles.add(handle)
         if optimizer is not None:
+            self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
+            self._handles.add(optimizer.register_step_post_hook(self._after_step))
         _WATCHED.add(root)
         meta = monitor.meta  # facts for the run file's header
         meta.setdefault("backend", "torch")
@@ -152,10 +148,10 @@ class TorchAttachment:
         except Exception:  # noqa: BLE001, S110 - a hook whose owner is gone: nothing to remove
             pass
         for probe in self._probes:
-            probe.enabled = False
-            probe.take_temporal()
-            if isinstance(probe, SequenceProbe):
-                probe.take_gates()
+            try:  # drop what it holds; close() never raises
+                probe.close()
+            except Exception:  # noqa: BLE001, S110 - a probe that failed already said so
+                pass
         root = self._model()
         if root is not None:
             _WATCHED.discard(root)
@@ -187,9 +183,57 @@ class TorchAttachment:
                     probe.trackers[wname] = tracker
         self._pending_state = spectral  # keys for layers not present: kept, not lost
 
+    # -- the parameter set ----------------------------------------------------------------
+    def _bind(self, named: list[tuple[str, Tensor]], wrapper: nn.Module | None = None) -> None:
+        """Measure exactly ``named`` from the next step on (at attach, and when it changes).
+
+        The monitor is rebound too: records already made keep their own names, the
+        detectors key their statistics by name, so nothing before the change is disturbed.
+        """
+        root = self._model()
+        if root is None or not named:
+            return
+        shard = _distributed.shard_group(wrapper if wrapper is not None else root, root, named, self._unitwise)
+        groups = GradGroups([p for _, p in named], local_shards=shard is not None, sparse=sparse_grad_positions(root, named))
+        names = [n for n, _ in named]
+        self._monitor.bind(names, [infer_layer(n) for n in names])
+        before, self.names = self.names, names
+        self._groups, self._shard_group = groups, shard
+        self._layouts.clear()
+        if before:
+            logger.info(
+                "gradwatch: the watched parameters changed before step %d: %s; %d followed now.",
+                self._monitor.next_step,
+                describe_change(before, names),
+                len(names),
+            )
+
+    def _follow_params(self) -> None:
+        """The hot path's check (a flag and a few integers); the model is walked only when
+        something may have changed."""
+        if self._params.stale():
+            named, changed = self._params.collect()
+            if changed:
+                self._bind(named)
+
     # -- the step ---------------------------------------------------------------------------
-    def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._measure()
+    def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
+        """Step pre-hook: measure now, or, when step() got a closure, after its first evaluation."""
+        replaced = self._closures.begin(optimizer, args, kwargs)
+        if replaced is None:
+            self._measure()
+        return replaced
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._closures.end(optimizer)
+
+    def _set_collecting(self, flag: bool) -> None:
+        self._collecting = flag
+
+    def _probe_due(self) -> bool:
+        """What the probes ask before collecting: a profiled step, and not a later closure
+        evaluation of the step (LBFGS: one profile per step, never a concatenation)."""
+        return self._collecting and self._monitor.profile_due()
 
     def _check_distributed(self) -> None:
         """Tell the monitor our rank once torch.distributed is up (only rank 0 writes)."""
@@ -203,32 +247,40 @@ class TorchAttachment:
     def _measure(self) -> StepRecord | None:
         """Measure, hand the numbers to the monitor, act on its decision.
 
-        Only ``NonFiniteGradientError`` (``on_nonfinite="raise"``) may leave this method:
-        any other failure is a gradwatch bug, logged once; measuring then stops and
-        training carries on untouched.
+        Only ``NonFiniteGradientError`` (``on_nonfinite="raise"``) may leave this method.
+        A failure of the core (norms, the copy, the monitor, acting) stops gradwatch on
+        this model; an optional measurement that fails turns off alone.
         """
         if self._closed or self._broken:
             return None
         try:
             self._check_distributed()
+            self._follow_params()
             grads = self._groups.grads()
-            segments, parts = self._gather(grads)
-            factors: list[Tensor | None] | None = None
-            if self._unitwise:
-                flat = [g for gl in grads for g in gl]
-                params = [p for grp in self._groups.groups for p in grp.params]
-                factors, clipped_sq = agc_factors(params, flat, self._policy)
-                segments.append(Segment("clipped_sq", len(self._groups)))
-                parts[("clipped_sq", "")] = clipped_sq
+            norms, present = self._groups.measure(grads)
+            if self._shard_group is not None:  # FSDP2: sum the shards' squared norms
+                sq = norms.to(torch.float64).square()
+                torch.distributed.all_reduce(sq, group=self._shard_group)
+                norms = sq.sqrt()
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._break("measuring the gradient norms", exc)
+            return None
+        segments = [Segment("norms", len(self._groups))]
+        parts: dict[tuple[str, str], Tensor] = {("norms", ""): norms}
+        self._gather(segments, parts)
+        factors = self._agc_factors(grads, segments, parts) if self._unitwise else None
+        try:
             key = tuple(segments)
             layout = self._layouts.get(key)
             if layout is None:
                 layout = self._layouts[key] = Layout(segments)
             # The single device-to-host copy of the step.
-            host = layout.pack(parts, _cat(self._groups.device, self._groups.stat_dtype)).cpu().numpy()
+            host = layout.pack(parts, cat_to(self._groups.device, self._groups.stat_dtype)).cpu().numpy()
             stats = layout.unpack(host)
+            if present is not None:
+                stats = dataclasses.replace(stats, present=present)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self._break(exc)
+            self._break("copying the step's statistics to the host", exc)
             return None
 
         try:
@@ -236,7 +288,7 @@ class TorchAttachment:
         except NonFiniteGradientError:
             raise  # on_nonfinite="raise": nothing has been changed yet
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self._break(exc)
+            self._break("recording the step", exc)
             return None
 
         try:
@@ -246,35 +298,63 @@ class TorchAttachment:
                 if factors is not None:
                     apply_agc_([g for gl in grads for g in gl], factors)
                 else:
-                    scale_grads_(self._groups.present_grads(), float(record.clip.scale))
+                    scale_grads_(self._groups.present_grads(grads), float(record.clip.scale))
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self._break(exc)
+            self._break("applying the clip or skip", exc)
         return record
 
-    def _gather(self, grads: list[list[Tensor | None]]) -> tuple[list[Segment], dict[tuple[str, str], Tensor]]:
-        """This step's segments and tensors, still on the device: parameter norms, and what
-        the probes gathered (combined across ranks under DDP / FSDP)."""
-        norms = self._groups.norms(grads)
-        if self._shard_group is not None:  # FSDP2: sum the shards' squared norms
-            sq = norms.to(torch.float64).square()
-            torch.distributed.all_reduce(sq, group=self._shard_group)
-            norms = sq.sqrt()
-        segments = [Segment("norms", len(self._groups))]
-        parts: dict[tuple[str, str], Tensor] = {("norms", ""): norms}
+    def _optional(self, key: tuple[str, str], what: str, fn: Callable[..., _T], *args: Any, goes_on: str = "") -> _T | None:
+        """Run one optional measurement; if it fails, turn off it alone and say which."""
+        if key in self._off:
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._off.add(key)
+            logger.error(
+                "gradwatch: %s failed at step %d (%s: %s); this measurement is off for the rest of this run. "
+                "%s; training is not affected.",
+                what,
+                self._monitor.next_step,
+                type(exc).__name__,
+                exc,
+                goes_on or "The gradient norms, clipping, checks and the other measurements go on",
+            )
+            return None
+
+    def _agc_factors(self, grads: list[list[Tensor | None]], segments: list[Segment], parts: dict[tuple[str, str], Tensor]) -> list[Tensor | None] | None:
+        """AGC's unit-wise factors and the clipped squared norms (an optional part: if it
+        fails, the records go on, with no clip)."""
+        flat = [g for gl in grads for g in gl]
+        params = [p for grp in self._groups.groups for p in grp.params]
+        goes_on = "Gradients are no longer clipped; the gradient norms and checks go on"
+        what = "unit-wise clipping (policy 'agc')"
+        got = self._optional(("", "agc"), what, agc_factors, params, flat, self._policy, goes_on=goes_on)
+        if got is None:
+            return None
+        factors, clipped_sq = got
+        segments.append(Segment("clipped_sq", int(clipped_sq.numel())))
+        parts[("clipped_sq", "")] = clipped_sq
+        return factors
+
+    def _gather(self, segments: list[Segment], parts: dict[tuple[str, str], Tensor]) -> None:
+        """Add what the recurrent probes gathered this step (combined across ranks under
+        DDP / FSDP), each measurement on its own: one that fails turns off alone."""
         names: list[str] = []
         sqs: list[Tensor] = []
-        gate_probes: list[SequenceProbe] = []
+        gate_probes: list[Probe] = []
         gate_values: list[Tensor] = []
         for probe in self._probes:
-            sq = probe.take_temporal()
+            what = f"the per-timestep profile of recurrent layer {probe.name!r}"
+            sq = self._optional((probe.name, "temporal"), what, temporal_of, probe)
             if sq is not None and sq.numel() > 0:
                 names.append(probe.name)
                 sqs.append(sq)
-            if isinstance(probe, SequenceProbe):
-                g = probe.take_gates()
-                if g is not None:
-                    gate_probes.append(probe)
-                    gate_values.append(g)
+            what = f"the {probe.gate_name}-gate statistics of recurrent layer {probe.name!r}"
+            g = self._optional((probe.name, "gates"), what, gates_of, probe)
+            if g is not None:
+                gate_probes.append(probe)
+                gate_values.append(g)
         profiled = bool(self._probes) and self._monitor.profile_due()
         if self._world > 1 and profiled:
             # Every rank takes this branch on the same steps (the step counter is shared),
@@ -292,7 +372,9 @@ class TorchAttachment:
         if profiled:
             for probe in self._probes:
                 if isinstance(probe, SequenceProbe):
-                    for wname, labels, sigma in probe.spectral():
+                    what = f"the spectral norms of recurrent layer {probe.name!r}"
+                    got_s = self._optional((probe.name, "spectral"), what, spectral_of, probe)
+                    for wname, labels, sigma in got_s or []:
                         key = f"{probe.name}.{wname}"
                         segments.append(Segment("spectral", len(labels), key=key, labels=labels))
                         parts[("spectral", key)] = sigma
@@ -300,13 +382,23 @@ class TorchAttachment:
             segments.append(Segment("gates", 2, key=probe.name, labels=(probe.gate_name,)))
             parts[("gates", probe.name)] = g
         if profiled:
+            props: list[tuple[str, tuple[str, ...], Tensor]] = []
+            sizes: list[int] = []
             for probe in self._probes:
-                got = probe.take_propagation()
-                if got is not None:
-                    labels, gains = got
-                    segments.append(Segment("propagation", int(gains.numel()), key=probe.name, labels=labels))
-                    parts[("propagation", probe.name)] = gains
-        return segments, parts
+                what = f"the propagation gains of recurrent layer {probe.name!r}"
+                got_p = self._optional((probe.name, "propagation"), what, propagation_of, probe)
+                sizes.append(0 if got_p is None else int(got_p[1].numel()))
+                if got_p is not None:
+                    props.append((probe.name, *got_p))
+            if self._world > 1:  # every rank reports the geometric mean over the ranks' sequences
+                combined = _distributed.allreduce_propagation(self._world, self._groups.device, sizes, [g for _, _, g in props])
+                if combined is None:
+                    self._world = 1
+                else:
+                    props = [(n, labels, g) for (n, labels, _), g in zip(props, combined)] if combined else []
+            for name, labels, gains in props:
+                segments.append(Segment("propagation", int(gains.numel()), key=name, labels=labels))
+                parts[("propagation", name)] = gains
 
     def _drop_grads(self) -> None:
         """Make the coming optimizer step a no-op: every gradient becomes None.
@@ -323,18 +415,23 @@ class TorchAttachment:
                 for p in group["params"]:
                     p.grad = None
 
-    def _break(self, exc: BaseException) -> None:
+    def _break(self, what: str, exc: BaseException) -> None:
+        """The core failed: stop measuring this model (training goes on untouched)."""
         if not self._broken:
             self._broken = True
             for probe in self._probes:  # the step counter stops: stop probing too
                 probe.enabled = False
                 probe.rearm()
+            known = isinstance(exc, GradwatchError)
             logger.error(
-                "gradwatch: measuring the gradients failed (%s: %s); gradwatch stops measuring this model, training "
-                "goes on unchanged. Please report this as a bug.",
+                "gradwatch: %s failed at step %d (%s: %s); gradwatch stops watching this model: no more records, "
+                "clipping or non-finite checks. Training goes on unchanged.%s",
+                what,
+                self._monitor.next_step,
                 type(exc).__name__,
                 exc,
-                exc_info=exc,
+                "" if known else " Please report this as a bug.",
+                exc_info=None if known else exc,
             )
 
 

@@ -166,8 +166,12 @@ def _last_step_run(rnn, hidden=64, steps=1):
 def test_tanh_rnn_on_100_steps_is_flagged_vanishing():
     prof, events = _last_step_run(nn.RNN(32, 64, nonlinearity="tanh"))
     assert len(prof.norms) == 100
-    assert prof.norms[0] / max(prof.norms) < 1e-6
-    assert any(e.kind == "vanishing" and e.layer == "rnn" for e in events)
+    assert prof.norms[0] / max(prof.norms) < 1e-6  # sensitivity: x_1 barely reaches the loss
+    # the alert's reason is propagation: the recurrence loses a gradient within the sequence
+    rec = prof.recurrences["l0"]
+    assert rec.rate < 0.7 and rec.horizon < 30 and prof.horizon == rec.horizon
+    (event,) = [e for e in events if e.kind == "vanishing"]
+    assert event.layer == "rnn" and "'l0'" in event.message and event.value == rec.horizon
 
 
 def test_lstm_with_forget_bias_3_is_not_flagged_vanishing():
@@ -177,7 +181,9 @@ def test_lstm_with_forget_bias_3_is_not_flagged_vanishing():
         lstm.bias_hh_l0[64:128].fill_(0.0)
     prof, events = _last_step_run(lstm)
     assert prof.norms[0] / max(prof.norms) > 1e-3
-    assert not any(e.kind == "vanishing" for e in events)
+    rec = prof.recurrences["l0"]
+    assert rec.horizon == 100 and min(rec.gains) > 0.1  # the cell state carries it the whole way
+    assert not any(e.kind in ("vanishing", "exploding") for e in events)
 
 
 def test_relu_rnn_with_recurrent_weight_1_1_identity_is_flagged_exploding():
@@ -186,30 +192,29 @@ def test_relu_rnn_with_recurrent_weight_1_1_identity_is_flagged_exploding():
         rnn.weight_hh_l0.copy_(1.1 * torch.eye(64))
     prof, events = _last_step_run(rnn)
     assert prof.norms[0] > 1000 * prof.norms[-1]
-    assert any(e.kind == "exploding" and e.layer == "rnn" for e in events)
+    rec = prof.recurrences["l0"]
+    assert rec.rate == pytest.approx(1.1, rel=0.02) and rec.peak > 1000
+    (event,) = [e for e in events if e.kind == "exploding"]
+    assert event.layer == "rnn" and event.value == rec.peak
 
 
 @pytest.mark.parametrize("cls,gates", [(nn.LSTM, "ifgo"), (nn.GRU, "rzn")])
-def test_spectral_norms_per_gate_within_5_percent(cls, gates):
-    model = SeqRegressor(cls, 4, 32, num_layers=2, bidirectional=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+def test_spectral_norms_per_gate_within_1_percent_at_every_profiled_step(cls, gates):
+    """Hidden 96 (Lanczos, not the exact path), Adam at a high learning rate so the
+    weights move fast; each record is compared with an SVD of the weights it measured."""
+    model = SeqRegressor(cls, 4, 96, num_layers=2, bidirectional=True)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     with gradwatch_torch.watch(model, opt, profile_every=1, sinks=["memory"]) as w:
-        for _ in range(3):
+        for _ in range(6):
             opt.zero_grad()
             model(torch.randn(5, 2, 4)).backward()
+            exact = {
+                f"rnn.{wname}[{g}]": s.item()
+                for wname in (f"weight_hh_l{k}{sfx}" for k in range(2) for sfx in ("", "_reverse"))
+                for g, s in zip(gates, torch.linalg.matrix_norm(getattr(model.rnn, wname).detach().reshape(len(gates), 96, 96), ord=2))
+            }
             opt.step()
-            rec = w.records[-1]
-            # the record's weights are those before this step's update; recompute from them
-        spectral = rec.spectral
-    assert len(spectral) == 4 * len(gates)
-    # compare with the current weights: the last update moved them by a tiny amount
-    for k in range(2):
-        for suffix in ("", "_reverse"):
-            wname = f"weight_hh_l{k}{suffix}"
-            blocks = getattr(model.rnn, wname).detach().reshape(len(gates), 32, 32)
-            exact = torch.linalg.matrix_norm(blocks, ord=2)
-            for i, g in enumerate(gates):
-                assert spectral[f"rnn.{wname}[{g}]"] == pytest.approx(exact[i].item(), rel=0.05)
+            assert w.records[-1].spectral == pytest.approx(exact, rel=0.01)
 
 
 def test_plain_rnn_spectral_norm_has_one_block():
@@ -220,7 +225,7 @@ def test_plain_rnn_spectral_norm_has_one_block():
         opt.step()
         spectral = w.records[-1].spectral
     exact = torch.linalg.matrix_norm(model.rnn.weight_hh_l0.detach(), ord=2).item()
-    assert spectral == pytest.approx({"rnn.weight_hh_l0": exact}, rel=0.05)
+    assert spectral == pytest.approx({"rnn.weight_hh_l0": exact}, rel=0.01)
 
 
 def test_forget_gate_statistics_of_single_layer_lstm():
@@ -289,6 +294,122 @@ def test_update_gate_statistics_of_single_layer_gru(packed):
     assert stats.log_path_gain == pytest.approx(torch.stack(paths).mean().item(), rel=1e-5)
 
 
+def test_gate_statistics_cover_every_layer_and_start_from_the_users_state():
+    """A 2-layer LSTM whose first layer remembers (forget bias 4) and whose second
+    forgets (bias -2): the layer's statistics are those of the layer that forgets most,
+    computed on the first 8 sequences from the state the user passed."""
+    model = SeqRegressor(nn.LSTM, 4, 8, num_layers=2)
+    with torch.no_grad():
+        model.rnn.bias_ih_l0[8:16].fill_(4.0)
+        model.rnn.bias_ih_l1[8:16].fill_(-2.0)
+    x = torch.randn(9, 12, 4)
+    h0, c0 = torch.randn(2, 12, 8), torch.randn(2, 12, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with gradwatch_torch.watch(model, opt, profile_every=1, sinks=["memory"]) as w:
+        out, _ = model.rnn(x, (h0, c0))
+        model.head(out).square().mean().backward()
+        opt.step()
+        stats = w.records[-1].gates["rnn"]
+    # ground truth: unroll each layer with its own weights from (h0, c0), first 8 sequences
+    inp, per_layer = x[:, :8], []
+    with torch.no_grad():
+        for k in range(2):
+            w_ih, w_hh = getattr(model.rnn, f"weight_ih_l{k}"), getattr(model.rnn, f"weight_hh_l{k}")
+            b = getattr(model.rnn, f"bias_ih_l{k}") + getattr(model.rnn, f"bias_hh_l{k}")
+            h, c, fs, hs = h0[k, :8], c0[k, :8], [], []
+            for t in range(9):
+                i, f, g, o = (inp[t] @ w_ih.t() + h @ w_hh.t() + b).chunk(4, dim=1)
+                c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+                h = o.sigmoid() * c.tanh()
+                fs.append(f.sigmoid())
+                hs.append(h)
+            f = torch.stack(fs)
+            per_layer.append((f.mean().item(), f.log().sum(0).mean().item()))
+            inp = torch.stack(hs)
+    torch.testing.assert_close(inp, out[:, :8], rtol=1e-4, atol=1e-5)  # the unroll is the layer
+    mean, path = min(per_layer, key=lambda mp: mp[1])
+    assert per_layer[1][1] < per_layer[0][1]
+    assert stats.mean == pytest.approx(mean, rel=1e-5) and stats.log_path_gain == pytest.approx(path, rel=1e-5)
+
+
+def _watched_lstm_model():
+    model = SeqRegressor(nn.LSTM, 4, 8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    w = gradwatch_torch.watch(model, opt, profile_every=1, sinks=["memory"])
+    opt.zero_grad()
+    model(torch.randn(5, 2, 4)).backward()
+    opt.step()
+    return model, opt, w
+
+
+def _use(model):
+    model(torch.randn(5, 2, 4)).backward()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "AveragedModel"])
+def test_a_copy_of_a_watched_model_works_and_carries_nothing_of_the_watch(how):
+    import pickle
+
+    from torch.optim.swa_utils import AveragedModel
+
+    model, opt, w = _watched_lstm_model()
+    if how == "deepcopy":
+        twin = copy.deepcopy(model)
+    elif how == "pickle":
+        twin = pickle.loads(pickle.dumps(model))
+    else:
+        avg = AveragedModel(model)
+        avg.update_parameters(model)
+        twin = avg.module
+    before = [r.step for r in w.records]
+    for _ in range(3):
+        _use(twin)  # forward and backward through the copy's (inert) hooks
+    probe = w._attachment._probes[0]
+    assert [r.step for r in w.records] == before and probe._result is None and probe._sq is None
+    opt2 = torch.optim.SGD(twin.parameters(), lr=0.1)
+    with gradwatch_torch.watch(twin, opt2, profile_every=1, sinks=["memory"]) as w2:
+        twin.zero_grad()
+        _use(twin)
+        opt2.step()
+        assert w2.records[-1].temporal["rnn"].recurrences  # the copy can be watched on its own
+    opt.zero_grad()
+    _use(model)
+    opt.step()
+    assert w.records[-1].temporal["rnn"].recurrences and w.records[-1].step == 2
+    w.close()
+
+
+def test_a_watched_model_saved_whole_loads_without_gradwatch(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model, _, w = _watched_lstm_model()
+    path = tmp_path / "model.pt"
+    torch.save(model, path)
+    w.close()
+    here = Path(__file__).resolve().parent
+    # as pytorch/examples' word_language_model loads it: weights_only, its own safe globals
+    code = (
+        "import sys; sys.modules['gradwatch'] = None; sys.modules['gradwatch_torch'] = None; "
+        f"sys.path.insert(0, {str(here)!r}); import torch; from torch_helpers import SeqRegressor; "
+        "globs = [SeqRegressor, torch.nn.LSTM, torch.nn.Linear]; "
+        f"m = torch.load({str(path)!r}, weights_only=True) if torch.serialization.add_safe_globals(globs) is None else None; "
+        "m(torch.randn(5, 2, 4)).backward(); assert not m.rnn._forward_pre_hooks and not m.rnn._forward_hooks; print('ok')"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_close_leaves_nothing_on_the_modules():
+    model, _, w = _watched_lstm_model()
+    assert model.rnn._forward_pre_hooks and "__reduce_ex__" in model.rnn.__dict__
+    w.close()
+    rnn = model.rnn
+    assert not rnn._forward_pre_hooks and not rnn._forward_hooks and "__reduce_ex__" not in rnn.__dict__
+    assert not any(rnn._forward_pre_hooks_with_kwargs) and not any(rnn._forward_hooks_with_kwargs)
+
+
 def test_profiles_only_on_profiled_steps_and_temporal_with_spectral():
     model = SeqRegressor(nn.GRU, 4, 8)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -332,12 +453,14 @@ def test_a_bug_in_the_probe_is_logged_once_and_never_breaks_training(monkeypatch
             opt.zero_grad()
             m(torch.randn(5, 2, 4, generator=gen)).backward()
             opt.step()
-        if w is not None:
-            assert len(w.records) == 3 and not w.records[-1].temporal
+        if w is not None:  # the profile is off; the layer's other measurements go on
+            prof = w.records[-1].temporal["rnn"]
+            assert len(w.records) == 3 and prof.norms == () and prof.recurrences and w.records[-1].spectral
             w.close()
 
     with caplog.at_level("ERROR", logger="gradwatch"):
         train(model, True)
-    assert sum("probe bug" in r.getMessage() for r in caplog.records) == 1
+    messages = [r.getMessage() for r in caplog.records if "probe bug" in r.getMessage()]
+    assert len(messages) == 1 and "input-gradient profile" in messages[0] and "'rnn'" in messages[0]
     train(ref, False)
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
