@@ -69,6 +69,9 @@ def run(rank: int, world: int, port: int, steps: int, out: Path) -> None:
             ]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
+        # Every rank past its last collective before any tears gloo down: a rank destroying
+        # its process group while the other still talks can abort (SIGABRT).
+        dist.barrier()
         if rank == 0:
             same = all(other == everyone[0] for other in everyone)
             names = sorted(everyone[0][-1][2])

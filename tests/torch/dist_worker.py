@@ -88,6 +88,7 @@ def run(rank: int, port: int, mode: str, out: str) -> None:
             weights[n] = (full.detach() - dict(ref.named_parameters())[n].detach()).abs().max().item()
         everyone: list = [None] * WORLD
         dist.all_gather_object(everyone, mine)
+        dist.barrier()  # no rank tears gloo down while another still talks (SIGABRT)
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(

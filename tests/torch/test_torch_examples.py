@@ -41,7 +41,7 @@ def test_torch_loop_example_runs_and_writes_a_run_file(tmp_path):
 
 def test_ddp_example_ranks_agree_and_only_rank0_writes(tmp_path):
     proc = _run("ddp_torch.py", "--steps", "6", "--out", str(tmp_path), timeout=180)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ranks agree: True" in proc.stdout
     assert "profiled steps 0" not in proc.stdout
     assert (tmp_path / "rank0.jsonl").exists()
