@@ -2,9 +2,10 @@
 
 Any framework without a gradwatch backend (JAX, numpy, your own autodiff) uses the core
 directly: give ``Monitor.observe`` the gradients as arrays each step and apply the
-decision it returns. Here we also pass the per-timestep gradient norms of the input,
-which our hand-written backward pass computes anyway, so gradwatch can show the gradient
-vanishing through time.
+decision it returns. On profiled steps we also pass two things our hand-written backward
+pass has at hand: the per-timestep norms of dL/dx_t (which timesteps the loss draws on)
+and the gains of the state Jacobian product dh_T/dh_{T-j} (how far a gradient survives
+going back through the recurrence), on which gradwatch judges vanishing and exploding.
 
 Run:  python examples/numpy_manual.py [--steps 200] [--seq 60]
 """
@@ -42,7 +43,23 @@ def forward_backward(params, x, y):
         grads["rnn.b_h"] += da.sum(0)
         dx_norms[t] = np.linalg.norm(da @ W_xh)
         dh = da @ W_hh
-    return loss, grads, dx_norms
+    return loss, grads, dx_norms, hs
+
+
+def propagation_gains(W_hh, hs, probed=8):
+    """RMS gains ||dh_T/dh_{T-j}||_F / sqrt(H), j = 0..T-1 (back to the first step's
+    state), the geometric mean over the first ``probed`` sequences, as the backends
+    measure them: one step's Jacobian dh_t/dh_{t-1} is diag(1 - h_t^2) @ W_hh."""
+    T, H = len(hs) - 1, W_hh.shape[0]
+    logs = []
+    for b in range(min(probed, hs[0].shape[0])):
+        J = np.eye(H)
+        gains = [1.0]
+        for t in range(T, 1, -1):  # extend dh_T/dh_t to dh_T/dh_{t-1}
+            J = J @ ((1.0 - hs[t][b] ** 2)[:, None] * W_hh)
+            gains.append(np.linalg.norm(J) / np.sqrt(H))
+        logs.append(np.log(np.maximum(gains, 1e-300)))
+    return np.exp(np.mean(logs, axis=0))
 
 
 def main() -> None:
@@ -66,9 +83,12 @@ def main() -> None:
     for step in range(1, args.steps + 1):
         x = rng.normal(size=(args.seq, B, D))
         y = x[0, :, 0]  # the label depends on the FIRST timestep only: a long dependency
-        loss, grads, dx_norms = forward_backward(params, x, y)
-        temporal = {"rnn": dx_norms} if monitor.profile_due() else None
-        record = monitor.observe(grads, temporal=temporal)
+        loss, grads, dx_norms, hs = forward_backward(params, x, y)
+        temporal = propagation = None
+        if monitor.profile_due():
+            temporal = {"rnn": dx_norms}
+            propagation = {"rnn": {"l0": propagation_gains(params["rnn.W_hh"], hs)}}
+        record = monitor.observe(grads, temporal=temporal, propagation=propagation)
         if record.skipped:
             continue
         grads = monitor.clip_gradients(grads, record)

@@ -260,7 +260,7 @@ class TemporalDetector(_Stateless):
                 rec, r = min(vanishing.items(), key=lambda kv: kv[1].horizon)
                 gate = record.gates.get(layer)
                 gate_txt = (
-                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (cell-path gain e^{gate.log_path_gain:.1f} over the "
+                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (memory-path gain e^{gate.log_path_gain:.1f} over the "
                     f"sequence)."
                     if gate is not None and family != "rnn"
                     else ""
