@@ -37,13 +37,16 @@ def propagation_rate(gains: Sequence[float] | np.ndarray) -> float:
 
     Least-squares fit of log(gains[j]) = a + j log(rate) over the steps whose gain is
     finite and positive (exact zeros are float underflow of a vanished gradient and carry
-    no slope). Below 1: vanishing; above 1: exploding. NaN with fewer than two usable
-    steps.
+    no slope). Below 1: vanishing; above 1: exploding. 0 when the gain is exactly zero
+    from the first step back on (a state that forgets everything at once: dead ReLUs,
+    a closed gate); NaN with fewer than two usable steps otherwise.
     """
     arr = np.asarray(gains, dtype=np.float64).reshape(-1)
     j = np.arange(arr.size, dtype=np.float64)
     ok = np.isfinite(arr) & (arr > 0)
     if int(ok.sum()) < 2:
+        if arr.size >= 2 and ok[0] and arr[1] == 0.0:
+            return 0.0
         return math.nan
     j = j[ok]
     y = np.log(arr[ok])

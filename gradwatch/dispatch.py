@@ -31,6 +31,21 @@ logger = logging.getLogger("gradwatch")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
+def _latest_of_each(held: Mapping[str, TemporalProfile], new: Mapping[str, TemporalProfile]) -> Mapping[str, TemporalProfile]:
+    """The window's profiles after a step that profiled: each layer's newest sensitivity,
+    and its newest propagation even when this step measured only the sensitivity (the
+    backends measure propagation on fewer steps than the profile: a flushed record must
+    not lose one to a later, cheaper profile of the same window)."""
+    if not held:
+        return new
+    out = {**held, **new}
+    for layer, prof in new.items():
+        old = held.get(layer)
+        if old is not None and old.recurrences and not prof.recurrences:
+            out[layer] = dataclasses.replace(prof, gain=old.gain, horizon=old.horizon, propagation=old.propagation, recurrences=old.recurrences)
+    return MappingProxyType(out)
+
+
 class Window:
     """The statistics of the steps between two flushes."""
 
@@ -68,7 +83,7 @@ class Window:
         self.skipped += r.skipped
         self.nonfinite += bool(r.nonfinite)
         if r.temporal:
-            self.temporal = r.temporal
+            self.temporal = _latest_of_each(self.temporal, r.temporal)
         if r.spectral:
             self.spectral = r.spectral
         if r.gates:
@@ -94,7 +109,7 @@ class Window:
             nonfinite=self.nonfinite,
         )
         return dataclasses.replace(
-            r, window=stats, temporal=r.temporal or self.temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
+            r, window=stats, temporal=self.temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
         )
 
     _SAVED = ("first", "steps", "n_finite", "total", "clipped", "skipped", "nonfinite")

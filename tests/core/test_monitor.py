@@ -227,3 +227,29 @@ def test_a_frozen_layer_is_not_reported_as_vanished():
         m.process(StepStats(np.array([1e-20, 1.0])))
     (e,) = m.events
     assert e.kind == "vanishing" and e.layer == "enc"
+
+
+def test_a_flushed_record_keeps_the_windows_propagation_past_a_later_cheaper_profile():
+    """The backends measure propagation on fewer steps than the sensitivity profile: a
+    window whose last profile has no propagation still writes the one measured before."""
+    m = monitor(log_every=4, profile_every=1)
+    m.bind(["rnn.w"])
+    sensitivity = np.linspace(1.0, 2.0, 10)
+    vanishing = 0.5 ** np.arange(10)
+    feed(m, norms=np.ones(1), temporal={"rnn": sensitivity}, propagation={"rnn": {"l0": vanishing}})  # step 1
+    feed(m, norms=np.ones(1), temporal={"rnn": sensitivity * 3})  # steps 2-4: sensitivity only
+    feed(m, norms=np.ones(1), temporal={"rnn": sensitivity * 5})
+    feed(m, norms=np.ones(1))
+    (sink,) = m.sinks
+    (written,) = sink.records
+    prof = written.temporal["rnn"]
+    assert written.step == 4
+    assert prof.norms == pytest.approx(tuple(sensitivity * 5))  # the newest sensitivity
+    assert prof.recurrences["l0"].gains == pytest.approx(tuple(vanishing))  # the window's propagation
+    assert prof.horizon == 10 and prof.gain == pytest.approx(0.5)
+    # The next window measured none: its record says so rather than repeat the old one.
+    for _ in range(4):
+        feed(m, norms=np.ones(1), temporal={"rnn": sensitivity})
+    assert not sink.records[-1].temporal["rnn"].recurrences
+    # In memory, each step keeps exactly what it measured.
+    assert not m.records[1].temporal["rnn"].recurrences

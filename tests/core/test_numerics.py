@@ -22,9 +22,15 @@ def test_rate_ignores_underflowed_zeros():
     assert propagation_rate(gains) == pytest.approx(0.5)
 
 
+def test_rate_is_zero_when_nothing_gets_past_the_first_step():
+    # A ReLU RNN whose units are all dead: ds_T/ds_{T-1} is exactly 0.
+    assert propagation_rate([1.0, 0.0, 0.0]) == 0.0
+
+
 def test_rate_is_nan_without_two_usable_points():
-    assert math.isnan(propagation_rate([1.0, 0.0, 0.0]))
     assert math.isnan(propagation_rate([]))
+    assert math.isnan(propagation_rate([1.0]))
+    assert math.isnan(propagation_rate([1.0, math.nan, math.nan]))
 
 
 def test_horizon_is_the_first_step_back_below_the_ratio():

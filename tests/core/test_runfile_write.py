@@ -7,7 +7,6 @@ written by hand, and what another process sees; never gradwatch's own output.
 
 from __future__ import annotations
 
-import gc
 import json
 import math
 import os
@@ -192,12 +191,25 @@ def test_sigterm_turned_into_exit_keeps_every_step(tmp_path):
 
 
 def test_monitor_dropped_without_close_writes_its_tail(tmp_path):
+    """A sweep that rebinds its monitor each trial, never closing it. In a fresh
+    interpreter: inside pytest, a frame kept by some other test's traceback can hold the
+    monitor past its last reference, which is not what this tests."""
     path = tmp_path / "run.jsonl"
-    m = monitor(sinks=[f"jsonl:{path}"], log_every=50)
-    m.bind(NAMES)
-    _feed(m, range(1, 8))
-    del m
-    gc.collect()
+    _run_script(
+        f"""
+        import gc
+        m = gradwatch.Monitor(sinks=["jsonl:{path}"], log_every=50)
+        m.bind(["enc.w", "dec.w"])
+        for step in range(1, 8):
+            m.process(StepStats(norms(step) ** 2))
+        del m
+        gc.collect()
+        import os
+        os._exit(0)  # no atexit: only dropping the monitor may have written the tail
+        """,
+        tmp_path,
+        check=True,
+    )
     assert gradwatch.read_run(path).steps.step.tolist() == list(range(1, 8))
 
 
