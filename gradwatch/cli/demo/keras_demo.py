@@ -17,31 +17,33 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwatch.cli.demo._progress import Progress
-from gradwatch.cli.demo.tasks import FirstSignTask
 from gradwatch.cli.demo.torch_demo import RunResult, RunSpec
 
 __all__ = ["RUNS", "train_all"]
 
 RUNS: tuple[RunSpec, ...] = (
-    RunSpec("rnn_tanh", "tanh", 64, 1e-3, None, "keras SimpleRNN (tanh), default init"),
+    RunSpec("rnn_tanh", "tanh", 64, 1e-3, None, "keras SimpleRNN (tanh), default init, Adam"),
     RunSpec(
         "lstm",
         "lstm",
         64,
         1e-3,
         None,
-        "keras LSTM, forget-gate bias 2 (unit_forget_bias adds 1; we use 2 as in the PyTorch demo)",
+        "keras LSTM, forget-gate bias 2 (unit_forget_bias adds 1; we use 2 as in the PyTorch demo), Adam",
     ),
-    RunSpec("gru", "gru", 32, 3e-3, None, "keras GRU, update-gate bias 4"),
-    RunSpec("relu_rnn", "relu", 64, 3e-3, None, "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, no clipping"),
+    RunSpec("gru", "gru", 32, 3e-3, None, "keras GRU, update-gate bias 4, Adam"),
+    RunSpec("relu_rnn", "relu", 64, 3e-3, None, "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, Adam, no clipping"),
     RunSpec(
-        "relu_rnn_zclip",
+        "relu_sgd",
         "relu",
         64,
-        3e-3,
-        "zclip",
-        "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, policy='zclip' (max_norm=1)",
+        1e-2,
+        None,
+        "keras SimpleRNN (ReLU), recurrent kernel 1.1*I, 30 steps, SGD momentum 0.9, no clipping",
+        30,
+        "sgd",
     ),
+    RunSpec("relu_sgd_fixed", "relu", 64, 1e-2, "fixed", "the same, same seed, policy='fixed' (max_norm=1)", 30, "sgd"),
 )
 
 BATCH = 32
@@ -74,9 +76,10 @@ def _build(spec: RunSpec) -> Any:
     else:
         rnn = keras.layers.SimpleRNN(h, name="rnn")
     model = keras.Sequential(
-        [keras.Input((FirstSignTask().length, 1)), rnn, keras.layers.Dense(1, name="head")], name=spec.name
+        [keras.Input((spec.length, 1)), rnn, keras.layers.Dense(1, name="head")], name=spec.name
     )
-    model.compile(keras.optimizers.Adam(spec.lr), keras.losses.BinaryCrossentropy(from_logits=True))
+    opt = keras.optimizers.SGD(spec.lr, momentum=0.9) if spec.optimizer == "sgd" else keras.optimizers.Adam(spec.lr)
+    model.compile(opt, keras.losses.BinaryCrossentropy(from_logits=True))
     return model
 
 
@@ -86,13 +89,19 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     from gradwatch_tf import GradWatchCallback
 
     keras.utils.set_random_seed(seed)
-    task = FirstSignTask()
+    task = spec.task
     rng = np.random.default_rng(seed)
     x, y = task.batch(rng, steps * BATCH)  # one epoch of `steps` batches
     model = _build(spec)
     path = spec.run_file(out)
     watch = GradWatchCallback(**spec.watch_options(out, steps))
-    watch.monitor.meta["demo"] = {"description": spec.description, "hidden": spec.hidden, "lr": spec.lr}
+    watch.monitor.meta["demo"] = {
+        "description": spec.description,
+        "hidden": spec.hidden,
+        "lr": spec.lr,
+        "length": spec.length,
+        "optimizer": spec.optimizer,
+    }
     bar = Progress(spec.name, steps, stream)
 
     class ShowProgress(keras.callbacks.Callback):
