@@ -37,20 +37,21 @@ logger = logging.getLogger("gradwatch")
 DEFAULT_WATCH_CAPACITY = 256
 
 
-def _known_layers(model: Any) -> list[str]:
-    """Paths of the model's layers (nested models walked into), for :func:`infer_layer`:
-    an LSTM's variables live in its cell (``"lstm/lstm_cell/kernel"``) but users know
-    the layer (``"lstm"``)."""
+def _known_layers(model: Any) -> dict[str, str]:
+    """Paths of the model's layers (nested models walked into) and their class names:
+    the paths for :func:`infer_layer` (an LSTM's variables live in its cell,
+    ``"lstm/lstm_cell/kernel"``, but users know the layer, ``"lstm"``), the names for the
+    report's labels."""
     import keras
 
-    out: list[str] = []
+    out: dict[str, str] = {}
 
     def visit(layer: Any) -> None:
         for sub in getattr(layer, "_layers", []) or []:
             if isinstance(sub, keras.Model):
                 visit(sub)
             elif isinstance(getattr(sub, "path", None), str):
-                out.append(sub.path)
+                out[sub.path] = type(sub).__name__
 
     visit(model)
     return out
@@ -158,10 +159,12 @@ class TFAttachment(RingReader):
     def _setup(self, variables: list[Any]) -> None:
         """Bind the parameters, create the probe variables, the ring and the layout (once)."""
         model = self._model_ref()
-        known = _known_layers(model) if model is not None else []
+        known = _known_layers(model) if model is not None else {}
         names = [v.path for v in variables]
-        self._monitor.bind(names, [infer_layer(n, known) for n in names])
+        layers = [infer_layer(n, list(known)) for n in names]
+        self._monitor.bind(names, layers)
         meta = self._monitor.meta  # facts for the run file's header (the report shows them)
+        meta.setdefault("layer_types", {layer: known[layer] for layer in dict.fromkeys(layers) if layer in known})
         meta.setdefault("backend", "tf")
         meta.setdefault("tensorflow", tf.__version__)
         meta.setdefault("recurrent_layers", {site.name: _recurrent.kind_of(site) for site in self._sites})

@@ -60,6 +60,17 @@ _T = TypeVar("_T")
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
+def _layer_types(root: nn.Module, layers: Any) -> dict[str, str]:
+    """Layer name -> module class name, for the report's labels ("0 (Linear)")."""
+    out: dict[str, str] = {}
+    for layer in layers:
+        try:
+            out[layer] = type(root.get_submodule(layer)).__name__
+        except (AttributeError, ValueError):  # a parameter of the root itself, or an unusual name
+            continue
+    return out
+
+
 class TorchAttachment:
     """The PyTorch side of a Watch: hooks, on-device measurement, clipping, skipping.
 
@@ -121,6 +132,7 @@ class TorchAttachment:
         meta.setdefault("backend", "torch")
         meta.setdefault("torch", torch.__version__)
         meta.setdefault("recurrent_layers", {p.name: p.kind for p in self._probes})
+        meta.setdefault("layer_types", _layer_types(root, self._monitor.layers))
         self._check_distributed()
 
     # -- Attachment protocol --------------------------------------------------------------

@@ -55,9 +55,8 @@ def test_the_watch_keeps_no_strong_reference_to_the_model(backend):
 
 def test_watching_a_model_twice_is_an_error_until_closed(backend):
     model, opt = backend.build()
-    with watch(backend, model, opt):
-        with pytest.raises(gradwatch.GradwatchError, match="already watched"):
-            watch(backend, model, opt)
+    with watch(backend, model, opt), pytest.raises(gradwatch.GradwatchError, match="already watched"):
+        watch(backend, model, opt)
     with watch(backend, model, opt) as again:  # closed: watching it again is fine
         backend.train_step(model, opt, 0)
         assert len(again.records) == 1
@@ -156,3 +155,13 @@ def test_profile_every_0_measures_norms_only(backend):
         backend.train_step(model, opt, 0)
         (r,) = w.records
     assert not r.temporal and not r.spectral and math.isfinite(r.global_norm)
+
+
+def test_the_run_file_header_names_each_layers_type(backend, tmp_path):
+    """The report labels its rows "rnn (LSTM)": the header must carry the class names."""
+    model, opt = backend.build()
+    path = tmp_path / "run.jsonl"
+    with watch(backend, model, opt, sinks=[f"jsonl:{path}"], log_every=1):
+        backend.train_step(model, opt, 0)
+    types = gradwatch.read_run(path).header["layer_types"]
+    assert types == {"rnn": "LSTM", "head": "Linear" if backend.name == "torch" else "Dense"}
