@@ -7,10 +7,13 @@ How it behaves, and why:
 
 * Everything per step happens inside the traced step (``tf.function``, XLA, any
   ``steps_per_execution``): ``optimizer.apply`` is wrapped on the optimizer *instance*
-  and restored by deleting that attribute. Keras' cached train function is dropped at
-  both ends of a fit so no traced copy of the wrapper outlives it. A ``tf.function`` of a
-  custom loop traced while watched keeps gradwatch's ops after ``close()``, but they
-  then stand aside (no clipping, no skipping).
+  and restored by deleting that attribute. Between fits the callback keeps its traced
+  step aside and suspends the attachment (optimizer restored, nothing measured), and
+  puts Keras' own untraced function back, so an unwatched ``fit``, ``evaluate`` or
+  ``predict`` runs none of gradwatch's ops; the next ``fit`` with the same callback,
+  model, optimizer and compilation resumes and reuses that trace instead of retracing.
+  A ``tf.function`` of a custom loop traced while watched keeps gradwatch's ops after
+  ``close()``, but they then stand aside (no clipping, no skipping).
 * The host reads one ring buffer (``steps_per_execution`` rows for ``fit``) per batch end.
   ``gradwatch.watch`` reads after each step when eager, through a ``tf.py_function``
   per step inside a ``tf.function``, and under ``jit_compile=True`` when ``watch.records``
