@@ -32,9 +32,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Keep torch out of this process, as a Keras user's would be.
 sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from benchmarks.harness import Arm, Workload, emit, logger, run_interleaved, summarize  # noqa: E402
+from benchmarks.harness import Arm, Workload, emit, logger, run_interleaved, summarize
 
 log = logger("keras")
 

@@ -17,19 +17,19 @@ import sys
 for _name in ("tensorflow", "keras"):
     sys.modules.setdefault(_name, None)  # type: ignore[arg-type]
 
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import cProfile  # noqa: E402
-import os  # noqa: E402
-import pstats  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+import argparse
+import copy
+import cProfile
+import os
+import pstats
+import statistics
+import time
+from typing import Any
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.harness import emit, logger  # noqa: E402
-from benchmarks.torch_bench import workload  # noqa: E402
+from benchmarks.harness import emit, logger
+from benchmarks.torch_bench import workload
 
 log = logger("profile")
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import sys
 
-
 # TensorBoard's writer imports TensorFlow when it can; a PyTorch user without it gets
 # TensorBoard's own stub. Keep it out so this process holds torch only, as users' do.
 for _name in ("tensorflow", "keras"):
@@ -173,6 +172,16 @@ def floor_arm(base: nn.Module, data: list, loss_of: Callable) -> Arm:
     return arm
 
 
+def _replay_every_profiled_step(w: Any) -> Any:
+    """Lift this watch's replay budget (its own probes only: the other arms share the
+    process), so the arm's excess over "profile_every=1" is the replay's own cost."""
+    from gradwatch_torch._recurrent import outside_backward
+
+    for probe in getattr(w.attachment, "_probes", []):
+        probe._replay_due = lambda flops, tokens, p=probe: p.on("replay") and not p._replayed and outside_backward()
+    return w
+
+
 def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool, diagnostic: bool = True
                ) -> tuple[list[Arm], list]:
     import gradwatch
@@ -202,6 +211,13 @@ def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool, diag
         "gradwatch profile_every=1", base, data, loss_of,
         attach=lambda m, o: gradwatch.watch(m, o, profile_every=1), note="otherwise defaults",
     ))
+
+    if diagnostic:
+        arms.append(make_arm(
+            "gradwatch profile_every=1, replay every step", base, data, loss_of,
+            attach=lambda m, o: _replay_every_profiled_step(gradwatch.watch(m, o, profile_every=1)),
+            note="diagnostic: the through-time replay on every profiled step, not every n-th",
+        ))
 
     # -- the tools people use today -------------------------------------------------------
     if have("tensorboard"):

@@ -18,13 +18,13 @@ from gradwatch import _numerics
 
 __all__ = [
     "ClipDecision",
-    "extreme",
     "GateStats",
     "NormMap",
     "Propagation",
     "StepRecord",
     "TemporalProfile",
     "WindowStats",
+    "extreme",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})

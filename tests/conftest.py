@@ -18,6 +18,5 @@ if os.environ.get("GRADWATCH_BLOCK_FRAMEWORKS"):
         def find_spec(self, name: str, path: object = None, target: object = None) -> None:
             if name.split(".")[0] in BLOCKED:
                 raise ImportError(f"{name} is blocked: the core suite runs without frameworks")
-            return None
 
     sys.meta_path.insert(0, _BlockFrameworks())

@@ -11,9 +11,9 @@ import pytest
 
 import gradwatch
 from gradwatch import GradwatchError, Monitor, hookspecs
+from gradwatch.arrayops import NUMPY
 from gradwatch.hookspecs import hookimpl
 from gradwatch.plugins import make_plugin_manager
-from gradwatch.arrayops import NUMPY
 from gradwatch.policies import Clip, Policy
 
 

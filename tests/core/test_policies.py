@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from gradwatch import ConfigError
 from gradwatch._numerics import unitwise_norm
-from tests.reference import agc_clip
 from gradwatch.policies import AGC, AutoClip, FixedNorm, ZClip
+from tests.reference import agc_clip
 
 norms_st = st.lists(st.floats(min_value=1e-6, max_value=1e6, allow_nan=False), min_size=1, max_size=120)
 
