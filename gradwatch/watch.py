@@ -25,7 +25,7 @@ from gradwatch.monitor import Monitor
 from gradwatch.plugins import backend_names, get_plugin_manager
 from gradwatch.records import StepRecord
 
-__all__ = ["Watch", "watch", "watch_with"]
+__all__ = ["Watch", "WatchFront", "watch", "watch_with"]
 
 
 class Watch:
@@ -202,3 +202,36 @@ def watch(model: object, optimizer: object | None = None, *, plugin_manager: plu
         return pm.hook.gradwatch_attach(target=model, optimizer=optimizer, monitor=monitor)  # type: ignore[no-any-return]
 
     return watch_with(attach, model, plugin_manager=pm, **options)
+
+
+class WatchFront:
+    """What a training-framework callback offers *like a Watch*, by delegating to the
+    :class:`Watch` it holds in ``self.watch``: the Keras, Lightning and Hugging Face
+    callbacks read the same records, events and state, however the user trains.
+    A callback adds its own ``close()`` (it has its trainer to give back first)."""
+
+    watch: Watch
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.watch.monitor
+
+    @property
+    def records(self) -> list[StepRecord]:
+        """Recent records, oldest first, at most ``keep`` (pending device statistics are
+        read first)."""
+        return self.watch.records
+
+    @property
+    def events(self) -> list[GradEvent]:
+        """Events emitted so far (the most recent ``keep``)."""
+        return self.watch.events
+
+    def state_dict(self) -> dict[str, Any]:
+        """The watch's plain JSON state, the same as a ``gradwatch.Watch``'s (Lightning
+        stores it in every checkpoint, the Hugging Face Trainer in trainer_state.json)."""
+        return self.watch.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (the trainers do it for you on resume)."""
+        self.watch.load_state_dict(state)

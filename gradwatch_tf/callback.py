@@ -32,8 +32,8 @@ import tensorflow as tf
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import NonFiniteGradientError
-from gradwatch.events import GradEvent
 from gradwatch.records import StepRecord
+from gradwatch.watch import WatchFront
 from gradwatch_tf._intercept import FitFunctions, FitSignature
 from gradwatch_tf.attach import TFAttachment
 
@@ -45,7 +45,7 @@ __all__ = ["GradWatchCallback"]
 _END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
 
 
-class GradWatchCallback(keras.callbacks.Callback):
+class GradWatchCallback(WatchFront, keras.callbacks.Callback):
     """Watch the gradients of ``model.fit`` (options as in ``gradwatch.watch``).
 
     The options are validated here (a bad one raises ``gradwatch.ConfigError`` before
@@ -69,10 +69,6 @@ class GradWatchCallback(keras.callbacks.Callback):
         self._signature: FitSignature | None = None
         self._functions: FitFunctions | None = None
         self._in_fit = False
-
-    @property
-    def monitor(self) -> Monitor:
-        return self.watch.monitor
 
     # ------------------------------------------------------------------ fit hooks
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -185,23 +181,6 @@ class GradWatchCallback(keras.callbacks.Callback):
             logs["clip_threshold"] = self._last.clip.threshold
 
     # ------------------------------------------------------------------ like a Watch
-    @property
-    def records(self) -> list[StepRecord]:
-        """Recent records, oldest first (pending device statistics are read first)."""
-        return self.watch.records
-
-    @property
-    def events(self) -> list[GradEvent]:
-        return self.watch.events
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain JSON state, the same as a ``gradwatch.Watch``'s."""
-        return self.watch.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (also a ``gradwatch.Watch``'s, after JSON)."""
-        self.watch.load_state_dict(state)
-
     def close(self) -> None:
         """Remove everything of gradwatch now (also in the middle of a ``fit``) and close
         the monitor's sinks (the run file gets its summary line). Idempotent."""

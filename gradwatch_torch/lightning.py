@@ -74,8 +74,7 @@ import torch
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import ConfigError, GradwatchError
-from gradwatch.events import GradEvent
-from gradwatch.records import StepRecord
+from gradwatch.watch import WatchFront
 from gradwatch_torch._trainers import TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
 
@@ -114,7 +113,7 @@ def _callback_bases() -> tuple[type, ...]:
     )
 
 
-class GradWatchCallback(*_callback_bases()):  # type: ignore[misc]
+class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
     """Watch the gradients of ``Trainer.fit`` (options as in ``gradwatch.watch``).
 
     Options are validated here (a bad one raises ``gradwatch.ConfigError`` before any
@@ -134,10 +133,6 @@ class GradWatchCallback(*_callback_bases()):  # type: ignore[misc]
         self._measured_at: int | None = None  # trainer.global_step of the last record
         self._log_failed = False
         self._warned: set[str] = set()
-
-    @property
-    def monitor(self) -> Monitor:
-        return self.watch.monitor
 
     # ------------------------------------------------------------------ fit hooks
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
@@ -256,19 +251,6 @@ class GradWatchCallback(*_callback_bases()):  # type: ignore[misc]
             )
 
     # ------------------------------------------------------------------ like a Watch
-    @property
-    def records(self) -> list[StepRecord]:
-        """Recent records, oldest first, at most ``keep``."""
-        return self.watch.records
-
-    @property
-    def events(self) -> list[GradEvent]:
-        return self.watch.events
-
-    def state_dict(self) -> dict[str, Any]:
-        """The watch's plain JSON state; Lightning stores it in every checkpoint."""
-        return self.watch.state_dict()
-
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore :meth:`state_dict` output (Lightning calls this on ``fit(ckpt_path=...)``)."""
         if not state_dict:

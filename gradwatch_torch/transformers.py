@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
@@ -78,8 +77,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
-from gradwatch.events import GradEvent
-from gradwatch.records import StepRecord
+from gradwatch.watch import WatchFront
 from gradwatch_torch._distributed import is_dtensor
 from gradwatch_torch._trainers import TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
@@ -138,7 +136,7 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
-class GradWatchCallback(TrainerCallback):
+class GradWatchCallback(WatchFront, TrainerCallback):
     """Watch the gradients of ``Trainer.train`` (options as in ``gradwatch.watch``).
 
     Options are validated here (a bad one raises ``gradwatch.ConfigError`` before any
@@ -165,10 +163,6 @@ class GradWatchCallback(TrainerCallback):
         self._scaler: Any = None
         self._inner_optimizer: Any = None
         self._warned: set[str] = set()
-
-    @property
-    def monitor(self) -> Monitor:
-        return self.watch.monitor
 
     # ------------------------------------------------------------------ Trainer events
     def on_train_begin(
@@ -326,23 +320,6 @@ class GradWatchCallback(TrainerCallback):
         return True
 
     # ------------------------------------------------------------------ like a Watch
-    @property
-    def records(self) -> list[StepRecord]:
-        """Recent records, oldest first, at most ``keep``."""
-        return self.watch.records
-
-    @property
-    def events(self) -> list[GradEvent]:
-        return self.watch.events
-
-    def state_dict(self) -> dict[str, Any]:
-        """The watch's plain JSON state (also saved in every checkpoint's trainer_state.json)."""
-        return self.watch.state_dict()
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output (done for you on ``resume_from_checkpoint``)."""
-        self.watch.load_state_dict(state)
-
     def close(self) -> None:
         """Give everything back now (normally done at train end) and close the sinks."""
         self._release()
