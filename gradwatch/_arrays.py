@@ -51,6 +51,7 @@ def stats_from_arrays(
     temporal: Mapping[str, Any] | None = None,
     propagation: Mapping[str, Any] | None = None,
     spectral: Mapping[str, float] | None = None,
+    max_gains: Mapping[str, Any] | None = None,
 ) -> StepStats:
     """One step's :class:`StepStats` from gradients as arrays (anything ``np.asarray`` takes)."""
     names = tuple(grads)
@@ -65,7 +66,10 @@ def stats_from_arrays(
         clipped = np.fromiter(
             (np.sum(np.square(_unitwise(policy, ps[k], g, unit_axis))) for k, g in zip(names, arrays)), dtype=np.float64, count=len(arrays)
         )
-    return StepStats(sq, nonfinite, temporal or _EMPTY, propagation=propagation or _EMPTY, spectral=spectral or _EMPTY, clipped_sq_norms=clipped)
+    return StepStats(
+        sq, nonfinite, temporal or _EMPTY, propagation=propagation or _EMPTY, max_gains=max_gains or _EMPTY,
+        spectral=spectral or _EMPTY, clipped_sq_norms=clipped,
+    )
 
 
 def apply_decision(grads: Mapping[str, Any], record: StepRecord, policy: Any, params: Mapping[str, Any] | None, unit_axis: int) -> dict[str, np.ndarray]:

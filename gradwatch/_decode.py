@@ -119,11 +119,18 @@ def _profile(p: Any, what: str) -> TemporalProfile:
     for k, r in _dict(d.get("recurrences"), f"{what}.recurrences").items():
         at = f"{what}.recurrences[{k[:40]!r}]"
         r = _dict(r, at, optional=False)
-        recs[k] = Propagation(_nums(r.get("gains"), f"{at}.gains"), _num(r.get("rate"), f"{at}.rate"), _int(r.get("horizon"), f"{at}.horizon"))
+        recs[k] = Propagation(
+            _nums(r.get("gains"), f"{at}.gains"),
+            _num(r.get("rate"), f"{at}.rate"),
+            _int(r.get("horizon"), f"{at}.horizon"),
+            _nums(r.get("max_gains"), f"{at}.max_gains") if r.get("max_gains") is not None else (),
+        )
+    hor = d.get("horizon")
     return TemporalProfile(
         norms=_nums(d.get("norms"), f"{what}.norms"),
         gain=_num(d.get("gain"), f"{what}.gain"),
-        horizon=_int(d.get("horizon"), f"{what}.horizon"),
+        # None: not measured. Files written before that said 0 for a profile without recurrences.
+        horizon=None if hor is None or not recs else _int(hor, f"{what}.horizon"),
         propagation=_nums(d.get("propagation"), f"{what}.propagation"),
         recurrences=MappingProxyType(recs),
     )

@@ -21,7 +21,10 @@ Segment kinds (``size`` elements each):
 ``temporal``   T (key: layer): per-timestep squared norms of dL/dx_t
 ``spectral``   G (key: weight; labels: one name per gate block): largest singular values
 ``gates``      2 (key: layer; labels: the gate's name): mean gate, mean sum_t log gate
-``propagation`` R*T (key: layer; labels: the R recurrences): gains, T per recurrence
+``propagation`` R*T (key: layer; labels: the R recurrences): RMS gains (median over the
+               probed sequences), T per recurrence
+``max_gains``  R*T (key: layer; labels: the R recurrences): largest-singular-value gains
+               (max over the probed sequences), T per recurrence
 =============  ==========================================================================
 """
 
@@ -53,8 +56,9 @@ KINDS = (
     "spectral",
     "gates",
     "propagation",
+    "max_gains",
 )
-_PER_LAYER = ("temporal", "spectral", "gates", "propagation")
+_PER_LAYER = ("temporal", "spectral", "gates", "propagation", "max_gains")
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,10 @@ class StepStats:
     nonfinite: np.ndarray | None = None
     #: layer -> per-timestep L2 norms of dL/dx_t (forward order).
     temporal: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
-    #: layer -> recurrence ("l0", "l0_reverse", ...) -> gains over j = 0 .. T-1 steps back.
+    #: layer -> recurrence ("l0", "l0_reverse", ...) -> RMS gains over j = 0 .. T-1 steps back.
     propagation: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
+    #: layer -> recurrence -> largest-singular-value gains (rate and horizon are fitted on these).
+    max_gains: Mapping[str, Mapping[str, Any]] = field(default_factory=lambda: _EMPTY)
     #: "lstm.weight_hh_l0[f]" -> largest singular value.
     spectral: Mapping[str, float] = field(default_factory=lambda: _EMPTY)
     #: layer -> gate statistics.
@@ -173,6 +179,7 @@ class Layout:
         spectral: dict[str, float] = {}
         gates: dict[str, GateStats] = {}
         propagation: dict[str, dict[str, np.ndarray]] = {}
+        max_gains: dict[str, dict[str, np.ndarray]] = {}
         if profiled:
             for s in self.segments:
                 if s.kind not in _PER_LAYER:
@@ -184,15 +191,17 @@ class Layout:
                     spectral.update(zip(s.labels, (float(x) for x in v)))
                 elif s.kind == "gates":
                     gates[s.key] = GateStats(s.labels[0] if s.labels else "", float(v[0]), float(v[1]))
-                elif s.kind == "propagation" and s.labels:
+                elif s.kind in ("propagation", "max_gains") and s.labels:
                     per = v.reshape(len(s.labels), -1)
-                    propagation[s.key] = {label: per[i] for i, label in enumerate(s.labels)}
+                    target = propagation if s.kind == "propagation" else max_gains
+                    target[s.key] = {label: per[i] for i, label in enumerate(s.labels)}
         clipped = get("clipped_sq")
         return StepStats(
             sq_norms=sq,
             nonfinite=None if nonfinite is None else nonfinite > 0.5,
             temporal=temporal,
             propagation=propagation,
+            max_gains=max_gains,
             spectral=spectral,
             gates=gates,
             clipped_sq_norms=None if clipped is None else clipped.copy(),

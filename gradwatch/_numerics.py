@@ -10,10 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from gradwatch.through_time import fit as _fit
+
 __all__ = ["HORIZON_FRACTION", "propagation_horizon", "propagation_rate", "unitwise_norm"]
 
-#: A state is "reached" while the gain back to it is at least this (``vanish_ratio``'s default).
-HORIZON_FRACTION = 1e-3
+HORIZON_FRACTION = _fit.HORIZON_FRACTION
 
 
 def unitwise_norm(x: np.ndarray, unit_axis: int = 0) -> np.ndarray:
@@ -32,36 +33,6 @@ def unitwise_norm(x: np.ndarray, unit_axis: int = 0) -> np.ndarray:
     return np.sqrt(np.sum(x * x, axis=reduce_axes, keepdims=True))
 
 
-def propagation_rate(gains: Sequence[float] | np.ndarray) -> float:
-    """Per-step factor of a propagation profile: ``gains[j] ~ rate ** j``.
-
-    Least-squares fit of log(gains[j]) = a + j log(rate) over the steps whose gain is
-    finite and positive (exact zeros are float underflow of a vanished gradient and carry
-    no slope). Below 1: vanishing; above 1: exploding. 0 when the gain is exactly zero
-    from the first step back on (a state that forgets everything at once: dead ReLUs,
-    a closed gate); NaN with fewer than two usable steps otherwise.
-    """
-    arr = np.asarray(gains, dtype=np.float64).reshape(-1)
-    j = np.arange(arr.size, dtype=np.float64)
-    ok = np.isfinite(arr) & (arr > 0)
-    if int(ok.sum()) < 2:
-        if arr.size >= 2 and ok[0] and arr[1] == 0.0:
-            return 0.0
-        return math.nan
-    j = j[ok]
-    y = np.log(arr[ok])
-    jc = j - j.mean()
-    denom = float(np.dot(jc, jc))
-    if denom == 0.0:
-        return math.nan
-    slope = float(np.dot(jc, y - y.mean())) / denom
-    return float(math.exp(slope)) if slope < 700 else math.inf
-
-
-def propagation_horizon(gains: Sequence[float] | np.ndarray, ratio: float = HORIZON_FRACTION) -> int:
-    """Steps back until the gain first falls below ``ratio``: the smallest j with
-    ``gains[j] < ratio``; ``len(gains)`` when it never does (the whole sequence is
-    reached). NaN and +inf are never "below"."""
-    arr = np.asarray(gains, dtype=np.float64).reshape(-1)
-    below = np.flatnonzero(arr < ratio)  # NaN compares False
-    return int(below[0]) if below.size else int(arr.size)
+# The fits live in the through-time engine; these names stay for existing callers.
+propagation_rate = _fit.rate
+propagation_horizon = _fit.horizon

@@ -288,7 +288,7 @@ class Monitor:
             if isinstance(norms, TemporalProfile):
                 out[layer] = norms
             else:
-                out[layer] = TemporalProfile.build(norms, stats.propagation.get(layer), ratio)
+                out[layer] = TemporalProfile.build(norms, stats.propagation.get(layer), ratio, stats.max_gains.get(layer))
         return MappingProxyType(out)
 
     def _judge(self, record: StepRecord) -> None:
@@ -319,6 +319,7 @@ class Monitor:
         propagation: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
         spectral: Mapping[str, float] | None = None,
         unit_axis: int = 0,
+        max_gains: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
     ) -> StepRecord:
         """Record one step from gradients given as arrays (anything ``np.asarray`` takes).
 
@@ -326,13 +327,15 @@ class Monitor:
         each unit's gradient with its weights; ``unit_axis`` says which axis indexes the
         units (0 for ``(out, in)`` weights). Apply the decision with :meth:`clip_gradients`.
         ``temporal`` (layer -> per-timestep norms of dL/dx_t) and ``propagation`` (layer ->
-        recurrence -> gains over j steps back, see :class:`~gradwatch.Propagation`) are
-        what a framework without a backend can measure itself.
+        recurrence -> RMS gains over j steps back, and ``max_gains`` the same keys -> largest
+        singular values, on which rate and horizon are fitted; see
+        :class:`~gradwatch.Propagation` and :mod:`gradwatch.through_time.reference`) are what
+        a framework without a backend can measure itself.
         """
         names = tuple(grads)
         if names != self._names:
             self.bind(names)
-        return self.process(stats_from_arrays(grads, params, self.policy, unit_axis, temporal, propagation, spectral))
+        return self.process(stats_from_arrays(grads, params, self.policy, unit_axis, temporal, propagation, spectral, max_gains))
 
     def clip_gradients(
         self, grads: Mapping[str, Any], record: StepRecord, params: Mapping[str, Any] | None = None, unit_axis: int = 0

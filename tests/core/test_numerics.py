@@ -51,4 +51,4 @@ def test_profile_takes_the_most_extreme_recurrence_and_keeps_sensitivity():
     assert set(p.recurrences) == {"l0", "l0_reverse"}
     assert isinstance(p.recurrences["l0"], Propagation) and p.recurrences["l0"].horizon == 3
     empty = TemporalProfile.build([1.0, 2.0])
-    assert math.isnan(empty.gain) and empty.horizon == 0 and empty.propagation == () and empty.length == 2
+    assert math.isnan(empty.gain) and empty.horizon is None and empty.propagation == () and empty.length == 2

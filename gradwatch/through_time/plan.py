@@ -1,0 +1,89 @@
+"""The probe plan and the cost model, one set of numbers for every backend.
+
+*Which* sequences: the first ``min(batch, PROBED)`` of the batch, in the user's order.
+*How*: a state of at most ``EXACT_DIM`` numbers carries the whole identity back (exact);
+above, a block of directions (the dominant ones found by carrying random tangents forward,
+and random ones orthogonal to them) estimates both the largest singular value and the
+Frobenius norm (see :mod:`gradwatch_torch._replay` for the estimator and its measured
+error). *When*: on every profiled step when the replay is cheap; a layer whose replay
+would cost more than ``REPLAY_SHARE`` of the profiled steps' time replays on every n-th
+profiled step only (:func:`replay_every`), from shapes alone, so a repeated or resumed
+run (and every rank of a distributed one) measures on the same steps. A profile without a
+propagation measurement says so: ``recurrences == {}``, ``horizon is None``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+__all__ = [
+    "COMPLEMENT_PROBES",
+    "EXACT_DIM",
+    "PROBED",
+    "RENORM_EVERY",
+    "REPLAY_FREE",
+    "REPLAY_SHARE",
+    "SMALL_MATMUL_PENALTY",
+    "replay_every",
+    "seed_for",
+    "sweep_vectors",
+]
+
+#: Sequences of the batch whose propagation is measured (the first ones, user order).
+PROBED = 8
+#: State dimensions up to which the Jacobian product is carried whole (exact).
+EXACT_DIM = 16
+#: Random probes for the part orthogonal to the dominant directions, over all the probed
+#: sequences together: ceil(16 / P) per sequence, at least 2.
+COMPLEMENT_PROBES = 16
+#: Probe vectors are rescaled every this many steps (the scale kept in log), so a vanishing
+#: or exploding product never underflows or overflows float32.
+RENORM_EVERY = 8
+#: A replay adds at most this share to the profiled steps it runs on, on average.
+REPLAY_SHARE = 0.05
+#: Replays cheaper than this (flops) run on every profiled step.
+REPLAY_FREE = 5e7
+#: Small matrix products (a few probe vectors at a time) run at about a third of the speed
+#: of a training step's large ones: the sweeps' flops count triple in a cost estimate.
+SMALL_MATMUL_PENALTY = 3.0
+
+
+def complement_probes(sequences: int) -> int:
+    """Random complement probes per sequence of an estimate."""
+    return max(2, -(-COMPLEMENT_PROBES // max(int(sequences), 1)))
+
+
+def dominant_starts(steps: int) -> list[int]:
+    """Forward offsets (steps before the last) at which random tangents start, each carried
+    forward to s_T: 1, 2, 4, ... and the whole sequence. Tangent k finds the dominant left
+    direction of ds_T/ds_{T-j} for j near its offset; together they cover every j within
+    a factor 2 of one of them."""
+    out, k = [], 1
+    while k < steps - 1:
+        out.append(k)
+        k *= 2
+    out.append(steps - 1)
+    return out
+
+
+def sweep_vectors(dim: int, sequences: int, steps: int) -> int:
+    """Vectors carried per sequence by a replay's backward sweep (its cost driver)."""
+    if dim <= EXACT_DIM:
+        return dim
+    return len(dominant_starts(steps)) + complement_probes(sequences)
+
+
+def replay_every(replay_flops: float, step_flops: float) -> int:
+    """Replay on every n-th profiled step: the smallest n for which one replay stays under
+    ``REPLAY_SHARE`` of the profiled steps, against a training step estimated at
+    ``step_flops``. A replay under ``REPLAY_FREE`` flops always runs."""
+    if replay_flops <= REPLAY_FREE:
+        return 1
+    return max(1, math.ceil(replay_flops / (REPLAY_SHARE * max(step_flops, 1.0)) - 1e-9))
+
+
+def seed_for(name: str, step: int) -> int:
+    """The probe generator's seed for one layer at one step (reproducible, private: the
+    user's random state is never consumed)."""
+    return (zlib.crc32(name.encode()) * 1_000_003 + step) % (2**63)
