@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from gradwatch.events import GradEvent
-from gradwatch.formatting import clip_hint, fmt, layer_spectral, nonfinite_message
+from gradwatch.formatting import clip_hint, fmt, nonfinite_message
 from gradwatch.options import Options
 from gradwatch.records import NormMap, StepRecord
+from gradwatch.through_time.judge import TemporalDetector
 
 if TYPE_CHECKING:
     from gradwatch.view import MonitorView
@@ -172,118 +173,6 @@ class SpikeDetector:
         self.n = int(state["n"])
         self.mean = float(state["mean"])
         self.var = float(state["var"])
-
-
-_VANISH_REMEDY = {
-    "rnn": "Remedies: a gated cell (an LSTM or GRU layer) in place of the plain RNN, orthogonal initialisation of "
-    "the recurrent weights, or shorter truncated sequences (a smaller bptt).",
-    "lstm": "Remedies: a larger forget-gate bias (1 to 3), so the cell state carries the gradient further; "
-    "shorter truncated sequences if the task does not need the long range.",
-    "gru": "Remedies: a larger update-gate bias (so z stays near 1 and the state is carried over); shorter "
-    "truncated sequences if the task does not need the long range.",
-}
-_EXPLODE_REMEDY = (
-    "Remedies: a clipping policy (policy='zclip', or 'fixed' with max_norm), and a smaller recurrent weight scale "
-    "(largest singular value near or below 1: orthogonal initialisation, a smaller initial scale)."
-)
-
-
-def _family(kind: str | None) -> str:
-    k = (kind or "").lower()
-    return "lstm" if "lstm" in k else "gru" if "gru" in k else "rnn"
-
-
-def _recurrence_spectral(record: StepRecord, layer: str, recurrence: str, weights: Any) -> str:
-    """The largest singular value of this recurrence's own recurrent weights when measured:
-    the backend names them in ``meta["recurrence_weights"]`` (layer -> recurrence -> weight
-    names, the prefixes of their spectral keys), or torch's ``weight_hh_<recurrence>``;
-    else the layer's largest."""
-    prefixes = weights.get(layer, {}).get(recurrence) if isinstance(weights, Mapping) and isinstance(weights.get(layer), Mapping) else None
-    if prefixes:
-        own = {k: v for k, v in record.spectral.items() if any(k == p or k.startswith(p + "[") for p in prefixes)}
-    else:
-        own = {k: v for k, v in record.spectral.items() if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))}
-    if own:
-        name, s = max(own.items(), key=lambda kv: kv[1])
-        return f", largest recurrent singular value {fmt(s)} ({name})"
-    return layer_spectral(record, layer)
-
-
-class TemporalDetector(_Stateless):
-    """Vanishing or exploding gradients *through time* in a recurrent layer.
-
-    Judged on propagation (the product of the recurrent Jacobians ds_t/ds_{t-1}, Pascanu
-    et al. 2013), never on the input-gradient profile ``norms``, which says which
-    timesteps the loss uses, not whether the recurrence can carry a gradient. Vanishing:
-    a recurrence's horizon (steps back until its gain falls below ``vanish_ratio``) is
-    shorter than the sequence. Exploding: its gain over some number of steps exceeds
-    ``explode_ratio``. One alert per layer, for its worst recurrence, named with the
-    recurrence and remedies that fit the layer's kind (``view.meta["recurrent_layers"]``).
-    """
-
-    name: ClassVar[str] = "temporal"
-
-    def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
-        if not record.temporal:
-            return ()
-        o = self.options
-        kinds = view.meta.get("recurrent_layers") or {}
-        weights = view.meta.get("recurrence_weights") or {}
-        events: list[GradEvent] = []
-        for layer, prof in record.temporal.items():
-            recs = {k: r for k, r in prof.recurrences.items() if r.length >= 2}
-            if not recs:
-                continue
-            family = _family(kinds.get(layer) if isinstance(kinds, Mapping) else None)
-            exploding = {k: r for k, r in recs.items() if r.peak > o.explode_ratio}
-            vanishing = {k: r for k, r in recs.items() if r.horizon < r.length}
-            if exploding:
-                rec, r = max(exploding.items(), key=lambda kv: kv[1].peak)
-                j = max(range(r.length), key=lambda i: -math.inf if math.isnan(r.gains[i]) else r.gains[i])
-                events.append(
-                    GradEvent(
-                        kind="exploding",
-                        step=record.step,
-                        severity=logging.WARNING,
-                        message=(
-                            f"Exploding gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
-                            f"step {record.step}: a gradient carried back {j} steps through the layer's state grows "
-                            f"{fmt(r.peak)}x (alert above {fmt(o.explode_ratio)}x); {fmt(r.rate)} per step"
-                            f"{_recurrence_spectral(record, layer, rec, weights)}. {_EXPLODE_REMEDY}"
-                        ),
-                        layer=layer,
-                        value=r.peak,
-                        threshold=o.explode_ratio,
-                    )
-                )
-            elif vanishing:
-                rec, r = min(vanishing.items(), key=lambda kv: kv[1].horizon)
-                gate = record.gates.get(layer)
-                gate_txt = (
-                    f" Its mean {gate.gate} gate is {gate.mean:.2f} (memory-path gain e^{gate.log_path_gain:.1f} over the "
-                    f"sequence)."
-                    if gate is not None and family != "rnn"
-                    else ""
-                )
-                events.append(
-                    GradEvent(
-                        kind="vanishing",
-                        step=record.step,
-                        severity=logging.WARNING,
-                        message=(
-                            f"Vanishing gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) at "
-                            f"step {record.step}: a gradient carried back through the layer's state falls below "
-                            f"{fmt(o.vanish_ratio)} of its size after {r.horizon} of {r.length} steps (horizon "
-                            f"{r.horizon}); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec, weights)}. The "
-                            f"layer cannot learn dependencies longer than about {r.horizon} steps.{gate_txt} "
-                            f"{_VANISH_REMEDY[family]}"
-                        ),
-                        layer=layer,
-                        value=float(r.horizon),
-                        threshold=float(r.length),
-                    )
-                )
-        return events
 
 
 class VanishingNormDetector:

@@ -27,7 +27,7 @@ from gradwatch_torch._probing import (
     tolerance,
     with_input,
 )
-from gradwatch_torch._recurrent import MAX_CELL_REPLAY, MAX_CELL_STEPS, Probe
+from gradwatch_torch._recurrent import MAX_CELL_REPLAY, MAX_CELL_STEPS, Probe, _on_backward
 from gradwatch_torch._replay import replay
 from gradwatch_torch._tensors import _profile_dtype
 from gradwatch_torch._trajectory import PROBED, cell_trajectory, replay_flops
@@ -38,12 +38,15 @@ __all__ = ["CellProbe"]
 class _Chain:
     """Consecutive calls linked through their state: probed rows of inputs and outputs."""
 
-    __slots__ = ("c0", "h0", "hs", "xs")
+    __slots__ = ("c0", "h0", "hs", "trained", "xs")
 
     def __init__(self, h0: Tensor | None, c0: Tensor | None) -> None:
         self.h0, self.c0 = h0, c0
         self.xs: list[Tensor] = []
         self.hs: list[Tensor] = []
+        #: Set when backward reaches one of the chain's outputs: a chain of an evaluation
+        #: loop run with grad enabled (no backward) is never the one measured.
+        self.trained = [False]
 
 
 def _rows(t: Tensor | None, probed: int) -> Tensor | None:
@@ -83,7 +86,7 @@ class CellProbe(Probe):
             batch = int(x.shape[0]) if x.dim() > 1 else 1
             flops = replay_flops(self.kind, 1, 1, cell.input_size, cell.hidden_size, cell.hidden_size, min(batch, PROBED), 1)
             self._replay_step = self._replay_due(flops, batch)
-            self._replayed = self._replayed or self._replay_step
+            self._replays += int(bool(self._replay_step))
         if not self._replay_step or self._recorded >= MAX_CELL_REPLAY or not outside_backward():
             return
         probed = min(int(x.shape[0]), PROBED) if x.dim() > 1 else 1
@@ -128,6 +131,8 @@ class CellProbe(Probe):
             h = output[0] if isinstance(output, tuple) else output
             chain = self._chains[-1]
             chain.hs.append(_rows(h, chain.xs[-1].shape[0] if chain.xs[-1].dim() > 1 else 1))  # type: ignore[arg-type]
+            if not chain.trained[0]:
+                _on_backward(output, chain.trained)
             self._last_out = output
             self._tol = max(self._tol, tolerance(h.dtype, h.device.type))
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
@@ -150,7 +155,7 @@ class CellProbe(Probe):
         self._recorded, self._last_out, self._pending, self._replay_step = 0, None, False, None
         tol, self._tol = self._tol, 0.0
         module = self._module()
-        full = [c for c in chains if len(c.hs) == len(c.xs) and len(c.hs) >= 2]
+        full = [c for c in chains if len(c.hs) == len(c.xs) and len(c.hs) >= 2 and c.trained[0]]
         if module is None or not full or not self.on("replay"):
             return
         chain = max(full, key=lambda c: len(c.hs))  # the longest recurrence of the step

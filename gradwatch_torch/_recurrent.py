@@ -46,7 +46,8 @@ from gradwatch_torch._probing import (
     tolerance,
     with_input,
 )
-from gradwatch_torch._replay import Replayed, replay, seed_for
+from gradwatch.through_time.plan import seed_for
+from gradwatch_torch._replay import Replayed, replay
 from gradwatch_torch._tensors import SpectralTracker, packed_timestep_sq_norms, timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED, kind_of, replay_flops, sequence_trajectories
 
@@ -77,6 +78,28 @@ MAX_CELL_STEPS = 100_000
 #: Cell calls recorded for the replay within one step (their probed rows are copied).
 MAX_CELL_REPLAY = 4096
 
+#: Replays of one layer within one optimizer step at most (calls before the trained one:
+#: an evaluation forward with grad enabled, say).
+MAX_REPLAYS = 3
+
+
+def _on_backward(outputs: Any, flag: list[bool]) -> None:
+    """Set ``flag[0]`` when backward reaches any tensor in ``outputs`` (nested tuples,
+    PackedSequences): the call was part of a training step."""
+    def mark(_: Tensor) -> None:
+        flag[0] = True
+
+    stack = [outputs]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, PackedSequence):
+            o = o.data
+        if isinstance(o, (tuple, list)):
+            stack.extend(o)
+        elif isinstance(o, Tensor) and o.requires_grad:
+            o.register_hook(mark)
+
+
 _MEASURES = {
     "profile": "input-gradient profile",
     "replay": "propagation replay (propagation and gate statistics)",
@@ -97,10 +120,13 @@ class Probe:
         self._ctx = ctx
         self._off: set[str] = set()
         self._armed = True
-        self._replayed = False  # a replay was started this step (first call only)
-        self._result: tuple[tuple[str, ...], Tensor, Tensor | None, Tensor | None, float] | None = None
+        self._replays = 0  # replays started this step
+        #: This step's replays, each with the flag its call's backward sets: only a call
+        #: that training differentiated through is measured (an evaluation forward with
+        #: grad enabled between two steps is replayed, then left out).
+        self._calls: list[tuple[tuple[tuple[str, ...], Tensor, Tensor, Tensor | None, Tensor | None, float], list[bool]]] = []
         self._gates: Tensor | None = None
-        self._propagation: tuple[tuple[str, ...], Tensor] | None = None
+        self._propagation: tuple[tuple[str, ...], Tensor, Tensor] | None = None
         self._generator = torch.Generator(device="cpu")
         self.trackers: dict[str, SpectralTracker] = {}
         self.recurrent_weights: list[str] = []
@@ -147,29 +173,38 @@ class Probe:
     def rearm(self) -> None:
         """At a step boundary: a profile that failed stays off from now on."""
         self._armed = self.on("profile")
-        self._replayed = False
+        self._replays = 0  # (this step's replays are settled, and dropped, when taken)
 
     def _replay_due(self, flops: float, tokens: int) -> bool:
-        if not self.on("replay") or self._replayed or not outside_backward():
+        if not self.on("replay") or self._replays >= MAX_REPLAYS or not outside_backward():
             return False
+        if any(flag[0] for _, flag in self._calls):
+            return False  # a call of this step was trained already: that is the one measured
         step = self._ctx.step()
         if step == 1:
             return True
         return (step // max(self._ctx.every, 1)) % replay_every(flops, self._ctx.model_params, tokens) == 0
 
     # -- the replay's results -----------------------------------------------------------
-    def _store(self, labels: tuple[str, ...], results: list[Replayed], exact: bool, tol: float) -> None:
+    def _store(self, labels: tuple[str, ...], results: list[Replayed], exact: bool, tol: float, outputs: Any = None) -> None:
+        """Keep one call's replay; it counts only once backward reaches one of ``outputs``
+        (the call's output tensors; None: counted at once)."""
         gains = torch.stack([r.gains for r in results])
+        top = torch.stack([r.max_gains for r in results])
         gates = module_gates(results)
         dev = torch.stack([r.deviation for r in results]).max() if exact else None
-        self._result = (labels, gains, gates, dev, tol)
+        flag = [outputs is None]
+        self._calls.append(((labels, gains, top, gates, dev, tol), flag))
+        if outputs is not None:
+            _on_backward(outputs, flag)
 
     def _settle(self) -> None:
-        """Check this step's replay against the layer's own output (once per replay)."""
-        res, self._result = self._result, None
+        """Check this step's trained replay against the layer's own output (once)."""
+        calls, self._calls = self._calls, []
+        res = next((r for r, flag in calls if flag[0]), None)
         if res is None or not self.on("replay"):
             return
-        labels, gains, gates, dev, tol = res
+        labels, gains, top, gates, dev, tol = res
         if dev is not None:
             worst = float(dev)  # the only host read of the replay, on replay steps only
             if not worst <= tol:
@@ -179,12 +214,12 @@ class Probe:
                     f"(tolerance {tol:g}); is the layer's forward modified, or its weights changed inside forward?",
                 )
                 return
-        self._propagation = (labels, gains)
+        self._propagation = (labels, gains, top)
         self._gates = gates
 
-    def take_propagation(self) -> tuple[tuple[str, ...], Tensor] | None:
-        """This step's propagation: (recurrence names, an (R, T) tensor of gains over
-        j = 0 .. T-1 steps back), or None when not measured this step."""
+    def take_propagation(self) -> tuple[tuple[str, ...], Tensor, Tensor] | None:
+        """This step's propagation: (recurrence names, (R, T) RMS gains, (R, T) largest
+        singular values, over j = 0 .. T-1 steps back), or None when not measured this step."""
         self._settle()
         got, self._propagation = self._propagation, None
         return got if self.on("replay") else None
@@ -234,7 +269,7 @@ class Probe:
 
     def close(self) -> None:
         self.enabled = False
-        self._result = None
+        self._calls = []
         self._gates = None
         self._propagation = None
 
@@ -275,7 +310,7 @@ class SequenceProbe(Probe):
             return None
         try:
             if self._capture is None and self._replay_due(*self._flops(module, x)):  # type: ignore[arg-type]
-                self._replayed = True
+                self._replays += 1
                 rnn: Any = module
                 dropout = rnn.training and rnn.dropout > 0 and rnn.num_layers > 1
                 data = x.data if isinstance(x, PackedSequence) else x
@@ -318,7 +353,7 @@ class SequenceProbe(Probe):
                 trajectories, exact = sequence_trajectories(rnn, x, hx, output, rng)
                 gen = self._seeded()
                 results = [replay(tr, gen) for tr in trajectories]
-            self._store(tuple(r.name for r in results), results, exact, tol)
+            self._store(tuple(r.name for r in results), results, exact, tol, outputs=output)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("replay", exc)
 

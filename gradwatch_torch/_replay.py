@@ -1,66 +1,64 @@
-"""Propagation through time, measured on a recurrence's own forward trajectory.
+"""Propagation through time, measured on a recurrence's own forward trajectory: the
+PyTorch kernel of the through-time engine (:mod:`gradwatch.through_time`).
 
 Vanishing and exploding gradients (Pascanu et al. 2013) are properties of the product of
 the state Jacobians ds_t/ds_{t-1}. A fused ``nn.LSTM`` kernel never exposes its states, so
 on profiled steps the probed sequences are *replayed* through the layer's own weights
 (:mod:`gradwatch_torch._trajectory` builds the :class:`Trajectory`), and this module turns a
-trajectory into:
+trajectory into, per probed sequence and every j = 0 .. T-1 steps back (processing order):
 
-* ``gains[j] = ||ds_T/ds_{T-j}||_F / sqrt(dim s)`` for j = 0 .. T-1 (``gains[0] == 1``),
-  the geometric mean over the probed sequences, in processing order;
+* the log of the largest singular value of ds_T/ds_{T-j} and of its RMS gain
+  ||ds_T/ds_{T-j}||_F / sqrt(dim s), which the engine's shared rule
+  (:func:`gradwatch.through_time.aggregate`, max and median over sequences) turns into
+  ``max_gains`` and ``gains`` on the device;
 * the forget (LSTM) / update (GRU) gate statistics of the same trajectory;
-* a self-check: the layer's output recomputed step by step from the replayed gates, to be
-  compared with what the layer really returned.
+* a self-check: the layer's output recomputed step by step from the replayed gates.
 
 The state is s = h (RNN, GRU), (h, c) concatenated (LSTM), with h projected when
 ``proj_size`` is set. Each step's Jacobian is applied analytically (no autograd graph):
 the per-step coefficients (gate values and derivatives) are computed for all timesteps in
-a few batched tensor operations, then one backward sweep carries probe vectors from s_T to
-s_1, giving every j at once.
+a few batched tensor operations, then one backward sweep carries a block of row vectors
+from s_T to s_1; the Gram matrix of the block at each step gives both numbers for every j.
 
-How the Frobenius norm is obtained. With ``dim s <= EXACT_DIM`` the sweep carries the
-whole identity (exact). Above, it is estimated per sequence, with the Hutch++ idea (Meyer
-et al. 2021) in its cheapest form: ``||A||_F^2 = ||A^T q||^2 + ||A^T (I - q q^T)||_F^2``
-for any unit q. A long Jacobian product is close to rank one, and then a plain random
-probe (Hutchinson) is off by a chi-square(1) factor; so q is taken along the product's
-dominant output direction, found by carrying one random tangent forward from s_1 to s_T
-(forward mode, the cost of one probe), its term is computed exactly, and the remainder,
-now small, is estimated with random unit probes orthogonal to q (unbiased; 2 per sequence
-for 8 sequences, more for fewer: see ``COMPLEMENT_PROBES``). Measured against exact
-products (tanh and ReLU RNN, GRU, LSTM with forget-gate bias 0, 1, 3; T = 35 and 100;
-hidden 64 and 256; 1, 3 and 8 sequences; 40 to 60 probe seeds each), the geometric-mean
-gains stayed within a factor 1.40 of exact at every j (95% of draws within 1.25) and the
-fitted rate within 1.2%; plain random probes need 8 per sequence for the same, where the
-dominant direction costs one. Probe directions come from a private generator seeded from
-the layer name and the step, so the user's RNG is never consumed and a repeated or resumed
-run measures the same numbers.
+Exact when ``dim s <= EXACT_DIM``: the block is the whole identity, so at step j it holds
+ds_T/ds_{T-j} itself (largest singular value from its Gram matrix, Frobenius norm from its
+trace). Above, an estimate per sequence, in float64 from float32 sweeps:
+
+* the block starts with *dominant directions*: random tangents started 1, 2, 4, ... and
+  T-1 steps before the end and carried forward to s_T (one step of power iteration on each
+  product, :func:`gradwatch.through_time.plan.dominant_starts`), orthonormalised; the
+  largest singular value of the block's rows carried back is a lower bound of the true one,
+  tight where the block contains the product's top left singular vector, which a tangent
+  started within a factor 2 of j in steps approximates;
+* the Frobenius norm is the block's exact part plus random unit rows orthogonal to it,
+  weighted (d - K) / r (Hutch++-style, Meyer et al. 2021): unbiased, and since a long
+  product is nearly low rank, most of it is counted exactly.
+
+Measured against exact products (``tests/torch/test_torch_propagation.py``, tanh RNN 48,
+GRU 40, LSTM 24 and 64, T = 60 to 100, 40 probe seeds each): see the docstring of
+:func:`gains` for the errors. Probe directions come from a private generator seeded from
+the layer name and the step, so the user's RNG is never consumed and a repeated or
+resumed run measures the same numbers.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from gradwatch.through_time import aggregate
+from gradwatch.through_time.plan import COMPLEMENT_PROBES, EXACT_DIM, RENORM_EVERY, complement_probes, dominant_starts, seed_for
 from gradwatch_torch._gates import gate_statistics
 from gradwatch_torch._probing import one_thread
+from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import _profile_dtype
 
 __all__ = ["COMPLEMENT_PROBES", "EXACT_DIM", "Coefficients", "Replayed", "Trajectory", "coefficients", "gains", "replay", "seed_for"]
 
-#: State dimensions up to which the Jacobian product is carried whole (exact).
-EXACT_DIM = 16
-#: Random probes for the remainder orthogonal to the dominant direction, over all the
-#: probed sequences together: ceil(16 / P) per sequence, at least 2 (2 for 8 sequences,
-#: 16 for one), so the error of the geometric mean stays the same whatever the batch.
-COMPLEMENT_PROBES = 16
-#: Probe vectors are rescaled every this many steps (the scale is kept in log), so a
-#: vanishing or exploding product never underflows or overflows float32.
-RENORM_EVERY = 8
 _TINY = 1e-30
 
 
@@ -117,7 +115,8 @@ class Replayed:
     """What one recurrence's replay measured (all on the device, no host sync)."""
 
     name: str
-    gains: Tensor  # (T,) float64
+    gains: Tensor  # (T,) float64: RMS gain, median over the probed sequences
+    max_gains: Tensor  # (T,) float64: largest singular value, max over the probed sequences
     gate_mean: Tensor | None  # () mean gate over valid steps, sequences and units
     gate_path: Tensor | None  # () mean over sequences and units of sum_t log gate
     deviation: Tensor  # () largest |recomputed - actual output| / largest |output|
@@ -263,15 +262,27 @@ def _unit(x: Tensor) -> Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(_TINY)
 
 
-def _sweep(co: Coefficients, probes: Tensor) -> Tensor:
-    """log ||A_j^T u||^2 for every probe u (P, K, d) and every j = 0 .. T-1: (T, P, K),
-    float64 (float32 on MPS, which has no float64)."""
+def _sweep(co: Coefficients, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Carry the row block ``rows`` (P, K, d) at s_T back to s_1.
+
+    Returns, for every j = 0 .. T-1, the Gram matrix of the block at s_{T-j} (T, P, K, K)
+    in float64 (float32 on MPS) and the log scale (T, P) it is relative to: the block is
+    rescaled by its largest row every few steps (one scale per sequence, so the Gram
+    matrix keeps the rows' relative sizes), so a vanishing or exploding product never
+    underflows or overflows float32.
+    """
     T = co.h_check.shape[0]
     a, g, f, v = _per_step(co)
-    uh, uc = _split(probes, co)
-    wide = _profile_dtype(probes)
-    log_scale = torch.zeros(probes.shape[:-1], dtype=wide, device=probes.device)
-    out: list[Tensor] = [_sq(uh, uc).to(wide).log().unsqueeze(0)]
+    uh, uc = _split(rows, co)
+    wide = _profile_dtype(rows)
+    log_scale = torch.zeros(rows.shape[0], dtype=wide, device=rows.device)
+
+    def gram(bh: Tensor, bc: Tensor | None) -> Tensor:
+        full = bh if bc is None else torch.cat([bh, bc], dim=-1)
+        return (full @ full.transpose(-1, -2)).to(wide)
+
+    grams: list[Tensor] = [gram(uh, uc).unsqueeze(0)]
+    scales: list[Tensor] = [log_scale.unsqueeze(0)]
     hs: list[Tensor] = []
     cs: list[Tensor] = []
     for t in range(T - 1, 0, -1):
@@ -279,67 +290,125 @@ def _sweep(co: Coefficients, probes: Tensor) -> Tensor:
         hs.append(uh)
         if uc is not None:
             cs.append(uc)
-        if len(hs) == RENORM_EVERY or t == 1:  # the norms of the last few steps, in bulk
-            sq = _sq(torch.stack(hs), torch.stack(cs) if cs else None).to(wide)
-            out.append(sq.log() + log_scale)
+        if len(hs) == RENORM_EVERY or t == 1:  # the Gram matrices of the last few steps, in bulk
+            block = gram(torch.stack(hs), torch.stack(cs) if cs else None)  # (n, P, K, K)
+            grams.append(block)
+            scales.append(log_scale.expand(block.shape[0], -1))
             hs, cs = [], []
-            norm = sq[-1].sqrt().clamp_min(_TINY)
-            log_scale = log_scale + 2 * norm.log()
-            scale = norm.to(uh.dtype).unsqueeze(-1)
+            top = torch.diagonal(block[-1], dim1=-2, dim2=-1).amax(dim=-1).sqrt()  # largest row norm, (P,)
+            norm = torch.where(torch.isfinite(top) & (top > _TINY), top, torch.ones_like(top))
+            log_scale = log_scale + norm.log()
+            scale = norm.to(uh.dtype).view(-1, 1, 1)
             uh = uh / scale
             uc = uc / scale if uc is not None else None
-    return torch.cat(out, dim=0)
+    return torch.cat(grams, dim=0), torch.cat(scales, dim=0)
 
 
-def _dominant_direction(co: Coefficients, w: Tensor) -> Tensor:
-    """Carry the tangent ``w`` (P, 1, d) at s_1 forward to s_T: the direction the product
-    of the Jacobians amplifies most (one step of power iteration)."""
-    T = co.h_check.shape[0]
+def _tangents(co: Coefficients, generator: torch.Generator, offsets: list[int]) -> Tensor:
+    """Random tangents started ``offsets[k]`` steps before the end and carried forward to
+    s_T, as an orthonormal block (P, K, d): the directions the products over about that
+    many steps amplify most (one step of power iteration from a random start each)."""
+    T, P, d = co.h_check.shape[0], co.h_check.shape[1], co.dim
+    dev, dt = co.h_check.device, co.h_check.dtype
     a, g, f, v = _per_step(co)
-    wh, wc = _split(w, co)
-    for k, t in enumerate(range(1, T)):
-        wh, wc = _jvp(co, a[t], g[t], f[t], v[t], wh, wc)
-        if (k + 1) % RENORM_EVERY == 0:
-            n = _sq(wh, wc).sqrt().clamp_min(_TINY).unsqueeze(-1)
-            wh = wh / n
-            wc = wc / n if wc is not None else None
-    end = wh if wc is None else torch.cat([wh, wc], dim=-1)
-    norm = end.norm(dim=-1, keepdim=True)
-    # A product that is exactly zero (every ReLU unit dead) or not finite has no dominant
-    # direction: any unit q keeps the estimate unbiased, so keep the starting one.
-    ok = torch.isfinite(norm) & (norm > _TINY)
-    return torch.where(ok, end / norm.clamp_min(_TINY), w)
+    starts = sorted(T - m for m in offsets)  # a tangent joins the block at its start step
+    seeds = _unit(torch.randn(P, len(starts), d, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt))
+    w = seeds[:, :0]
+    for k, t in enumerate(range(starts[0], T)):
+        active = sum(1 for s0 in starts if s0 <= t)
+        if active > w.shape[1]:
+            w = torch.cat([w, seeds[:, w.shape[1] : active]], dim=1)
+        nh, nc = _jvp(co, a[t], g[t], f[t], v[t], *_split(w, co))
+        w = nh if nc is None else torch.cat([nh, nc], dim=-1)
+        if (k + 1) % RENORM_EVERY == 0 or t == T - 1:
+            n = w.norm(dim=-1, keepdim=True)
+            good = torch.isfinite(n) & (n > _TINY)
+            w = torch.where(good, w / n.clamp_min(_TINY), seeds[:, : w.shape[1]])  # a dead tangent: any unit vector
+    w = _refine_short(co, w, sorted(offsets), a, g, f, v)
+    # Orthonormal basis of the block at s_T (QR in float64).
+    wide = torch.float64 if dev.type != "mps" else dt
+    return torch.linalg.qr(w.transpose(-1, -2).to(wide))[0].transpose(-1, -2).to(dt)
 
 
-def gains(co: Coefficients, generator: torch.Generator) -> Tensor:
-    """gains[j], j = 0 .. T-1: geometric mean over sequences of ||ds_T/ds_{T-j}||_F / sqrt(d).
+#: Tangents over at most this many steps get more power iterations (back and forth over
+#: their own steps): short products are where one iteration from a random start is
+#: weakest (no long product has yet made one direction dominate), and they are cheap.
+REFINE_STEPS = 8
+REFINE_ROUNDS = 2
 
-    Exact for ``d <= EXACT_DIM``, otherwise the estimate of the module docstring. float64.
-    The sweeps are chains of small products: they run on one CPU thread (see
-    :func:`~gradwatch_torch._probing.one_thread`); the batched coefficients before them
-    use the user's threads.
+
+def _refine_short(co: Coefficients, w: Tensor, offsets: list[int], a: list[Any], g: list[Any], f: list[Any], v: list[Any]) -> Tensor:
+    """More power iterations (u <- A A^T u over each tangent's own steps) for the tangents
+    started at most ``REFINE_STEPS`` steps before the end. ``w`` (P, K, d) holds the
+    tangents in order of increasing start step, i.e. decreasing offset."""
+    T = co.h_check.shape[0]
+    short = [k for k, m in enumerate(sorted(offsets, reverse=True)) if m <= REFINE_STEPS]
+    if not short:
+        return w
+    first = short[0]
+    lengths = sorted(offsets, reverse=True)[first:]  # decreasing
+    u = w[:, first:]
+    for _ in range(REFINE_ROUNDS):
+        # back over the longest one's steps; a row only while within its own steps
+        for t in range(T - 1, T - 1 - lengths[0], -1):
+            rows = sum(1 for m in lengths if t >= T - m)
+            nh, nc = _vjp(co, a[t], g[t], f[t], v[t], *_split(u[:, :rows], co))
+            u = torch.cat([nh if nc is None else torch.cat([nh, nc], dim=-1), u[:, rows:]], dim=1)
+        for t in range(T - lengths[0], T):
+            rows = sum(1 for m in lengths if t >= T - m)
+            nh, nc = _jvp(co, a[t], g[t], f[t], v[t], *_split(u[:, :rows], co))
+            u = torch.cat([nh if nc is None else torch.cat([nh, nc], dim=-1), u[:, rows:]], dim=1)
+        n = u.norm(dim=-1, keepdim=True)
+        u = torch.where(torch.isfinite(n) & (n > _TINY), u / n.clamp_min(_TINY), w[:, first:])
+    return torch.cat([w[:, :first], u], dim=1)
+
+
+def gains(co: Coefficients, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """(gains, max_gains), each (T,) float64, j = 0 .. T-1 (see the module docstring).
+
+    Exact for ``dim s <= EXACT_DIM``. Above, measured against exact products on the test
+    cases of ``tests/torch/test_torch_propagation.py``: ``max_gains`` (a lower bound) within
+    a factor 1.5 of exact at every j, ``gains`` within a factor 1.5 at every j and 1.25 for
+    95% of probe seeds. The sweeps are chains of small products: they run on one CPU
+    thread (:func:`~gradwatch_torch._probing.one_thread`).
     """
     with one_thread(co.h_check.device.type):
-        return _gains(co, generator)
+        log_rms, log_top = _sequence_logs(co, generator)
+    return aggregate(log_rms, log_top, TORCH_TENSORS)
 
 
-def _gains(co: Coefficients, generator: torch.Generator) -> Tensor:
-    P, d = co.h_check.shape[1], co.dim
+def _largest_eigenvalue(gram: Tensor) -> Tensor:
+    """Largest eigenvalue of symmetric PSD matrices (..., K, K); NaN where not finite."""
+    ok = torch.isfinite(gram).flatten(-2).all(dim=-1)
+    safe = torch.where(ok[..., None, None], gram, torch.zeros_like(gram))
+    top = torch.linalg.eigvalsh(safe)[..., -1].clamp_min(0.0)
+    return torch.where(ok, top, torch.full_like(top, math.nan))
+
+
+def _sequence_logs(co: Coefficients, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Per-sequence (T, P) logs of the RMS gain and of the largest singular value."""
+    T, P, d = co.h_check.shape[0], co.h_check.shape[1], co.dim
     dev, dt = co.h_check.device, co.h_check.dtype
     if d <= EXACT_DIM:
-        probes = torch.eye(d, dtype=dt, device=dev).expand(P, d, d).contiguous()
-        log_sq = _sweep(co, probes)
-        per_seq = torch.logsumexp(log_sq, dim=-1) - math.log(d)
-    else:
-        k = max(2, -(-COMPLEMENT_PROBES // P))
-        w = torch.randn(P, 1, d, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt)
-        q = _dominant_direction(co, _unit(w))
-        v = torch.randn(P, k, d, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt)
-        v = _unit(v - (v * q).sum(dim=-1, keepdim=True) * q)
-        log_sq = _sweep(co, torch.cat([q, v], dim=1))
-        rest = torch.logsumexp(log_sq[..., 1:], dim=-1) + math.log((d - 1) / k)
-        per_seq = torch.logaddexp(log_sq[..., 0], rest) - math.log(d)
-    return (0.5 * per_seq).mean(dim=1).exp()
+        rows = torch.eye(d, dtype=dt, device=dev).expand(P, d, d).contiguous()
+        grams, log_scale = _sweep(co, rows)
+        trace = torch.diagonal(grams, dim1=-2, dim2=-1).sum(dim=-1)
+        with torch.no_grad():
+            log_rms = 0.5 * (trace.log() - math.log(d)) + log_scale
+            log_top = 0.5 * _largest_eigenvalue(grams).log() + log_scale
+        return log_rms, log_top
+    q = _tangents(co, generator, dominant_starts(T)) if T > 1 else _unit(torch.randn(P, 1, d, generator=generator).to(device=dev, dtype=dt))
+    kq = q.shape[1]
+    r = complement_probes(P)
+    v = torch.randn(P, r, d, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt)
+    v = v - (v @ q.transpose(-1, -2)) @ q  # orthogonal to the dominant block
+    v = torch.linalg.qr(v.transpose(-1, -2).to(q.dtype if dev.type == "mps" else torch.float64))[0].transpose(-1, -2).to(dt)
+    grams, log_scale = _sweep(co, torch.cat([q, v], dim=1))
+    diag = torch.diagonal(grams, dim1=-2, dim2=-1)
+    fro = diag[..., :kq].sum(dim=-1) + diag[..., kq:].sum(dim=-1) * ((d - kq) / r)
+    log_rms = 0.5 * (fro.log() - math.log(d)) + log_scale
+    log_top = 0.5 * _largest_eigenvalue(grams).log() + log_scale  # every row is orthonormal at s_T: a lower bound
+    return log_rms, log_top
 
 
 def _deviation(co: Coefficients, tr: Trajectory) -> Tensor:
@@ -354,14 +423,49 @@ def _deviation(co: Coefficients, tr: Trajectory) -> Tensor:
     return diff.max() / scale.max().clamp_min(1e-6)
 
 
-def seed_for(name: str, step: int) -> int:
-    """The probe generator's seed for one layer at one step (reproducible, private)."""
-    return (zlib.crc32(name.encode()) * 1_000_003 + step) % (2**63)
-
-
 @torch.no_grad()
 def replay(tr: Trajectory, generator: torch.Generator) -> Replayed:
     """Gains, gate statistics and the self-check of one recurrence."""
     co = coefficients(tr)
     mean, path = gate_statistics(co.log_gate, tr.valid) if co.log_gate is not None else (None, None)
-    return Replayed(tr.name, gains(co, generator), mean, path, _deviation(co, tr))
+    rms, top = gains(co, generator)
+    return Replayed(tr.name, rms, top, mean, path, _deviation(co, tr))
+
+
+def combine_ranks(world: int, device: torch.device, sizes: list[int], measured: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]] | None:
+    """Every rank's (gains, max_gains) replaced by the same numbers on every rank.
+
+    Each rank replays the first sequences of its own slice of the batch. ``max_gains``
+    becomes the max over the ranks (the max over every rank's probed sequences, exactly
+    the contract's rule); ``gains``, the median on each rank, becomes the geometric mean
+    of those medians (an approximation of the median over all of them: the medians of
+    ranks that probe as many sequences). ``sizes`` has one entry per probe, the same
+    probes in the same order on every rank (0: nothing this step); one MAX all-reduce over
+    [sizes, -sizes] checks that all ranks hold the same, and if not, this step's
+    propagation is dropped on every rank (empty list). Returns None when a collective
+    fails (then propagation stays local from now on).
+    """
+    import logging
+
+    dist = torch.distributed
+    try:
+        meta = torch.tensor([float(v) for v in sizes] + [-float(v) for v in sizes], dtype=torch.float64, device=device)
+        dist.all_reduce(meta, op=dist.ReduceOp.MAX)
+        n = len(sizes)
+        if not torch.equal(meta[:n], -meta[n:]) or meta[:n].tolist() != [float(v) for v in sizes] or not measured:
+            return []
+        counts = [int(g.numel()) for g, _ in measured]
+        logs = torch.cat([g.reshape(-1).to(device=device, dtype=torch.float64) for g, _ in measured]).clamp_min(1e-300).log()
+        tops = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for _, t in measured])
+        dist.all_reduce(logs, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tops, op=dist.ReduceOp.MAX)
+        mean = (logs / float(world)).exp()  # from the reduced sum only: the same on every rank
+        return list(zip(torch.split(mean, counts), torch.split(tops, counts)))
+    except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+        logging.getLogger("gradwatch").error(
+            "gradwatch: combining the propagation gains across ranks failed (%s: %s); propagation is local to each "
+            "rank from now on.",
+            type(exc).__name__,
+            exc,
+        )
+        return None

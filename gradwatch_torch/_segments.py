@@ -55,13 +55,13 @@ def spectral_of(probe: SequenceProbe) -> list[tuple[str, tuple[str, ...], Tensor
     return [(w, labels, cast(Tensor, flat(t, len(labels)))) for w, labels, t in probe.spectral()]
 
 
-def propagation_of(probe: Probe) -> tuple[tuple[str, ...], Tensor] | None:
-    """Propagation gains: R recurrences of T gains each."""
+def propagation_of(probe: Probe) -> tuple[tuple[str, ...], Tensor, Tensor] | None:
+    """Propagation: R recurrences of T RMS gains and T largest-singular-value gains each."""
     got = probe.take_propagation()
     if got is None:
         return None
-    labels, gains = got
+    labels, gains, top = got
     gains_flat = cast(Tensor, flat(gains))
     if not labels or gains_flat.numel() % len(labels):
         raise ValueError(f"{gains_flat.numel()} gains cannot be split into the {len(labels)} recurrences {labels}")
-    return tuple(labels), gains_flat
+    return tuple(labels), gains_flat, cast(Tensor, flat(top, gains_flat.numel()))

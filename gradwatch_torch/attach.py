@@ -44,6 +44,7 @@ from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch_torch import _distributed
 from gradwatch_torch._closure import ClosureSteps, refuse_policy
 from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
+from gradwatch_torch._replay import combine_ranks
 from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, install
 from gradwatch_torch._segments import cat_to, gates_of, propagation_of, spectral_of, temporal_of
 from gradwatch_torch._tensors import GradGroups, SpectralTracker, agc_factors, apply_agc_, scale_grads_
@@ -394,7 +395,7 @@ class TorchAttachment:
             segments.append(Segment("gates", 2, key=probe.name, labels=(probe.gate_name,)))
             parts[("gates", probe.name)] = g
         if profiled:
-            props: list[tuple[str, tuple[str, ...], Tensor]] = []
+            props: list[tuple[str, tuple[str, ...], Tensor, Tensor]] = []
             sizes: list[int] = []
             for probe in self._probes:
                 what = f"the propagation gains of recurrent layer {probe.name!r}"
@@ -402,15 +403,17 @@ class TorchAttachment:
                 sizes.append(0 if got_p is None else int(got_p[1].numel()))
                 if got_p is not None:
                     props.append((probe.name, *got_p))
-            if self._world > 1:  # every rank reports the geometric mean over the ranks' sequences
-                combined = _distributed.allreduce_propagation(self._world, self._groups.device, sizes, [g for _, _, g in props])
+            if self._world > 1:  # every rank reports the same numbers, over every rank's sequences
+                combined = combine_ranks(self._world, self._groups.device, sizes, [(g, t) for _, _, g, t in props])
                 if combined is None:
                     self._world = 1
                 else:
-                    props = [(n, labels, g) for (n, labels, _), g in zip(props, combined)] if combined else []
-            for name, labels, gains in props:
+                    props = [(n, labels, g, t) for (n, labels, _, _), (g, t) in zip(props, combined)] if combined else []
+            for name, labels, gains, top in props:
                 segments.append(Segment("propagation", int(gains.numel()), key=name, labels=labels))
                 parts[("propagation", name)] = gains
+                segments.append(Segment("max_gains", int(top.numel()), key=name, labels=labels))
+                parts[("max_gains", name)] = top
 
     def _drop_grads(self) -> None:
         """Make the coming optimizer step a no-op: every gradient becomes None.

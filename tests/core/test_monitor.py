@@ -95,9 +95,9 @@ def test_memory_stays_flat_over_many_steps():
     m = monitor(keep=50, profile_every=1)
     prof = 0.9 ** np.arange(50)[::-1]
     m.bind(["a.w", "a.b", "b.w", "b.b"])
+    tracemalloc.start()  # traced from here: every live record is traced at both snapshots
     for _ in range(300):
         feed(m, norms=np.ones(4), temporal={"rnn": prof})
-    tracemalloc.start()
     base = tracemalloc.take_snapshot()
     for _ in range(3000):
         feed(m, norms=np.ones(4), temporal={"rnn": prof})

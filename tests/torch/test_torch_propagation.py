@@ -3,8 +3,9 @@
 The reference is written here from the layer's weights: a float64 cell per kind, the
 stack unrolled sequence by sequence (each over its own length, both directions), checked
 against the layer's own output, and every step's Jacobian taken with ``torch.func.jacrev``
-and multiplied out. gains[j] = ||ds_T/ds_{T-j}||_F / sqrt(dim s), geometric mean over the
-first min(B, 8) sequences, in processing order, padded steps as the identity.
+and multiplied out. gains[j] = ||ds_T/ds_{T-j}||_F / sqrt(dim s), the median (on logs) over
+the first min(B, 8) sequences, and max_gains[j] = its largest singular value, the max over
+them, in processing order, padded steps as the identity (shared/API.md, "Through time").
 """
 
 from __future__ import annotations
@@ -69,15 +70,24 @@ def _gains(step, s0, xs, valid):
             continue
         jacs.append(torch.func.jacrev(step)(s, xs[t]))
         s = step(s, xs[t])
-    prod, out = torch.eye(s.shape[0], dtype=torch.float64), [1.0]
+    prod, out, top = torch.eye(s.shape[0], dtype=torch.float64), [1.0], [1.0]
     for j in range(1, len(xs)):
         prod = prod @ jacs[len(xs) - j]
         out.append(prod.norm().item() / math.sqrt(s.shape[0]))
-    return np.array(out)
+        top.append(torch.linalg.matrix_norm(prod, ord=2).item())
+    return np.array(out), np.array(top)
+
+
+def _median(per):
+    """The contract's median over sequences, on logs (even count: geometric mean of the middle two)."""
+    logs = np.sort(np.log(np.stack(per)), axis=0)
+    n = logs.shape[0]
+    return np.exp(0.5 * (logs[(n - 1) // 2] + logs[n // 2]))
 
 
 def reference(module, seqs, h0=None, c0=None, masks=None):
-    """{recurrence: exact geometric-mean gains} and the top layer's outputs per sequence.
+    """{recurrence: exact median gains, recurrence + ":max": exact max gains} and the top
+    layer's outputs per sequence.
 
     ``seqs``: each sequence (T_b, F) in its own length; ``h0``/``c0`` (L*D, B, .);
     ``masks[l][b]`` the dropout scale applied to layer l's output of sequence b.
@@ -113,7 +123,8 @@ def reference(module, seqs, h0=None, c0=None, masks=None):
                     hs.append(s[:proj])
                 hs = torch.stack(hs)
                 outs[d][b] = hs if d == 0 else hs.flip(0)
-            gains[name] = np.exp(np.mean(np.log(np.stack(per)), axis=0))
+            gains[name] = _median([p[0] for p in per])
+            gains[name + ":max"] = np.max(np.stack([p[1] for p in per]), axis=0)
         inputs = [torch.cat([outs[d][b] for d in range(dirs)], dim=-1) for b in range(len(probed))]
         if masks is not None and layer < layers - 1:
             inputs = [inputs[b] * masks[layer][b] for b in range(len(probed))]
@@ -177,9 +188,11 @@ def test_every_recurrence_of_a_stack_matches_the_exact_jacobian_product(cls, kw,
     rec, _ = _watched_step(model, inp, hx)
     want, _ = reference(model, _sequences(x, bf, lengths), h0, c0)
     got = rec.temporal[""].recurrences if "" in rec.temporal else next(iter(rec.temporal.values())).recurrences
-    assert set(got) == set(want) == {f"l{k}{s}" for k in range(2) for s in ([""] + (["_reverse"] if bidir else []))}
-    for name in want:
+    names = {f"l{k}{s}" for k in range(2) for s in ([""] + (["_reverse"] if bidir else []))}
+    assert set(got) == names == {k for k in want if not k.endswith(":max")}
+    for name in names:
         _assert_gains(got[name].gains, want[name], rtol=1e-4)
+        _assert_gains(got[name].max_gains, want[name + ":max"], rtol=1e-4)
 
 
 def test_lstm_with_projection_bidirectional_and_packed_matches():
@@ -192,6 +205,7 @@ def test_lstm_with_projection_bidirectional_and_packed_matches():
     got = rec.temporal["lstm"].recurrences
     for name in ("l0", "l0_reverse", "l1", "l1_reverse"):
         _assert_gains(got[name].gains, want[name], rtol=1e-4)
+        _assert_gains(got[name].max_gains, want[name + ":max"], rtol=1e-4)
 
 
 def test_unbatched_input_is_one_sequence():
@@ -200,6 +214,7 @@ def test_unbatched_input_is_one_sequence():
     rec, _ = _watched_step(model, x)
     want, _ = reference(model, [x])
     _assert_gains(rec.temporal["gru"].recurrences["l0"].gains, want["l0"], rtol=1e-4)
+    _assert_gains(rec.temporal["gru"].recurrences["l0"].max_gains, want["l0:max"], rtol=1e-4)
 
 
 def test_only_the_first_eight_sequences_are_probed():
@@ -290,10 +305,11 @@ def test_estimate_within_a_factor_1_5_at_every_j_and_rate_within_5_percent(cls, 
     rec, _ = _watched_step(model, x)
     want, _ = reference(model, [x[:, b] for b in range(batch)])
     got = rec.temporal[next(iter(rec.temporal))].recurrences["l0"]
-    ok = want["l0"] > 1e-30
-    ratio = np.asarray(got.gains)[ok] / want["l0"][ok]
-    assert ratio.min() > 1 / 1.5 and ratio.max() < 1.5, (ratio.min(), ratio.max())
-    assert got.rate == pytest.approx(_fitted_rate(want["l0"]), rel=0.05)
+    for mine, exact in ((got.gains, want["l0"]), (got.max_gains, want["l0:max"])):
+        ok = exact > 1e-30
+        ratio = np.asarray(mine)[ok] / exact[ok]
+        assert ratio.min() > 1 / 1.5 and ratio.max() < 1.5, (ratio.min(), ratio.max())
+    assert got.rate == pytest.approx(_fitted_rate(want["l0:max"]), rel=0.05)
 
 
 def test_trained_model_with_a_loss_at_every_timestep():
@@ -329,7 +345,7 @@ def test_vanishing_alert_agrees_with_the_exact_horizon(scale):
     events = []
     rec, _ = _watched_step(model, x, events=events, vanish_ratio=1e-3)
     want, _ = reference(model, [x[:, b] for b in range(4)])
-    below = np.flatnonzero(want["l0"] < 1e-3)
+    below = np.flatnonzero(want["l0:max"] < 1e-3)  # the horizon is judged on the largest gain
     horizon = int(below[0]) if below.size else 30
     got = rec.temporal["rnn"]
     assert got.recurrences["l0"].horizon == horizon == got.horizon
@@ -498,7 +514,7 @@ def test_nothing_is_held_between_steps():
     base = tracemalloc.take_snapshot()
     for _ in range(20):
         step()
-        assert probe._result is None and probe._propagation is None and probe._capture is None and probe._gates is None
+        assert probe._calls == [] and probe._propagation is None and probe._capture is None and probe._gates is None
     grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
     tracemalloc.stop()
     w.close()
@@ -525,6 +541,7 @@ def run(rank, port, out):
         opt.step()
         rec = w.records[-1]
         mine = {"recurrences": {k: list(r.gains) for k, r in rec.temporal["lstm"].recurrences.items()},
+                "max": {k: list(r.max_gains) for k, r in rec.temporal["lstm"].recurrences.items()},
                 "gates": [rec.gates["lstm"].mean, rec.gates["lstm"].log_path_gain], "x": x.tolist()}
     everyone = [None, None]
     dist.all_gather_object(everyone, mine)
@@ -542,7 +559,7 @@ if __name__ == "__main__":
 '''
 
 
-def test_under_ddp_every_rank_reports_the_geometric_mean_over_ranks(tmp_path):
+def test_under_ddp_every_rank_reports_the_max_and_the_mean_median_over_ranks(tmp_path):
     import os
     import subprocess
     import sys
@@ -558,13 +575,14 @@ def test_under_ddp_every_rank_reports_the_geometric_mean_over_ranks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = torch.load(out, weights_only=False)
     rank0, rank1 = got["records"]
-    assert rank0["recurrences"] == rank1["recurrences"] and rank0["gates"] == rank1["gates"]
+    assert rank0["recurrences"] == rank1["recurrences"] and rank0["gates"] == rank1["gates"] and rank0["max"] == rank1["max"]
     model = nn.LSTM(3, 4, num_layers=2)
     model.load_state_dict(got["state"])
     per_rank = [reference(model, [torch.tensor(r["x"])[:, b] for b in range(3)])[0] for r in (rank0, rank1)]
     for name in ("l0", "l1"):
-        want = np.exp((np.log(per_rank[0][name]) + np.log(per_rank[1][name])) / 2)
+        want = np.exp((np.log(per_rank[0][name]) + np.log(per_rank[1][name])) / 2)  # each rank's median, averaged on logs
         _assert_gains(rank0["recurrences"][name], want, rtol=1e-4)
+        _assert_gains(rank0["max"][name], np.maximum(per_rank[0][name + ":max"], per_rank[1][name + ":max"]), rtol=1e-4)
 
 
 def test_a_dead_relu_layer_has_zero_propagation_and_gain_one_at_j0():

@@ -365,7 +365,7 @@ def test_a_copy_of_a_watched_model_works_and_carries_nothing_of_the_watch(how):
     for _ in range(3):
         _use(twin)  # forward and backward through the copy's (inert) hooks
     probe = w._attachment._probes[0]
-    assert [r.step for r in w.records] == before and probe._result is None and probe._sq is None
+    assert [r.step for r in w.records] == before and probe._calls == [] and probe._sq is None
     opt2 = torch.optim.SGD(twin.parameters(), lr=0.1)
     with gradwatch_torch.watch(twin, opt2, profile_every=1, sinks=["memory"]) as w2:
         twin.zero_grad()
