@@ -18,6 +18,7 @@ from matplotlib.lines import Line2D
 from gradwatch.cli._plotkit import _KIND_COLORS, _KIND_MARKERS, _colors, _figure, _positive, _save, _scale_y, _text
 from gradwatch.cli.summary import fmt
 from gradwatch.jsonl import Run
+from gradwatch.records import StepRecord
 
 __all__ = ["global_norm_figure", "layer_labels", "plot_global_norm", "plot_layer_heatmap"]
 
@@ -187,25 +188,39 @@ def layer_labels(run: Run, layers: Sequence[str]) -> list[str]:
     return out
 
 
+def _layer_matrix(recs: Sequence[StepRecord], limit: int) -> tuple[list[str], np.ndarray, int]:
+    """The ``limit`` layers with the largest peak norm (in model order), their norms per
+    record (rows = layers, columns = records) and how many layers the records name.
+
+    Linear in records x layers and bounded in memory: one pass keeps each layer's peak
+    (a dict lookup; a ``name in list`` test per name made 200,000 layers take minutes),
+    ``argpartition`` picks the top ``limit``, and only those rows are built.
+    """
+    index: dict[str, int] = {}
+    peaks: list[float] = []
+    for r in recs:
+        for name, v in r.layer_norms.items():
+            i = index.get(name)
+            if i is None:
+                i = index[name] = len(peaks)
+                peaks.append(-1.0)
+            if v > peaks[i] and math.isfinite(v):  # NaN compares False: never a peak
+                peaks[i] = v
+    total = len(peaks)
+    names = list(index)
+    if total > limit:  # keep the largest, in model order
+        keep = np.sort(np.argpartition(-np.asarray(peaks), limit - 1)[:limit])
+        names = [names[i] for i in keep]
+    data = np.array([[r.layer_norms.get(n, np.nan) for r in recs] for n in names], dtype=np.float64)
+    return names, data.reshape(len(names), len(recs)), total
+
+
 def plot_layer_heatmap(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | None:
     recs = [r for r in run.records if r.layer_norms]
     if not recs:
         return None
-    layers: list[str] = []
-    for r in recs:
-        for name in r.layer_norms:
-            if name not in layers:
-                layers.append(name)
+    layers, data, total = _layer_matrix(recs, MAX_LAYERS)
     steps = np.array([r.step for r in recs], dtype=np.float64)
-    data = np.array([[r.layer_norms.get(n, np.nan) for r in recs] for n in layers], dtype=np.float64)
-    total = len(layers)
-    if total > MAX_LAYERS:  # keep the largest, in model order
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            peak = np.nanmax(np.where(np.isfinite(data), data, np.nan), axis=1)
-        keep = np.sort(np.argsort(np.nan_to_num(peak, nan=-1.0))[::-1][:MAX_LAYERS])
-        layers = [layers[i] for i in keep]
-        data = data[keep]
     if steps.size > 1 and np.any(np.diff(steps) <= 0):  # resumed files are in step order; be safe anyway
         order = np.argsort(steps, kind="stable")
         steps, data = steps[order], data[:, order]
