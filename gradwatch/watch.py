@@ -22,7 +22,7 @@ from gradwatch.attachment import Attachment
 from gradwatch.errors import GradwatchError
 from gradwatch.events import GradEvent
 from gradwatch.monitor import Monitor
-from gradwatch.plugins import backend_names, get_plugin_manager
+from gradwatch.plugins import get_plugin_manager, installed_backends_text
 from gradwatch.records import StepRecord
 
 __all__ = ["Watch", "WatchFront", "watch", "watch_with"]
@@ -110,6 +110,12 @@ class Watch:
         self._sync()
         return self.monitor.events
 
+    @property
+    def latest_profile(self) -> StepRecord | None:
+        """The newest record with through-time data (``temporal``), or None: only profiled
+        steps carry it (``profile_every``), so ``records[-1].temporal`` is often ``{}``."""
+        return _latest_profile(self.records)
+
     def step(self) -> StepRecord | None:
         """Measure now: call after ``backward()`` and before ``optimizer.step()`` when no
         optimizer was given to :func:`watch`."""
@@ -160,6 +166,10 @@ class Watch:
         return f"<gradwatch.Watch backend={self.backend} step={self.monitor.step_count} {state}>"
 
 
+def _latest_profile(records: list[StepRecord]) -> StepRecord | None:
+    return next((r for r in reversed(records) if r.temporal), None)
+
+
 def watch_with(
     attach: Callable[[Monitor], Attachment | None], model: object, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any
 ) -> Watch:
@@ -175,8 +185,7 @@ def watch_with(
     if attachment is None:
         monitor.close()
         t = type(model)
-        installed = backend_names(pm)
-        names = ", ".join(installed) if installed else "none (pip install 'gradwatch[torch]' or 'gradwatch[tf]')"
+        names = installed_backends_text(pm)
         hint = ""
         if t.__module__.split(".")[0] in ("torch", "keras", "tensorflow"):
             hint = " Is the framework's backend installed, and is the model a torch.nn.Module or keras.Model?"
@@ -226,6 +235,11 @@ class WatchFront:
     def events(self) -> list[GradEvent]:
         """Events emitted so far (the most recent ``keep``)."""
         return self.watch.events
+
+    @property
+    def latest_profile(self) -> StepRecord | None:
+        """The newest record with through-time data, or None (see :attr:`Watch.latest_profile`)."""
+        return self.watch.latest_profile
 
     def state_dict(self) -> dict[str, Any]:
         """The watch's plain JSON state, the same as a ``gradwatch.Watch``'s (Lightning
