@@ -27,6 +27,16 @@ from gradwatch.jsonl import Run, RunFileError, read_run
 
 __all__ = ["RunSummary", "fmt", "format_summary", "format_table", "label", "load_runs", "summarize", "table_rows"]
 
+#: Run i's colour in every plot and in the report's tables (matplotlib's tab10, written
+#: out so the HTML needs no matplotlib).
+RUN_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def run_color(i: int) -> str:
+    """The colour of the i-th run of a report (or demo), the same in every figure and table."""
+    return RUN_COLORS[i % len(RUN_COLORS)]
+
+
 #: Largest run file ``gradwatch report`` reads. Reading costs about 6x the file's size in
 #: memory and ~0.1 s per MB (200,000 layers x 4 records: 57 MB, 6 s, 330 MB); beyond
 #: this a report would take minutes and gigabytes, so it is refused in one line instead.
