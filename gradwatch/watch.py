@@ -161,6 +161,19 @@ class Watch:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        """Notebook display: steps, norm sparkline, through-time table, last alerts."""
+        from gradwatch.display import watch_html
+
+        return watch_html(self)
+
+    def plot(self) -> Any:
+        """The report's main figure (global norm at every step kept, alerts on it) as a
+        matplotlib Figure, shown inline in a notebook (needs ``gradwatch[plot]``)."""
+        from gradwatch.display import plot
+
+        return plot(self)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._attachment is not None else "detached")
         return f"<gradwatch.Watch backend={self.backend} step={self.monitor.step_count} {state}>"
@@ -240,6 +253,13 @@ class WatchFront:
     def latest_profile(self) -> StepRecord | None:
         """The newest record with through-time data, or None (see :attr:`Watch.latest_profile`)."""
         return self.watch.latest_profile
+
+    def _repr_html_(self) -> str:
+        return self.watch._repr_html_()
+
+    def plot(self) -> Any:
+        """See :meth:`Watch.plot`."""
+        return self.watch.plot()
 
     def state_dict(self) -> dict[str, Any]:
         """The watch's plain JSON state, the same as a ``gradwatch.Watch``'s (Lightning
