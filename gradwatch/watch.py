@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -24,6 +24,11 @@ from gradwatch.events import GradEvent
 from gradwatch.monitor import Monitor
 from gradwatch.plugins import get_plugin_manager, installed_backends_text
 from gradwatch.records import StepRecord
+
+if TYPE_CHECKING:  # option names completed by IDEs (PEP 692); nothing imported at run time
+    from typing_extensions import Unpack
+
+    from gradwatch._typing import WatchOptions
 
 __all__ = ["Watch", "WatchFront", "watch", "watch_with"]
 
@@ -209,7 +214,13 @@ def watch_with(
     return Watch(monitor, attachment)
 
 
-def watch(model: object, optimizer: object | None = None, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any) -> Watch:
+def watch(
+    model: object,
+    optimizer: object | None = None,
+    *,
+    plugin_manager: pluggy.PluginManager | None = None,
+    **options: Unpack[WatchOptions],
+) -> Watch:
     """Watch ``model``'s gradients (and act on them through ``optimizer``) with the
     backend that recognises it. Options are those of the README; a bad one raises
     :class:`~gradwatch.ConfigError` here, before training starts.
