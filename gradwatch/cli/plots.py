@@ -145,7 +145,7 @@ def _draw_propagation(ax: Any, run: Run, layer: str, lab: str) -> bool:
     _clamp_decades(ax)
     ax.set_xlim(-0.5, max(1, length - 1) + 0.5)
     if zeros:
-        ax.text(0.99, 0.04, "▼ gain exactly 0 (no gradient carried back that far)", transform=ax.transAxes,
+        ax.text(0.99, 0.04, "▼ gain recorded as exactly 0 (not drawable on a log axis)", transform=ax.transAxes,
                 ha="right", va="bottom", fontsize=7.5, color="0.3")
     ax.set_xlabel("steps back through the recurrence (j)")
     ax.set_ylabel(_gain_label(_uses_max_gains(run)))
@@ -247,7 +247,7 @@ def plot_temporal_compare(runs: Sequence[Run], labels: Sequence[str], path: Path
     caption = (
         "Log scale. A line that falls below the blue dotted line within the sequence is a gradient the recurrence "
         "cannot carry that far back (vanishing); one above the red line grows out of bounds (exploding). Lines "
-        "that stop early went to exactly zero (float32 underflow, or units that output nothing)"
+        "that stop early were recorded as exactly zero (float32 underflow, dead units, or where the measurement stopped)"
         + ("; ▼ on the bottom edge marks those zeros" if zeros else "")
         + ". Each run has the colour it has in every other plot."
     )
