@@ -72,7 +72,7 @@ def load_entrypoints_into(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
-            logger.warning("[gradwatch] backend plugin %r (%s) could not be loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
+            logger.warning("backend plugin %r (%s) could not be loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
             continue
         pm.register(plugin, name=ep.name)
 
