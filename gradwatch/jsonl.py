@@ -136,6 +136,12 @@ class Run:
     def name(self) -> str:
         return str(self.header.get("run_name") or self.path.stem)
 
+    def _repr_html_(self) -> str:
+        """Notebook display (see :mod:`gradwatch.display`)."""
+        from gradwatch.display import run_html
+
+        return run_html(self)
+
 
 def _open_checked(path: str | os.PathLike[str]) -> tuple[Path, IO[bytes]]:
     """The file opened for reading, if it is a regular file (symlinks followed)."""

@@ -131,8 +131,9 @@ class Options:
         known = {f.name for f in fields(cls) if f.name != "max_norm_given"}
         unknown = sorted(set(kwargs) - known)
         if unknown:
+            policy_hint = _policy_hint(unknown[0], kwargs[unknown[0]])
             close = [k for k in sorted(known) if _similar(unknown[0], k)]
-            hint = f" Did you mean {close[0]!r}?" if close else ""
+            hint = policy_hint or (f" Did you mean {close[0]!r}?" if close else "")
             raise ConfigError(
                 f"Unknown gradwatch option {unknown[0]!r}.{hint} Known options: {', '.join(sorted(known))}.",
                 option=unknown[0],
@@ -156,6 +157,31 @@ class Options:
                 v = [s if isinstance(s, str) else type(s).__name__ for s in v]
             out[f.name] = v
         return out
+
+
+#: Keywords of the policy constructors (docs/API.md, "Policies"): passed to ``watch()``
+#: they belong in the policy object instead.
+POLICY_KEYWORDS = {
+    "percentile": "AutoClip",
+    "history": "AutoClip",
+    "alpha": "ZClip",
+    "z_threshold": "ZClip",
+    "warmup": "ZClip",
+    "clip_factor": "AGC",
+    "eps": "AGC",
+}
+
+
+def _policy_hint(option: str, value: object) -> str:
+    """The hint for a policy constructor's keyword given to ``watch()`` (else empty):
+    name the policy and write the call that works, e.g. ``policy=gradwatch.AutoClip(percentile=5)``."""
+    cls = POLICY_KEYWORDS.get(option)
+    if cls is None:
+        return ""
+    return (
+        f" {option!r} is an argument of the {cls} policy, not of watch(): pass "
+        f"policy=gradwatch.{cls}({option}={value!r})."
+    )
 
 
 def _similar(a: str, b: str) -> bool:

@@ -72,7 +72,7 @@ def load_entrypoints_into(pm: pluggy.PluginManager) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:  # noqa: BLE001 - report and go on with the others
-            logger.warning("[gradwatch] backend plugin %r (%s) could not be loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
+            logger.warning("backend plugin %r (%s) could not be loaded: %s: %s", ep.name, ep.value, type(exc).__name__, exc)
             continue
         pm.register(plugin, name=ep.name)
 
@@ -92,6 +92,41 @@ def backend_names(pm: pluggy.PluginManager) -> list[str]:
     for impl in pm.hook.gradwatch_attach.get_hookimpls():
         names.append(plugin_label(pm, impl.plugin))
     return sorted(set(names))
+
+
+#: The framework each built-in backend needs (checked with importlib.util.find_spec,
+#: which imports nothing). A plugin may declare its own with a module-level
+#: ``GRADWATCH_REQUIRES = "module"``.
+_FRAMEWORKS = {"torch": "torch", "tf": "keras"}
+
+
+def backend_requirement(pm: pluggy.PluginManager, name: str) -> str | None:
+    """The framework module backend ``name`` needs, if known."""
+    plugin = pm.get_plugin(name)
+    declared = getattr(plugin, "GRADWATCH_REQUIRES", None)
+    return declared if isinstance(declared, str) else _FRAMEWORKS.get(name)
+
+
+def installed_backends_text(pm: pluggy.PluginManager) -> str:
+    """The backends that could attach, for an error message: "torch, tf", or
+    "torch (tf: keras is not installed)", or "none importable (...)" when every
+    registered backend's framework is missing."""
+    import importlib.util
+
+    usable, missing = [], []
+    for name in backend_names(pm):
+        need = backend_requirement(pm, name)
+        try:
+            found = need is None or importlib.util.find_spec(need) is not None
+        except (ImportError, ValueError):
+            found = False
+        (usable if found else missing).append(f"{name}: {need} is not installed" if not found else name)
+    install = "pip install 'gradwatch[torch]' or 'gradwatch[tf]'"
+    if not usable and not missing:
+        return f"none ({install})"
+    if not usable:
+        return f"none importable ({'; '.join(missing)}: {install})"
+    return ", ".join(usable) + (f" ({'; '.join(missing)})" if missing else "")
 
 
 def plugin_label(pm: pluggy.PluginManager, plugin: object) -> str:

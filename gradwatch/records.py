@@ -388,6 +388,16 @@ class StepRecord:
             window=None if window is None else _window_from_dict(window),
         )
 
+    def __repr__(self) -> str:  # one line, at most 300 characters (gradwatch.display.record_repr)
+        from gradwatch.display import record_repr
+
+        return record_repr(self)
+
+    def _repr_html_(self) -> str:
+        from gradwatch.display import record_html
+
+        return record_html(self)
+
 
 def _propagation_dict(r: Propagation) -> dict[str, Any]:
     out: dict[str, Any] = {"gains": list(r.gains), "rate": r.rate, "horizon": r.horizon}

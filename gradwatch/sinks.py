@@ -85,17 +85,19 @@ class LoggingSink:
 
     def write_record(self, record: StepRecord) -> None:
         if self.logger.isEnabledFor(logging.INFO):
-            self.logger.info(summary_line(record))
+            # The logger's name already says "gradwatch" (WARNING:gradwatch:... with the
+            # default format): no second "[gradwatch]" inside the message.
+            self.logger.info(summary_line(record).removeprefix("[gradwatch] "))
 
     def write_event(self, event: GradEvent) -> None:
-        self.logger.log(event.severity, "[gradwatch] %s", event.message)
+        self.logger.log(event.severity, "%s", event.message)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         for s in summary.get("suppressed", ()):
             n, layer = s["count"], s["layer"]
             where = f" for layer {layer!r}" if layer else ""
             self.logger.info(
-                "[gradwatch] %d further %r alert%s%s since step %d %s held back by rate limiting "
+                "%d further %r alert%s%s since step %d %s held back by rate limiting "
                 "(alert_every); the records hold every step.",
                 n, s["kind"], "s" if n > 1 else "", where, s["first_step"], "were" if n > 1 else "was",
             )

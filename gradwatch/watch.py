@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -22,8 +22,13 @@ from gradwatch.attachment import Attachment
 from gradwatch.errors import GradwatchError
 from gradwatch.events import GradEvent
 from gradwatch.monitor import Monitor
-from gradwatch.plugins import backend_names, get_plugin_manager
+from gradwatch.plugins import get_plugin_manager, installed_backends_text
 from gradwatch.records import StepRecord
+
+if TYPE_CHECKING:  # option names completed by IDEs (PEP 692); nothing imported at run time
+    from typing_extensions import Unpack
+
+    from gradwatch._typing import WatchOptions
 
 __all__ = ["Watch", "WatchFront", "watch", "watch_with"]
 
@@ -110,6 +115,12 @@ class Watch:
         self._sync()
         return self.monitor.events
 
+    @property
+    def latest_profile(self) -> StepRecord | None:
+        """The newest record with through-time data (``temporal``), or None: only profiled
+        steps carry it (``profile_every``), so ``records[-1].temporal`` is often ``{}``."""
+        return _latest_profile(self.records)
+
     def step(self) -> StepRecord | None:
         """Measure now: call after ``backward()`` and before ``optimizer.step()`` when no
         optimizer was given to :func:`watch`."""
@@ -155,9 +166,26 @@ class Watch:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        """Notebook display: steps, norm sparkline, through-time table, last alerts."""
+        from gradwatch.display import watch_html
+
+        return watch_html(self)
+
+    def plot(self) -> Any:
+        """The report's main figure (global norm at every step kept, alerts on it) as a
+        matplotlib Figure, shown inline in a notebook (needs ``gradwatch[plot]``)."""
+        from gradwatch.display import plot
+
+        return plot(self)
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("open" if self._attachment is not None else "detached")
         return f"<gradwatch.Watch backend={self.backend} step={self.monitor.step_count} {state}>"
+
+
+def _latest_profile(records: list[StepRecord]) -> StepRecord | None:
+    return next((r for r in reversed(records) if r.temporal), None)
 
 
 def watch_with(
@@ -175,8 +203,7 @@ def watch_with(
     if attachment is None:
         monitor.close()
         t = type(model)
-        installed = backend_names(pm)
-        names = ", ".join(installed) if installed else "none (pip install 'gradwatch[torch]' or 'gradwatch[tf]')"
+        names = installed_backends_text(pm)
         hint = ""
         if t.__module__.split(".")[0] in ("torch", "keras", "tensorflow"):
             hint = " Is the framework's backend installed, and is the model a torch.nn.Module or keras.Model?"
@@ -187,7 +214,13 @@ def watch_with(
     return Watch(monitor, attachment)
 
 
-def watch(model: object, optimizer: object | None = None, *, plugin_manager: pluggy.PluginManager | None = None, **options: Any) -> Watch:
+def watch(
+    model: object,
+    optimizer: object | None = None,
+    *,
+    plugin_manager: pluggy.PluginManager | None = None,
+    **options: Unpack[WatchOptions],
+) -> Watch:
     """Watch ``model``'s gradients (and act on them through ``optimizer``) with the
     backend that recognises it. Options are those of the README; a bad one raises
     :class:`~gradwatch.ConfigError` here, before training starts.
@@ -226,6 +259,18 @@ class WatchFront:
     def events(self) -> list[GradEvent]:
         """Events emitted so far (the most recent ``keep``)."""
         return self.watch.events
+
+    @property
+    def latest_profile(self) -> StepRecord | None:
+        """The newest record with through-time data, or None (see :attr:`Watch.latest_profile`)."""
+        return self.watch.latest_profile
+
+    def _repr_html_(self) -> str:
+        return self.watch._repr_html_()
+
+    def plot(self) -> Any:
+        """See :meth:`Watch.plot`."""
+        return self.watch.plot()
 
     def state_dict(self) -> dict[str, Any]:
         """The watch's plain JSON state, the same as a ``gradwatch.Watch``'s (Lightning

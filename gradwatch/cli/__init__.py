@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
         "demo",
         help="train small RNN/LSTM/GRU models on a long-range task under gradwatch and write a report",
         description="Show why vanilla RNNs fail on long dependencies and what gating and clipping change: "
-        "trains a tanh RNN, an LSTM, a GRU and an exploding ReLU RNN without and with adaptive clipping "
+        "trains a tanh RNN, an LSTM, a GRU and a ReLU RNN with W_hh = 1.1*I, then that ReLU RNN with SGD without and with "
+        "policy='fixed' clipping, printing the alerts a training log would show "
         "(about 1-2 minutes on 2 CPU cores), then writes one JSONL file per run, PNG plots and report.html.",
     )
     d.add_argument(

@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gradwatch.cli.summary import run_color
 from gradwatch.formatting import printable
 
 DPI = 110
@@ -28,10 +29,8 @@ _STYLES = ["-", "--", ":", "-."]
 
 
 def _colors(n: int) -> list:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return [cmap(i % 10) for i in range(n)]
+    """Runs 0..n-1's colours: run i has colour i in every plot and in the report's tables."""
+    return [run_color(i) for i in range(n)]
 
 
 def _figure(w: float, h: float) -> Figure:

@@ -19,10 +19,11 @@ import numpy as np
 
 from gradwatch.cli._plotkit import _STYLES, MAX_DECADES, _colors, _figure, _positive, _safe_name, _save, _scale_y, _text
 from gradwatch.cli.plot_norms import global_norm_figure, layer_labels, plot_global_norm, plot_layer_heatmap
+from gradwatch.cli.summary import run_color
 from gradwatch.formatting import printable
 from gradwatch.jsonl import Run
 
-__all__ = ["global_norm_figure", "layer_labels", "plot_all"]
+__all__ = ["global_norm_figure", "layer_labels", "plot_all", "run_color"]
 
 
 # ------------------------------------------------------------------ temporal profiles
@@ -51,11 +52,35 @@ def _propagation_points(run: Run, layer: str, k: int = 4) -> list[tuple[int, dic
         prof = r.temporal.get(layer)
         if prof is None or not prof.recurrences:
             continue
-        recs = {name: np.asarray(p.gains, dtype=np.float64) for name, p in prof.recurrences.items()}
+        recs = {name: np.asarray(_gains(p), dtype=np.float64) for name, p in prof.recurrences.items()}
         if uniq and recs.keys() == uniq[-1][1].keys() and all(np.array_equal(recs[n], uniq[-1][1][n], equal_nan=True) for n in recs):
             continue
         uniq.append((r.step, recs))
     return _sample(uniq, k)
+
+
+def _gains(p: object) -> tuple[float, ...]:
+    """What a recurrence's rate and horizon are fitted on: ``max_gains`` (largest singular
+    value over the probed sequences) where the records carry it, else the RMS ``gains``."""
+    return tuple(getattr(p, "max_gains", ()) or getattr(p, "gains", ()))
+
+
+def _uses_max_gains(run: Run) -> bool:
+    return any(getattr(p, "max_gains", ()) for r in run.records for prof in r.temporal.values() for p in prof.recurrences.values())
+
+
+def _gain_label(max_gains: bool) -> str:
+    return "largest gain ‖∂s_T/∂s_(T−j)‖₂" if max_gains else "gain ‖∂s_T/∂s_(T−j)‖ / √dim s"
+
+
+def _zeros_on_edge(ax: Any, x: np.ndarray, y: np.ndarray, color: Any) -> int:
+    """Mark exact zeros (a log axis cannot draw them) on the panel's bottom edge; how many."""
+    y = np.asarray(y, dtype=np.float64)
+    zero = y == 0
+    if zero.any():
+        ax.scatter(np.asarray(x)[zero], np.full(int(zero.sum()), 0.015), transform=ax.get_xaxis_transform(), marker="v",
+                   color=color, s=12, zorder=4, clip_on=False)
+    return int(zero.sum())
 
 
 def _thresholds(run: Run) -> tuple[float, float]:
@@ -102,17 +127,28 @@ def _draw_propagation(ax: Any, run: Run, layer: str, lab: str) -> bool:
         ax.set_axis_off()
         return False
     cmap = colormaps["plasma"]
+    zeros = 0
+    length = 1
     for i, (step, recs) in enumerate(points):
         col = cmap(0.85 * i / max(1, len(points) - 1))
         for k, (name, gains) in enumerate(list(recs.items())[:MAX_RECURRENCES]):
             label = f"step {step}" + (f", {name}" if len(recs) > 1 else "")
-            ax.plot(np.arange(gains.size), _positive(gains), color=col, ls=_STYLES[k % len(_STYLES)], lw=1.6, label=label)
+            j = np.arange(gains.size)
+            length = max(length, gains.size)
+            few = np.count_nonzero(np.isfinite(_positive(gains))) < 8
+            ax.plot(j, _positive(gains), color=col, ls=_STYLES[k % len(_STYLES)], lw=1.6, label=label,
+                    marker="o" if few else None, ms=4)
+            zeros += _zeros_on_edge(ax, j, gains, col)
     ax.axhline(vanish, color="#1f77b4", ls=":", lw=1.2, label=f"vanishing below {vanish:g}")
     ax.axhline(explode, color="#d62728", ls=":", lw=1.2, label=f"exploding above {explode:g}")
     ax.set_yscale("log")  # always: the thresholds are the point of this panel
     _clamp_decades(ax)
+    ax.set_xlim(-0.5, max(1, length - 1) + 0.5)
+    if zeros:
+        ax.text(0.99, 0.04, "▼ gain recorded as exactly 0 (not drawable on a log axis)", transform=ax.transAxes,
+                ha="right", va="bottom", fontsize=7.5, color="0.3")
     ax.set_xlabel("steps back through the recurrence (j)")
-    ax.set_ylabel("gain ‖∂s_T/∂s_(T−j)‖ / √dim s")
+    ax.set_ylabel(_gain_label(_uses_max_gains(run)))
     ax.set_title(_text(f"{lab}: propagation through {layer!r}", 90))
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="lower left")
@@ -132,16 +168,28 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
     for (ax_p, ax), layer in zip(axes, layers):
         _draw_propagation(ax_p, run, layer, lab)
         points = _profile_points(run, layer)
+        length, zero_marks = 1, 0
         for i, (step, norms) in enumerate(points):
             col = cmap(0.85 * i / max(1, len(points) - 1))
             zeros |= bool((norms == 0).any())
             nf = ~np.isfinite(norms)
             nonfinite |= bool(nf.any())
             note = " (all NaN/Inf)" if nf.all() else (" (some NaN/Inf)" if nf.any() else "")
-            ax.plot(np.arange(1, norms.size + 1), _positive(norms), color=col, lw=1.6, label=f"step {step}{note}")
+            t = np.arange(1, norms.size + 1)
+            length = max(length, norms.size)
+            few = np.count_nonzero(np.isfinite(_positive(norms))) < 8
+            ax.plot(t, _positive(norms), color=col, lw=1.6, label=f"step {step}{note}", marker="o" if few else None, ms=4)
+            zero_marks += _zeros_on_edge(ax, t, norms, col)
         _scale_y(ax)
-        if not points or not np.isfinite([np.nanmax(_positive(a)) if np.isfinite(_positive(a)).any() else np.nan for _, a in points]).any():
-            ax.text(0.5, 0.5, "no finite, positive input gradient to draw", transform=ax.transAxes, ha="center", va="center")
+        ax.set_xlim(0.5, length + 0.5)
+        if not points:
+            ax.text(0.5, 0.5, "sensitivity not measured for this layer", transform=ax.transAxes, ha="center", va="center")
+        elif not any(np.isfinite(_positive(a)).any() for _, a in points):
+            ax.text(0.5, 0.5, "no finite, positive input gradient to draw\n(every value 0 or NaN)", transform=ax.transAxes,
+                    ha="center", va="center")
+            ax.set_yticks([])
+        if zero_marks:
+            ax.text(0.99, 0.04, "▼ exactly 0", transform=ax.transAxes, ha="right", va="bottom", fontsize=7.5, color="0.3")
         ax.set_xlabel("input timestep t")
         ax.set_ylabel("‖∂L/∂x_t‖")
         ax.set_title(_text(f"sensitivity: which input timesteps of {layer!r} the loss draws on", 90))
@@ -163,39 +211,65 @@ def plot_temporal(run: Run, lab: str, path: Path) -> tuple[Path, str, str] | Non
 
 def plot_temporal_compare(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str] | None:
     """Each run's latest propagation (its most extreme recurrence) against the thresholds."""
+    from gradwatch.records import extreme
+
     lines = []
-    for run, lab in zip(runs, labels):
+    for (run, lab), col in zip(zip(runs, labels), _colors(len(runs))):  # run i: colour i, as in every plot
         layers = _recurrent_layers(run)[:MAX_RECURRENT]
-        for layer in layers:
-            last = [r for r in run.records if layer in r.temporal and r.temporal[layer].propagation]
+        for k, layer in enumerate(layers):
+            last = [r for r in run.records if layer in r.temporal and r.temporal[layer].recurrences]
             if last:
-                gains = np.asarray(last[-1].temporal[layer].propagation, dtype=np.float64)
-                lines.append((_text(f"{lab}: {layer}" if len(layers) > 1 else lab), last[-1].step, gains))
+                got = extreme(last[-1].temporal[layer].recurrences)
+                if got is None:
+                    continue
+                gains = np.asarray(_gains(got[1]), dtype=np.float64)
+                lines.append((_text(f"{lab}: {layer}" if len(layers) > 1 else lab), last[-1].step, gains, col, _STYLES[k % len(_STYLES)]))
     if not lines:
         return None
     vanish, explode = _thresholds(runs[0])
     fig = _figure(11, 5)
     ax = fig.add_subplot()
-    for (lab, step, gains), col in zip(lines, _colors(len(lines))):
-        ax.plot(np.arange(gains.size), _positive(gains), color=col, lw=1.8, label=f"{lab} (step {step})")
+    zeros = 0
+    for lab, step, gains, col, ls in lines:
+        j = np.arange(gains.size)
+        few = np.count_nonzero(np.isfinite(_positive(gains))) < 8
+        ax.plot(j, _positive(gains), color=col, ls=ls, lw=1.8, label=f"{lab} (step {step})", marker="o" if few else None, ms=4)
+        zeros += _zeros_on_edge(ax, j, gains, col)
     ax.axhline(vanish, color="#1f77b4", ls=":", lw=1.2, label=f"vanishing below {vanish:g}")
     ax.axhline(explode, color="#d62728", ls=":", lw=1.2, label=f"exploding above {explode:g}")
     ax.set_yscale("log")
     _clamp_decades(ax)
     ax.set_xlabel("steps back through the recurrence (j)")
-    ax.set_ylabel("gain ‖∂s_T/∂s_(T−j)‖ / √dim s")
+    ax.set_ylabel(_gain_label(any(_uses_max_gains(r) for r in runs)))
     ax.set_title("Latest propagation of each run (its most extreme recurrence)")
     ax.grid(True, which="major", alpha=0.3)
     fig.legend(loc="outside right upper", fontsize=9)
     caption = (
         "Log scale. A line that falls below the blue dotted line within the sequence is a gradient the recurrence "
         "cannot carry that far back (vanishing); one above the red line grows out of bounds (exploding). Lines "
-        "that stop early went to exactly zero (float32 underflow)."
+        "that stop early were recorded as exactly zero (float32 underflow, dead units, or where the measurement stopped)"
+        + ("; ▼ on the bottom edge marks those zeros" if zeros else "")
+        + ". Each run has the colour it has in every other plot."
     )
     return _save(fig, path), "Propagation through time compared", caption
 
 
 # ------------------------------------------------------------------ gain, horizon, spectral
+def _rate_axis(ax: Any) -> bool:
+    """The rate panel's y-axis: linear from 0 (a rate of exactly 0, a gradient that does
+    not survive one step, sits on the visible bottom line, never below the axis) unless
+    the positive rates span more than two decades with no zero among them. True for log."""
+    v = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
+    v = v[np.isfinite(v)]
+    pos = v[v > 0]
+    if pos.size and not (v == 0).any() and pos.max() >= 100 * pos.min():
+        ax.set_yscale("log")
+        return True
+    hi = max(1.0, float(v.max()) if v.size else 1.0)
+    ax.set_ylim(-0.04 * hi, 1.06 * hi)
+    return False
+
+
 def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tuple[Path, str, str] | None:
     if not any(r.temporal or r.spectral for run in runs for r in run.records):
         return None
@@ -209,9 +283,12 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
             recs = [r for r in run.records if layer in r.temporal]
             name = _text(lab if len(layers) == 1 else f"{lab}: {layer}")
             ls = _STYLES[j % len(_STYLES)]
-            measured = [r for r in recs if r.temporal[layer].recurrences]
+            # A profile without a propagation measurement (horizon None) is skipped, never drawn as 0.
+            measured = [r for r in recs if r.temporal[layer].recurrences and r.temporal[layer].horizon is not None]
             steps = [r.step for r in measured]
-            ax_gain.plot(steps, _positive([r.temporal[layer].gain for r in measured]), color=col, ls=ls, lw=1.5, marker=".", label=name)
+            rates = np.asarray([r.temporal[layer].gain for r in measured], dtype=np.float64)
+            ax_gain.plot(steps, np.where(np.isfinite(rates) & (rates >= 0), rates, np.nan), color=col, ls=ls, lw=1.5,
+                         marker=".", label=name)
             ax_hor.plot(steps, [r.temporal[layer].horizon for r in measured], color=col, ls=ls, lw=1.5, marker=".", label=name)
         names: list[str] = []
         for r in run.records:
@@ -230,7 +307,7 @@ def plot_dynamics(runs: Sequence[Run], labels: Sequence[str], path: Path) -> tup
             )
             any_spec = True
     ax_gain.axhline(1.0, color="0.3", lw=1, ls=":")
-    gain_log = _scale_y(ax_gain)
+    gain_log = _rate_axis(ax_gain)
     ax_gain.set_ylabel("propagation rate\n(per step back)")
     ax_gain.set_title("Propagation rate (<1 vanishing, >1 exploding), horizon and recurrent spectral norms over training")
     ax_hor.set_ylabel("horizon (steps back)")

@@ -109,3 +109,28 @@ def test_demo_out_dir_default_is_gradwatch_demo():
     args = _parser().parse_args(["demo"])
     assert args.out == "gradwatch-demo" and args.framework == "torch" and args.steps is None
     assert Path(_parser().parse_args(["report", "x.jsonl"]).out) == Path("gradwatch-report")
+
+
+def test_demo_prints_the_alert_lines_a_log_would_show(demo):
+    _, res = demo
+    assert re.search(r"^    WARNING:gradwatch:Vanishing gradient through time in recurrent layer 'rnn'", res.stderr, re.M)
+    assert re.search(r"^    WARNING:gradwatch:Exploding gradient through time", res.stderr, re.M)
+    assert "[gradwatch]" not in res.stderr
+    # under each run's progress: the tanh RNN's alert comes before the LSTM's bar
+    assert res.stderr.index("WARNING:gradwatch:Vanishing") < res.stderr.index("  lstm ")
+
+
+def test_demo_story_agrees_with_each_runs_numbers(demo):
+    out, res = demo
+    said = res.stdout.split("What the numbers say:")[1].split("What happened:")
+    numbers, happened = said[0], " ".join(said[1].split())
+    assert len([ln for ln in numbers.strip().splitlines() if ln.strip()]) == len(RUNS)
+    assert "run" in res.stdout and "rate/step" in res.stdout
+    for name, phrase in (("rnn_tanh", "The tanh RNN:"), ("lstm", "The LSTM:"), ("gru", "The GRU:")):
+        last = _propagations(gradwatch.read_run(out / f"{name}.jsonl"))[-1]
+        sentence = happened.split(phrase)[1].split(" - ")[0]
+        if last.horizon < last.length:
+            assert f"vanishes after {last.horizon} of {last.length} steps" in sentence, sentence
+        else:
+            assert f"reaches all {last.length} steps" in sentence and "vanishes" not in sentence, sentence
+    assert "grows about 1.1x" not in res.stdout  # no constant claims

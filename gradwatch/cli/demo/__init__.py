@@ -10,42 +10,44 @@ from __future__ import annotations
 import html
 import math
 import sys
+import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["DEFAULT_STEPS", "STORY", "run_demo"]
+__all__ = ["DEFAULT_STEPS", "STORY", "Facts", "facts", "run_demo", "story"]
 
 #: Training steps per run at default arguments (fits the 2-minute budget on 2 CPU cores).
 DEFAULT_STEPS = {"torch": 600, "keras": 300}
 
 STORY = """\
 Training signal has to travel back through time. In a vanilla RNN the gradient that
-reaches timestep k is carried there by a product of Jacobians diag(tanh')*W_hh, one per
-step in between, so it shrinks (or grows) geometrically: gradwatch measures that product
-itself on each run's own trajectory (its gain over j steps back, the "propagation") and
-alerts on it. The tanh RNN's propagation vanishes well within the sequence, so it cannot
-learn that the label sits in the first input. An LSTM's cell state (a GRU's carried
-state) is a gated identity: while the forget (update) gate stays near 1 the gradient
-passes almost unchanged, so the gated cells keep a gain near 1 and learn the task, and
-gradwatch raises no through-time alert on them, even though their input gradient peaks at t=1 (which
-is where the answer is: that is healthy). A ReLU RNN whose recurrent weights are 1.1*I
-does the opposite: its propagation grows about 1.1x per step, thousands of times over the
-sequence, and its gradient norm reaches millions. Clipping scales every gradient above a
-threshold back down, direction unchanged. It matters most with plain SGD: on 30-step
-sequences, SGD with momentum takes a first step so large that every ReLU of the
-unclipped run dies (its gradient is then exactly zero, and gradwatch says the layer
-stopped learning), while the same run with policy='fixed' learns the task. (With Adam,
-whose steps are normalised per parameter, clipping changes little.)"""
+reaches timestep k is carried there by a product of Jacobians diag(f')*W_hh, one per step
+in between, so it shrinks or grows geometrically. gradwatch measures that product on each
+run's own sequences (its gain over j steps back: the "propagation", with its rate per step
+and its horizon) and alerts on it. An LSTM's cell state and a GRU's carried state are gated
+identities: while the forget (update) gate stays near 1 the gradient passes almost
+unchanged. Clipping scales a gradient above a threshold back down, direction unchanged.
+Six runs put this to the test: a tanh RNN, an LSTM, a GRU, a ReLU RNN with W_hh = 1.1*I,
+and that ReLU RNN with plain SGD on 30-step sequences, once without clipping and once with
+policy='fixed'. What each run did is told after training, from its own numbers."""
+
+#: The default explode_ratio / vanish_ratio, the thresholds the demo's runs are judged with.
+EXPLODE_RATIO = 1e3
+#: Accuracy from which a run "learned the task" (chance is 0.50).
+LEARNED = 0.8
 
 
-def _story_html(task: str, framework: str, runs: list[tuple[str, str]]) -> str:
+def _story_html(task: str, framework: str, runs: list[tuple[str, str]], happened: list[str]) -> str:
     e = html.escape
     items = "".join(f"<li><code>{e(n)}</code>: {e(d)}</li>" for n, d in runs)
     paras = "".join(f"<p>{e(p)}</p>" for p in [" ".join(STORY.split("\n"))])
+    told = "".join(f"<li>{e(x)}</li>" for x in happened)
     return (
         f"<p><b>Task</b> ({e(framework)}): {e(task)}. The loss is taken at the last timestep only.</p>"
         f"{paras}<p><b>Runs</b>:</p><ul>{items}</ul>"
+        f"<p><b>What happened</b> (each sentence from the run's own numbers):</p><ul>{told}</ul>"
         "<p>Read the <i>propagation</i> plots first: the gain of the recurrence's state Jacobian product over "
         "j steps back. A line that falls below 1e-3 within the sequence is a gradient that cannot reach the "
         "information it needs; one that climbs past 1e3 is an exploding one. The <i>sensitivity</i> plots "
@@ -96,11 +98,12 @@ def run_demo(
         for s, r in zip(summaries, results)
     }
     conclusions = _conclusions(results, summaries)
+    happened = story(results, runs)
     files = report.write_report(
         runs,
         out,
         title=f"gradwatch demo ({framework}): vanishing and exploding gradients through time",
-        intro_html=_story_html(task.describe(), framework, [(r.spec.name, r.spec.description) for r in results])
+        intro_html=_story_html(task.describe(), framework, [(r.spec.name, r.spec.description) for r in results], happened)
         + f"<p><b>What this training run measured</b> (accuracy on {impl.EVAL_SIZE} held-out sequences; chance is 0.50):</p>"
         + f"<pre>{html.escape(conclusions.split(chr(10), 2)[-1])}</pre>",
         extra=extra,
@@ -110,6 +113,9 @@ def run_demo(
     print(f"\nSummary (accuracy on {impl.EVAL_SIZE} held-out sequences; chance is 0.50):", file=stdout)
     print(report.format_table(summaries, extra), file=stdout)
     print(conclusions, file=stdout)
+    print("\nWhat happened:", file=stdout)
+    for sentence in happened:
+        print(textwrap.fill(sentence, 100, initial_indent="  - ", subsequent_indent="    "), file=stdout)
     if files.plots_missing:
         print(report.PLOT_HINT, file=sys.stderr)
     print(
@@ -117,7 +123,7 @@ def run_demo(
         f"{', '.join(p.path.name for p in results)}).\nReport on any run file: {installed_command()} report {out}/<run>.jsonl",
         file=stdout,
     )
-    return {"results": results, "summaries": summaries, "files": files}
+    return {"results": results, "summaries": summaries, "files": files, "story": happened}
 
 
 def _conclusions(results: list[Any], summaries: list[Any]) -> str:
@@ -141,11 +147,146 @@ def _conclusions(results: list[Any], summaries: list[Any]) -> str:
     return "\n".join(lines)
 
 
-#: The default explode_ratio, the threshold the demo's runs are judged with.
-EXPLODE_RATIO = 1e3
-
-
 def report_fmt(v: float) -> str:
     from gradwatch.cli.report import fmt
 
     return fmt(v)
+
+
+# ------------------------------------------------------------------ the story, checked
+@dataclass(frozen=True)
+class Facts:
+    """What one demo run's files and evaluation say, the only source of the story."""
+
+    name: str
+    cell: str
+    optimizer: str
+    policy: str | None
+    accuracy: float
+    steps: int
+    length: int
+    first: tuple[float, int, int, float] | None  # first measured propagation: rate, horizon, T, largest gain
+    last: tuple[float, int, int, float] | None  # the latest one
+    alerts: dict[str, int]  # through-time (recurrent layer) alerts by kind, held-back repeats included
+    norm_max: float
+    clipped_share: float
+    dead_from: int | None  # first step from which the recurrent layer's gradient stayed exactly 0 to the end
+
+
+def _prop(prof: Any) -> tuple[float, int, int, float] | None:
+    if not prof.recurrences or prof.horizon is None:
+        return None
+    from gradwatch.cli.summary import _peak_gain
+
+    return (float(prof.gain), int(prof.horizon), len(prof.propagation), _peak_gain(prof))
+
+
+def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
+    """Read one run's facts from its run file and its evaluation."""
+    from gradwatch.cli.summary import summarize
+
+    s = summarize(run)
+    layer = next((k for r in run.records for k in r.temporal), layer)
+    measured = [p for p in (_prop(r.temporal[layer]) for r in run.records if layer in r.temporal) if p is not None]
+    alerts: dict[str, int] = {}
+    for (kind, where), n in s.events_by_kind_layer.items():
+        if where == layer and kind in ("vanishing", "exploding"):
+            alerts[kind] = alerts.get(kind, 0) + n
+    dead_from = None
+    recs = [r for r in run.records if layer in r.layer_norms]
+    if recs and recs[-1].layer_norms[layer] == 0.0:
+        k = len(recs) - 1
+        while k > 0 and recs[k - 1].layer_norms[layer] == 0.0:
+            k -= 1
+        dead_from = recs[k].window.first_step if recs[k].window is not None else recs[k].step
+    return Facts(
+        name=result.spec.name,
+        cell=result.spec.cell,
+        optimizer=result.spec.optimizer,
+        policy=result.spec.policy,
+        accuracy=result.accuracy,
+        steps=s.steps,
+        length=result.spec.length,
+        first=measured[0] if measured else None,
+        last=measured[-1] if measured else None,
+        alerts=alerts,
+        norm_max=s.norm_max,
+        clipped_share=s.clipped_share if s.has_policy else 0.0,
+        dead_from=dead_from,
+    )
+
+
+def _f(v: float) -> str:
+    return report_fmt(v)
+
+
+def _through(p: tuple[float, int, int, float] | None) -> str:
+    if p is None:
+        return "its propagation was not measured"
+    rate, h, t, peak = p
+    if not math.isfinite(rate) and not math.isfinite(peak):
+        return "its propagation was not finite (NaN: the weights diverged)"
+    if peak > EXPLODE_RATIO:
+        return f"its propagation grows {_f(rate)}x per step, {_f(peak)}x over {t} steps (exploding above {EXPLODE_RATIO:g}x)"
+    if h < t:
+        return f"its propagation vanishes after {h} of {t} steps ({_f(rate)}/step)"
+    return f"its propagation reaches all {t} steps ({_f(rate)}/step)"
+
+
+def _alerts_text(f: Facts) -> str:
+    if not f.alerts:
+        return "no through-time alert"
+    return ", ".join(f"{n} {k} alert{'s' if n > 1 else ''}" for k, n in sorted(f.alerts.items()))
+
+
+def _learned(f: Facts) -> str:
+    if f.accuracy >= LEARNED:
+        return f"it learned the task (accuracy {f.accuracy:.2f})"
+    if f.accuracy < 0.6:
+        return f"it did not learn the task in {f.steps} steps (accuracy {f.accuracy:.2f}, chance 0.50)"
+    return f"it learned part of the task in {f.steps} steps (accuracy {f.accuracy:.2f})"
+
+
+def story(results: list[Any], runs: list[Any]) -> list[str]:
+    """One sentence per run (two for the clipping pair), each built from that run's
+    numbers: a claim the numbers do not support is never printed, what did happen is."""
+    fs = [facts(r, run) for r, run in zip(results, runs)]
+    by = {(f.cell, f.optimizer, f.policy is not None): f for f in fs}
+    out: list[str] = []
+    for f in fs:
+        if f.cell == "tanh":
+            out.append(f"The tanh RNN: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
+        elif f.cell in ("lstm", "gru"):
+            cell = f.cell.upper()
+            out.append(f"The {cell}: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
+        elif f.cell == "relu" and f.optimizer != "sgd":
+            early = _through(f.first).replace("its propagation", "its propagation at the first measurement")
+            out.append(
+                f"The ReLU RNN with W_hh = 1.1*I: {early}; its gradient norm reached {_f(f.norm_max)}, "
+                f"{_alerts_text(f)}; {_learned(f)}."
+            )
+        elif f.cell == "relu" and f.policy is None:
+            dead = (
+                f"from step {f.dead_from} on its recurrent layer got exactly zero gradient (every ReLU dead)"
+                if f.dead_from is not None
+                else "its recurrent layer still got a gradient at the end"
+            )
+            out.append(
+                f"The ReLU RNN with SGD on {f.length}-step sequences, unclipped: its gradient norm reached "
+                f"{_f(f.norm_max)}; {dead}; {_alerts_text(f)}; {_learned(f)}."
+            )
+        elif f.cell == "relu":
+            out.append(
+                f"The same with policy='{f.policy}': gradwatch clipped {100 * f.clipped_share:.0f}% of its steps; "
+                f"{_through(f.last)}; {_learned(f)}."
+            )
+    plain, clipped = by.get(("relu", "sgd", False)), by.get(("relu", "sgd", True))
+    if plain and clipped:
+        if clipped.accuracy >= LEARNED > plain.accuracy:
+            out.append(f"Clipping decided the outcome: accuracy {plain.accuracy:.2f} without, {clipped.accuracy:.2f} with.")
+        else:
+            out.append(
+                f"In this run clipping did not decide the outcome: accuracy {plain.accuracy:.2f} without, "
+                f"{clipped.accuracy:.2f} with (more --steps may change that)."
+            )
+    return out

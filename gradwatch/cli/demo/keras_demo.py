@@ -17,7 +17,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from gradwatch.cli.demo._progress import Progress
-from gradwatch.cli.demo.torch_demo import RunResult, RunSpec
+from gradwatch.cli.demo.torch_demo import RunResult, RunSpec, _train_echoing
 
 __all__ = ["RUNS", "train_all"]
 
@@ -135,4 +135,4 @@ def train_all(out: Path, steps: int, seed: int = 0, stream: TextIO | None = None
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:
         pass
-    return [train_one(spec, out, steps, seed, stream) for spec in RUNS]
+    return [_train_echoing(train_one, spec, out, steps, seed, stream) for spec in RUNS]

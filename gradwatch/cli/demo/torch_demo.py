@@ -51,7 +51,8 @@ class RunSpec:
         short run; a policy (if any) caps at max_norm=1."""
         every = max(1, min(5, steps // 20))
         options: dict[str, Any] = {
-            "sinks": [f"jsonl:{self.run_file(out)}"],
+            # "logging": the alerts a user's log shows (the demo prints them under each run)
+            "sinks": ["logging", f"jsonl:{self.run_file(out)}"],
             "profile_every": every,
             "log_every": every,
             "run_name": self.name,
@@ -181,6 +182,18 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     return RunResult(spec, path, accuracy, final_loss, seconds)
 
 
+def _train_echoing(train: Any, spec: RunSpec, out: Path, steps: int, seed: int, stream: TextIO | None) -> RunResult:
+    """Train one run and print, under its progress bar, the alert lines its log showed."""
+    import sys
+
+    from gradwatch.cli.demo._alerts import echo_alerts
+
+    with echo_alerts() as echo:
+        result = train(spec, out, steps, seed, stream)
+    echo.print(stream if stream is not None else sys.stderr, spec.name)
+    return result  # type: ignore[no-any-return]
+
+
 def train_all(out: Path, steps: int, seed: int = 0, stream: TextIO | None = None) -> list[RunResult]:
     """Train every run of :data:`RUNS`, one JSONL file each in ``out``."""
     import torch
@@ -190,6 +203,6 @@ def train_all(out: Path, steps: int, seed: int = 0, stream: TextIO | None = None
     # 2 threads made a 64-unit RNN step 14x slower than 1 thread on 2 cores).
     torch.set_num_threads(1)
     try:
-        return [train_one(spec, out, steps, seed, stream) for spec in RUNS]
+        return [_train_echoing(train_one, spec, out, steps, seed, stream) for spec in RUNS]
     finally:
         torch.set_num_threads(threads)

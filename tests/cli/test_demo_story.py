@@ -1,0 +1,86 @@
+"""The demo's story is built from each run's own numbers (issue 19): a claim the numbers
+contradict is never printed; what did happen is. Synthetic run files, no framework."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+import gradwatch
+from gradwatch import StepStats
+from gradwatch.cli.demo import facts, story
+from gradwatch.cli.demo._alerts import echo_alerts
+from gradwatch.cli.demo.torch_demo import RUNS
+
+
+def _run(path: Path, rate: float, length: int = 100, steps: int = 20, dead: bool = False):
+    m = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5, run_name=path.stem)
+    m.bind(["rnn.weight_hh_l0", "head.weight"])
+    for step in range(1, steps + 1):
+        prof = m.profile_due()
+        gains = rate ** np.arange(length)
+        sq = np.array([0.0 if dead and step > 5 else 1.0, 1.0])
+        m.process(StepStats(sq, temporal={"rnn": np.ones(length)} if prof else {},
+                            propagation={"rnn": {"l0": gains}} if prof else {}))
+    m.close()
+    return gradwatch.read_run(path)
+
+
+def _result(name: str, accuracy: float):
+    spec = next(s for s in RUNS if s.name == name)
+    return SimpleNamespace(spec=spec, accuracy=accuracy)
+
+
+def test_a_tanh_rnn_that_does_not_vanish_is_not_said_to(tmp_path):
+    run = _run(tmp_path / "rnn_tanh.jsonl", rate=0.999)
+    (sentence,) = story([_result("rnn_tanh", 0.91)], [run])
+    assert "vanishes" not in sentence and "reaches all 100 steps" in sentence
+    assert "learned the task (accuracy 0.91)" in sentence
+
+
+def test_a_gru_at_068_has_not_learned_the_task(tmp_path):
+    run = _run(tmp_path / "gru.jsonl", rate=0.99)
+    (sentence,) = story([_result("gru", 0.68)], [run])
+    assert "learned part of the task" in sentence and "learned the task" not in sentence
+    assert "no through-time alert" in sentence
+
+
+def test_a_gated_cell_that_vanishes_says_so_with_its_horizon(tmp_path):
+    run = _run(tmp_path / "lstm.jsonl", rate=0.8)
+    f = facts(_result("lstm", 0.5), run)
+    (sentence,) = story([_result("lstm", 0.5)], [run])
+    assert f.last is not None and f"vanishes after {f.last[1]} of 100 steps" in sentence
+    assert "vanishing alert" in sentence
+
+
+def test_the_exploding_relu_sentence_uses_the_measured_rate(tmp_path):
+    run = _run(tmp_path / "relu_rnn.jsonl", rate=0.896)  # the contradiction the issue found
+    (sentence,) = story([_result("relu_rnn", 0.5)], [run])
+    assert "grows" not in sentence and "0.896/step" in sentence
+
+
+def test_the_clipping_pair_reports_dead_relus_and_the_outcome(tmp_path):
+    plain = _run(tmp_path / "relu_sgd.jsonl", rate=0.5, length=30, dead=True)
+    clipped = _run(tmp_path / "relu_sgd_fixed.jsonl", rate=1.0, length=30)
+    text = story([_result("relu_sgd", 0.49), _result("relu_sgd_fixed", 0.95)], [plain, clipped])
+    assert "exactly zero gradient" in text[0] and "from step" in text[0]
+    assert "policy='fixed'" in text[1]
+    assert text[2].startswith("Clipping decided the outcome")
+    text = story([_result("relu_sgd", 0.49), _result("relu_sgd_fixed", 0.55)], [plain, clipped])
+    assert "did not decide" in text[2]
+
+
+def test_alert_echo_prints_log_lines_once_with_their_count():
+    log = logging.getLogger("gradwatch")
+    with echo_alerts() as echo:
+        for step in (5, 10, 15):
+            log.warning("Layer 'rnn' stalled at step %d: norm %.3g", step, 1e-12 * step)
+        log.error("Non-finite gradient at step 7")
+        log.info("not an alert")
+    lines = echo.lines()
+    assert lines[0].startswith("WARNING:gradwatch:Layer 'rnn' stalled at step 5") and "[×3 similar, steps 5–15]" in lines[0]
+    assert lines[1] == "ERROR:gradwatch:Non-finite gradient at step 7"
+    assert len(lines) == 2
