@@ -130,27 +130,67 @@ class Window:
 
 class RateLimiter:
     """At most one alert per ``every`` steps for each (kind, layer); repeats are counted
-    and reported with the next alert that gets through, or at close."""
+    and reported with the next alert that gets through, or at close.
+
+    A condition that gets markedly worse is alerted again at once, limit or not: an event
+    whose ``worse_when`` says which way its ``value`` worsens passes when, against the
+    last event admitted for its (kind, layer), the value is at least ``WORSE_FACTOR``
+    times higher ("higher": a norm, a gain), or at most half and at least ``WORSE_STEPS``
+    lower ("lower": a horizon, 12 -> 4 passes, 12 -> 8 does not). Its message then says
+    so ("worse than at step 40: horizon 12 → 4").
+    """
+
+    #: "higher": at least this many times the last admitted value.
+    WORSE_FACTOR = 10.0
+    #: "lower": at most this fraction of the last admitted value ...
+    WORSE_FRACTION = 0.5
+    #: ... and at least this much below it (a horizon of 3 -> 1 is not "markedly" worse).
+    WORSE_STEPS = 2.0
 
     def __init__(self, every: int) -> None:
         self.every = every
         # key -> [last emitted step, suppressed count, first suppressed step]
         self.state: dict[str, list[int]] = {}
+        # key -> value of the last admitted event that said which way it worsens
+        self.values: dict[str, float] = {}
+
+    def _worse(self, event: GradEvent, key: str) -> float | None:
+        """The last admitted value when ``event`` is markedly worse than it, else None."""
+        way, v = event.worse_when, event.value
+        last = self.values.get(key)
+        if way is None or v is None or last is None or not math.isfinite(v):
+            return None
+        if way == "higher" and last > 0 and v >= self.WORSE_FACTOR * last:
+            return last
+        if way == "lower" and v <= self.WORSE_FRACTION * last and v <= last - self.WORSE_STEPS:
+            return last
+        return None
 
     def admit(self, event: GradEvent) -> GradEvent | None:
         if self.every == 0:
             return event
         key = f"{event.kind}|{event.layer or ''}"
         ent = self.state.get(key)
-        if ent is None or event.step - ent[0] >= self.every:
+        worse = None if ent is None or event.step - ent[0] >= self.every else self._worse(event, key)
+        if ent is None or event.step - ent[0] >= self.every or worse is not None:
+            changes: dict[str, Any] = {}
+            if worse is not None:
+                assert ent is not None and event.value is not None
+                what = "horizon " if event.worse_when == "lower" else ""
+                changes["message"] = f"{event.message} (Worse than at step {ent[0]}: {what}{_num(worse)} → {_num(event.value)}.)"
             if ent is not None and ent[1]:
                 n = ent[1]
-                event = dataclasses.replace(
-                    event,
-                    suppressed=n,
-                    message=f"{event.message} ({n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}.)",
+                changes["suppressed"] = n
+                changes["message"] = (
+                    f"{changes.get('message', event.message)} ({n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}.)"
                 )
+            if changes:
+                event = dataclasses.replace(event, **changes)
             self.state[key] = [event.step, 0, 0]
+            if event.worse_when is not None and event.value is not None and math.isfinite(event.value):
+                self.values[key] = float(event.value)
+            else:
+                self.values.pop(key, None)
             return event
         if ent[1] == 0:
             ent[2] = event.step
@@ -167,10 +207,20 @@ class RateLimiter:
         return held
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in self.state.items()}
+        out: dict[str, Any] = {k: list(v) for k, v in self.state.items()}
+        if self.values:
+            # Not a "kind|layer" key (no "|"), so states saved before it read back as before.
+            out["worse_values"] = dict(self.values)
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.state = {k: [int(x) for x in v] for k, v in state.items()}
+        self.state = {k: [int(x) for x in v] for k, v in state.items() if k != "worse_values"}
+        self.values = {str(k): float(v) for k, v in (state.get("worse_values") or {}).items()}
+
+
+def _num(x: float) -> str:
+    """A horizon as an integer, anything else with 3 significant digits."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e6 else f"{x:.3g}"
 
 
 class Dispatcher:
