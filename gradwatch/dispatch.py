@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gradwatch.sinks import Sink
     from gradwatch.view import MonitorView
 
-__all__ = ["Dispatcher", "RateLimiter", "Window"]
+__all__ = ["Dispatcher", "RateLimiter", "Window", "WindowProfiles"]
 
 logger = logging.getLogger("gradwatch")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -46,10 +46,45 @@ def _latest_of_each(held: Mapping[str, TemporalProfile], new: Mapping[str, Tempo
     return MappingProxyType(out)
 
 
+class WindowProfiles(Mapping[str, TemporalProfile]):
+    """The ``temporal`` of a flushed record: each layer's latest profile of the window,
+    and ``measured_at[layer]``, the step whose forward and backward its propagation was
+    measured on.
+
+    A flushed record carries the step of its flush, and the window's latest propagation
+    may come from up to ``log_every - 1`` steps earlier (a profiled step, then cheaper
+    steps): consumers say where it was measured (the INFO line "(measured at step N)",
+    TensorBoard writes it at step N) instead of presenting it as the flush step's. A
+    read-only mapping like any record's; pickled records and run files keep the profiles
+    only.
+    """
+
+    __slots__ = ("_profiles", "measured_at")
+
+    def __init__(self, profiles: Mapping[str, TemporalProfile], measured_at: Mapping[str, int]) -> None:
+        self._profiles = profiles
+        self.measured_at: Mapping[str, int] = MappingProxyType(dict(measured_at))
+
+    def __getitem__(self, key: str) -> TemporalProfile:
+        return self._profiles[key]
+
+    def __iter__(self) -> Any:
+        return iter(self._profiles)
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def __repr__(self) -> str:
+        return f"WindowProfiles({dict(self._profiles)!r}, measured_at={dict(self.measured_at)!r})"
+
+
 class Window:
     """The statistics of the steps between two flushes."""
 
-    __slots__ = ("clipped", "first", "gates", "hi", "last", "lo", "n_finite", "nonfinite", "skipped", "spectral", "steps", "temporal", "total")
+    __slots__ = (
+        "clipped", "first", "gates", "hi", "last", "lo", "measured_at", "n_finite", "nonfinite", "skipped", "spectral",
+        "steps", "temporal", "total",
+    )
 
     def __init__(self) -> None:
         self.reset()
@@ -65,6 +100,7 @@ class Window:
         self.skipped = 0
         self.nonfinite = 0
         self.temporal: Mapping[str, TemporalProfile] = _EMPTY
+        self.measured_at: dict[str, int] = {}
         self.spectral: Mapping[str, float] = _EMPTY
         self.gates: Mapping[str, GateStats] = _EMPTY
         self.last: StepRecord | None = None
@@ -84,6 +120,9 @@ class Window:
         self.nonfinite += bool(r.nonfinite)
         if r.temporal:
             self.temporal = _latest_of_each(self.temporal, r.temporal)
+            for layer, prof in r.temporal.items():
+                if prof.recurrences:
+                    self.measured_at[layer] = r.step
         if r.spectral:
             self.spectral = r.spectral
         if r.gates:
@@ -108,8 +147,9 @@ class Window:
             skipped=self.skipped,
             nonfinite=self.nonfinite,
         )
+        temporal = WindowProfiles(self.temporal, self.measured_at) if self.measured_at else self.temporal
         return dataclasses.replace(
-            r, window=stats, temporal=self.temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
+            r, window=stats, temporal=temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
         )
 
     _SAVED = ("first", "steps", "n_finite", "total", "clipped", "skipped", "nonfinite")
