@@ -443,3 +443,41 @@ def test_a_policy_with_a_closure_evaluated_twice_warns_that_only_the_first_is_cl
     assert [r.global_norm for r in cb.records] == pytest.approx([g for g, _ in pre.first_per_step()], rel=1e-6)
     warnings = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
     assert len(warnings) == 1 and "Twice" in warnings[0]
+
+
+def test_callback_metrics_hold_the_keys_without_a_logger_and_early_stopping_can_monitor_them():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    cb = GradWatchCallback(sinks=["memory"], profile_every=0)
+    # patience 0 and a huge min_delta: the first check after the first epoch stops training, which only
+    # happens if EarlyStopping found "gradwatch/grad_norm" (a missing key raises a RuntimeError instead).
+    stop = EarlyStopping(monitor="gradwatch/grad_norm", mode="min", patience=0, min_delta=1e9, check_on_train_epoch_end=True)
+    t = trainer([cb, stop], logger=False, max_epochs=5, log_every_n_steps=50)
+    t.fit(Recall(), loader())
+    assert float(t.callback_metrics["gradwatch/grad_norm"]) == pytest.approx(cb.records[-1].global_norm, rel=1e-6)
+    assert "gradwatch/grad_norm/rnn" in t.callback_metrics  # per-layer keys follow log_layers (3 layers here)
+    assert stop.stopped_epoch == 1 and t.current_epoch == 2 and len(cb.records) == 12  # 6 steps an epoch
+
+
+def test_a_lightning_callback_given_to_keras_fit_names_the_keras_callback():
+    import importlib.util
+
+    if importlib.util.find_spec("keras") is None:
+        pytest.skip("keras is not installed")
+    code = (
+        "import numpy as np, keras\n"
+        "from gradwatch_torch.lightning import GradWatchCallback as L\n"
+        "from gradwatch_torch.transformers import GradWatchCallback as H\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]); m.compile('sgd', 'mse')\n"
+        "for cb in (L(), H()):\n"
+        "    try:\n"
+        "        m.fit(np.zeros((4, 3)), np.zeros((4, 1)), epochs=1, verbose=0, callbacks=[cb])\n"
+        "    except TypeError as e:\n"
+        "        print('TypeError:', e)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("TypeError:")]
+    assert len(lines) == 2 and all("gradwatch_tf.GradWatchCallback" in line for line in lines), proc.stdout
+    assert "Lightning" in lines[0] and "Hugging Face" in lines[1]
