@@ -207,7 +207,8 @@ class SpikeDetector:
             )
         if changed:
             if shared is not None and self._shared_prev > 0 and shared > o.jump_ratio * self._shared_prev:
-                events.append(self._jump(record, shared, self._shared_prev, " over the parameters present in both steps"))
+                over = " over the parameters present in both steps"
+                events.append(self._jump(record, shared, self._shared_prev, over))
                 return events
             self._enter(math.log(norm))
             self.top = norm

@@ -217,13 +217,13 @@ class RateLimiter:
             if worse is not None:
                 assert ent is not None and event.value is not None
                 what = "horizon " if event.worse_when == "lower" else ""
-                changes["message"] = f"{event.message} (Worse than at step {ent[0]}: {what}{_num(worse)} → {_num(event.value)}.)"
+                change = f"{what}{_num(worse)} → {_num(event.value)}"
+                changes["message"] = f"{event.message} (Worse than at step {ent[0]}: {change}.)"
             if ent is not None and ent[1]:
                 n = ent[1]
                 changes["suppressed"] = n
-                changes["message"] = (
-                    f"{changes.get('message', event.message)} ({n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}.)"
-                )
+                held = f"{n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}"
+                changes["message"] = f"{changes.get('message', event.message)} ({held}.)"
             if changes:
                 event = dataclasses.replace(event, **changes)
             self.state[key] = [event.step, 0, 0]

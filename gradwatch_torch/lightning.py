@@ -255,7 +255,8 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
         writes = connector is None or bool(getattr(connector, "should_update_logs", True))
         try:
             metrics = self._metrics.metrics(new_window=writes)
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=bool(getattr(trainer, "loggers", None)))
+            to_logger = bool(getattr(trainer, "loggers", None))  # none: callback_metrics only, and no warning per key
+            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=to_logger)
         except Exception as exc:  # noqa: BLE001 - logging must never break training
             self._log_failed = True
             logger.error(

@@ -449,9 +449,11 @@ def test_callback_metrics_hold_the_keys_without_a_logger_and_early_stopping_can_
     from lightning.pytorch.callbacks import EarlyStopping
 
     cb = GradWatchCallback(sinks=["memory"], profile_every=0)
-    # patience 0 and a huge min_delta: the first check after the first epoch stops training, which only
-    # happens if EarlyStopping found "gradwatch/grad_norm" (a missing key raises a RuntimeError instead).
-    stop = EarlyStopping(monitor="gradwatch/grad_norm", mode="min", patience=0, min_delta=1e9, check_on_train_epoch_end=True)
+    # patience 0 and a huge min_delta: the first epoch's check sets the best value, the second one stops
+    # training, which only happens if EarlyStopping found "gradwatch/grad_norm" (a missing key raises).
+    stop = EarlyStopping(
+        monitor="gradwatch/grad_norm", mode="min", patience=0, min_delta=1e9, check_on_train_epoch_end=True
+    )
     t = trainer([cb, stop], logger=False, max_epochs=5, log_every_n_steps=50)
     t.fit(Recall(), loader())
     assert float(t.callback_metrics["gradwatch/grad_norm"]) == pytest.approx(cb.records[-1].global_norm, rel=1e-6)
@@ -476,7 +478,9 @@ def test_a_lightning_callback_given_to_keras_fit_names_the_keras_callback():
         "        print('TypeError:', e)\n"
     )
     env = {**os.environ, "KERAS_BACKEND": "torch", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("TypeError:")]
     assert len(lines) == 2 and all("gradwatch_tf.GradWatchCallback" in line for line in lines), proc.stdout
