@@ -14,10 +14,13 @@ from typing import Any
 
 from gradwatch.records import StepRecord
 
-__all__ = ["AUTO_LAYERS", "PREFIX", "TrainerMetrics", "clip_interaction", "scaler_will_skip"]
+__all__ = ["AUTO_LAYERS", "PREFIX", "THROUGH_TIME_KEYS", "TrainerMetrics", "clip_interaction", "scaler_will_skip"]
 
 #: Every key a trainer's loggers receive from gradwatch starts with this.
 PREFIX = "gradwatch/"
+
+#: The keys of a propagation measurement: logged only on the log whose window measured it.
+THROUGH_TIME_KEYS = (f"{PREFIX}propagation_rate/", f"{PREFIX}horizon/")
 
 #: ``log_layers=None`` logs per-layer keys for models of at most this many layers. A
 #: 12-block transformer has about 200 (gradwatch's layer of a parameter is the module
@@ -70,8 +73,8 @@ class TrainerMetrics:
             self._window_skipped += 1
         for layer, p in record.temporal.items():
             if p.recurrences and p.horizon is not None and math.isfinite(p.gain):  # measured at this step
-                self._profile[f"{PREFIX}propagation_rate/{layer}"] = float(p.gain)
-                self._profile[f"{PREFIX}horizon/{layer}"] = float(p.horizon)
+                self._profile[f"{THROUGH_TIME_KEYS[0]}{layer}"] = float(p.gain)
+                self._profile[f"{THROUGH_TIME_KEYS[1]}{layer}"] = float(p.horizon)
 
     def metrics(self, new_window: bool = True) -> dict[str, float]:
         """The keys above for the latest record ({} before the first step). With

@@ -79,7 +79,7 @@ import torch
 from gradwatch import Monitor, Watch
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.watch import WatchFront
-from gradwatch_torch._trainers import TrainerMetrics, clip_interaction, scaler_will_skip
+from gradwatch_torch._trainers import THROUGH_TIME_KEYS, TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
 
 __all__ = ["GradWatchCallback"]
@@ -246,17 +246,33 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
         gradient norms does: ``trainer.callback_metrics`` (``EarlyStopping``,
         ``ModelCheckpoint(monitor="gradwatch/...")``, the progress bar) has the keys even
         with ``logger=False`` or before ``log_every_n_steps``, and the logger throttles
-        what it writes. The window keys (``grad_norm_max``, ``clipped_steps``, the
-        propagation of the window) start afresh on the steps Lightning writes its logs. A
-        logging failure is reported once and never stops training."""
+        what it writes. The window keys (``grad_norm_max``, ``clipped_steps``) start afresh
+        on the steps Lightning writes its logs.
+
+        The propagation keys are the exception: Lightning's logger writes every key logged
+        earlier in the epoch again at each write, so a rate measured at step 1 would reach
+        the logger at every write of the epoch. They go to ``callback_metrics`` only
+        (``logger=False``: the latest measurement, which is what a monitor reads there),
+        and to the loggers directly, on a write step whose window measured them (as
+        Lightning's ``LearningRateMonitor`` writes its own keys). A logging failure is
+        reported once and never stops training."""
         if self._log_failed:
             return
         connector = getattr(trainer, "_logger_connector", None)
         writes = connector is None or bool(getattr(connector, "should_update_logs", True))
+        loggers = list(getattr(trainer, "loggers", None) or [])
         try:
             metrics = self._metrics.metrics(new_window=writes)
-            to_logger = bool(getattr(trainer, "loggers", None))  # none: callback_metrics only, and no warning per key
-            pl_module.log_dict(metrics, on_step=True, on_epoch=False, prog_bar=False, logger=to_logger)
+            through_time = {k: v for k, v in metrics.items() if k.startswith(THROUGH_TIME_KEYS)}
+            plain = {k: v for k, v in metrics.items() if k not in through_time}
+            # no logger: callback_metrics only (and no Lightning warning per key)
+            pl_module.log_dict(plain, on_step=True, on_epoch=False, prog_bar=False, logger=bool(loggers))
+            if through_time:
+                pl_module.log_dict(through_time, on_step=True, on_epoch=False, prog_bar=False, logger=False)
+                if writes and loggers:
+                    step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+                    for lg in loggers:
+                        lg.log_metrics(through_time, step=trainer.global_step if step is None else step)
         except Exception as exc:  # noqa: BLE001 - logging must never break training
             self._log_failed = True
             logger.error(

@@ -460,3 +460,23 @@ def test_callback_metrics_hold_the_keys_without_a_logger_and_early_stopping_can_
     assert "gradwatch/grad_norm/rnn" in t.callback_metrics  # per-layer keys follow log_layers (3 layers here)
     assert stop.stopped_epoch == 1 and t.current_epoch == 2 and len(cb.records) == 12  # 6 steps an epoch
 
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_propagation_keys_reach_the_logger_only_from_windows_that_measured_them(every):
+    spy = SpyLogger()
+    cb = GradWatchCallback(sinks=["memory"], profile_every=4)  # profiled steps 1 and 4
+    trainer([cb], logger=spy, log_every_n_steps=every).fit(Recall(), loader())
+    merged: dict[int, dict[str, float]] = {}
+    for step, m in spy.rows:  # the propagation keys come in a row of their own, at the same step
+        merged.setdefault(step + 1, {}).update(m)  # Lightning's logger step counts the steps before this one
+    rows = sorted((s, m) for s, m in merged.items() if "gradwatch/grad_norm" in m)
+    assert [s for s, _ in rows] == list(range(every, 7, every)) and len(merged) == len(rows)
+    by_step = {r.step: r for r in cb.records}
+    for step, m in rows:
+        window = [by_step[s] for s in range(step - every + 1, step + 1)]
+        measured = [r.temporal["rnn"] for r in window if "rnn" in r.temporal and r.temporal["rnn"].recurrences]
+        assert ("gradwatch/horizon/rnn" in m) == bool(measured), step  # never a stale value from an older window
+        if measured:
+            assert m["gradwatch/horizon/rnn"] == measured[-1].horizon
+            assert m["gradwatch/propagation_rate/rnn"] == pytest.approx(measured[-1].gain, rel=1e-6)
