@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +68,7 @@ class WindowProfiles(Mapping[str, TemporalProfile]):
     def __getitem__(self, key: str) -> TemporalProfile:
         return self._profiles[key]
 
-    def __iter__(self) -> Any:
+    def __iter__(self) -> Iterator[str]:
         return iter(self._profiles)
 
     def __len__(self) -> int:
