@@ -199,6 +199,7 @@ def decode_event(d: Mapping[str, Any]) -> GradEvent:
         value=_opt_num(d.get("value"), "value"),
         threshold=_opt_num(d.get("threshold"), "threshold"),
         suppressed=_int(d.get("suppressed", 0), "suppressed"),
+        worse_when=_opt_str(d.get("worse_when"), "worse_when"),
     )
 
 

@@ -10,6 +10,7 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from gradwatch.through_time.judge import TemporalDetector
 
 if TYPE_CHECKING:
     from gradwatch.view import MonitorView
+
+logger = logging.getLogger("gradwatch")
 
 __all__ = [
     "BUILTIN_DETECTORS",
@@ -92,7 +95,8 @@ class NonFiniteDetector(_Stateless):
 
 
 class SpikeDetector:
-    """Exploding global norm: a spike far above the norm's own running statistics.
+    """Exploding global norm: a spike far above the norm's own running statistics, or a
+    jump of orders of magnitude over every previous step.
 
     Works on log(norm), whose spread is about constant over training even while the norm
     itself drifts by orders of magnitude. After ``spike_warmup`` steps, a norm is a spike
@@ -100,20 +104,89 @@ class SpikeDetector:
     exp(mean): the z-score alone fires on tiny wobbles when the norm is very steady, the
     ratio alone misses spikes on noisy runs. Statistics are exponentially weighted
     (``spike_alpha``); a spike enters them capped at mean + spike_z * std, so one
-    explosion does not blind the detector to the next. ``norm_ceiling`` adds an absolute
+    explosion does not blind the detector to the next.
+
+    No warm-up hides a jump: from the second step on, a norm above ``jump_ratio`` x the
+    largest norm of the previous steps is exploding (norms 0.188, 1.28, then 8.31e16 at
+    step 3). A healthy start ramps up by tens, not by ten thousands. Such a norm enters
+    neither the statistics nor that largest norm. ``norm_ceiling`` adds an absolute
     limit, checked from the first step.
+
+    A change in the set of parameters that have a gradient (a frozen backbone unfrozen, a
+    new head) changes the global norm without anything exploding: the statistics then
+    restart their warm-up for the new set (one INFO line says so), and the step of the
+    change is judged for a jump on the parameters present in both steps only, against
+    their norm at the previous step.
     """
 
     name: ClassVar[str] = "spike"
+    #: INFO lines about a changed parameter set, at most (a set that changes every step
+    #: would otherwise fill the log; the statistics restart each time all the same).
+    _MAX_SET_NOTES: ClassVar[int] = 5
 
     def __init__(self, options: Options) -> None:
         self.options = options
         self.n = 0
         self.mean = 0.0
         self.var = 0.0
+        self.top = 0.0  # the largest norm of the previous steps (jumps excluded); 0: none yet
+        self.set_digest: str | None = None  # which parameters the statistics describe
+        self.set_notes = 0
+        self._index: object = None  # the previous record's param_norms index (fast path)
+        self._prev: Mapping[str, float] | None = None  # the previous record's param_norms
+        self._shared_prev = 0.0  # at a change of set: the previous step's norm over the shared parameters
 
+    # ------------------------------------------------------------------ parameter set
+    def _set_changed(self, record: StepRecord) -> bool:
+        """Whether the parameters with a gradient differ from the previous step's.
+
+        A record's ``param_norms`` leaves absent parameters out. Steady state costs one
+        identity test: the monitor shares one name index between steps of one presence
+        pattern."""
+        pn = record.param_norms
+        index = getattr(pn, "_index", None)
+        if index is not None and index is self._index:
+            return False
+        self._index = index
+        digest = _names_digest(pn)
+        if self.set_digest is None:  # the first step, or a state from before sets were kept
+            self.set_digest = digest
+            return False
+        if digest == self.set_digest:
+            return False
+        self.set_digest = digest
+        return True
+
+    def _rebase(self, record: StepRecord, prev: Mapping[str, float] | None) -> float | None:
+        """Restart the statistics for a new parameter set; the norm of this step over the
+        parameters present in both steps, to judge this step on (None: none shared)."""
+        pn = record.param_norms
+        shared = [k for k in pn if prev is not None and k in prev]
+        joined = len(pn) - len(shared)
+        left = (len(prev) if prev is not None else 0) - len(shared)
+        if self.set_notes < self._MAX_SET_NOTES:
+            self.set_notes += 1
+            more = " (further changes of the set are not reported)" if self.set_notes == self._MAX_SET_NOTES else ""
+            logger.info(
+                "[gradwatch] step %d: the parameters with a gradient changed (%d joined, %d left); the global norm's "
+                "spike statistics restart their %d-step warm-up for the new set%s.",
+                record.step, joined, left, self.options.spike_warmup, more,
+            )
+        self.n = 0
+        self.mean = self.var = 0.0
+        self.top = 0.0
+        if not shared or prev is None:
+            return None
+        self._shared_prev = math.sqrt(math.fsum(prev[k] ** 2 for k in shared))
+        return math.sqrt(math.fsum(pn[k] ** 2 for k in shared))
+
+    # ------------------------------------------------------------------ check
     def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         norm = record.global_norm
+        prev = self._prev
+        self._prev = record.param_norms
+        changed = self._set_changed(record)
+        shared = self._rebase(record, prev) if changed else None
         if not (math.isfinite(norm) and norm > 0):
             return ()
         o = self.options
@@ -130,15 +203,24 @@ class SpikeDetector:
                     ),
                     value=norm,
                     threshold=o.norm_ceiling,
+                    worse_when="higher",
                 )
             )
+        if changed:
+            if shared is not None and self._shared_prev > 0 and shared > o.jump_ratio * self._shared_prev:
+                over = " over the parameters present in both steps"
+                events.append(self._jump(record, shared, self._shared_prev, over))
+                return events
+            self._enter(math.log(norm))
+            self.top = norm
+            return events
+        if self.top > 0 and norm > o.jump_ratio * self.top:
+            events.append(self._jump(record, norm, self.top, ""))
+            return events  # enters nothing: the next steps are judged against the healthy ones
+        self.top = max(self.top, norm)
         x = math.log(norm)
         if self.n < o.spike_warmup:
-            # Welford's running mean and variance over the warm-up steps.
-            self.n += 1
-            d = x - self.mean
-            self.mean += d / self.n
-            self.var += (d * (x - self.mean) - self.var) / self.n
+            self._enter(x)
             return events
         std = math.sqrt(max(self.var, 0.0))
         z = (x - self.mean) / (std + 1e-12)
@@ -156,6 +238,7 @@ class SpikeDetector:
                     ),
                     value=norm,
                     threshold=o.spike_ratio * ref,
+                    worse_when="higher",
                 )
             )
             x = self.mean + o.spike_z * std
@@ -166,13 +249,61 @@ class SpikeDetector:
         self.var = a * (self.var + d * incr)
         return events
 
+    def _enter(self, x: float) -> None:
+        """Welford's running mean and variance over the warm-up steps."""
+        self.n += 1
+        d = x - self.mean
+        self.mean += d / self.n
+        self.var += (d * (x - self.mean) - self.var) / self.n
+
+    def _jump(self, record: StepRecord, norm: float, top: float, over: str) -> GradEvent:
+        o = self.options
+        return GradEvent(
+            kind="exploding",
+            step=record.step,
+            severity=logging.WARNING,
+            message=(
+                f"Gradient norm jumped at step {record.step}: {fmt(norm)}{over} is {fmt(norm / top)}x the largest "
+                f"norm of the previous steps ({fmt(top)}; alerts above jump_ratio={fmt(o.jump_ratio)}x, at any "
+                f"step). {clip_hint(record)}"
+            ),
+            value=record.global_norm,
+            threshold=o.jump_ratio * top,
+            worse_when="higher",
+        )
+
     def state_dict(self) -> dict[str, Any]:
-        return {"n": self.n, "mean": self.mean, "var": self.var}
+        return {
+            "n": self.n,
+            "mean": self.mean,
+            "var": self.var,
+            "top": self.top,
+            "set": self.set_digest,
+            "set_notes": self.set_notes,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.n = int(state["n"])
         self.mean = float(state["mean"])
         self.var = float(state["var"])
+        # States saved before jumps and parameter sets were kept: no largest norm yet, and
+        # the first set seen after resuming is taken as the statistics' own.
+        self.top = float(state.get("top", 0.0))
+        digest = state.get("set")
+        self.set_digest = digest if isinstance(digest, str) else None
+        self.set_notes = int(state.get("set_notes", 0))
+        self._index = None
+        self._prev = None
+
+
+def _names_digest(names: Mapping[str, float]) -> str:
+    """A short fingerprint of a set of parameter names (order does not matter), so the
+    state stays small for models of any size."""
+    h = hashlib.blake2b(digest_size=12)
+    for name in sorted(names):
+        h.update(name.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
 
 
 class VanishingNormDetector:

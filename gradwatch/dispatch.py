@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from gradwatch.sinks import Sink
     from gradwatch.view import MonitorView
 
-__all__ = ["Dispatcher", "RateLimiter", "Window"]
+__all__ = ["Dispatcher", "RateLimiter", "Window", "WindowProfiles"]
 
 logger = logging.getLogger("gradwatch")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -46,10 +46,45 @@ def _latest_of_each(held: Mapping[str, TemporalProfile], new: Mapping[str, Tempo
     return MappingProxyType(out)
 
 
+class WindowProfiles(Mapping[str, TemporalProfile]):
+    """The ``temporal`` of a flushed record: each layer's latest profile of the window,
+    and ``measured_at[layer]``, the step whose forward and backward its propagation was
+    measured on.
+
+    A flushed record carries the step of its flush, and the window's latest propagation
+    may come from up to ``log_every - 1`` steps earlier (a profiled step, then cheaper
+    steps): consumers say where it was measured (the INFO line "(measured at step N)",
+    TensorBoard writes it at step N) instead of presenting it as the flush step's. A
+    read-only mapping like any record's; pickled records and run files keep the profiles
+    only.
+    """
+
+    __slots__ = ("_profiles", "measured_at")
+
+    def __init__(self, profiles: Mapping[str, TemporalProfile], measured_at: Mapping[str, int]) -> None:
+        self._profiles = profiles
+        self.measured_at: Mapping[str, int] = MappingProxyType(dict(measured_at))
+
+    def __getitem__(self, key: str) -> TemporalProfile:
+        return self._profiles[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._profiles)
+
+    def __len__(self) -> int:
+        return len(self._profiles)
+
+    def __repr__(self) -> str:
+        return f"WindowProfiles({dict(self._profiles)!r}, measured_at={dict(self.measured_at)!r})"
+
+
 class Window:
     """The statistics of the steps between two flushes."""
 
-    __slots__ = ("clipped", "first", "gates", "hi", "last", "lo", "n_finite", "nonfinite", "skipped", "spectral", "steps", "temporal", "total")
+    __slots__ = (
+        "clipped", "first", "gates", "hi", "last", "lo", "measured_at", "n_finite", "nonfinite", "skipped", "spectral",
+        "steps", "temporal", "total",
+    )
 
     def __init__(self) -> None:
         self.reset()
@@ -65,6 +100,7 @@ class Window:
         self.skipped = 0
         self.nonfinite = 0
         self.temporal: Mapping[str, TemporalProfile] = _EMPTY
+        self.measured_at: dict[str, int] = {}
         self.spectral: Mapping[str, float] = _EMPTY
         self.gates: Mapping[str, GateStats] = _EMPTY
         self.last: StepRecord | None = None
@@ -84,6 +120,9 @@ class Window:
         self.nonfinite += bool(r.nonfinite)
         if r.temporal:
             self.temporal = _latest_of_each(self.temporal, r.temporal)
+            for layer, prof in r.temporal.items():
+                if prof.recurrences:
+                    self.measured_at[layer] = r.step
         if r.spectral:
             self.spectral = r.spectral
         if r.gates:
@@ -108,8 +147,9 @@ class Window:
             skipped=self.skipped,
             nonfinite=self.nonfinite,
         )
+        temporal = WindowProfiles(self.temporal, self.measured_at) if self.measured_at else self.temporal
         return dataclasses.replace(
-            r, window=stats, temporal=self.temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
+            r, window=stats, temporal=temporal, spectral=r.spectral or self.spectral, gates=r.gates or self.gates
         )
 
     _SAVED = ("first", "steps", "n_finite", "total", "clipped", "skipped", "nonfinite")
@@ -130,27 +170,67 @@ class Window:
 
 class RateLimiter:
     """At most one alert per ``every`` steps for each (kind, layer); repeats are counted
-    and reported with the next alert that gets through, or at close."""
+    and reported with the next alert that gets through, or at close.
+
+    A condition that gets markedly worse is alerted again at once, limit or not: an event
+    whose ``worse_when`` says which way its ``value`` worsens passes when, against the
+    last event admitted for its (kind, layer), the value is at least ``WORSE_FACTOR``
+    times higher ("higher": a norm, a gain), or at most half and at least ``WORSE_STEPS``
+    lower ("lower": a horizon, 12 -> 4 passes, 12 -> 8 does not). Its message then says
+    so ("worse than at step 40: horizon 12 → 4").
+    """
+
+    #: "higher": at least this many times the last admitted value.
+    WORSE_FACTOR = 10.0
+    #: "lower": at most this fraction of the last admitted value ...
+    WORSE_FRACTION = 0.5
+    #: ... and at least this much below it (a horizon of 3 -> 1 is not "markedly" worse).
+    WORSE_STEPS = 2.0
 
     def __init__(self, every: int) -> None:
         self.every = every
         # key -> [last emitted step, suppressed count, first suppressed step]
         self.state: dict[str, list[int]] = {}
+        # key -> value of the last admitted event that said which way it worsens
+        self.values: dict[str, float] = {}
+
+    def _worse(self, event: GradEvent, key: str) -> float | None:
+        """The last admitted value when ``event`` is markedly worse than it, else None."""
+        way, v = event.worse_when, event.value
+        last = self.values.get(key)
+        if way is None or v is None or last is None or not math.isfinite(v):
+            return None
+        if way == "higher" and last > 0 and v >= self.WORSE_FACTOR * last:
+            return last
+        if way == "lower" and v <= self.WORSE_FRACTION * last and v <= last - self.WORSE_STEPS:
+            return last
+        return None
 
     def admit(self, event: GradEvent) -> GradEvent | None:
         if self.every == 0:
             return event
         key = f"{event.kind}|{event.layer or ''}"
         ent = self.state.get(key)
-        if ent is None or event.step - ent[0] >= self.every:
+        worse = None if ent is None or event.step - ent[0] >= self.every else self._worse(event, key)
+        if ent is None or event.step - ent[0] >= self.every or worse is not None:
+            changes: dict[str, Any] = {}
+            if worse is not None:
+                assert ent is not None and event.value is not None
+                what = "horizon " if event.worse_when == "lower" else ""
+                change = f"{what}{_num(worse)} → {_num(event.value)}"
+                changes["message"] = f"{event.message} (Worse than at step {ent[0]}: {change}.)"
             if ent is not None and ent[1]:
                 n = ent[1]
-                event = dataclasses.replace(
-                    event,
-                    suppressed=n,
-                    message=f"{event.message} ({n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}.)",
-                )
+                changes["suppressed"] = n
+                held = f"{n} similar alert{'s' if n > 1 else ''} suppressed since step {ent[2]}"
+                changes["message"] = f"{changes.get('message', event.message)} ({held}.)"
+            if changes:
+                event = dataclasses.replace(event, **changes)
             self.state[key] = [event.step, 0, 0]
+            if event.worse_when is not None and event.value is not None and math.isfinite(event.value):
+                self.values[key] = float(event.value)
+            else:
+                self.values.pop(key, None)
             return event
         if ent[1] == 0:
             ent[2] = event.step
@@ -167,10 +247,20 @@ class RateLimiter:
         return held
 
     def state_dict(self) -> dict[str, Any]:
-        return {k: list(v) for k, v in self.state.items()}
+        out: dict[str, Any] = {k: list(v) for k, v in self.state.items()}
+        if self.values:
+            # Not a "kind|layer" key (no "|"), so states saved before it read back as before.
+            out["worse_values"] = dict(self.values)
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.state = {k: [int(x) for x in v] for k, v in state.items()}
+        self.state = {k: [int(x) for x in v] for k, v in state.items() if k != "worse_values"}
+        self.values = {str(k): float(v) for k, v in (state.get("worse_values") or {}).items()}
+
+
+def _num(x: float) -> str:
+    """A horizon as an integer, anything else with 3 significant digits."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e6 else f"{x:.3g}"
 
 
 class Dispatcher:

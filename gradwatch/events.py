@@ -20,7 +20,10 @@ class GradEvent:
     ``value`` is the number that tripped the detector and ``threshold`` the limit it
     crossed, in the same units. ``suppressed`` counts the alerts of the same kind and layer
     that rate limiting held back since the previous one was emitted, so repeats are
-    counted, never silently lost.
+    counted, never silently lost. ``worse_when`` says which way ``value`` gets worse
+    (``"higher"``: a norm or a gain; ``"lower"``: a horizon), so the rate limiter can let
+    an alert through whose condition got markedly worse since the last one it admitted;
+    None: repeats are only ever rate-limited.
     """
 
     kind: str
@@ -32,6 +35,7 @@ class GradEvent:
     value: float | None = None
     threshold: float | None = None
     suppressed: int = 0
+    worse_when: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The event as a dict of plain values (non-finite floats are kept as floats)."""

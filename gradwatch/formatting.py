@@ -5,11 +5,11 @@ One home for wording, so the event, the exception and the log line say the same 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from gradwatch.records import StepRecord
 
-__all__ = ["clip_hint", "fmt", "layer_spectral", "nonfinite_message", "printable", "summary_line"]
+__all__ = ["clip_hint", "fmt", "layer_spectral", "measured_steps", "nonfinite_message", "printable", "summary_line"]
 
 
 def fmt(x: float | None) -> str:
@@ -108,7 +108,24 @@ def summary_line(record: StepRecord) -> str:
         parts.append(f"skipped {w.skipped} step{'s' if w.skipped > 1 else ''}")
     if w is not None and w.nonfinite:
         parts.append(f"non-finite on {w.nonfinite} step{'s' if w.nonfinite > 1 else ''}")
+    measured_at = measured_steps(record)
     for layer, prof in record.temporal.items():
-        if prof.recurrences:
-            parts.append(f"{layer}: {fmt(prof.gain)}/step through time, horizon {prof.horizon}/{prof.length}")
+        if not prof.recurrences or prof.horizon is None:  # not measured in this window: nothing to say
+            continue
+        at = measured_at.get(layer, record.step)
+        when = f" (measured at step {at})" if at != record.step else ""
+        parts.append(f"{layer}: {fmt(prof.gain)}/step through time, horizon {prof.horizon}/{prof.length}{when}")
     return " | ".join(parts)
+
+
+def measured_steps(record: StepRecord) -> Mapping[str, int]:
+    """layer -> the step its propagation in ``record.temporal`` was measured at, where
+    that is known and may differ from ``record.step`` (a flushed record: see
+    :class:`gradwatch.dispatch.WindowProfiles`); a layer left out was measured at
+    ``record.step``."""
+    out = dict(getattr(record.temporal, "measured_at", None) or {})
+    for layer, prof in record.temporal.items():
+        at = getattr(prof, "measured_at", None)  # should a profile carry its own step one day
+        if isinstance(at, int):
+            out[layer] = at
+    return out

@@ -79,6 +79,9 @@ class Options:
     spike_warmup: int = 20
     #: Decay of the running log-norm statistics (closer to 1: longer memory).
     spike_alpha: float = 0.98
+    #: A global norm this many times the largest norm of all previous steps is *exploding*
+    #: at any step, warm-up included (a jump of orders of magnitude: 1e8x at step 3).
+    jump_ratio: float = 1e4
     #: An absolute ceiling on the global norm (None: none); any norm above is "exploding".
     norm_ceiling: float | None = None
     #: Global / per-layer norm counted as vanished below this value (0 disables) ...
@@ -112,7 +115,7 @@ class Options:
                 raise _bad(name, v, "a number in (0, 1)")
         if not (_is_number(self.spike_alpha) and 0 < self.spike_alpha < 1):
             raise _bad("spike_alpha", self.spike_alpha, "a number in (0, 1)")
-        for name in ("explode_ratio", "spike_ratio"):
+        for name in ("explode_ratio", "spike_ratio", "jump_ratio"):
             v = getattr(self, name)
             if not (_is_number(v) and math.isfinite(v) and v > 1):
                 raise _bad(name, v, "a finite number > 1")

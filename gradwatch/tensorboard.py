@@ -16,7 +16,9 @@ A user's writer is flushed after each write but never closed: it is theirs.
 
 Tags (the part before the first ``/`` is TensorBoard's section, so curves that belong
 together sit side by side), written at each flush (every ``log_every`` steps, and at the
-end of training):
+end of training); the ``through_time/`` ones at the step their propagation was measured
+on (the window's latest measurement, often a few steps before the flush), and only for
+layers measured in the window:
 
 ==============================================  ==========================================
 ``grad_norm/global``                            global gradient norm (before clipping)
@@ -56,13 +58,14 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from gradwatch.errors import ConfigError
 from gradwatch.events import GradEvent
+from gradwatch.formatting import measured_steps
 from gradwatch.records import StepRecord
 from gradwatch.sinks import check_writable_dir
 
 if TYPE_CHECKING:
     from gradwatch.view import MonitorView
 
-__all__ = ["LAYOUT", "TensorBoardSink", "alert_tag", "alert_text", "tensorboard_scalars"]
+__all__ = ["LAYOUT", "TensorBoardSink", "alert_tag", "alert_text", "tensorboard_scalars", "through_time_scalars"]
 
 #: Tags of the global norm's own curves: a layer of that name gets ``_layer`` appended.
 _GLOBAL_TAGS = frozenset({"global", "global_window_max", "global_window_mean"})
@@ -82,12 +85,19 @@ LAYOUT: tuple[tuple[str, tuple[tuple[str, tuple[str, ...]], ...]], ...] = (
 )
 
 
+def _finite(v: float | None) -> bool:
+    """TensorBoard cannot show NaN, Inf or None; those steps are in the alerts."""
+    return v is not None and math.isfinite(v)
+
+
 def _layer_tag(layer: str) -> str:
     return f"{layer}_layer" if layer in _GLOBAL_TAGS else layer
 
 
-def tensorboard_scalars(record: StepRecord) -> Iterator[tuple[str, float]]:
-    """The TensorBoard scalars of one flushed record, as (tag, value) pairs."""
+def tensorboard_scalars(record: StepRecord, through_time: bool = True) -> Iterator[tuple[str, float]]:
+    """The TensorBoard scalars of one flushed record, as (tag, value) pairs
+    (``through_time=False``: without the ``through_time/`` ones, see
+    :func:`through_time_scalars`)."""
     yield "grad_norm/global", record.global_norm
     w = record.window
     if w is not None:
@@ -100,18 +110,31 @@ def tensorboard_scalars(record: StepRecord) -> Iterator[tuple[str, float]]:
         yield "clip/scale", record.clip.scale
         if w is not None and w.steps:
             yield "clip/clipped_fraction", w.clipped / w.steps
-    for layer, prof in record.temporal.items():
-        if prof.propagation:  # measured; otherwise rate is NaN and horizon 0
-            yield f"through_time/{layer}/rate", prof.gain
-            yield f"through_time/{layer}/horizon", float(prof.horizon)
-        if len(prof.recurrences) > 1:
-            for name, rec in prof.recurrences.items():
-                yield f"through_time/{layer}/{name}/rate", rec.rate
-                yield f"through_time/{layer}/{name}/horizon", float(rec.horizon)
+    if through_time:
+        for _, tag, value in through_time_scalars(record):
+            yield tag, value
     for name, s in record.spectral.items():
         yield f"spectral/{name}", s
     for layer, g in record.gates.items():
         yield f"gates/{layer}/{g.gate}_mean", g.mean
+
+
+def through_time_scalars(record: StepRecord) -> Iterator[tuple[int, str, float]]:
+    """(step, tag, value) of each measured propagation in ``record``, at the step it was
+    measured on (a flushed record's may be older than the flush: it is written there,
+    never as the flush step's). A profile without a propagation measurement (rate NaN,
+    horizon None) writes nothing."""
+    measured_at = measured_steps(record)
+    for layer, prof in record.temporal.items():
+        if not prof.recurrences or prof.horizon is None:
+            continue
+        step = measured_at.get(layer, record.step)
+        yield step, f"through_time/{layer}/rate", prof.gain
+        yield step, f"through_time/{layer}/horizon", float(prof.horizon)
+        if len(prof.recurrences) > 1:
+            for name, rec in prof.recurrences.items():
+                yield step, f"through_time/{layer}/{name}/rate", rec.rate
+                yield step, f"through_time/{layer}/{name}/horizon", float(rec.horizon)
 
 
 def alert_tag(event: GradEvent) -> str:
@@ -269,12 +292,17 @@ class TensorBoardSink:
         return self._writer
 
     def write_record(self, record: StepRecord) -> None:
-        # TensorBoard cannot show NaN/Inf meaningfully; those steps are in the alerts.
-        items = [(t, float(v)) for t, v in tensorboard_scalars(record) if math.isfinite(v)]
+        by_step: dict[int, list[tuple[str, float]]] = {}
+        by_step[record.step] = [(t, float(v)) for t, v in tensorboard_scalars(record, through_time=False) if _finite(v)]
+        for step, tag, v in through_time_scalars(record):
+            if _finite(v):
+                by_step.setdefault(step, []).append((tag, float(v)))
         self._last_step = max(self._last_step, record.step)
-        if items:
+        if any(by_step.values()):
             out = self._out()
-            out.scalars(record.step, items)
+            for step in sorted(by_step):
+                if by_step[step]:
+                    out.scalars(step, by_step[step])
             out.flush()
 
     def write_event(self, event: GradEvent) -> None:

@@ -14,10 +14,13 @@ from typing import Any
 
 from gradwatch.records import StepRecord
 
-__all__ = ["AUTO_LAYERS", "PREFIX", "TrainerMetrics", "clip_interaction", "scaler_will_skip"]
+__all__ = ["AUTO_LAYERS", "PREFIX", "THROUGH_TIME_KEYS", "TrainerMetrics", "clip_interaction", "scaler_will_skip"]
 
 #: Every key a trainer's loggers receive from gradwatch starts with this.
 PREFIX = "gradwatch/"
+
+#: The keys of a propagation measurement: logged only on the log whose window measured it.
+THROUGH_TIME_KEYS = (f"{PREFIX}propagation_rate/", f"{PREFIX}horizon/")
 
 #: ``log_layers=None`` logs per-layer keys for models of at most this many layers. A
 #: 12-block transformer has about 200 (gradwatch's layer of a parameter is the module
@@ -40,11 +43,12 @@ class TrainerMetrics:
     ``gradwatch/clipped_steps`` (steps a policy made smaller; with a policy) and
     ``gradwatch/skipped_steps`` (``on_nonfinite="skip"``; when there were some).
 
-    Latest *profiled* step, per recurrent layer: ``gradwatch/propagation_rate/<layer>``
-    (gain per step back in time: < 1 vanishing, > 1 exploding) and
-    ``gradwatch/horizon/<layer>`` (timesteps the gradient reaches back). Profiles come
-    every ``profile_every`` steps and loggers write every N steps of their own, so the
-    last measured value is repeated at every write until the next one.
+    Per recurrent layer whose propagation was measured since the previous :meth:`metrics`
+    call (its latest measurement there): ``gradwatch/propagation_rate/<layer>`` (gain per
+    step back in time: < 1 vanishing, > 1 exploding) and ``gradwatch/horizon/<layer>``
+    (timesteps the gradient reaches back). A log whose window measured nothing carries
+    neither: an older measurement is never logged again as if it were new, and a profile
+    without a propagation measurement (rate NaN, horizon None) is never logged.
     """
 
     def __init__(self, layers: bool | None = None) -> None:
@@ -68,13 +72,15 @@ class TrainerMetrics:
         if record.skipped:
             self._window_skipped += 1
         for layer, p in record.temporal.items():
-            if p.propagation and math.isfinite(p.gain):  # a profile may come without propagation: keep the last one
-                self._profile[f"{PREFIX}propagation_rate/{layer}"] = float(p.gain)
-                self._profile[f"{PREFIX}horizon/{layer}"] = float(p.horizon)
+            if p.recurrences and p.horizon is not None and math.isfinite(p.gain):  # measured at this step
+                self._profile[f"{THROUGH_TIME_KEYS[0]}{layer}"] = float(p.gain)
+                self._profile[f"{THROUGH_TIME_KEYS[1]}{layer}"] = float(p.horizon)
 
-    def metrics(self) -> dict[str, float]:
-        """The keys above for the latest record ({} before the first step); starts a new
-        window for the two window keys."""
+    def metrics(self, new_window: bool = True) -> dict[str, float]:
+        """The keys above for the latest record ({} before the first step). With
+        ``new_window`` (a trainer's log line is written now) the window keys and the
+        propagation keys start afresh; without (Lightning's per-step ``log_dict``, which
+        its logger throttles) they keep accumulating."""
         r = self.last
         if r is None:
             return {}
@@ -85,8 +91,9 @@ class TrainerMetrics:
             out[f"{PREFIX}clipped_steps"] = float(self._window_clipped)
         if self._window_skipped:
             out[f"{PREFIX}skipped_steps"] = float(self._window_skipped)
-        self._window_max = -math.inf
-        self._window_clipped = self._window_skipped = 0
+        if new_window:
+            self._window_max = -math.inf
+            self._window_clipped = self._window_skipped = 0
         if self.layers or (self.layers is None and len(r.layer_norms) <= AUTO_LAYERS):
             for layer, v in r.layer_norms.items():
                 out[f"{PREFIX}grad_norm/{layer}"] = float(v)
@@ -95,6 +102,8 @@ class TrainerMetrics:
                 out[f"{PREFIX}clip_threshold"] = float(r.clip.threshold)
             out[f"{PREFIX}clip_scale"] = float(r.clip.scale)
         out.update(self._profile)
+        if new_window:
+            self._profile = {}
         return out
 
 

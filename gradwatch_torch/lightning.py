@@ -50,13 +50,17 @@ The Lightning cases, one by one:
   ``load_state_dict`` on resume (``trainer.fit(..., ckpt_path=...)``): the step counter,
   the policy's state and the detectors' statistics continue exactly.
 
-Loggers. At the steps where Lightning writes its logs (``log_every_n_steps``), the callback
-calls ``pl_module.log_dict`` with the keys of :class:`~gradwatch_torch._trainers.TrainerMetrics`
-(``gradwatch/grad_norm``, ``gradwatch/grad_norm/<layer>``, ``gradwatch/clip_threshold``,
-``gradwatch/clip_scale``, ``gradwatch/horizon/<layer>``, ...); only then, because each
-key logged through ``self.log`` costs about half a millisecond here, as much as
-gradwatch's whole measurement of a step. Per-layer keys by
-default only for models of at most 16 layers (``log_layers=True`` / ``False`` to choose).
+Loggers. At every recorded step the callback calls ``pl_module.log_dict`` with the keys
+of :class:`~gradwatch_torch._trainers.TrainerMetrics` (``gradwatch/grad_norm``,
+``gradwatch/grad_norm/<layer>``, ``gradwatch/clip_threshold``, ``gradwatch/clip_scale``,
+``gradwatch/horizon/<layer>``, ...), as Lightning's own gradient-norm recipe does: the
+logger writes them every ``log_every_n_steps`` (its own throttle), and
+``trainer.callback_metrics`` has them at every step, also with ``logger=False``, so
+``EarlyStopping(monitor="gradwatch/grad_norm")``, ``ModelCheckpoint`` and the progress
+bar can use them. ``gradwatch/grad_norm_max`` and the propagation keys cover the steps
+since the previous logger write. Each key logged through ``self.log`` costs about half a
+millisecond, so per-layer keys by default only for models of at most 16 layers
+(``log_layers=True`` / ``False`` to choose).
 
 This module needs Lightning (``pip install 'gradwatch[lightning]'``), imported as
 ``lightning`` or ``pytorch_lightning``; ``gradwatch_torch`` itself never imports it.
@@ -75,12 +79,17 @@ import torch
 from gradwatch import Monitor, Watch
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.watch import WatchFront
-from gradwatch_torch._trainers import TrainerMetrics, clip_interaction, scaler_will_skip
+from gradwatch_torch._trainers import THROUGH_TIME_KEYS, TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
 
 __all__ = ["GradWatchCallback"]
 
 logger = logging.getLogger("gradwatch")
+
+_WRONG_FRAMEWORK = (
+    "gradwatch_torch.lightning.GradWatchCallback is a PyTorch Lightning callback (Trainer(callbacks=[...])); "
+    "Keras' model.fit needs gradwatch_tf.GradWatchCallback: from gradwatch_tf import GradWatchCallback."
+)
 
 
 def _callback_bases() -> tuple[type, ...]:
@@ -233,15 +242,37 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
                 self.monitor.flush()
 
     def _log(self, trainer: Any, pl_module: Any) -> None:
-        """``pl_module.log_dict`` on the steps Lightning writes (as its own LearningRateMonitor
-        decides); a logging failure is reported once and never stops training."""
-        if self._log_failed or not getattr(trainer, "loggers", None):
+        """``pl_module.log_dict`` at every recorded step, as Lightning's own recipe for
+        gradient norms does: ``trainer.callback_metrics`` (``EarlyStopping``,
+        ``ModelCheckpoint(monitor="gradwatch/...")``, the progress bar) has the keys even
+        with ``logger=False`` or before ``log_every_n_steps``, and the logger throttles
+        what it writes. The window keys (``grad_norm_max``, ``clipped_steps``) start afresh
+        on the steps Lightning writes its logs.
+
+        The propagation keys are the exception: Lightning's logger writes every key logged
+        earlier in the epoch again at each write, so a rate measured at step 1 would reach
+        the logger at every write of the epoch. They go to ``callback_metrics`` only
+        (``logger=False``: the latest measurement, which is what a monitor reads there),
+        and to the loggers directly, on a write step whose window measured them (as
+        Lightning's ``LearningRateMonitor`` writes its own keys). A logging failure is
+        reported once and never stops training."""
+        if self._log_failed:
             return
         connector = getattr(trainer, "_logger_connector", None)
-        if connector is not None and not getattr(connector, "should_update_logs", True):
-            return
+        writes = connector is None or bool(getattr(connector, "should_update_logs", True))
+        loggers = list(getattr(trainer, "loggers", None) or [])
         try:
-            pl_module.log_dict(self._metrics.metrics(), on_step=True, on_epoch=False, prog_bar=False, logger=True)
+            metrics = self._metrics.metrics(new_window=writes)
+            through_time = {k: v for k, v in metrics.items() if k.startswith(THROUGH_TIME_KEYS)}
+            plain = {k: v for k, v in metrics.items() if k not in through_time}
+            # no logger: callback_metrics only (and no Lightning warning per key)
+            pl_module.log_dict(plain, on_step=True, on_epoch=False, prog_bar=False, logger=bool(loggers))
+            if through_time:
+                pl_module.log_dict(through_time, on_step=True, on_epoch=False, prog_bar=False, logger=False)
+                if writes and loggers:
+                    step = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+                    for lg in loggers:
+                        lg.log_metrics(through_time, step=trainer.global_step if step is None else step)
         except Exception as exc:  # noqa: BLE001 - logging must never break training
             self._log_failed = True
             logger.error(
@@ -249,6 +280,20 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
                 type(exc).__name__,
                 exc,
             )
+
+    # ------------------------------------------------------------- wrong framework
+    def set_model(self, model: Any) -> None:
+        """Keras calls this on its callbacks: this is Lightning's callback, not Keras'."""
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    def set_params(self, params: Any) -> None:
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    @property
+    def async_safe(self) -> bool:
+        """Keras 3 reads this of each callback first (before ``set_model``, on its JAX and
+        torch backends); Lightning never does."""
+        raise TypeError(_WRONG_FRAMEWORK)
 
     # ------------------------------------------------------------------ like a Watch
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

@@ -136,6 +136,12 @@ def _unwrap_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+_WRONG_FRAMEWORK = (
+    "gradwatch_torch.transformers.GradWatchCallback is a Hugging Face Trainer callback (Trainer(callbacks=[...])); "
+    "Keras' model.fit needs gradwatch_tf.GradWatchCallback: from gradwatch_tf import GradWatchCallback."
+)
+
+
 class GradWatchCallback(WatchFront, TrainerCallback):
     """Watch the gradients of ``Trainer.train`` (options as in ``gradwatch.watch``).
 
@@ -165,6 +171,19 @@ class GradWatchCallback(WatchFront, TrainerCallback):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ Trainer events
+    def set_model(self, model: Any) -> None:
+        """Keras calls this on its callbacks: this is the Hugging Face Trainer's callback."""
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    def set_params(self, params: Any) -> None:
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    @property
+    def async_safe(self) -> bool:
+        """Keras 3 reads this of each callback first (before ``set_model``, on its JAX and
+        torch backends); the Trainer never does."""
+        raise TypeError(_WRONG_FRAMEWORK)
+
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
     ) -> None:

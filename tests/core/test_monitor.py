@@ -99,11 +99,16 @@ def test_memory_stays_flat_over_many_steps():
     for _ in range(300):
         feed(m, norms=np.ones(4), temporal={"rnn": prof})
     base = tracemalloc.take_snapshot()
-    for _ in range(3000):
-        feed(m, norms=np.ones(4), temporal={"rnn": prof})
-    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename"))
+    sizes = []
+    for _ in range(2):
+        for _ in range(3000):
+            feed(m, norms=np.ones(4), temporal={"rnn": prof})
+        sizes.append(sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(base, "filename")))
     tracemalloc.stop()
-    assert grown < 200_000  # bytes: no growth with the number of steps
+    # The first 3,000 steps replace the kept records (keep=50, ~200 kB with their profiles) by
+    # traced ones; the next 3,000 must add nothing (this compared the first number with 200 kB,
+    # which the kept records alone nearly reach).
+    assert sizes[1] - sizes[0] < 30_000  # bytes: no growth with the number of steps
 
 
 def test_state_dict_resume_matches_uninterrupted_run():
@@ -253,3 +258,45 @@ def test_a_flushed_record_keeps_the_windows_propagation_past_a_later_cheaper_pro
     assert not sink.records[-1].temporal["rnn"].recurrences
     # In memory, each step keeps exactly what it measured.
     assert not m.records[1].temporal["rnn"].recurrences
+
+
+def _window_run(m, steps, measured):
+    """Steps 1..steps of an RNN whose propagation (horizon 10 of 40, rate 0.5) is measured
+    only at the steps in ``measured``; every step has a sensitivity profile."""
+    m.bind(["rnn.w"])
+    for step in range(1, steps + 1):
+        prop = {"rnn": {"l0": 0.5 ** np.arange(40)}} if step in measured else None
+        feed(m, norms=np.ones(1), temporal={"rnn": np.ones(40)}, **({"propagation": prop} if prop else {}))
+
+
+def test_a_flushed_record_says_where_its_propagation_was_measured(caplog):
+    from gradwatch.formatting import summary_line
+
+    m = monitor(log_every=25, sinks=["memory", "logging"])
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        _window_run(m, 50, measured={1, 10, 20, 50})
+    (sink, _) = m.sinks
+    at25, at50 = sink.records
+    assert at25.step == 25 and at25.temporal.measured_at == {"rnn": 20}
+    assert at25.temporal["rnn"].horizon == 10  # kept: the run file loses no measurement
+    line25 = summary_line(at25)
+    assert "rnn: 0.5/step through time, horizon 10/40 (measured at step 20)" in line25
+    assert at50.temporal.measured_at == {"rnn": 50}
+    assert "horizon 10/40" in summary_line(at50) and "measured at" not in summary_line(at50)
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "step 25:" in r.getMessage()]
+    assert infos == [line25]
+
+
+def test_the_info_line_leaves_out_layers_whose_propagation_was_not_measured():
+    from gradwatch import StepRecord, TemporalProfile, WindowStats
+    from gradwatch.formatting import summary_line
+
+    unmeasured = TemporalProfile.build(np.ones(40))
+    assert unmeasured.horizon is None
+    r = StepRecord(step=50, global_norm=1.0, temporal={"rnn": unmeasured}, window=WindowStats(1, 50, 50, 1.0, 1.0, 1.0))
+    line = summary_line(r)
+    assert "rnn" not in line and "horizon" not in line and "None" not in line and "nan" not in line
+    m = monitor(log_every=25)
+    _window_run(m, 25, measured=set())
+    (written,) = m.sinks[0].records
+    assert "horizon" not in summary_line(written) and not written.temporal["rnn"].recurrences

@@ -3,6 +3,7 @@ and a user's own writer (framework-free here; torch and tf writers in their suit
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -161,3 +162,18 @@ def test_layer_named_like_a_global_curve_gets_its_own_tag():
     tags = dict(tensorboard_scalars(rec))
     assert tags["grad_norm/global"] == pytest.approx(5.0)
     assert tags["grad_norm/global_layer"] == pytest.approx(3.0)
+
+
+def test_through_time_scalars_are_written_at_the_step_they_were_measured_never_as_nan():
+    from tests.core.helpers import feed, monitor
+
+    w = RecordingWriter()
+    m = monitor(log_every=25, sinks=[TensorBoardSink(writer=w)])
+    m.bind(["rnn.w"])
+    for step in range(1, 76):
+        prop = {"propagation": {"rnn": {"l0": 0.5 ** np.arange(40)}}} if step in (10, 20) else {}
+        feed(m, norms=np.ones(1), temporal={"rnn": np.ones(40)}, **prop)  # steps 26-75: profiles without propagation
+    tt = [(tag, v, s) for tag, v, s in w.scalars if tag.startswith("through_time/")]
+    assert tt == [("through_time/rnn/rate", pytest.approx(0.5), 20), ("through_time/rnn/horizon", 10.0, 20)]
+    assert all(math.isfinite(v) for _, v, _ in w.scalars)
+    assert {s for tag, _, s in w.scalars if tag == "grad_norm/global"} == {25, 50, 75}

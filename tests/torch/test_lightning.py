@@ -443,3 +443,40 @@ def test_a_policy_with_a_closure_evaluated_twice_warns_that_only_the_first_is_cl
     assert [r.global_norm for r in cb.records] == pytest.approx([g for g, _ in pre.first_per_step()], rel=1e-6)
     warnings = [r.getMessage() for r in caplog.records if "more than once" in r.getMessage()]
     assert len(warnings) == 1 and "Twice" in warnings[0]
+
+
+def test_callback_metrics_hold_the_keys_without_a_logger_and_early_stopping_can_monitor_them():
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    cb = GradWatchCallback(sinks=["memory"], profile_every=0)
+    # patience 0 and a huge min_delta: the first epoch's check sets the best value, the second one stops
+    # training, which only happens if EarlyStopping found "gradwatch/grad_norm" (a missing key raises).
+    stop = EarlyStopping(
+        monitor="gradwatch/grad_norm", mode="min", patience=0, min_delta=1e9, check_on_train_epoch_end=True
+    )
+    t = trainer([cb, stop], logger=False, max_epochs=5, log_every_n_steps=50)
+    t.fit(Recall(), loader())
+    assert float(t.callback_metrics["gradwatch/grad_norm"]) == pytest.approx(cb.records[-1].global_norm, rel=1e-6)
+    assert "gradwatch/grad_norm/rnn" in t.callback_metrics  # per-layer keys follow log_layers (3 layers here)
+    assert stop.stopped_epoch == 1 and t.current_epoch == 2 and len(cb.records) == 12  # 6 steps an epoch
+
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_propagation_keys_reach_the_logger_only_from_windows_that_measured_them(every):
+    spy = SpyLogger()
+    cb = GradWatchCallback(sinks=["memory"], profile_every=4)  # profiled steps 1 and 4
+    trainer([cb], logger=spy, log_every_n_steps=every).fit(Recall(), loader())
+    merged: dict[int, dict[str, float]] = {}
+    for step, m in spy.rows:  # the propagation keys come in a row of their own, at the same step
+        merged.setdefault(step + 1, {}).update(m)  # Lightning's logger step counts the steps before this one
+    rows = sorted((s, m) for s, m in merged.items() if "gradwatch/grad_norm" in m)
+    assert [s for s, _ in rows] == list(range(every, 7, every)) and len(merged) == len(rows)
+    by_step = {r.step: r for r in cb.records}
+    for step, m in rows:
+        window = [by_step[s] for s in range(step - every + 1, step + 1)]
+        measured = [r.temporal["rnn"] for r in window if "rnn" in r.temporal and r.temporal["rnn"].recurrences]
+        assert ("gradwatch/horizon/rnn" in m) == bool(measured), step  # never a stale value from an older window
+        if measured:
+            assert m["gradwatch/horizon/rnn"] == measured[-1].horizon
+            assert m["gradwatch/propagation_rate/rnn"] == pytest.approx(measured[-1].gain, rel=1e-6)

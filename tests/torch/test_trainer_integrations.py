@@ -120,7 +120,7 @@ def test_policy_warm_up_without_threshold_logs_no_threshold():
     assert "gradwatch/clip_threshold" not in out and out["gradwatch/clip_scale"] == 1.0
 
 
-def test_the_latest_profile_is_repeated_until_the_next_one():
+def test_a_propagation_is_logged_once_on_the_log_whose_window_measured_it_never_again():
     gains = [0.5**j for j in range(8)]
     prof = TemporalProfile.build([1.0] * 8, {"l0": gains})
     m = TrainerMetrics()
@@ -129,7 +129,27 @@ def test_the_latest_profile_is_repeated_until_the_next_one():
     m.update(_record(3, 1.0, temporal={"rnn": TemporalProfile.build([1.0] * 8)}))  # profiled, no propagation
     out = m.metrics()
     assert out["gradwatch/propagation_rate/rnn"] == pytest.approx(0.5, rel=1e-6)
-    assert out["gradwatch/horizon/rnn"] == prof.horizon > 0
+    assert out["gradwatch/horizon/rnn"] == prof.horizon == 8  # 0.5**7 = 7.8e-3: never below 1e-3
+    for step in range(4, 64):  # 60 steps profiled without propagation, or not profiled: nothing to log
+        m.update(_record(step, 1.0, temporal={"rnn": TemporalProfile.build([1.0] * 8)} if step % 10 == 0 else None))
+        assert not [k for k in m.metrics() if "propagation_rate" in k or "horizon" in k]
+    faster = TemporalProfile.build([1.0] * 8, {"l0": [0.25**j for j in range(8)]})
+    m.update(_record(64, 1.0, temporal={"rnn": faster}))
+    m.update(_record(65, 1.0))
+    out = m.metrics(new_window=False)  # Lightning's per-step log: the window goes on
+    assert out["gradwatch/propagation_rate/rnn"] == pytest.approx(0.25, rel=1e-6) and out["gradwatch/horizon/rnn"] == 5
+    assert m.metrics()["gradwatch/horizon/rnn"] == 5  # the logger's write: then the window starts afresh
+    assert "gradwatch/horizon/rnn" not in m.metrics()
+
+
+def test_a_profile_that_was_not_measured_is_never_logged_as_a_number():
+    m = TrainerMetrics()
+    unmeasured = TemporalProfile.build([1.0] * 8)
+    assert unmeasured.horizon is None and math.isnan(unmeasured.gain)
+    m.update(_record(1, 1.0, temporal={"rnn": unmeasured}))
+    out = m.metrics()
+    assert all(isinstance(v, float) and not math.isnan(v) for v in out.values())
+    assert not [k for k in out if "propagation_rate" in k or "horizon" in k]
 
 
 def _scaled_grads(value: float):

@@ -272,3 +272,19 @@ def test_a_transformers_model_built_from_config(tmp_path):
     assert [r.global_norm for r in cb.records] == pytest.approx(logged(trainer), rel=1e-6)
     assert "transformer.h.1.attn.c_attn" in cb.records[0].layer_norms
     assert STATE_KEY not in trainer.state.stateful_callbacks  # only written when a checkpoint is due
+
+
+def test_propagation_keys_only_on_the_logs_whose_steps_measured_them(tmp_path):
+    cb = GradWatchCallback(sinks=["memory"], profile_every=4)  # profiled steps 1, 4 (and 8, 12 ...)
+    trainer = train(tmp_path, [cb], logging_steps=1, max_steps=6)
+    by_step = {r.step: r for r in cb.records}
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert [e["step"] for e in logs] == [1, 2, 3, 4, 5, 6]
+    for e in logs:
+        prof = by_step[e["step"]].temporal.get("gru")
+        measured = prof is not None and bool(prof.recurrences)
+        assert ("gradwatch/horizon/gru" in e) == measured, e["step"]  # step 1's rate is not repeated at 2, 3
+        if measured:
+            assert e["gradwatch/horizon/gru"] == prof.horizon
+            assert e["gradwatch/propagation_rate/gru"] == pytest.approx(prof.gain, rel=1e-6)
+    assert "gradwatch/horizon/gru" in logs[0] and "gradwatch/horizon/gru" not in logs[1]
