@@ -69,7 +69,7 @@ def close_all() -> None:
             obj.close()
         except Exception as exc:  # noqa: BLE001 - one failure must not stop the others
             try:
-                logger.error("[gradwatch] closing %s at exit failed: %s: %s", type(obj).__name__, type(exc).__name__, exc)
+                logger.error("closing %s at exit failed: %s: %s", type(obj).__name__, type(exc).__name__, exc)
             except Exception:  # noqa: BLE001, S110 - logging may be gone at exit
                 pass
         untrack(obj)

@@ -33,6 +33,7 @@ class WatchOptions(TypedDict, total=False):
     spike_warmup: int
     spike_alpha: float
     norm_ceiling: float | None
+    jump_ratio: float
     vanish_floor: float
     vanish_patience: int
     alert_every: int

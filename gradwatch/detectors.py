@@ -168,7 +168,7 @@ class SpikeDetector:
             self.set_notes += 1
             more = " (further changes of the set are not reported)" if self.set_notes == self._MAX_SET_NOTES else ""
             logger.info(
-                "[gradwatch] step %d: the parameters with a gradient changed (%d joined, %d left); the global norm's "
+                "step %d: the parameters with a gradient changed (%d joined, %d left); the global norm's "
                 "spike statistics restart their %d-step warm-up for the new set%s.",
                 record.step, joined, left, self.options.spike_warmup, more,
             )

@@ -322,7 +322,7 @@ class Dispatcher:
             try:
                 sink.close()
             except Exception as exc:  # noqa: BLE001 - closing must go on with the other sinks
-                logger.error("[gradwatch] sink %s raised on close: %s", type(sink).__name__, exc)
+                logger.error("sink %s raised on close: %s", type(sink).__name__, exc)
 
     def _safe(self, sink: Sink, method: str, arg: Any) -> None:
         try:
@@ -337,7 +337,7 @@ class Dispatcher:
         if sink in self.taps:
             self.taps.remove(sink)
         logger.error(
-            "[gradwatch] sink %s raised %s: %s; it is disabled for the rest of this run. Training goes on.",
+            "sink %s raised %s: %s; it is disabled for the rest of this run. Training goes on.",
             type(sink).__name__,
             type(exc).__name__,
             exc,

@@ -98,7 +98,7 @@ def layer_spectral(record: StepRecord, layer: str) -> str:
 def summary_line(record: StepRecord) -> str:
     """The INFO line of a flushed record, as a person reads it in a training log."""
     w = record.window
-    parts = [f"[gradwatch] step {record.step}: grad norm {fmt(record.global_norm)}"]
+    parts = [f"step {record.step}: grad norm {fmt(record.global_norm)}"]
     if w is not None and w.steps > 1:
         parts[0] += f" (last {w.steps} steps: min {fmt(w.norm_min)}, mean {fmt(w.norm_mean)}, max {fmt(w.norm_max)})"
     if record.clip is not None:

@@ -297,7 +297,7 @@ class Monitor:
                 events = det.check(record, self.view)
             except Exception as exc:  # noqa: BLE001 - a detector bug must not stop training
                 self._detectors.remove(det)
-                logger.error("[gradwatch] detector %r raised %s: %s; it is disabled.", getattr(det, "name", det), type(exc).__name__, exc)
+                logger.error("detector %r raised %s: %s; it is disabled.", getattr(det, "name", det), type(exc).__name__, exc)
                 continue
             for ev in events:
                 self.emit(ev)

@@ -162,7 +162,7 @@ class IsolatedCaller:
                 self.disabled.add(id(impl.plugin))
                 name = plugin_label(self.pm, impl.plugin)
                 logger.error(
-                    "[gradwatch] plugin %r raised %s in %s; it is disabled for the rest of this run. Training goes on.",
+                    "plugin %r raised %s in %s; it is disabled for the rest of this run. Training goes on.",
                     name,
                     f"{type(exc).__name__}: {exc}",
                     hook_name,

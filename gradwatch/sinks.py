@@ -87,7 +87,7 @@ class LoggingSink:
         if self.logger.isEnabledFor(logging.INFO):
             # The logger's name already says "gradwatch" (WARNING:gradwatch:... with the
             # default format): no second "[gradwatch]" inside the message.
-            self.logger.info(summary_line(record).removeprefix("[gradwatch] "))
+            self.logger.info(summary_line(record))
 
     def write_event(self, event: GradEvent) -> None:
         self.logger.log(event.severity, "%s", event.message)

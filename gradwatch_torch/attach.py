@@ -45,7 +45,7 @@ from gradwatch_torch import _distributed
 from gradwatch_torch._closure import ClosureSteps, refuse_policy
 from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
 from gradwatch_torch._replay import combine_ranks
-from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, install
+from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, forget_bias, install
 from gradwatch_torch._segments import cat_to, gates_of, propagation_of, spectral_of, temporal_of
 from gradwatch_torch._tensors import GradGroups, SpectralTracker, agc_factors, apply_agc_, scale_grads_
 
@@ -115,15 +115,10 @@ class TorchAttachment:
             raise
 
         self._probes: list[Probe] = []
+        self._probe_ctx: ProbeContext | None = None
         if monitor.options.profile_every:
-            ctx = ProbeContext(self._probe_due, lambda: monitor.next_step, monitor.options.profile_every, dense_parameter_count(root))
-            self._probes = find_probes(root, ctx)
-        for probe in self._probes:
-            module = probe._module()
-            if module is None:  # cannot happen while root is alive; keeps the type checker honest
-                continue
-            for handle in install(probe, module):  # hooks that copies of the model leave out (_probing.CleanCopies)
-                self._handles.add(handle)
+            self._probe_ctx = ProbeContext(self._probe_due, lambda: monitor.next_step, monitor.options.profile_every, dense_parameter_count(root))
+        self._add_probes(root)
         if optimizer is not None:
             self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
@@ -132,9 +127,37 @@ class TorchAttachment:
         meta = monitor.meta  # facts for the run file's header
         meta.setdefault("backend", "torch")
         meta.setdefault("torch", torch.__version__)
-        meta.setdefault("recurrent_layers", {p.name: p.kind for p in self._probes})
+        meta.setdefault("recurrent_layers", {})
+        meta.setdefault("forget_bias", {})
+        self._describe_probes(self._probes)
         meta.setdefault("layer_types", _layer_types(root, self._monitor.layers))
         self._check_distributed()
+
+    def _add_probes(self, root: nn.Module) -> list[Probe]:
+        """Probe every recurrent layer of ``root`` not probed yet (at attach, and when the
+        parameter set changes: a layer added after ``watch()`` is profiled too)."""
+        if self._probe_ctx is None:
+            return []
+        have = {id(p._module()) for p in self._probes}
+        new = [p for p in find_probes(root, self._probe_ctx) if id(p._module()) not in have]
+        for probe in new:
+            module = probe._module()
+            if module is None:  # cannot happen while root is alive; keeps the type checker honest
+                continue
+            for handle in install(probe, module):  # hooks that copies of the model leave out (_probing.CleanCopies)
+                self._handles.add(handle)
+        self._probes.extend(new)
+        return new
+
+    def _describe_probes(self, probes: list[Probe]) -> None:
+        """What the remedies need to know of each probed layer (the run file's header too)."""
+        meta = self._monitor.meta
+        for p in probes:
+            meta["recurrent_layers"][p.name] = p.kind
+            module = p._module()
+            bias = forget_bias(module) if module is not None else None
+            if bias is not None:
+                meta["forget_bias"][p.name] = bias
 
     # -- Attachment protocol --------------------------------------------------------------
     def step(self) -> StepRecord | None:
@@ -228,6 +251,11 @@ class TorchAttachment:
             named, changed = self._params.collect()
             if changed:
                 self._bind(named)
+                root = self._model()
+                new = self._add_probes(root) if root is not None else []
+                if new:
+                    self._describe_probes(new)
+                    logger.info("gradwatch: recurrent layer(s) %s joined the model; they are profiled from now on.", ", ".join(repr(p.name) for p in new))
 
     # -- the step ---------------------------------------------------------------------------
     def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:

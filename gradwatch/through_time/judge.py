@@ -187,6 +187,7 @@ class TemporalDetector:
             layer=layer,
             value=r.peak,
             threshold=o.explode_ratio,
+            worse_when="higher",  # re-alerted inside alert_every when 10x larger
         )
 
     def _vanishing(self, record: StepRecord, layer: str, rec: str, r: Propagation, kind: Any, view: MonitorView, facts: Mapping[str, Any], weights: Any) -> GradEvent:
@@ -212,4 +213,5 @@ class TemporalDetector:
             layer=layer,
             value=float(r.horizon),
             threshold=float(r.length),
+            worse_when="lower",  # re-alerted inside alert_every when the horizon halves
         )
