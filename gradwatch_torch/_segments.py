@@ -60,7 +60,7 @@ def propagation_of(probe: Probe) -> tuple[tuple[str, ...], Tensor] | None:
     got = probe.take_propagation()
     if got is None:
         return None
-    labels, gains = got
+    labels, gains = got[0], got[1]  # (labels, gains, max_gains): max_gains travels once attach has its segment
     gains_flat = cast(Tensor, flat(gains))
     if not labels or gains_flat.numel() % len(labels):
         raise ValueError(f"{gains_flat.numel()} gains cannot be split into the {len(labels)} recurrences {labels}")
