@@ -24,10 +24,15 @@ Built-in decays, each checked against autograd on the package's own scan
 * mLSTM (xlstm ``mLSTMCell``, the package's stabilised recurrent form): the stored state
   C~_t = C_t exp(-m_t) decays by exp(log sigmoid(f_t) + m_{t-1} - m_t), with
   m_t = max(log sigmoid(f_t) + m_{t-1}, i_t), m_0 = 0; one decay per head.
+* RG-LRU (recurrentgemma ``RGLRU``): a_t = a^(c r_t), log a_t = -8 r_t softplus(Λ), 0 at a
+  document boundary; state (D,). Tested on the package's torch ``rnn_scan`` where it
+  imports (its top-level package imports jax/flax, which ``recurrentgemma[torch]`` does
+  not install).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -42,7 +47,7 @@ from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["BUILTIN", "DiagonalProbe", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay"]
+__all__ = ["BUILTIN", "DiagonalProbe", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
 
 
 def _rows(value: Any, batch: int, probed: int) -> Any:
@@ -219,6 +224,15 @@ def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     return log_f + prev - m
 
 
+def rglru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """RG-LRU (recurrentgemma): log a_t = -8 r_t softplus(Λ), r_t = sigmoid(a_gate(x_t));
+    a document boundary (``segment_pos == 0``) resets the state: a_t = 0 (log -inf); (B, T, D)."""
+    x = _arg(args, kwargs, 0, "x")
+    pos = _arg(args, kwargs, 1, "segment_pos")
+    log_a = -8.0 * torch.sigmoid(module.a_gate(x).float()) * F.softplus(module.a_param.float())
+    return log_a.masked_fill((pos == 0)[..., None], -math.inf)
+
+
 #: Layers gradwatch knows by name (no import of their package).
 BUILTIN: list[Recurrence] = [
     Recurrence("minGRU_pytorch.minGRU.minGRU", decay=mingru_decay, kind="mingru", gate="update"),
@@ -226,4 +240,5 @@ BUILTIN: list[Recurrence] = [
     Recurrence("mambapy.mamba.MambaBlock", decay=mamba_decay, kind="mamba", gate="delta"),
     Recurrence("mamba_ssm.modules.mamba_simple.Mamba", decay=mamba_decay, kind="mamba", gate="delta"),
     Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
+    Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
 ]

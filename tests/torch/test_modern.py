@@ -47,8 +47,9 @@ def expected(jacs):
     log_rms, log_top = [np.zeros(p)], [np.zeros(p)]
     for jac in jacs:
         sv = torch.linalg.svdvals(jac).numpy()
-        log_top.append(np.log(sv[:, 0]))
-        log_rms.append(np.log(np.sqrt((sv**2).sum(1) / s)))
+        with np.errstate(divide="ignore"):  # a reset state: gain exactly 0
+            log_top.append(np.log(sv[:, 0]))
+            log_rms.append(np.log(np.sqrt((sv**2).sum(1) / s)))
     gains, top = aggregate(np.array(log_rms), np.array(log_top), NUMPY_TENSORS)
     return np.asarray(gains), np.asarray(top)
 
@@ -466,3 +467,71 @@ def test_mingru_on_the_demo_task_is_found_vanishing(caplog):
     assert prof.horizon is not None and prof.horizon < 100
     assert any(e.kind == "vanishing" for e in w.events)
     assert math.isfinite(prof.gain) and prof.gain < 1
+
+
+# -- RG-LRU (recurrentgemma's torch layers) ----------------------------------------------------
+def _recurrentgemma_torch_layers():
+    """recurrentgemma.torch.layers without the package's __init__ (which imports jax/flax)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        spec = importlib.util.find_spec("recurrentgemma")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("recurrentgemma is not installed (its [torch] extra changes numpy/absl-py pins; not in [modern])")
+    pytest.importorskip("jaxtyping", reason="recurrentgemma's torch layers need jaxtyping")
+    root = list(spec.submodule_search_locations)[0]
+    saved = {k: sys.modules.get(k) for k in ("recurrentgemma", "recurrentgemma.torch")}
+    for name, path in (("recurrentgemma", root), ("recurrentgemma.torch", f"{root}/torch")):
+        if name not in sys.modules or not hasattr(sys.modules[name], "torch" if name == "recurrentgemma" else "layers"):
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+    try:
+        return importlib.import_module("recurrentgemma.torch.layers")
+    except Exception as exc:  # noqa: BLE001
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+        pytest.skip(f"recurrentgemma's torch layers do not import here: {exc}")
+
+
+def test_rglru_against_autograd_on_its_own_scan():
+    layers = _recurrentgemma_torch_layers()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(3, 8)
+            self.lru = layers.RGLRU(width=8, num_heads=2)
+
+        def forward(self, x, pos):
+            return self.lru(self.inp(x), pos)[0]
+
+    model = Model()
+    x = torch.randn(9, 12, 3)
+    pos = torch.arange(12).expand(9, 12).clone()
+    pos[2, 7] = 0  # a document boundary inside sequence 2: its state resets there
+    with torch.no_grad():
+        u = model.inp(x)
+        a = torch.exp(-8.0 * torch.sigmoid(model.lru.a_gate(u)) * torch.nn.functional.softplus(model.lru.a_param))
+        mult = torch.sqrt(1 - a**2)
+        reset = (pos == 0)[..., None]
+        xs = u * torch.sigmoid(model.lru.input_gate(u)) * (reset + ~reset * mult)
+        h, _ = layers.rnn_scan(xs, a, pos == 0, None)
+    steps = h.shape[1]
+    jacs = []
+    for j in range(1, steps):
+        def from_state(st, j=j):
+            return layers.rnn_scan(xs[:8, steps - j :], a[:8, steps - j :], (pos == 0)[:8, steps - j :], st)[1]
+
+        jacs.append(row_jacobian(from_state, h[:8, steps - 1 - j]))
+    gains, top = expected(jacs)
+    got_gains, got_top = probed(model, "lru", lambda: model(x, pos))
+    close(got_top, top, "max_gains (probe)")
+    # gains: the median is over 8 sequences, one of which resets (gain 0 beyond j = 4)
+    close(got_gains, gains, "gains (probe)")
