@@ -136,6 +136,8 @@ class LoopProbe(Probe):
         self._pending: _Call | None = None
         self._tol = 0.0
         self._batch = 1
+        self._plan: tuple[int, int] | None = None  # (chain length, state size) last measured
+        self._recording = True
         self._prop: tuple[tuple[str, ...], Tensor, Tensor] | None = None
 
     # -- recording ------------------------------------------------------------------------
@@ -159,6 +161,11 @@ class LoopProbe(Probe):
             return None
         try:
             self._calls_this_step += 1
+            if self._calls_this_step == 1:  # record this step? (copies cost too: only when a replay follows)
+                module_ = self._module()
+                self._recording = self._plan is None or module_ is None or self._due(module_, *self._plan)
+            if not self._recording:
+                return None
             where = self._link(args, kwargs)
             batch = _batch(args, kwargs)
             if batch is None:
@@ -205,16 +212,18 @@ class LoopProbe(Probe):
         self._calls_this_step = 0
         return chain
 
-    def _due(self, module: nn.Module, chain: list[_Call], state_dim: int) -> bool:
+    def _due(self, module: nn.Module, steps: int, state_dim: int) -> bool:
         """Replay on this profiled step? One replay costs about ``state_dim`` backward passes
         (twice a forward) of the cell on the probed rows per call, against a training step
         of 6 x parameters x tokens (:func:`~gradwatch.through_time.plan.replay_every`)."""
+        if state_dim > LOOP_EXACT_DIM:
+            return False
         if self._ctx.step() == 1:
             return True
         params = max(sum(p.numel() for p in module.parameters()), 1)
         probed = min(self._batch, PROBED)
-        flops = len(chain) * state_dim * 3.0 * 2.0 * params * probed * SMALL_MATMUL_PENALTY
-        step_flops = 6.0 * max(self._ctx.model_params, 1) * self._batch * len(chain)
+        flops = steps * state_dim * 3.0 * 2.0 * params * probed * SMALL_MATMUL_PENALTY
+        step_flops = 6.0 * max(self._ctx.model_params, 1) * self._batch * steps
         n = replay_every(flops, step_flops)
         return (self._ctx.step() // max(self._ctx.every, 1)) % n == 0
 
@@ -227,7 +236,8 @@ class LoopProbe(Probe):
         where, sel = chain[1].where
         state0 = _select(chain[0].out, sel)
         dim = int(_flat(state0).shape[1])
-        if dim > LOOP_EXACT_DIM or not self._due(module, chain, dim):
+        self._plan = (len(chain), dim)
+        if dim > LOOP_EXACT_DIM:
             return
         try:
             with torch.enable_grad(), torch.autocast(_flat(state0).device.type, enabled=False):
