@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradwatch.through_time.diagonal import diagonal_propagation
+from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.families import GATES, Recurrence
 from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe
@@ -116,15 +116,13 @@ class DiagonalProbe(Probe):
             batch = int(x.shape[0])
             probed = min(batch, PROBED)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                log_a = self._decay(module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
-                if log_a is None:
+                got = self._decay(module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                if got is None:
                     return
-                steps = int(log_a.shape[1])
-                if steps < 2:
+                measured = _factored(*got, probed) if isinstance(got, tuple) else _plain(got, probed)
+                if measured is None:
                     return  # one step per call: a loop, not a scan (see gradwatch_torch._loops)
-                wide = torch.float64 if log_a.dtype == torch.float64 else torch.float32
-                logs = log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1).transpose(0, 1)
-                gains, top = diagonal_propagation(logs, TORCH_TENSORS)
+                gains, top = measured
             self._prop = (("l0",), gains[None], top[None])
             self._measured = True
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
@@ -172,32 +170,77 @@ class DiagonalProbe(Probe):
         self._sq, self._prop = None, None
 
 
+def _reverse_cumsum(x: Tensor) -> Tensor:
+    """(P, T, ...) -> (T, P, ...): row j = sum of the last j entries along T (row 0 = 0)."""
+    back = torch.cumsum(torch.flip(x, (1,)), 1)  # along T with P outermost: fast on CPU
+    return torch.cat([torch.zeros_like(back[:, :1]), back[:, :-1]], 1).transpose(0, 1)
+
+
+def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
+    """log a (P, T, ...) -> (gains, max_gains): the rule of
+    :func:`gradwatch.through_time.diagonal_logs`, with the cumulative sum taken along T
+    with the sequences outermost (torch's CPU cumsum along a leading axis is 2-5x slower)."""
+    steps = int(log_a.shape[1])
+    if steps < 2:
+        return None
+    wide = torch.float64 if log_a.dtype == torch.float64 else torch.float32
+    sums = _reverse_cumsum(log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1))  # (T, P, S)
+    log_rms = 0.5 * (torch.logsumexp(2.0 * sums, 2) - math.log(sums.shape[2]))
+    return aggregate(log_rms, sums.amax(2), TORCH_TENSORS)
+
+
+def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
+    """log a_t[e, n] = scale_t[e] * rate[e, n] (Mamba: Δ_t and A): the sums over j steps
+    back are (sum of the last j scales) * rate, so the reverse cumulative sum runs over
+    (T, P, E) only and the largest entry is the scale sum times the largest (or, for a
+    negative scale sum, the smallest) rate of each row: exact, N times less work."""
+    steps = int(scale.shape[1])
+    if steps < 2:
+        return None
+    wide = torch.float64 if scale.dtype == torch.float64 else torch.float32
+    sums = _reverse_cumsum(scale[:probed].to(wide))  # (T, P, E)
+    rate = rate.to(wide)
+    top = torch.where(sums >= 0, sums * rate.amax(1), sums * rate.amin(1)).amax(2)
+    steps_, seqs = int(sums.shape[0]), int(sums.shape[1])
+    # the RMS over (E, N): exp of (2 log a - 2 top) summed in place (no logsumexp temporaries)
+    z = ((2.0 * sums).unsqueeze(-1) * rate).reshape(steps_, seqs, -1)
+    z = z.sub_(2.0 * top.unsqueeze(-1)).exp_().sum(-1)
+    log_rms = top + 0.5 * (torch.log(z) - math.log(rate.numel()))
+    return aggregate(log_rms, top, TORCH_TENSORS)
+
+
 # -- built-in decays (module, args, kwargs, output) -> log a (B, T, ...) -------------------
 def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Tensor:
     return args[i] if len(args) > i else kwargs[name]
 
 
+def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
+    """``linear(x).chunk(parts, -1)[part]`` computing only that part of the product."""
+    size = linear.weight.shape[0] // parts
+    rows = slice(part * size, (part + 1) * size)
+    bias = linear.bias[rows] if linear.bias is not None else None
+    return F.linear(x, linear.weight[rows], bias)
+
+
 def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
     x = _arg(args, kwargs, 0, "x")
-    gate = module.to_hidden_and_gate(x).chunk(2, dim=-1)[1]
-    return -F.softplus(gate.float())
+    return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
 
 
 def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     """minLSTM: log f' = -softplus(softplus(-f) - softplus(-i)); (B, T, D)."""
     x = _arg(args, kwargs, 0, "x")
-    _, f, i = module.to_hidden_and_f_i_gate(x).chunk(3, dim=-1)
-    f, i = f.float(), i.float()
+    f, i = _rows_of(module.to_hidden_and_f_i_gate, x, 1, 3).float(), _rows_of(module.to_hidden_and_f_i_gate, x, 2, 3).float()
     return -F.softplus(F.softplus(-f) - F.softplus(-i))
 
 
-def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
-    """Mamba (S6): Δ_t A per (channel, state), from the mixer's input; (B, T, ED, N)."""
+def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
+    """Mamba (S6): log a_t = Δ_t A per (channel, state), from the mixer's input, as the
+    pair (Δ (B, T, ED), A (ED, N))."""
     u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
     steps = int(u.shape[1])
-    xz = module.in_proj(u)
-    x = xz.chunk(2, dim=-1)[0]
+    x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
     x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
     x = F.silu(x)
     dt_rank = module.dt_proj.weight.shape[1]
@@ -206,8 +249,7 @@ def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     if norm is not None:
         delta = norm(delta)
     delta = F.softplus(delta.float() @ module.dt_proj.weight.float().t() + module.dt_proj.bias.float())
-    a = -torch.exp(module.A_log.float())  # (ED, N)
-    return delta.unsqueeze(-1) * a
+    return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
 
 
 def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
