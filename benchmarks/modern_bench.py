@@ -99,7 +99,6 @@ def main(steps: int = 12) -> None:
         plain, watched, spent = [], [], []
         w = gradwatch_torch.watch(model, opt, profile_every=1, sinks=[])
         for _ in range(steps):
-            w.close() if False else None
             t0 = time.perf_counter()
             timer.spent = 0.0
             _step(model, opt, x)

@@ -59,7 +59,8 @@ def register_recurrence(
 
     ``decay(module, args, kwargs, output) -> log_a`` of shape (B, T, ...) for a diagonal
     recurrence (called on profiled steps, under ``no_grad``, with batch-shaped tensors cut
-    to the probed rows); ``step=True`` for a cell called in a loop. ``kind`` names the
+    to the probed rows), or a pair (scale (B, T, E), rate (E, N)) for log a = scale * rate
+    per (e, n) (Mamba's Δ_t A, cheaper); ``step=True`` for a cell called in a loop. ``kind`` names the
     family in records and alerts ("custom" or "cell" by default); ``gate`` the gate that
     sets the decay. Applies to watches attached from now on.
     """

@@ -38,7 +38,9 @@ class Recurrence:
       forward saw (its arguments, its output and its parameters). gradwatch calls it on
       profiled steps only, under ``no_grad``, on the probed rows: every tensor argument
       and output whose first dimension is the batch is cut to its first ``min(B, 8)``
-      rows before the call;
+      rows before the call. It may instead return a pair ``(scale (B, T, E), rate (E, N))``
+      meaning log a_t[e, n] = scale_t[e] * rate[e, n] (Mamba's Δ_t A): exact as well, and
+      N times cheaper;
     * ``step``: True for a cell called once per timestep whose next call takes the state
       this call returned (``h = cell(x_t, h)``): measured exactly through the cell's own
       autograd (see ``gradwatch_torch._loops``);

@@ -535,3 +535,20 @@ def test_rglru_against_autograd_on_its_own_scan():
     close(got_top, top, "max_gains (probe)")
     # gains: the median is over 8 sequences, one of which resets (gain 0 beyond j = 4)
     close(got_gains, gains, "gains (probe)")
+
+
+def test_loop_cell_is_measured_on_later_profiled_steps_too():
+    model = Looped(TanhCell(3, 8, 0.5), 8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    w = gradwatch_torch.watch(model, opt, profile_every=2, sinks=[])
+    try:
+        for _ in range(5):
+            model(torch.randn(6, 9, 3)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        got = {r.step: r.temporal.get("cell") for r in w.records if r.temporal}
+    finally:
+        w.close()
+    measured = [s for s, prof in got.items() if prof is not None and "l0" in prof.recurrences]
+    assert len(measured) >= 2, got  # step 1 and at least one later profiled step
+    assert all(len(got[s].recurrences["l0"].gains) == 9 for s in measured)
