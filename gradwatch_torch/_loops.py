@@ -16,20 +16,24 @@ detached clones. Nothing else (no graph is kept).
 
 *The measurement.* At the optimizer step the longest chain of the step is replayed: for
 each call t, the state Jacobian J_t = d s_t / d s_{t-1} of every probed sequence, by S
-vector-Jacobian products of the cell's own forward (one batched ``autograd.grad`` with
-``is_grads_batched``; the rows of a batch are independent, so one cotangent e_a on every
-row gives row p's Jacobian row a), then the products J_T ... J_{T-j+1}, carried whole with
+vector-Jacobian products of the cell's own forward (every call's rows stacked into one
+batch, one batched ``autograd.grad`` with ``is_grads_batched``; the rows of a batch are
+independent, so one cotangent e_a on every row gives row p's Jacobian row a), then the
+products J_T ... J_{T-j+1}, carried whole with
 their scale kept in log (exact: the largest singular value and the RMS gain of each
 product, for a state of up to ``LOOP_EXACT_DIM`` numbers; a larger state is not measured
 and says so: ``recurrences == {}``). The replayed states are checked against the ones the
 forward returned (a cell with dropout in training mode, or one that changes its weights
 during forward, fails the check and its propagation is switched off with one ERROR line).
 
-*Cost.* One replay costs about S backward passes of the cell on 8 rows per call, plus
-T small (P, S, S) products: measured for a 32-unit tanh cell, T = 100, B = 32:
-see ``benchmarks/RESULTS.md``, "Modern recurrences". It runs on every n-th profiled step,
-n from :func:`gradwatch.through_time.plan.replay_every` (the same 5% share as the other
-replays), decided from the chain's length and the cell's size only.
+*Cost.* One replay is one forward of the cell on the stacked (T-1) x P rows and S
+batched backward passes, then T small (P, S, S) products and one batched eigenvalue call
+for the largest singular values. Measured (``benchmarks/modern_bench.py``, 1 thread, a
+loaded 2-core machine): a tanh cell T = 100, B = 32: S = 8, 15 ms = 0.6 of a training
+step; S = 32, 87 ms = 2.9 training steps (the eigenvalues dominate). It runs on every
+n-th profiled step, n from :func:`gradwatch.through_time.plan.replay_every` (the same 5%
+share as the other replays), from the chain's length and the cell's size only; the
+probed rows are copied only on the steps whose replay is due.
 """
 
 from __future__ import annotations
@@ -62,13 +66,35 @@ def candidate(m: nn.Module) -> bool:
     return not (mod.startswith("torch.") or mod == "torch") and not isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict))
 
 
-def _clone_rows(value: Any, batch: int, probed: int) -> Any:
+class _Rows:
+    """A recorded argument's probed rows (what the replay may stack across calls)."""
+
+    __slots__ = ("t",)
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t
+
+
+def _clone_rows(value: Any, batch: int, probed: int, mark: bool = False) -> Any:
+    """Detached copies of the probed rows of every batch-shaped tensor in ``value``
+    (wrapped in :class:`_Rows` with ``mark``); other tensors detached."""
     if isinstance(value, Tensor):
         if value.dim() >= 1 and value.shape[0] == batch:
-            return value[:probed].detach().clone()
+            rows = value[:probed].detach().clone()
+            return _Rows(rows) if mark else rows
         return value.detach()
     if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(_clone_rows(v, batch, probed) for v in value)
+        return type(value)(_clone_rows(v, batch, probed, mark) for v in value)
+    return value
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, _Rows):
+        return value.t
+    if isinstance(value, dict):
+        return {k: _unwrap(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_unwrap(v) for v in value)
     return value
 
 
@@ -94,6 +120,38 @@ class _Call:
     def __init__(self, args: tuple, kwargs: dict, where: _Where | None) -> None:
         self.args, self.kwargs, self.where = args, kwargs, where
         self.out: Any = None  # the probed rows of the state this call returned
+
+
+def _merge(values: list[Any]) -> Any:
+    """The calls' recorded arguments (or states) as one batch: probed rows (:class:`_Rows`,
+    or plain tensors with ``rows``) concatenated; anything else must be the same in every
+    call."""
+    first = values[0]
+    if isinstance(first, _Rows):
+        if not all(isinstance(v, _Rows) and v.t.shape == first.t.shape for v in values):
+            raise ValueError("an argument changes shape from call to call")
+        return _Rows(torch.cat([v.t for v in values], 0))
+    if isinstance(first, Tensor):
+        if all(v is first or (isinstance(v, Tensor) and v.shape == first.shape and torch.equal(v, first)) for v in values):
+            return first
+        raise ValueError("an argument changes from call to call")
+    if isinstance(first, dict):
+        return {k: _merge([v[k] for v in values]) for k in first}
+    if isinstance(first, (tuple, list)) and not hasattr(first, "_fields"):
+        if not all(isinstance(v, (tuple, list)) and len(v) == len(first) for v in values):
+            raise ValueError("an argument changes from call to call")
+        return type(first)(_merge([v[i] for v in values]) for i in range(len(first)))
+    if all(v is first or v == first for v in values):
+        return first
+    raise ValueError("an argument changes from call to call")
+
+
+def _stack_states(states: list[Any]) -> Any:
+    """States (tensors or tuples of tensors, the probed rows) concatenated along rows."""
+    first = states[0]
+    if isinstance(first, Tensor):
+        return torch.cat(states, 0)
+    return type(first)(_stack_states([s[i] for s in states]) for i in range(len(first)))
 
 
 def _select(output: Any, sel: Any) -> Any:
@@ -172,7 +230,7 @@ class LoopProbe(Probe):
                 return None
             probed = min(batch, PROBED)
             self._batch = batch
-            call = _Call(_clone_rows(args, batch, probed), {k: _clone_rows(v, batch, probed) for k, v in kwargs.items()}, where)
+            call = _Call(_clone_rows(args, batch, probed, True), {k: _clone_rows(v, batch, probed, True) for k, v in kwargs.items()}, where)
             if where is None:
                 if len(self._chain) > len(self._best):
                     self._best = self._chain
@@ -222,7 +280,8 @@ class LoopProbe(Probe):
             return True
         params = max(sum(p.numel() for p in module.parameters()), 1)
         probed = min(self._batch, PROBED)
-        flops = steps * state_dim * 3.0 * 2.0 * params * probed * SMALL_MATMUL_PENALTY
+        # S cotangents through the cell on (T x P) rows, and T products and one SVD of (P, S, S)
+        flops = steps * probed * (6.0 * params * state_dim + SMALL_MATMUL_PENALTY * 12.0 * state_dim**3)
         step_flops = 6.0 * max(self._ctx.model_params, 1) * self._batch * steps
         n = replay_every(flops, step_flops)
         return (self._ctx.step() // max(self._ctx.every, 1)) % n == 0
@@ -256,7 +315,7 @@ class LoopProbe(Probe):
 
         def run(flat: Tensor) -> Tensor:
             st = _unflat(flat.to(_tensors(like)[0].dtype), like)
-            args, kwargs = list(call.args), dict(call.kwargs)
+            args, kwargs = list(_unwrap(call.args)), dict(_unwrap(call.kwargs))
             if isinstance(where, int):
                 args[where] = st
             else:
@@ -274,17 +333,30 @@ class LoopProbe(Probe):
 
     def _products(self, module: nn.Module, chain: list[_Call], where: Any, sel: Any, tol: float) -> tuple[Any, Any]:
         """Per-sequence logs (T, P) of the RMS gain and the largest singular value of
-        d s_T / d s_{T-j}, j = 0 .. T-1 (s_t: the state call t returned)."""
+        d s_T / d s_{T-j}, j = 0 .. T-1 (s_t: the state call t returned).
+
+        Every call's Jacobian at once: the calls' probed rows are stacked into one batch
+        ((T-1) x P rows; rows are independent), so one forward and one batched backward
+        of S cotangents give them all. A cell whose other arguments change from call to
+        call in a way that cannot be stacked is replayed call by call."""
         jacs: list[Tensor] = []
         worst = 0.0
         with _no_hooks(self):
-            for t in range(1, len(chain)):
-                state_in = _select(chain[t - 1].out, sel)
-                jac, out = self._jacobian(module, chain[t], where, sel, state_in)
-                want = _flat(_select(chain[t].out, sel)).float()
+            try:
+                merged = _Call(*(_merge([c.args for c in chain[1:]]), _merge([c.kwargs for c in chain[1:]])), None)
+                state_in = _stack_states([_select(c.out, sel) for c in chain[:-1]])
+                pairs = [(merged, state_in, _stack_states([_select(c.out, sel) for c in chain[1:]]))]
+            except (ValueError, TypeError, RuntimeError):
+                pairs = [(chain[t], _select(chain[t - 1].out, sel), _select(chain[t].out, sel)) for t in range(1, len(chain))]
+            for call, state_in, want_state in pairs:
+                jac, out = self._jacobian(module, call, where, sel, state_in)
+                want = _flat(want_state).float()
                 scale = float(want.abs().max()) or 1.0
                 worst = max(worst, float((out - want).abs().max()) / scale)
                 jacs.append(jac)
+        jac_all = torch.cat(jacs, 0)
+        rows = int(_flat(_select(chain[0].out, sel)).shape[0])
+        jacs = list(jac_all.reshape(len(chain) - 1, rows, *jac_all.shape[1:]).unbind(0))
         if not worst <= max(tol, 1e-3):
             self.fail(
                 "replay",
@@ -295,17 +367,20 @@ class LoopProbe(Probe):
         p, s = jacs[0].shape[0], jacs[0].shape[1]
         prod = torch.eye(s, dtype=jacs[0].dtype, device=jacs[0].device).expand(p, s, s).clone()
         log_scale = torch.zeros(p, dtype=torch.float64, device=prod.device)
-        rms = [torch.zeros(p, dtype=torch.float64, device=prod.device)]
-        top = [torch.zeros(p, dtype=torch.float64, device=prod.device)]
-        for jac in reversed(jacs):
+        scales, prods = [log_scale], [prod]
+        for jac in reversed(jacs):  # the products, kept at Frobenius norm 1 with the scale in log
             prod = prod @ jac
-            fro = torch.linalg.matrix_norm(prod).clamp_min(1e-300)
-            sig = torch.linalg.matrix_norm(prod, ord=2)
-            rms.append(log_scale + torch.log(fro.double()) - 0.5 * math.log(s))
-            top.append(log_scale + torch.log(sig.double()))
-            log_scale = log_scale + torch.log(fro.double())
-            prod = prod / fro[:, None, None]
-        return torch.stack(rms), torch.stack(top)
+            fro = torch.linalg.matrix_norm(prod).double()
+            log_scale = log_scale + torch.log(fro)
+            prod = prod / torch.where(fro > 0, fro, 1.0).to(prod.dtype)[:, None, None]
+            scales.append(log_scale)
+            prods.append(prod)
+        stacked = torch.stack(prods)  # (T, P, S, S); sigma_max^2 = the top eigenvalue of M M^T (faster than an SVD)
+        top = torch.linalg.eigvalsh(stacked @ stacked.mT)[..., -1].double().clamp_min(0.0).sqrt()
+        scale = torch.stack(scales)
+        rms = scale - 0.5 * math.log(s)
+        rms[0] = 0.0
+        return rms, scale + torch.log(top)
 
     # -- results ---------------------------------------------------------------------------
     def take_temporal(self) -> Tensor | None:

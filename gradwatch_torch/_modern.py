@@ -9,7 +9,7 @@ modules: a fused kernel (mamba-ssm's CUDA scan, mingru's log-space scan) hides t
 but not the input. On a profiled step the first call of the layer with two or more steps
 is measured, in its forward hook under ``no_grad``, on the probed rows only (every
 batch-shaped argument is cut to them first); the cost is that of recomputing the
-decay's inputs for 8 rows (measured: see ``benchmarks/RESULTS.md``, "Modern recurrences").
+decay's inputs for 8 rows and one reverse cumulative sum (``benchmarks/modern_bench.py``).
 
 Built-in decays, each checked against autograd on the package's own scan
 (tests/torch/test_modern.py):
