@@ -198,6 +198,11 @@ class LoopProbe(Probe):
         self._recording = True
         self._prop: tuple[tuple[str, ...], Tensor, Tensor] | None = None
 
+    @property
+    def speculative(self) -> bool:
+        """Undeclared and not (yet) seen in a loop: not known to be a recurrent layer."""
+        return not self._declared and not self._seen_loop
+
     # -- recording ------------------------------------------------------------------------
     def _link(self, args: tuple, kwargs: dict) -> _Where | None:
         last = self._last_out

@@ -150,6 +150,7 @@ class DiagonalProbe(Probe):
 
     def take_temporal(self) -> Tensor | None:
         sq, self._sq = self._sq, None
+        self._measured = False  # the next profiled step measures again (the result waits in _prop)
         self.rearm()
         return sq if self.on("profile") else None
 

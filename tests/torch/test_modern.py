@@ -552,3 +552,20 @@ def test_loop_cell_is_measured_on_later_profiled_steps_too():
     measured = [s for s, prof in got.items() if prof is not None and "l0" in prof.recurrences]
     assert len(measured) >= 2, got  # step 1 and at least one later profiled step
     assert all(len(got[s].recurrences["l0"].gains) == 9 for s in measured)
+
+
+def test_diagonal_layer_measured_on_every_profiled_step_only():
+    mg = pytest.importorskip("minGRU_pytorch", reason="mingru-pytorch is not installed (pip install gradwatch[modern])")
+    model = nn.Sequential(nn.Linear(2, 4), mg.minGRU(4))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    w = gradwatch_torch.watch(model, opt, profile_every=3, sinks=[])
+    try:
+        for _ in range(7):
+            model(torch.randn(5, 6, 2)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+        steps = [r.step for r in w.records if "1" in r.temporal and r.temporal["1"].recurrences]
+        profiled = [r.step for r in w.records if r.temporal]
+    finally:
+        w.close()
+    assert len(steps) >= 2 and steps == profiled, (steps, profiled)
