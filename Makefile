@@ -24,7 +24,7 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 	touch $@
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
-	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers]'
+	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,modern]'
 	touch $@ $(STAMP_DEMO)
 
 demo: $(STAMP_DEMO)
@@ -50,7 +50,7 @@ test: $(STAMP_TEST)
 	exit $$rc
 
 bench: $(STAMP_TEST)
-	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,bench]'
+	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,modern,bench]'
 	$(BIN)/python -m benchmarks
 
 clean:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from gradwatch.options import Options
     from gradwatch.policies import ClipPolicy
     from gradwatch.records import StepRecord
+    from gradwatch.through_time.families import Recurrence
     from gradwatch.view import MonitorPort, MonitorView
 
 PROJECT = "gradwatch"
@@ -52,6 +53,19 @@ def gradwatch_register_detectors() -> list[type[Any]]:  # type: ignore[empty-bod
     """Return detector classes; each Monitor builds one of each with its Options.
 
     Called once per Monitor, at construction.
+    """
+
+
+@hookspec
+def gradwatch_register_recurrences() -> list[Recurrence]:  # type: ignore[empty-body]
+    """Return declarations of recurrent layers gradwatch does not know
+    (:class:`gradwatch.through_time.families.Recurrence`: a module type, given as a class
+    or as ``"module.Class"`` so the plugin needs no framework import, with ``decay=fn`` for
+    a diagonal recurrence or ``step=True`` for a cell called in a loop).
+
+    Called when a backend attaches to a model, to find the layers to probe through time.
+    Lists are concatenated; a declaration registered in the process
+    (``gradwatch_torch.register_recurrence``) is matched first.
     """
 
 

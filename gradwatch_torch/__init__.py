@@ -62,7 +62,17 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from gradwatch import Watch
 
-__all__ = ["watch"]
+__all__ = ["register_recurrence", "watch"]
+
+
+def register_recurrence(module_type: Any, **how: Any) -> Any:
+    """Declare a recurrent module type gradwatch does not know: ``decay=fn`` for a
+    diagonal / gated linear recurrence (``fn(module, args, kwargs, output) -> log_a``,
+    (B, T, ...)), or ``step=True`` for a cell called in a loop; ``kind=`` and ``gate=``
+    name it in records and alerts. See :mod:`gradwatch_torch.recurrences`."""
+    from gradwatch_torch.recurrences import register_recurrence as register
+
+    return register(module_type, **how)
 
 
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, **options: Any) -> Watch:

@@ -415,6 +415,9 @@ def find_probes(root: nn.Module, ctx: ProbeContext) -> list[Probe]:
             probes.append(SequenceProbe(name or type(m).__name__.lower(), m, ctx))
         elif isinstance(m, (nn.RNNCell, nn.LSTMCell, nn.GRUCell)):
             probes.append(CellProbe(name or type(m).__name__.lower(), m, ctx))
+    from gradwatch_torch.recurrences import find_modern_probes
+
+    probes += find_modern_probes(root, ctx, skip={id(p._module()) for p in probes})
     return probes
 
 

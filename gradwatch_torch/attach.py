@@ -153,6 +153,8 @@ class TorchAttachment:
         """What the remedies need to know of each probed layer (the run file's header too)."""
         meta = self._monitor.meta
         for p in probes:
+            if getattr(p, "speculative", False):  # a user module not yet seen driven in a loop
+                continue
             meta["recurrent_layers"][p.name] = p.kind
             module = p._module()
             bias = forget_bias(module) if module is not None else None

@@ -111,6 +111,38 @@ def test_hook_gradwatch_register_detectors():
     assert [e.message for e in m.events] == ["big norm"]
 
 
+def test_hook_gradwatch_register_recurrences():
+    from gradwatch.through_time.families import Recurrence, declarations
+
+    def decay(module, args, kwargs, output):
+        return None
+
+    class P:
+        @hookimpl
+        def gradwatch_register_recurrences(self):
+            return [Recurrence("mypkg.layers.MyScan", decay=decay, kind="myscan"), "not a declaration"]
+
+    class Q:
+        @hookimpl
+        def gradwatch_register_recurrences(self):
+            return [Recurrence("mypkg.cells.MyCell", step=True, kind="mycell")]
+
+    got = declarations(fresh(P(), Q()))
+    assert sorted(r.kind for r in got) == ["mycell", "myscan"]
+    scan = next(r for r in got if r.kind == "myscan")
+
+    class Base:
+        pass
+
+    Base.__module__, Base.__qualname__ = "mypkg.layers", "MyScan"
+
+    class Sub(Base):
+        pass
+
+    assert scan.matches(Sub) and not scan.matches(int)
+    assert declarations(fresh()) == []
+
+
 def test_hook_gradwatch_attach_and_dispatch_to_first_answer():
     class Handle:
         backend = "toy"
@@ -263,7 +295,7 @@ def test_entry_points_are_not_loaded_at_import():
 
 def test_every_hookspec_has_a_test_and_a_docstring():
     specs = [n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("gradwatch_")]
-    assert len(specs) == 7
+    assert len(specs) == 8
     tests = {n for n in globals() if n.startswith("test_hook_")}
     for name in specs:
         assert any(t.startswith(f"test_hook_{name}") for t in tests), name

@@ -1,0 +1,287 @@
+"""Diagonal (gated linear) recurrences, exact from their decays: minGRU, minLSTM, Mamba,
+xLSTM's mLSTM, and any layer declared with ``register_recurrence(T, decay=fn)``.
+
+For h_t = a_t * h_{t-1} + b_t the state Jacobian product is diag(prod a_k), so propagation
+is a reverse cumulative sum of log a_t (:func:`gradwatch.through_time.diagonal_propagation`).
+The probe needs only log a_t for the probed sequences (the first ``min(B, 8)``), and it
+reads it from what the forward saw, the layer's input and parameters, never from inner
+modules: a fused kernel (mamba-ssm's CUDA scan, mingru's log-space scan) hides the state
+but not the input. On a profiled step the first call of the layer with two or more steps
+is measured, in its forward hook under ``no_grad``, on the probed rows only (every
+batch-shaped argument is cut to them first); the cost is that of recomputing the
+decay's inputs for 8 rows and one reverse cumulative sum (``benchmarks/modern_bench.py``).
+
+Built-in decays, each checked against autograd on the package's own scan
+(tests/torch/test_modern.py):
+
+* ``minGRU`` (mingru-pytorch): a_t = 1 - z_t, log a_t = -softplus(gate), the gate half of
+  ``to_hidden_and_gate(x)``; state (D,).
+* ``minLSTM``: a_t = f'_t = f / (f + i), log a_t = -softplus(softplus(-f) - softplus(-i));
+  state (D,).
+* Mamba (mambapy ``MambaBlock``; mamba-ssm's ``Mamba`` has the same parameters and is read
+  the same way, untested here: no CPU path): a_t = exp(Δ_t A) per (channel, state),
+  Δ = softplus(dt_proj(x_proj(silu(conv(in_proj(u)))))), A = -exp(A_log); state (ED, N).
+* mLSTM (xlstm ``mLSTMCell``, the package's stabilised recurrent form): the stored state
+  C~_t = C_t exp(-m_t) decays by exp(log sigmoid(f_t) + m_{t-1} - m_t), with
+  m_t = max(log sigmoid(f_t) + m_{t-1}, i_t), m_0 = 0; one decay per head.
+* RG-LRU (recurrentgemma ``RGLRU``): a_t = a^(c r_t), log a_t = -8 r_t softplus(Λ), 0 at a
+  document boundary; state (D,). Tested on the package's torch ``rnn_scan`` where it
+  imports (its top-level package imports jax/flax, which ``recurrentgemma[torch]`` does
+  not install).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gradwatch.through_time.fit import aggregate
+from gradwatch.through_time.families import GATES, Recurrence
+from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
+from gradwatch_torch._recurrent import Probe
+from gradwatch_torch._tensor_ops import TORCH_TENSORS
+from gradwatch_torch._tensors import timestep_sq_norms
+from gradwatch_torch._trajectory import PROBED
+
+__all__ = ["BUILTIN", "DiagonalProbe", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
+
+
+def _rows(value: Any, batch: int, probed: int) -> Any:
+    """``value`` with every batch-shaped tensor (first dimension ``batch``) cut to its
+    first ``probed`` rows and detached; tuples, lists and dicts are walked."""
+    if isinstance(value, Tensor):
+        return value[:probed].detach() if value.dim() >= 1 and value.shape[0] == batch else value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_rows(v, batch, probed) for v in value) if not hasattr(value, "_fields") else value
+    if isinstance(value, dict):
+        return {k: _rows(v, batch, probed) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> tuple[Tensor | None, int | str | None]:
+    for i, a in enumerate(args):
+        if isinstance(a, Tensor):
+            return a, i
+    for k, a in kwargs.items():
+        if isinstance(a, Tensor):
+            return a, k
+    return None, None
+
+
+class DiagonalProbe(Probe):
+    """Probe of a diagonal recurrence declared with a ``decay`` (see the module docstring).
+
+    Sensitivity: the gradient of the layer's first tensor argument, taken as (B, T, ...)
+    batch-first. Propagation: ``(("l0",), gains[None], max_gains[None])``, exact.
+    """
+
+    def __init__(self, name: str, module: nn.Module, ctx: ProbeContext, spec: Recurrence) -> None:
+        super().__init__(name, module, ctx)
+        self.kind = spec.kind
+        self.gates = ("",)
+        self.gate_name = spec.gate or GATES.get(spec.kind, "decay")
+        self._decay = spec.decay
+        self._sq: Tensor | None = None
+        self._prop: tuple[tuple[str, ...], Tensor, Tensor] | None = None
+        self._measured = False  # propagation measured on this step already
+
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not self.active() or not self.enabled:
+            return None
+        x, where = _first_tensor(args, kwargs)
+        if x is None or not x.is_floating_point() or x.dim() < 2:
+            return None
+        try:
+            new_x = probe_input(x, self._on_grad)
+            if isinstance(where, int):
+                return (*args[:where], new_x, *args[where + 1 :]), kwargs
+            return args, {**kwargs, where: new_x}
+        except Exception as exc:  # noqa: BLE001 - never break the forward pass
+            self.fail("profile", exc)
+            return None
+
+    def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self._measured or not self.on("replay") or not (torch.is_grad_enabled() and self._ctx.due()):
+            return
+        if not outside_backward():  # a checkpointed forward recomputed during backward
+            return
+        x, _ = _first_tensor(args, kwargs)
+        if x is None or x.dim() < 2:
+            return
+        try:
+            batch = int(x.shape[0])
+            probed = min(batch, PROBED)
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                got = self._decay(module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                if got is None:
+                    return
+                measured = _factored(*got, probed) if isinstance(got, tuple) else _plain(got, probed)
+                if measured is None:
+                    return  # one step per call: a loop, not a scan (see gradwatch_torch._loops)
+                gains, top = measured
+            self._prop = (("l0",), gains[None], top[None])
+            self._measured = True
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self.fail("replay", exc)
+
+    def _on_grad(self, g: Tensor) -> None:
+        if not self.on("profile"):
+            return
+        try:
+            with torch.no_grad():
+                sq = timestep_sq_norms(g if g.dim() == 3 else g.reshape(g.shape[0], g.shape[1], -1), True)
+                prev = self._sq
+                if prev is None:
+                    self._sq = sq
+                elif prev.shape == sq.shape:
+                    self._sq = prev + sq
+                else:  # calls of different lengths within one step: align at t = 0
+                    n = max(prev.shape[0], sq.shape[0])
+                    acc = torch.zeros(n, dtype=prev.dtype, device=prev.device)
+                    acc[: prev.shape[0]] += prev
+                    acc[: sq.shape[0]] += sq.to(prev.device)
+                    self._sq = acc
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self.fail("profile", exc)
+
+    def take_temporal(self) -> Tensor | None:
+        sq, self._sq = self._sq, None
+        self._measured = False  # the next profiled step measures again (the result waits in _prop)
+        self.rearm()
+        return sq if self.on("profile") else None
+
+    def take_propagation(self) -> tuple[tuple[str, ...], Tensor, Tensor] | None:  # type: ignore[override]
+        """(("l0",), gains (1, T), max_gains (1, T)) measured this step, or None."""
+        got, self._prop = self._prop, None
+        self._measured = False
+        return got if self.on("replay") else None
+
+    def take_gates(self) -> Tensor | None:
+        return None
+
+    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
+        return []
+
+    def close(self) -> None:
+        super().close()
+        self._sq, self._prop = None, None
+
+
+def _reverse_cumsum(x: Tensor) -> Tensor:
+    """(P, T, ...) -> (T, P, ...): row j = sum of the last j entries along T (row 0 = 0)."""
+    back = torch.cumsum(torch.flip(x, (1,)), 1)  # along T with P outermost: fast on CPU
+    return torch.cat([torch.zeros_like(back[:, :1]), back[:, :-1]], 1).transpose(0, 1)
+
+
+def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
+    """log a (P, T, ...) -> (gains, max_gains): the rule of
+    :func:`gradwatch.through_time.diagonal_logs`, with the cumulative sum taken along T
+    with the sequences outermost (torch's CPU cumsum along a leading axis is 2-5x slower)."""
+    steps = int(log_a.shape[1])
+    if steps < 2:
+        return None
+    wide = torch.float64 if log_a.dtype == torch.float64 else torch.float32
+    sums = _reverse_cumsum(log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1))  # (T, P, S)
+    log_rms = 0.5 * (torch.logsumexp(2.0 * sums, 2) - math.log(sums.shape[2]))
+    return aggregate(log_rms, sums.amax(2), TORCH_TENSORS)
+
+
+def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
+    """log a_t[e, n] = scale_t[e] * rate[e, n] (Mamba: Δ_t and A): the sums over j steps
+    back are (sum of the last j scales) * rate, so the reverse cumulative sum runs over
+    (T, P, E) only and the largest entry is the scale sum times the largest (or, for a
+    negative scale sum, the smallest) rate of each row: exact, N times less work."""
+    steps = int(scale.shape[1])
+    if steps < 2:
+        return None
+    wide = torch.float64 if scale.dtype == torch.float64 else torch.float32
+    sums = _reverse_cumsum(scale[:probed].to(wide))  # (T, P, E)
+    rate = rate.to(wide)
+    top = torch.where(sums >= 0, sums * rate.amax(1), sums * rate.amin(1)).amax(2)
+    steps_, seqs = int(sums.shape[0]), int(sums.shape[1])
+    # the RMS over (E, N): exp of (2 log a - 2 top) summed in place (no logsumexp temporaries)
+    z = ((2.0 * sums).unsqueeze(-1) * rate).reshape(steps_, seqs, -1)
+    z = z.sub_(2.0 * top.unsqueeze(-1)).exp_().sum(-1)
+    log_rms = top + 0.5 * (torch.log(z) - math.log(rate.numel()))
+    return aggregate(log_rms, top, TORCH_TENSORS)
+
+
+# -- built-in decays (module, args, kwargs, output) -> log a (B, T, ...) -------------------
+def _arg(args: tuple, kwargs: dict, i: int, name: str) -> Tensor:
+    return args[i] if len(args) > i else kwargs[name]
+
+
+def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
+    """``linear(x).chunk(parts, -1)[part]`` computing only that part of the product."""
+    size = linear.weight.shape[0] // parts
+    rows = slice(part * size, (part + 1) * size)
+    bias = linear.bias[rows] if linear.bias is not None else None
+    return F.linear(x, linear.weight[rows], bias)
+
+
+def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
+    x = _arg(args, kwargs, 0, "x")
+    return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
+
+
+def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """minLSTM: log f' = -softplus(softplus(-f) - softplus(-i)); (B, T, D)."""
+    x = _arg(args, kwargs, 0, "x")
+    f, i = _rows_of(module.to_hidden_and_f_i_gate, x, 1, 3).float(), _rows_of(module.to_hidden_and_f_i_gate, x, 2, 3).float()
+    return -F.softplus(F.softplus(-f) - F.softplus(-i))
+
+
+def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
+    """Mamba (S6): log a_t = Δ_t A per (channel, state), from the mixer's input, as the
+    pair (Δ (B, T, ED), A (ED, N))."""
+    u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
+    steps = int(u.shape[1])
+    x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
+    x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
+    x = F.silu(x)
+    dt_rank = module.dt_proj.weight.shape[1]
+    delta = module.x_proj(x)[..., :dt_rank]
+    norm = getattr(module, "dt_layernorm", None)
+    if norm is not None:
+        delta = norm(delta)
+    delta = F.softplus(delta.float() @ module.dt_proj.weight.float().t() + module.dt_proj.bias.float())
+    return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
+
+
+def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """xLSTM mLSTM cell: stabilised decay per head, exp(log sigmoid(f) + m_{t-1} - m_t);
+    (B, T, NH)."""
+    q, k, v = _arg(args, kwargs, 0, "q"), _arg(args, kwargs, 1, "k"), _arg(args, kwargs, 2, "v")
+    qkv = torch.cat([q, k, v], dim=-1)
+    log_f = F.logsigmoid(module.fgate(qkv).float())  # (B, T, NH)
+    i = module.igate(qkv).float()
+    # m_t = max(log f_t + m_{t-1}, i_t), m_0 = 0  <=>  m_t = F_t + max(0, max_{s<=t} (i_s - F_s))
+    cum = torch.cumsum(log_f, dim=1)
+    m = cum + torch.clamp(torch.cummax(i - cum, dim=1).values, min=0.0)
+    prev = torch.cat([torch.zeros_like(m[:, :1]), m[:, :-1]], dim=1)
+    return log_f + prev - m
+
+
+def rglru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+    """RG-LRU (recurrentgemma): log a_t = -8 r_t softplus(Λ), r_t = sigmoid(a_gate(x_t));
+    a document boundary (``segment_pos == 0``) resets the state: a_t = 0 (log -inf); (B, T, D)."""
+    x = _arg(args, kwargs, 0, "x")
+    pos = _arg(args, kwargs, 1, "segment_pos")
+    log_a = -8.0 * torch.sigmoid(module.a_gate(x).float()) * F.softplus(module.a_param.float())
+    return log_a.masked_fill((pos == 0)[..., None], -math.inf)
+
+
+#: Layers gradwatch knows by name (no import of their package).
+BUILTIN: list[Recurrence] = [
+    Recurrence("minGRU_pytorch.minGRU.minGRU", decay=mingru_decay, kind="mingru", gate="update"),
+    Recurrence("minGRU_pytorch.minLSTM.minLSTM", decay=minlstm_decay, kind="minlstm", gate="forget"),
+    Recurrence("mambapy.mamba.MambaBlock", decay=mamba_decay, kind="mamba", gate="delta"),
+    Recurrence("mamba_ssm.modules.mamba_simple.Mamba", decay=mamba_decay, kind="mamba", gate="delta"),
+    Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
+    Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
+]
