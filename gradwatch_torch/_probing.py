@@ -34,14 +34,7 @@ __all__ = [
     "with_input",
 ]
 
-#: A replay adds at most this share to the profiled steps it runs on, on average (so at
-#: most 0.5% of training with ``profile_every=10``, 5% with ``profile_every=1``). Measured
-#: on this project's benchmark W1 (2-layer LSTM 256, 100 steps, batch 32; one replay about
-#: 0.75 of a training step) it gives n = 15; on W2 (1-layer LSTM 256 under a 20,000-word
-#: head, about 0.1 of a step) n = 3; small models n = 1.
-REPLAY_SHARE = 0.05
-#: Replays cheaper than this (flops, see :func:`replay_every`) run on every profiled step.
-REPLAY_FREE = 5e7
+from gradwatch.through_time.plan import REPLAY_FREE, REPLAY_SHARE  # noqa: E402 - one cost model (the engine's)
 
 #: Largest deviation of the replayed top layer from the layer's own output (relative to
 #: the output's largest value) before the replay is declared wrong. A layer that ran in
@@ -195,15 +188,11 @@ class ProbeContext:
 
 
 def replay_every(flops: float, model_params: int, tokens: int) -> int:
-    """Replay on every n-th profiled step: the smallest n for which one replay, against a
-    training step estimated at 6 x parameters x tokens flops (embedding tables excluded),
-    stays under ``REPLAY_SHARE`` of the profiled steps. A replay under ``REPLAY_FREE``
-    flops (about a millisecond) always runs: small models with small batches would
-    otherwise be replayed rarely for a cost nobody notices."""
-    if flops <= REPLAY_FREE:
-        return 1
-    step = 6.0 * max(model_params, 1) * max(tokens, 1)
-    return max(1, math.ceil(flops / (REPLAY_SHARE * step) - 1e-9))
+    """Replay on every n-th profiled step (:func:`gradwatch.through_time.plan.replay_every`),
+    a training step estimated at 6 x parameters x tokens flops (embedding tables excluded)."""
+    from gradwatch.through_time.plan import replay_every as every
+
+    return every(flops, 6.0 * max(model_params, 1) * max(tokens, 1))
 
 
 def split_call(args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:

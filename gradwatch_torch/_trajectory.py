@@ -36,8 +36,7 @@ from gradwatch_torch._replay import Trajectory
 
 __all__ = ["PROBED", "cell_trajectory", "kind_of", "replay_dtype", "sequence_trajectories"]
 
-#: Sequences of the batch whose propagation is measured (the first ones, user order).
-PROBED = 8
+from gradwatch.through_time.plan import PROBED  # noqa: E402 - the engine's plan: the first min(B, 8) sequences
 
 _KINDS = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
 
@@ -251,27 +250,23 @@ def cell_trajectory(module: nn.Module, xs: Sequence[Tensor], hs: Sequence[Tensor
     )
 
 
-#: Small matrix products (a few probe vectors at a time, on one thread) run at about a
-#: third of the speed of a training step's large ones, so the sweeps' flops count triple
-#: in :func:`replay_flops` (calibrated on the W1 benchmark: the model gives 0.72 of a
-#: step, 0.73 was measured).
-SMALL_MATMUL_PENALTY = 3.0
 _GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def replay_flops(kind: str, layers: int, dirs: int, inp: int, hidden: int, proj: int, probed: int, steps: int) -> float:
-    """What one replay costs, in flops of a training step (see SMALL_MATMUL_PENALTY).
+    """What one replay costs, in flops of a training step (the engine's cost model,
+    :mod:`gradwatch.through_time.plan`, with its SMALL_MATMUL_PENALTY on the sweeps).
 
     Per (layer, direction): the gates of all steps (one product over the layer's input
     and state widths), the layer itself once more when it is below the top (its states
-    are not exposed), and the sweeps: one forward tangent plus ``1 + k`` backward probes
-    per sequence (``dim s`` probes when exact).
+    are not exposed), and the sweeps: the block of :func:`~gradwatch.through_time.plan.sweep_vectors`
+    rows backward per sequence, and about two tangents' worth forward when estimated.
     """
-    from gradwatch_torch._replay import COMPLEMENT_PROBES, EXACT_DIM
+    from gradwatch.through_time.plan import EXACT_DIM, SMALL_MATMUL_PENALTY, sweep_vectors
 
     g = _GATES[kind]
     dim = proj + hidden if kind == "lstm" else hidden
-    vectors = probed * dim if dim <= EXACT_DIM else probed * (2 + max(2, -(-COMPLEMENT_PROBES // max(probed, 1))))
+    vectors = probed * (sweep_vectors(dim, probed, steps) + (0 if dim <= EXACT_DIM else 3))
     total = 0.0
     for layer in range(layers):
         width = inp if layer == 0 else dirs * proj

@@ -44,7 +44,7 @@ from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch_torch import _distributed
 from gradwatch_torch._closure import ClosureSteps, refuse_policy
 from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
-from gradwatch_torch._replay import combine_ranks
+from gradwatch_torch._sweeps import combine_ranks
 from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, forget_bias, install
 from gradwatch_torch._segments import cat_to, gates_of, propagation_of, spectral_of, temporal_of
 from gradwatch_torch._tensors import GradGroups, SpectralTracker, agc_factors, apply_agc_, scale_grads_

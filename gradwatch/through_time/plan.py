@@ -54,15 +54,19 @@ def complement_probes(sequences: int) -> int:
     return max(2, -(-COMPLEMENT_PROBES // max(int(sequences), 1)))
 
 
+#: Spacing of the tangents' start offsets (1, 4, 16, ...).
+DOMINANT_SPACING = 4
+
+
 def dominant_starts(steps: int) -> list[int]:
     """Forward offsets (steps before the last) at which random tangents start, each carried
-    forward to s_T: 1, 2, 4, ... and the whole sequence. Tangent k finds the dominant left
-    direction of ds_T/ds_{T-j} for j near its offset; together they cover every j within
-    a factor 2 of one of them."""
+    forward to s_T: 1, 4, 16, ... and the whole sequence. Tangent k finds the dominant left
+    direction of ds_T/ds_{T-j} for j near its offset (a long product's converges, so few
+    are needed for large j; the short ones get extra power iterations)."""
     out, k = [], 1
     while k < steps - 1:
         out.append(k)
-        k *= 2
+        k *= DOMINANT_SPACING
     out.append(steps - 1)
     return out
 
