@@ -11,7 +11,7 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["TF", "TfOps"]
+__all__ = ["TF", "TF_TENSORS", "TfOps", "TfTensors"]
 
 _DTYPES = {"float64": tf.float64, "int64": tf.int64, "bool": tf.bool}
 
@@ -85,3 +85,44 @@ class TfOps:
 
 #: The TensorFlow implementation every in-graph policy runs with.
 TF = TfOps()
+
+
+class TfTensors:
+    """The through-time engine's :class:`~gradwatch.through_time.ops.TensorOps` on
+    TensorFlow tensors (graph mode and XLA): its shared rules run in the traced step."""
+
+    name = "tensorflow"
+
+    def exp(self, x: Any) -> tf.Tensor:
+        return tf.exp(x)
+
+    def log(self, x: Any) -> tf.Tensor:
+        return tf.math.log(x)
+
+    def sort(self, x: Any, axis: int) -> tf.Tensor:
+        return tf.sort(x, axis=axis)
+
+    def amax(self, x: Any, axis: int) -> tf.Tensor:
+        return tf.reduce_max(x, axis=axis)
+
+    def cumsum(self, x: Any, axis: int) -> tf.Tensor:
+        return tf.cumsum(x, axis=axis)
+
+    def flip(self, x: Any, axis: int) -> tf.Tensor:
+        return tf.reverse(x, [axis])
+
+    def logsumexp(self, x: Any, axis: int) -> tf.Tensor:
+        return tf.reduce_logsumexp(x, axis=axis)
+
+    def where(self, cond: Any, a: Any, b: Any) -> tf.Tensor:
+        return tf.where(cond, a, b)
+
+    def concat(self, xs: list[Any], axis: int) -> tf.Tensor:
+        return tf.concat(xs, axis)
+
+    def zeros_like(self, x: Any) -> tf.Tensor:
+        return tf.zeros_like(x)
+
+
+#: The engine's tensor operations in TensorFlow.
+TF_TENSORS = TfTensors()

@@ -27,8 +27,9 @@ from typing import Any
 import tensorflow as tf
 
 from gradwatch import profile_due
+from gradwatch.through_time.fit import aggregate_logs
 from gradwatch_tf import _recurrent, _replay
-from gradwatch_tf._ops import TF
+from gradwatch_tf._ops import TF, TF_TENSORS
 
 __all__ = ["REPLAY_BUDGET", "SMALL_REPLAY_FLOPS", "ReplayHook", "replay_period"]
 
@@ -121,7 +122,7 @@ class ReplayHook:
             if not (hasattr(x, "shape") and x.shape.rank == 3):
                 return None
             _recurrent.ensure_site_variables(site, self._make, x)
-            if site.prop is None or x.shape[1] != int(site.prop.shape[1]):
+            if site.prop is None or x.shape[1] != int(site.prop.shape[2]):
                 return None
             if site.anchor is None or not isinstance(_recurrent.variable_of(site.anchor), tf.Variable):
                 return None  # Keras building the layer symbolically: the real pass comes later
@@ -179,11 +180,13 @@ class ReplayHook:
                 recurrent_mask=masks.get("recurrent"),
             )
             seed = tf.stack([tf.cast(step, tf.int64), tf.constant(self._salt * 16 + i, tf.int64)])
-            log_gains, gate = _replay.measure(layer.cell, traj, training=call.training, seed=seed)
-            logs.append(log_gains)
+            per_seq, gate = _replay.measure(layer.cell, traj, training=call.training, seed=seed)
+            # The engine's rule: median over sequences of the RMS gain, max of the top one.
+            logs.append(tf.stack(aggregate_logs(per_seq[0], per_seq[1], TF_TENSORS)))  # per_seq: [2, T, b]
             gates.append(gate)
         assert site.prop is not None and site.prop_step is not None
-        writes = [site.prop.assign(tf.stack(logs)), site.prop_step.assign(tf.cast(step, tf.int64))]
+        # [2, R, T]: row 0 log gains, row 1 log max gains
+        writes = [site.prop.assign(tf.transpose(tf.stack(logs), [1, 0, 2])), site.prop_step.assign(tf.cast(step, tf.int64))]
         if site.gate_stats is not None and all(g is not None for g in gates):
             # Several directions: the one whose memory path closes most (lowest log path
             # gain), the one a vanishing alert is about (gradwatch.GateStats).

@@ -73,7 +73,7 @@ class RecurrentSite:
     #: (recurrence name, RNN layer) per direction: ("l0", layer) or, for a Bidirectional,
     #: ("l0", forward_layer) and ("l0_reverse", backward_layer).
     directions: list[tuple[str, Any]] = field(default_factory=list)
-    prop: tf.Variable | None = None  # [R, T] log propagation gains of the last replay
+    prop: tf.Variable | None = None  # [2, R, T] log gains and log max gains of the last replay
     prop_step: tf.Variable | None = None  # the optimizer step that replay was for
     #: Per cell (by id): the dropout masks the cell made during the current call.
     dropout: dict[int, dict[str, Any]] = field(default_factory=dict)
@@ -200,7 +200,7 @@ def ensure_site_variables(site: RecurrentSite, make: Callable[..., tf.Variable],
             site.sq = make(np.zeros([length], np.float32), tf.float32, "gradwatch_temporal")
         if site.prop is None and site.length is not None and replay_feasible(site):
             rec = len(site.directions)
-            site.prop = make(np.zeros([rec, site.length], np.float32), tf.float32, "gradwatch_propagation")
+            site.prop = make(np.zeros([2, rec, site.length], np.float32), tf.float32, "gradwatch_propagation")
             site.prop_step = make(0, tf.int64, "gradwatch_propagation_step")
             if site.gate_name is not None:
                 site.gate_stats = make(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")

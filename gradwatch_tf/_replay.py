@@ -114,8 +114,11 @@ def supported(cell: Any) -> bool:
 
 
 def measure(cell: Any, traj: Trajectory, *, training: bool, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
-    """Log gains [T] (float32; ``log_gains[0] == 0``) and, for gated cells, the keep
-    gate's [mean, mean over units of sum_t log gate] on the probed sequences.
+    """Per-sequence logs [2, T, b] (float32; row 0 the RMS gain, row 1 the largest singular
+    value of ds_T/ds_{T-j}; j = 0 is 0) and, for gated cells, the keep gate's [mean, mean
+    over units of sum_t log gate] on the probed sequences. The engine's aggregate
+    (:func:`gradwatch.through_time.fit.aggregate_logs`) turns them into the contract's two
+    profiles.
 
     ``seed`` (int64 [2]) draws the random directions of an estimate (see the module
     docstring); an exact measurement ignores it.
@@ -166,12 +169,15 @@ def measure(cell: Any, traj: Trajectory, *, training: bool, seed: tf.Tensor) -> 
     fac = stacked[..., : n_fac * u]
     gate = _gate_stats(stacked[..., n_fac * u :], mask) if model.gate_name is not None else None
     if steps < 2:
-        return tf.zeros([steps], tf.float32), gate
+        return tf.zeros(tf.stack([2, steps, b]), tf.float32), gate
     if exact:
         rows = tf.tile(tf.eye(dim, dtype=tf.float32)[None], tf.stack([b, 1, 1])) / math.sqrt(dim)
+        unweight = [math.sqrt(dim)] * dim
     else:
-        rows = _deflated_rows(tf.concat(top, -1), random_rows(traj.x.shape[0]), seeds[1])
-    return _carry_back(model, fac, mask, rows, steps), gate
+        r = random_rows(traj.x.shape[0])
+        rows = _deflated_rows(tf.concat(top, -1), r, seeds[1])
+        unweight = [math.sqrt(dim)] + [math.sqrt(dim) / math.sqrt((dim - 1) / r)] * r
+    return _carry_back(model, fac, mask, rows, steps, tf.constant(unweight, tf.float32)), gate
 
 
 #: Timesteps per iteration of the replay's loops. Unrolling 4 or 10 steps was measured
@@ -216,16 +222,19 @@ def _deflated_rows(top: tf.Tensor, r: int, seed: tf.Tensor) -> tf.Tensor:
 
 
 def _carry_back(
-    model: RecurrentCell, factors: tf.Tensor, mask: tf.Tensor | None, rows: tf.Tensor, steps: int
+    model: RecurrentCell, factors: tf.Tensor, mask: tf.Tensor | None, rows: tf.Tensor, steps: int, unweight: tf.Tensor
 ) -> tf.Tensor:
-    """Probe rows through the VJPs of steps T-1 .. 1, renormalised at each step; the log
-    of the accumulated norm, averaged over sequences (a geometric mean), per j.
-    ``factors`` [T, b, n_factors * u] are :meth:`RecurrentCell.factors`', concatenated."""
+    """Probe rows through the VJPs of steps T-1 .. 1, renormalised at each step (one scale
+    per sequence, its log accumulated). Per j and sequence: the log of the block's
+    Frobenius norm (the rows are weighted so that it is the RMS gain) and the log of the
+    largest singular value of the unweighted rows (``unweight`` [k] undoes the weights):
+    [2, T, b]. ``factors`` [T, b, n_factors * u] are :meth:`RecurrentCell.factors`'."""
     u = model.units
     us0 = [rows[..., p * u : (p + 1) * u] for p in range(model.parts)]
     b = tf.shape(rows)[0]
     fac4 = factors[:, :, None, :]  # [T, b, 1, n * u]: against rows [b, k, u]
     mask4 = None if mask is None else mask[:, :, None, None]
+    outer = unweight[:, None] * unweight[None, :]  # [k, k]
 
     def bwd(i: tf.Tensor, carry: Any) -> Any:
         us, acc, ta = carry
@@ -234,16 +243,18 @@ def _carry_back(
         if mask4 is not None:
             keep_t = mask4[t]
             new = [tf.where(keep_t, n, o) for n, o in zip(new, us)]
+        gram = tf.add_n([tf.matmul(n, n, transpose_b=True) for n in new]) * outer  # [b, k, k], unweighted rows
+        top = tf.math.log(tf.maximum(tf.linalg.eigvalsh(gram)[:, -1], 0.0)) * 0.5 + acc[:, 0, 0]
         sq = tf.add_n([tf.reduce_sum(n * n, axis=[1, 2], keepdims=True) for n in new])  # [b, 1, 1]
-        acc = acc + 0.5 * tf.math.log(sq)
+        acc_new = acc + 0.5 * tf.math.log(sq)
         scale = tf.math.rsqrt(tf.maximum(sq, _TINY))
-        return [n * scale for n in new], acc, ta.write(i, acc)
+        return [n * scale for n in new], acc_new, ta.write(i, tf.stack([acc_new[:, 0, 0], top]))
 
-    ta = tf.TensorArray(tf.float32, size=steps - 1, element_shape=tf.TensorShape([None, 1, 1]))
+    ta = tf.TensorArray(tf.float32, size=steps - 1, element_shape=tf.TensorShape([2, None]))
     acc0 = tf.zeros(tf.stack([b, 1, 1]), tf.float32)
     _, _, ta = _scan(steps - 1, bwd, (us0, acc0, ta))
-    logs = tf.reduce_mean(ta.stack()[:, :, 0, 0], axis=1)  # geometric mean over the sequences, j = 1 .. T-1
-    return tf.concat([tf.zeros([1], tf.float32), logs], 0)
+    logs = tf.transpose(ta.stack(), [1, 0, 2])  # [2, T-1, b], j = 1 .. T-1
+    return tf.concat([tf.zeros(tf.stack([2, 1, b]), tf.float32), logs], 1)
 
 
 def _gate_stats(gate: tf.Tensor, mask: tf.Tensor | None) -> tf.Tensor:

@@ -112,7 +112,7 @@ class RingReader:
         if "temporal probe" in self._errors_logged:
             stats = _without(stats, "temporal")
         if "propagation replay" in self._errors_logged:
-            stats = _without(_without(stats, "gates"), "propagation")
+            stats = _without(_without(_without(stats, "gates"), "propagation"), "max_gains")
         elif stats.propagation or stats.gates:
             stats = _replayed_only(stats)
         if not self._graph.profile_ok:
@@ -140,9 +140,10 @@ def _replayed_only(stats: Any) -> Any:
     """Leave out the propagation and gates of layers not replayed for this very step (the
     device sends NaN for those, e.g. a layer the step did not call)."""
     prop = {k: v for k, v in stats.propagation.items() if not all(np.isnan(g).all() for g in v.values())}
+    top = {k: v for k, v in stats.max_gains.items() if k in prop}
     gates = {k: g for k, g in stats.gates.items() if not np.isnan(g.mean)}
     if len(prop) == len(stats.propagation) and len(gates) == len(stats.gates):
         return stats
-    return dataclasses.replace(stats, propagation=prop, gates=gates)
+    return dataclasses.replace(stats, propagation=prop, max_gains=top, gates=gates)
 
 

@@ -103,11 +103,8 @@ def step_layout(policy: Any, n_params: int, sites: list[Any], blocks: list[Any])
     segments += [Segment("temporal", int(s.sq.shape[0]), key=s.name) for s in sites if s.sq is not None]
     segments += [Segment("spectral", 1, key=b.name, labels=(b.name,)) for b in blocks]
     segments += [Segment("gates", 2, key=s.name, labels=(s.gate_name or "",)) for s in sites if s.gate_stats is not None]
-    segments += [
-        Segment("propagation", int(np.prod(s.prop.shape)), key=s.name, labels=s.recurrences)
-        for s in sites
-        if s.prop is not None
-    ]
+    for kind in ("propagation", "max_gains"):  # log gains / log max gains: prop[0] and prop[1]
+        segments += [Segment(kind, int(np.prod(s.prop.shape[1:])), key=s.name, labels=s.recurrences) for s in sites if s.prop is not None]
     return Layout(segments)
 
 
@@ -156,7 +153,12 @@ def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tupl
         # Gate statistics are means over each replica's equal share: average them; the
         # mean of log gains is the geometric mean over every replica's sequences.
         gates = [g / replicas for g in reduced[len(dense) + nt : len(dense) + nt + ng]]
-        logs = [v / replicas for v in reduced[len(dense) + nt + ng :]]
+        # Log gains: the mean over replicas of each one's median (a geometric mean); log max
+        # gains: the max over every replica's sequences, gathered.
+        logs = [
+            tf.stack([v[0] / replicas, tf.reduce_max(ctx.all_gather(own[1][None], axis=0), axis=0)])
+            for v, own in zip(reduced[len(dense) + nt + ng :], logs)
+        ]
     return measured, temporal, gates, logs
 
 
@@ -232,7 +234,7 @@ def _replayed(c: GraphContext, step: tf.Tensor, gates: list[Any], logs: list[Any
         out_gates.append(tf.where(ok, tf.cast(g, F64), nan))
     out_logs = []
     for site, v in zip([s for s in c.sites if s.prop is not None], logs):
-        out_logs.append(tf.where(fresh[id(site)], tf.exp(tf.cast(v, F64)), nan))
+        out_logs.append(tf.where(fresh[id(site)], tf.exp(tf.cast(v, F64)), nan))  # [2, R, T]
     return out_gates, out_logs
 
 
@@ -313,7 +315,8 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
         for site, g in zip([s for s in c.sites if s.gate_stats is not None], gates):
             parts[("gates", site.name)] = g
         for site, v in zip([s for s in c.sites if s.prop is not None], gains):
-            parts[("propagation", site.name)] = v
+            parts[("propagation", site.name)] = v[0]
+            parts[("max_gains", site.name)] = v[1]
         row = c.layout.pack(parts, lambda ts: tf.concat([tf.reshape(tf.cast(t, F64), [-1]) for t in ts], 0))
         slot = tf.math.floormod(step - 1, c.capacity)
         # assign of a whole (small) ring rather than scatter: sync-on-read variables

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["HORIZON_FRACTION", "aggregate", "horizon", "rate"]
+__all__ = ["HORIZON_FRACTION", "aggregate", "aggregate_logs", "horizon", "rate"]
 
 #: A state is "reached" while the gain back to it is at least this (``vanish_ratio``'s default).
 HORIZON_FRACTION = 1e-3
@@ -64,6 +64,15 @@ def horizon(gains: Sequence[float] | np.ndarray, ratio: float = HORIZON_FRACTION
     return int(below[0]) if below.size else int(arr.size)
 
 
+def aggregate_logs(log_rms: Any, log_top: Any, ops: Any) -> tuple[Any, Any]:
+    """:func:`aggregate` in log space (for a backend that keeps logs: a vanished gain of
+    1e-300 does not fit in float32): (log gains, log max_gains), each (T,)."""
+    p = int(log_rms.shape[1])
+    srt = ops.sort(log_rms, 1)
+    lo, hi = (p - 1) // 2, p // 2
+    return 0.5 * (srt[:, lo] + srt[:, hi]), ops.amax(log_top, 1)
+
+
 def aggregate(log_rms: Any, log_top: Any, ops: Any) -> tuple[Any, Any]:
     """(gains, max_gains) over j from per-sequence logs, both shaped (T, P).
 
@@ -74,8 +83,5 @@ def aggregate(log_rms: Any, log_top: Any, ops: Any) -> tuple[Any, Any]:
     (max over sequences). NaN rows (a sequence whose state went non-finite) count in the
     max as NaN, so a non-finite product is never hidden.
     """
-    p = int(log_rms.shape[1])
-    srt = ops.sort(log_rms, 1)
-    lo, hi = (p - 1) // 2, p // 2
-    med = 0.5 * (srt[:, lo] + srt[:, hi])
-    return ops.exp(med), ops.exp(ops.amax(log_top, 1))
+    med, top = aggregate_logs(log_rms, log_top, ops)
+    return ops.exp(med), ops.exp(top)
