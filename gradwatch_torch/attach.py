@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -55,6 +56,9 @@ __all__ = ["TorchAttachment", "attach", "unwrap_model"]
 
 logger = logging.getLogger("gradwatch")
 _T = TypeVar("_T")
+
+#: Backward passes without a measured step after which a watch says it records nothing.
+NO_STEP_WARNING_AFTER = 16
 
 #: Models currently watched (the unwrapped module). Weak: a Watch never keeps a model alive.
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -101,7 +105,12 @@ class TorchAttachment:
         self._world = 1
         self._pending_state: dict[str, Any] = {}
         self._layouts: dict[tuple[Segment, ...], Layout] = {}
+        self._outer_step: Any = None  # the frame of the optimizer.step() call being measured
+        self._backwards = 0  # backward passes seen before the first measured step
+        self._backward_hook: Any = None
         self.names: list[str] = []
+        #: DDP: every rank holds the same gradient, so every rank must take the same decision.
+        self._replicated = type(model).__name__ == "DistributedDataParallel"
         self._params = ParamSet(root, optimizer)
         self._handles.add(self._params)
         try:
@@ -127,6 +136,7 @@ class TorchAttachment:
             self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
             self._handles.add(optimizer.register_step_post_hook(self._after_step))
+        self._count_backwards(root)
         _WATCHED.add(root)
         meta = monitor.meta  # facts for the run file's header
         meta.setdefault("backend", "torch")
@@ -155,6 +165,9 @@ class TorchAttachment:
         if self._closed:
             return
         self._closed = True
+        if self._backwards and self._monitor.step_count == 0 and not self._broken:
+            logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "closed after"))
+        self._stop_counting_backwards()
         try:
             self._handles.remove()
         except Exception:  # noqa: BLE001, S110 - a hook whose owner is gone: nothing to remove
@@ -230,14 +243,60 @@ class TorchAttachment:
 
     # -- the step ---------------------------------------------------------------------------
     def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
-        """Step pre-hook: measure now, or, when step() got a closure, after its first evaluation."""
+        """Step pre-hook: measure now, or, when step() got a closure, after its first evaluation.
+
+        torch wraps ``step`` per class: a subclass whose ``step()`` calls ``super().step()``
+        runs the step hooks twice when the parent's ``step`` was wrapped too (an instance
+        of the parent was created earlier). Only the outermost call of a real step is
+        measured: the frame of the torch wrapper that called us is kept until that call's
+        post-hook, and a pre-hook called while that frame is still on the stack is the
+        nested ``super().step()``. (A step that raised leaves a stale frame; it is not on
+        the stack of the next step, so that step is measured.)
+        """
+        caller = sys._getframe(1)  # torch's step wrapper
+        outer = self._outer_step
+        if outer is not None and _on_stack(outer, caller.f_back):
+            return None
+        self._outer_step = caller
         replaced = self._closures.begin(optimizer, args, kwargs)
         if replaced is None:
             self._measure()
         return replaced
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._outer_step is not sys._getframe(1):
+            return  # the nested super().step() of a subclass: the outer call ends the step
+        self._outer_step = None
         self._closures.end(optimizer)
+
+    # -- backward passes with no measured step -------------------------------------------------
+    def _count_backwards(self, root: nn.Module) -> None:
+        """Count backward passes until the first measured step: one hook on one parameter's
+        gradient accumulation (removed at the first step), so a watch whose steps never come
+        (no optimizer given, no ``watch.step()`` call) says so instead of recording nothing."""
+        param = next((p for p in root.parameters() if p.requires_grad), None)
+        hook = getattr(param, "register_post_accumulate_grad_hook", None)
+        if hook is None:
+            return
+        self._backward_hook = hook(self._on_backward)
+
+    def _on_backward(self, param: Tensor) -> None:
+        self._backwards += 1
+        if self._backwards == NO_STEP_WARNING_AFTER and self._monitor.step_count == 0:
+            logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "after"))
+            self._stop_counting_backwards()
+
+    def _stop_counting_backwards(self) -> None:
+        handle, self._backward_hook = self._backward_hook, None
+        if handle is not None:
+            handle.remove()
+
+    def _no_steps_message(self, backwards: int, when: str) -> str:
+        if self._optimizer is None:
+            how = "pass the optimizer (gradwatch.watch(model, optimizer)) or call watch.step() after backward()"
+        else:
+            how = "the watched optimizer's step() was never called; pass the optimizer that trains this model"
+        return f"gradwatch recorded 0 steps {when} {backwards} backward passes: {how}."
 
     def _set_collecting(self, flag: bool) -> None:
         self._collecting = flag
@@ -265,6 +324,8 @@ class TorchAttachment:
         """
         if self._closed or self._broken:
             return None
+        if self._backward_hook is not None:
+            self._stop_counting_backwards()
         try:
             self._check_distributed()
             self._follow_params()
@@ -274,6 +335,8 @@ class TorchAttachment:
                 sq = norms.to(torch.float64).square()
                 torch.distributed.all_reduce(sq, group=self._shard_group)
                 norms = sq.sqrt()
+            elif self._world > 1 and self._replicated:  # DDP: every rank decides on the same numbers
+                norms = _distributed.agree_norms(norms)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break("measuring the gradient norms", exc)
             return None
@@ -445,6 +508,18 @@ class TorchAttachment:
                 "" if known else " Please report this as a bug.",
                 exc_info=None if known else exc,
             )
+
+
+def _on_stack(frame: Any, start: Any) -> bool:
+    """Is ``frame`` one of ``start``'s callers (or ``start`` itself)?"""
+    f = start
+    for _ in range(64):
+        if f is None:
+            return False
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def attach(model: nn.Module, optimizer: object | None, monitor: MonitorPort) -> TorchAttachment:
