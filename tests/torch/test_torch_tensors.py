@@ -220,3 +220,39 @@ def test_module_gates_are_those_of_the_recurrence_that_forgets_most():
     got = module_gates([R(0.9, -1.0), R(0.4, -30.0), R(0.7, -5.0)])
     assert got.tolist() == pytest.approx([0.4, -30.0])
     assert module_gates([]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_many_small_tensors_are_measured_through_one_flat_copy_exactly(dtype):
+    """Issue 20: 2,000-odd small tensors (a few sizes, in mixed order, one large one)
+    measured by the fused plan equal each gradient's own norm, NaN and Inf included."""
+    from gradwatch_torch._tensors import FUSE_MAX_NUMEL
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(32, 32), (32,), (7, 3), (1,), (0,)] * 60 + [(FUSE_MAX_NUMEL + 5,)]
+    params = []
+    for i, shape in enumerate(shapes):
+        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=gen) * (1 + i % 7)).to(dtype)
+        params.append(p)
+    params[17].grad.view(-1)[0] = float("nan")
+    params[40].grad.view(-1)[-1] = float("inf")
+    groups = GradGroups(params)
+    assert groups.groups[0].fused is not None
+    got = groups.norms()
+    want = torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]).to(got.dtype)
+    assert torch.isnan(got[17]) and torch.isinf(got[40])
+    finite = torch.isfinite(want)
+    assert finite.sum() == len(params) - 2
+    tol = 1e-3 if dtype == torch.float16 else 1e-6
+    torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=0)
+
+
+def test_fused_groups_fall_back_when_a_gradient_is_absent():
+    params = [nn.Parameter(torch.zeros(4, 4)) for _ in range(40)]
+    for p in params:
+        p.grad = torch.randn(4, 4)
+    params[3].grad = None
+    norms, present = GradGroups(params).measure()
+    assert norms[3].item() == 0.0 and present is not None and not present[3] and present.sum() == 39
+    torch.testing.assert_close(norms[4], params[4].grad.norm())
