@@ -90,6 +90,9 @@ class TorchOps:
         return torch.sort(x).values
 
     def take(self, x: Tensor, i: Any) -> Tensor:
+        # index_select, not x[i]: indexing with a 0-dim integer tensor reads it to the host
+        if isinstance(i, Tensor):
+            return x.index_select(0, i.reshape(1).to(torch.int64)).reshape(())
         return x[i]
 
     def put(self, x: Tensor, i: Any, v: Any) -> Tensor:

@@ -4,12 +4,16 @@ gradwatch measures inside ``optimizer.step()`` through a step pre-hook, so the u
 does not change and only real optimizer steps are measured (micro-batches of gradient
 accumulation are not). Without an optimizer, ``watch.step()`` is the measuring point.
 
-One step costs: one ``torch._foreach_norm`` per (device, dtype) group of gradients, one
-concatenation of everything measured (parameter norms, and on profiled steps what the
-recurrent probes gathered) in the core's statistics layout, and one device-to-host copy
-of it. The core (``monitor.process``) turns those numbers into the record, the events and
-the clipping decision; this module then acts on the decision (multiply the gradients,
-or drop them so the optimizer step is a no-op).
+One step costs: the parameter norms in a few fused operations per (device, dtype) group
+(:class:`gradwatch_torch._tensors.GradGroups`), a policy's decision on the device
+(:mod:`gradwatch_torch._devicepolicy`), and, on a *read* step, one concatenation of
+everything measured (and on profiled steps what the recurrent probes gathered) in the
+core's statistics layout and one device-to-host copy of it. A *quiet* step (neither
+profiled nor flushed, ``on_nonfinite="warn"``) reads nothing: its row stays on the device
+and is recorded at the next read with its own step number (issue 20). The core
+(``monitor.process``) turns the numbers into the record, the events and the decision;
+this module acts on it (multiply the gradients, or drop them so the optimizer step is a
+no-op).
 
 ``torch.amp.GradScaler``: ``scaler.step(optimizer)`` unscales before calling
 ``optimizer.step()``, so gradwatch sees and clips unscaled gradients. A step the scaler
@@ -40,10 +44,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch_torch import _distributed
 from gradwatch_torch._closure import ClosureSteps, refuse_policy
+from gradwatch_torch._devicepolicy import TorchDevicePolicy
 from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
 from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, install
 from gradwatch_torch._segments import cat_to, gates_of, propagation_of, spectral_of, temporal_of
@@ -59,6 +64,9 @@ _T = TypeVar("_T")
 
 #: Backward passes without a measured step after which a watch says it records nothing.
 NO_STEP_WARNING_AFTER = 16
+#: Quiet steps kept on the device at most; one more is a read step (profile_every=0 with
+#: a large log_every would otherwise keep them all).
+MAX_PENDING = 256
 
 #: Models currently watched (the unwrapped module). Weak: a Watch never keeps a model alive.
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -108,6 +116,9 @@ class TorchAttachment:
         self._outer_step: Any = None  # the frame of the optimizer.step() call being measured
         self._backwards = 0  # backward passes seen before the first measured step
         self._backward_hook: Any = None
+        #: Quiet steps measured but not yet read: (layout, row on the device, presence mask).
+        self._pending: list[tuple[Layout, Tensor, Any]] = []
+        self._quiet_layouts: dict[int, Layout] = {}
         self.names: list[str] = []
         #: DDP: every rank holds the same gradient, so every rank must take the same decision.
         self._replicated = type(model).__name__ == "DistributedDataParallel"
@@ -122,9 +133,24 @@ class TorchAttachment:
             self._handles.remove()
             raise
 
+        #: The policy runs on the device (state in tensors), on every step: a quiet step
+        #: clips without a host read, and read steps decide the same way.
+        self._runner: TorchDevicePolicy | None = None
+        if TorchDevicePolicy.supports(self._policy):
+            try:
+                self._runner = TorchDevicePolicy(self._policy, self._groups.device)
+            except Exception as exc:  # noqa: BLE001 - a custom policy the torch ops cannot run: the host decides
+                logger.info("gradwatch: policy %r decides on the host at every step (%s: %s).", self._policy, type(exc).__name__, exc)
+            else:
+                monitor.decide_on_device(self._runner)
+        #: May a step leave its statistics on the device? Not with on_nonfinite "skip" or
+        #: "raise" (the step's fate needs the host before the optimizer runs), nor for
+        #: unit-wise clipping or a policy that decides on the host.
+        self._may_defer = monitor.options.on_nonfinite == "warn" and not self._unitwise and (self._policy is None or self._runner is not None)
+
         self._probes: list[Probe] = []
         if monitor.options.profile_every:
-            ctx = ProbeContext(self._probe_due, lambda: monitor.next_step, monitor.options.profile_every, dense_parameter_count(root))
+            ctx = ProbeContext(self._probe_due, self._next_step, monitor.options.profile_every, dense_parameter_count(root))
             self._probes = find_probes(root, ctx)
         for probe in self._probes:
             module = probe._module()
@@ -158,13 +184,20 @@ class TorchAttachment:
         return self._measure()
 
     def sync(self) -> None:
-        """Nothing is pending: every step's statistics reach the host in its one copy."""
+        """Bring the quiet steps' statistics to the host and record them, in step order."""
+        self._flush_pending()
 
     def close(self) -> None:
         """Remove every hook this attachment installed; idempotent."""
         if self._closed:
             return
+        self._flush_pending()
         self._closed = True
+        if self._runner is not None:
+            try:  # the state goes back to the monitor (its state_dict after close)
+                self._monitor.decide_on_device(None)
+            except Exception:  # noqa: BLE001, S110 - close() never raises
+                pass
         if self._backwards and self._monitor.step_count == 0 and not self._broken:
             logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "closed after"))
         self._stop_counting_backwards()
@@ -218,6 +251,7 @@ class TorchAttachment:
         root = self._model()
         if root is None or not named:
             return
+        self._flush_pending()  # rows measured over the old set are recorded with its names
         shard = _distributed.shard_group(wrapper if wrapper is not None else root, root, named, self._unitwise)
         groups = GradGroups([p for _, p in named], local_shards=shard is not None, sparse=sparse_grad_positions(root, named))
         names = [n for n, _ in named]
@@ -228,7 +262,7 @@ class TorchAttachment:
         if before:
             logger.info(
                 "gradwatch: the watched parameters changed before step %d: %s; %d followed now.",
-                self._monitor.next_step,
+                self._next_step(),
                 describe_change(before, names),
                 len(names),
             )
@@ -260,7 +294,7 @@ class TorchAttachment:
         self._outer_step = caller
         replaced = self._closures.begin(optimizer, args, kwargs)
         if replaced is None:
-            self._measure()
+            self._measure(read=False)  # a quiet step may leave its statistics on the device
         return replaced
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -304,7 +338,20 @@ class TorchAttachment:
     def _probe_due(self) -> bool:
         """What the probes ask before collecting: a profiled step, and not a later closure
         evaluation of the step (LBFGS: one profile per step, never a concatenation)."""
-        return self._collecting and self._monitor.profile_due()
+        return self._collecting and bool(profile_due(self._next_step(), self._monitor.options.profile_every))
+
+    def _next_step(self) -> int:
+        """The number of the step being measured next (the monitor lags by the pending rows)."""
+        return self._monitor.step_count + len(self._pending) + 1
+
+    def _quiet(self) -> bool:
+        """Is the step about to be measured quiet: neither profiled nor flushed (and
+        deferring is possible at all)? Such a step reads nothing back to the host."""
+        if not self._may_defer or len(self._pending) >= MAX_PENDING:
+            return False
+        step = self._next_step()
+        opts = self._monitor.options
+        return not profile_due(step, opts.profile_every) and step % opts.log_every != 0
 
     def _check_distributed(self) -> None:
         """Tell the monitor our rank once torch.distributed is up (only rank 0 writes)."""
@@ -315,8 +362,13 @@ class TorchAttachment:
             self._world = got[1]
             self._monitor.set_distributed(*got)
 
-    def _measure(self) -> StepRecord | None:
+    def _measure(self, read: bool = True) -> StepRecord | None:
         """Measure, hand the numbers to the monitor, act on its decision.
+
+        With ``read=False`` (the optimizer's pre-hook) a quiet step (:meth:`_quiet`) keeps
+        its statistics on the device and returns None: the policy decides and clips there,
+        and the row is recorded at the next read (:meth:`_flush_pending`). Otherwise the
+        rows still pending are recorded first, then this step, from one copy.
 
         Only ``NonFiniteGradientError`` (``on_nonfinite="raise"``) may leave this method.
         A failure of the core (norms, the copy, the monitor, acting) stops gradwatch on
@@ -326,6 +378,11 @@ class TorchAttachment:
             return None
         if self._backward_hook is not None:
             self._stop_counting_backwards()
+        quiet = not read and self._quiet()
+        if not quiet:
+            self._flush_pending()
+            if self._broken:
+                return None
         try:
             self._check_distributed()
             self._follow_params()
@@ -340,8 +397,18 @@ class TorchAttachment:
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break("measuring the gradient norms", exc)
             return None
+        if quiet:
+            self._defer(grads, norms, present)
+            return None
         segments = [Segment("norms", len(self._groups))]
         parts: dict[tuple[str, str], Tensor] = {("norms", ""): norms}
+        if self._runner is not None:
+            try:
+                parts[("clip", "")] = torch.stack(self._runner.run(self._global_norm(norms)))
+                segments.append(Segment("clip", 2))
+            except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+                self._break("deciding the clip", exc)
+                return None
         self._gather(segments, parts)
         factors = self._agc_factors(grads, segments, parts) if self._unitwise else None
         try:
@@ -351,7 +418,7 @@ class TorchAttachment:
                 layout = self._layouts[key] = Layout(segments)
             # The single device-to-host copy of the step.
             host = layout.pack(parts, cat_to(self._groups.device, self._groups.stat_dtype)).cpu().numpy()
-            stats = layout.unpack(host)
+            stats = layout.unpack(host, self._policy.name if self._runner is not None else None)
             if present is not None:
                 stats = dataclasses.replace(stats, present=present)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
@@ -378,6 +445,59 @@ class TorchAttachment:
             self._break("applying the clip or skip", exc)
         return record
 
+    @staticmethod
+    def _global_norm(norms: Tensor) -> Tensor:
+        """The global norm on the device, as the monitor computes it on the host (float64
+        sum of the squared norms; absent parameters are 0 in ``norms``)."""
+        return norms.to(torch.float64).square().sum().sqrt()
+
+    def _defer(self, grads: list[list[Tensor | None]], norms: Tensor, present: Any) -> None:
+        """A quiet step: decide and clip on the device, keep the row for the next read.
+
+        The scale multiplies the gradients whatever its value (x * 1.0 == x bitwise):
+        branching on it would read it to the host.
+        """
+        try:
+            parts = [norms.to(torch.float64)]
+            if self._runner is not None:
+                thr, scale = self._runner.run(self._global_norm(norms))
+                parts += [thr.reshape(1), scale.reshape(1)]
+                by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+                for g in self._groups.present_grads(grads):
+                    by_key.setdefault((g.device, g.dtype), []).append(g)
+                for (device, dtype), gl in by_key.items():
+                    torch._foreach_mul_(gl, scale.to(device=device, dtype=dtype))
+            n = len(self._groups)
+            layout = self._quiet_layouts.get(n)
+            if layout is None:
+                segments = [Segment("norms", n)] + ([Segment("clip", 2)] if self._runner is not None else [])
+                layout = self._quiet_layouts[n] = Layout(segments)
+            self._pending.append((layout, torch.cat(parts), present))
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._break("measuring a quiet step", exc)
+
+    def _flush_pending(self) -> None:
+        """Record the quiet steps still on the device, oldest first, from one copy. Each
+        keeps its own step number; the events they raise go out now (issue 20)."""
+        pending, self._pending = self._pending, []
+        if not pending or self._broken:
+            return
+        try:
+            rows = torch.stack([row for _, row, _ in pending]).cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._break("copying the quiet steps' statistics to the host", exc)
+            return
+        name = self._policy.name if self._runner is not None else None
+        for (layout, _, present), row in zip(pending, rows):
+            try:
+                stats = layout.unpack(row, name)
+                if present is not None:
+                    stats = dataclasses.replace(stats, present=present)
+                self._monitor.process(stats)
+            except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+                self._break("recording a quiet step", exc)
+                return
+
     def _optional(self, key: tuple[str, str], what: str, fn: Callable[..., _T], *args: Any, goes_on: str = "") -> _T | None:
         """Run one optional measurement; if it fails, turn off it alone and say which."""
         if key in self._off:
@@ -390,7 +510,7 @@ class TorchAttachment:
                 "gradwatch: %s failed at step %d (%s: %s); this measurement is off for the rest of this run. "
                 "%s; training is not affected.",
                 what,
-                self._monitor.next_step,
+                self._next_step(),
                 type(exc).__name__,
                 exc,
                 goes_on or "The gradient norms, clipping, checks and the other measurements go on",
@@ -502,7 +622,7 @@ class TorchAttachment:
                 "gradwatch: %s failed at step %d (%s: %s); gradwatch stops watching this model: no more records, "
                 "clipping or non-finite checks. Training goes on unchanged.%s",
                 what,
-                self._monitor.next_step,
+                self._next_step(),
                 type(exc).__name__,
                 exc,
                 "" if known else " Please report this as a bug.",
