@@ -50,10 +50,17 @@ class TorchDevicePolicy:
         """(threshold, scale), float64 scalars on the device; the state moves on."""
         with torch.no_grad():
             clip, self.state = self.policy.update(ClipStats(norm), self.state, TORCH)
-            f64 = torch.float64
-            thr = torch.as_tensor(clip.threshold).to(device=self.device, dtype=f64)
-            scale = torch.as_tensor(clip.scale).to(device=self.device, dtype=f64)
+            thr, scale = self._on_device(clip.threshold), self._on_device(clip.scale)
         return thr, scale
+
+    def _on_device(self, x: Any) -> Tensor:
+        """A float64 scalar on the device. A constant the policy made on the CPU (FixedNorm's
+        threshold) is filled in on the device from its host value: a copy from pageable
+        host memory would synchronise the stream."""
+        t = torch.as_tensor(x)
+        if t.device != self.device:
+            return torch.full((), float(t), dtype=torch.float64, device=self.device)
+        return t.to(torch.float64)
 
     def state_dict(self) -> dict[str, Any]:
         host = self._cls(**{f.name: getattr(self.state, f.name).cpu().numpy() for f in dataclasses.fields(self.state)})

@@ -256,3 +256,28 @@ def test_fused_groups_fall_back_when_a_gradient_is_absent():
     norms, present = GradGroups(params).measure()
     assert norms[3].item() == 0.0 and present is not None and not present[3] and present.sum() == 39
     torch.testing.assert_close(norms[4], params[4].grad.norm())
+
+
+@pytest.mark.parametrize("make", [lambda: __import__("gradwatch").FixedNorm(0.5), lambda: __import__("gradwatch").ZClip(warmup=4),
+                                  lambda: __import__("gradwatch").AutoClip(history=5)])
+def test_device_policy_decides_as_the_host_policy_and_shares_its_state(make):
+    """The policy run on torch tensors (quiet steps) against the numpy host policy on the
+    same norms (spikes, a NaN), and a state handed over midway."""
+    import math
+
+    from gradwatch.clipping import HostPolicy
+    from gradwatch_torch._devicepolicy import TorchDevicePolicy
+
+    norms = [1.0, 2.0, 0.3, 5.0, math.nan, 0.7, 40.0, 1.1, 0.9, math.inf, 3.0, 1.0]
+    host, dev = HostPolicy(make()), TorchDevicePolicy(make(), torch.device("cpu"))
+    for i, n in enumerate(norms):
+        want = host.decide(n)
+        thr, scale = dev.run(torch.tensor(n, dtype=torch.float64))
+        assert float(scale) == pytest.approx(want.scale, rel=1e-12, abs=0)
+        assert float(thr) == pytest.approx(want.threshold, rel=1e-12, abs=0)
+        if i == 5:  # hand the state over both ways
+            fresh = TorchDevicePolicy(make(), torch.device("cpu"))
+            fresh.load_state_dict(host.state_dict())
+            assert fresh.state_dict() == dev.state_dict()
+            dev = fresh
+    assert dev.state_dict() == host.state_dict()
