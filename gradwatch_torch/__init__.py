@@ -6,8 +6,9 @@ backend dispatch. What the backend does, and where its limits are:
 - It measures inside ``optimizer.step()`` (a step pre-hook), so only real optimizer steps
   count (micro-batches of gradient accumulation do not). Without an optimizer, call
   ``watch.step()`` after ``backward()`` and before ``optimizer.step()``.
-- Cost per step: one ``torch._foreach_norm`` per (device, dtype) group of gradients and one
-  device-to-host copy of everything measured. fp16/bf16 gradients are reduced in float32.
+- Cost per step: the norms in a few fused operations per (device, dtype) group of
+  gradients; one device-to-host copy on profiled and flush steps only (quiet steps read
+  nothing; see the README's Options). fp16/bf16 gradients are reduced in float32.
 - Policies multiply the gradients in place by the decided scale (AGC: per unit, on
   device). With ``policy=None`` nothing touches the gradients.
 - ``on_nonfinite="skip"`` sets every gradient to None, which makes the optimizer step a

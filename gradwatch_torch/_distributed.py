@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch.errors import GradwatchError
 
-__all__ = ["allreduce_profiles", "allreduce_propagation", "is_dtensor", "rank_and_world", "shard_group"]
+__all__ = ["agree_norms", "allreduce_profiles", "allreduce_propagation", "is_dtensor", "rank_and_world", "shard_group"]
 
 logger = logging.getLogger("gradwatch")
 
@@ -34,6 +34,23 @@ def rank_and_world() -> tuple[int, int] | None:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return None
+
+
+def agree_norms(norms: Tensor) -> Tensor:
+    """The norms every DDP rank decides on: the elementwise max over ranks, a non-finite
+    norm on any rank becoming +inf on all (one small all-reduce, no host read).
+
+    DDP hands every rank the same all-reduced gradients, but something between the
+    all-reduce and the optimizer (a hook, a rank-local bug) may still make one rank's
+    gradient non-finite. Deciding on local numbers would skip or clip that step on one
+    rank only and the replicas would silently diverge. NaN is mapped to +inf before the
+    MAX (a MAX may drop a NaN depending on its order); the record then says "non-finite"
+    on every rank. Identical norms (the normal case) come back unchanged.
+    """
+    dist = torch.distributed
+    agreed = torch.where(torch.isfinite(norms), norms, torch.full_like(norms, float("inf")))
+    dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+    return agreed
 
 
 def shard_group(model: nn.Module, root: nn.Module, named: Sequence[tuple[str, Any]], unitwise: bool) -> Any:

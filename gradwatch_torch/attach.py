@@ -4,12 +4,16 @@ gradwatch measures inside ``optimizer.step()`` through a step pre-hook, so the u
 does not change and only real optimizer steps are measured (micro-batches of gradient
 accumulation are not). Without an optimizer, ``watch.step()`` is the measuring point.
 
-One step costs: one ``torch._foreach_norm`` per (device, dtype) group of gradients, one
-concatenation of everything measured (parameter norms, and on profiled steps what the
-recurrent probes gathered) in the core's statistics layout, and one device-to-host copy
-of it. The core (``monitor.process``) turns those numbers into the record, the events and
-the clipping decision; this module then acts on the decision (multiply the gradients,
-or drop them so the optimizer step is a no-op).
+One step costs: the parameter norms in a few fused operations per (device, dtype) group
+(:class:`gradwatch_torch._tensors.GradGroups`), a policy's decision on the device
+(:mod:`gradwatch_torch._devicepolicy`), and, on a *read* step, one concatenation of
+everything measured (and on profiled steps what the recurrent probes gathered) in the
+core's statistics layout and one device-to-host copy of it. A *quiet* step (neither
+profiled nor flushed, ``on_nonfinite="warn"``) reads nothing: its row stays on the device
+and is recorded at the next read with its own step number (issue 20). The core
+(``monitor.process``) turns the numbers into the record, the events and the decision;
+this module acts on it (multiply the gradients, or drop them so the optimizer step is a
+no-op).
 
 ``torch.amp.GradScaler``: ``scaler.step(optimizer)`` unscales before calling
 ``optimizer.step()``, so gradwatch sees and clips unscaled gradients. A step the scaler
@@ -32,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sys
 import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -39,10 +44,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch_torch import _distributed
 from gradwatch_torch._closure import ClosureSteps, refuse_policy
+from gradwatch_torch._devicepolicy import TorchDevicePolicy
 from gradwatch_torch._paramset import ParamSet, describe_change, sparse_grad_positions, unwrap_model
 from gradwatch_torch._sweeps import combine_ranks
 from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, dense_parameter_count, find_probes, forget_bias, install
@@ -56,6 +62,12 @@ __all__ = ["TorchAttachment", "attach", "unwrap_model"]
 
 logger = logging.getLogger("gradwatch")
 _T = TypeVar("_T")
+
+#: Backward passes without a measured step after which a watch says it records nothing.
+NO_STEP_WARNING_AFTER = 16
+#: Quiet steps kept on the device at most; one more is a read step (profile_every=0 with
+#: a large log_every would otherwise keep them all).
+MAX_PENDING = 256
 
 #: Models currently watched (the unwrapped module). Weak: a Watch never keeps a model alive.
 _WATCHED: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -102,7 +114,15 @@ class TorchAttachment:
         self._world = 1
         self._pending_state: dict[str, Any] = {}
         self._layouts: dict[tuple[Segment, ...], Layout] = {}
+        self._outer_step: Any = None  # the frame of the optimizer.step() call being measured
+        self._backwards = 0  # backward passes seen before the first measured step
+        self._backward_hook: Any = None
+        #: Quiet steps measured but not yet read: (layout, row on the device, presence mask).
+        self._pending: list[tuple[Layout, Tensor, Any]] = []
+        self._quiet_layouts: dict[int, Layout] = {}
         self.names: list[str] = []
+        #: DDP: every rank holds the same gradient, so every rank must take the same decision.
+        self._replicated = type(model).__name__ == "DistributedDataParallel"
         self._params = ParamSet(root, optimizer)
         self._handles.add(self._params)
         try:
@@ -114,15 +134,31 @@ class TorchAttachment:
             self._handles.remove()
             raise
 
+        #: The policy runs on the device (state in tensors), on every step: a quiet step
+        #: clips without a host read, and read steps decide the same way.
+        self._runner: TorchDevicePolicy | None = None
+        if TorchDevicePolicy.supports(self._policy):
+            try:
+                self._runner = TorchDevicePolicy(self._policy, self._groups.device)
+            except Exception as exc:  # noqa: BLE001 - a custom policy the torch ops cannot run: the host decides
+                logger.info("gradwatch: policy %r decides on the host at every step (%s: %s).", self._policy, type(exc).__name__, exc)
+            else:
+                monitor.decide_on_device(self._runner)
+        #: May a step leave its statistics on the device? Not with on_nonfinite "skip" or
+        #: "raise" (the step's fate needs the host before the optimizer runs), nor for
+        #: unit-wise clipping or a policy that decides on the host.
+        self._may_defer = monitor.options.on_nonfinite == "warn" and not self._unitwise and (self._policy is None or self._runner is not None)
+
         self._probes: list[Probe] = []
         self._probe_ctx: ProbeContext | None = None
         if monitor.options.profile_every:
-            self._probe_ctx = ProbeContext(self._probe_due, lambda: monitor.next_step, monitor.options.profile_every, dense_parameter_count(root))
+            self._probe_ctx = ProbeContext(self._probe_due, self._next_step, monitor.options.profile_every, dense_parameter_count(root))
         self._add_probes(root)
         if optimizer is not None:
             self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
             self._handles.add(optimizer.register_step_pre_hook(self._optimizer_hook))
             self._handles.add(optimizer.register_step_post_hook(self._after_step))
+        self._count_backwards(root)
         _WATCHED.add(root)
         meta = monitor.meta  # facts for the run file's header
         meta.setdefault("backend", "torch")
@@ -174,13 +210,23 @@ class TorchAttachment:
         return self._measure()
 
     def sync(self) -> None:
-        """Nothing is pending: every step's statistics reach the host in its one copy."""
+        """Bring the quiet steps' statistics to the host and record them, in step order."""
+        self._flush_pending()
 
     def close(self) -> None:
         """Remove every hook this attachment installed; idempotent."""
         if self._closed:
             return
+        self._flush_pending()
         self._closed = True
+        if self._runner is not None:
+            try:  # the state goes back to the monitor (its state_dict after close)
+                self._monitor.decide_on_device(None)
+            except Exception:  # noqa: BLE001, S110 - close() never raises
+                pass
+        if self._backwards and self._monitor.step_count == 0 and not self._broken:
+            logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "closed after"))
+        self._stop_counting_backwards()
         try:
             self._handles.remove()
         except Exception:  # noqa: BLE001, S110 - a hook whose owner is gone: nothing to remove
@@ -231,6 +277,7 @@ class TorchAttachment:
         root = self._model()
         if root is None or not named:
             return
+        self._flush_pending()  # rows measured over the old set are recorded with its names
         shard = _distributed.shard_group(wrapper if wrapper is not None else root, root, named, self._unitwise)
         groups = GradGroups([p for _, p in named], local_shards=shard is not None, sparse=sparse_grad_positions(root, named))
         names = [n for n, _ in named]
@@ -241,7 +288,7 @@ class TorchAttachment:
         if before:
             logger.info(
                 "gradwatch: the watched parameters changed before step %d: %s; %d followed now.",
-                self._monitor.next_step,
+                self._next_step(),
                 describe_change(before, names),
                 len(names),
             )
@@ -261,14 +308,60 @@ class TorchAttachment:
 
     # -- the step ---------------------------------------------------------------------------
     def _optimizer_hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> tuple[Any, Any] | None:
-        """Step pre-hook: measure now, or, when step() got a closure, after its first evaluation."""
+        """Step pre-hook: measure now, or, when step() got a closure, after its first evaluation.
+
+        torch wraps ``step`` per class: a subclass whose ``step()`` calls ``super().step()``
+        runs the step hooks twice when the parent's ``step`` was wrapped too (an instance
+        of the parent was created earlier). Only the outermost call of a real step is
+        measured: the frame of the torch wrapper that called us is kept until that call's
+        post-hook, and a pre-hook called while that frame is still on the stack is the
+        nested ``super().step()``. (A step that raised leaves a stale frame; it is not on
+        the stack of the next step, so that step is measured.)
+        """
+        caller = sys._getframe(1)  # torch's step wrapper
+        outer = self._outer_step
+        if outer is not None and _on_stack(outer, caller.f_back):
+            return None
+        self._outer_step = caller
         replaced = self._closures.begin(optimizer, args, kwargs)
         if replaced is None:
-            self._measure()
+            self._measure(read=False)  # a quiet step may leave its statistics on the device
         return replaced
 
     def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._outer_step is not sys._getframe(1):
+            return  # the nested super().step() of a subclass: the outer call ends the step
+        self._outer_step = None
         self._closures.end(optimizer)
+
+    # -- backward passes with no measured step -------------------------------------------------
+    def _count_backwards(self, root: nn.Module) -> None:
+        """Count backward passes until the first measured step: one hook on one parameter's
+        gradient accumulation (removed at the first step), so a watch whose steps never come
+        (no optimizer given, no ``watch.step()`` call) says so instead of recording nothing."""
+        param = next((p for p in root.parameters() if p.requires_grad), None)
+        hook = getattr(param, "register_post_accumulate_grad_hook", None)
+        if hook is None:
+            return
+        self._backward_hook = hook(self._on_backward)
+
+    def _on_backward(self, param: Tensor) -> None:
+        self._backwards += 1
+        if self._backwards == NO_STEP_WARNING_AFTER and self._monitor.step_count == 0:
+            logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "after"))
+            self._stop_counting_backwards()
+
+    def _stop_counting_backwards(self) -> None:
+        handle, self._backward_hook = self._backward_hook, None
+        if handle is not None:
+            handle.remove()
+
+    def _no_steps_message(self, backwards: int, when: str) -> str:
+        if self._optimizer is None:
+            how = "pass the optimizer (gradwatch.watch(model, optimizer)) or call watch.step() after backward()"
+        else:
+            how = "the watched optimizer's step() was never called; pass the optimizer that trains this model"
+        return f"gradwatch recorded 0 steps {when} {backwards} backward passes: {how}."
 
     def _set_collecting(self, flag: bool) -> None:
         self._collecting = flag
@@ -276,7 +369,20 @@ class TorchAttachment:
     def _probe_due(self) -> bool:
         """What the probes ask before collecting: a profiled step, and not a later closure
         evaluation of the step (LBFGS: one profile per step, never a concatenation)."""
-        return self._collecting and self._monitor.profile_due()
+        return self._collecting and bool(profile_due(self._next_step(), self._monitor.options.profile_every))
+
+    def _next_step(self) -> int:
+        """The number of the step being measured next (the monitor lags by the pending rows)."""
+        return self._monitor.step_count + len(self._pending) + 1
+
+    def _quiet(self) -> bool:
+        """Is the step about to be measured quiet: neither profiled nor flushed (and
+        deferring is possible at all)? Such a step reads nothing back to the host."""
+        if not self._may_defer or len(self._pending) >= MAX_PENDING:
+            return False
+        step = self._next_step()
+        opts = self._monitor.options
+        return not profile_due(step, opts.profile_every) and step % opts.log_every != 0
 
     def _check_distributed(self) -> None:
         """Tell the monitor our rank once torch.distributed is up (only rank 0 writes)."""
@@ -287,8 +393,13 @@ class TorchAttachment:
             self._world = got[1]
             self._monitor.set_distributed(*got)
 
-    def _measure(self) -> StepRecord | None:
+    def _measure(self, read: bool = True) -> StepRecord | None:
         """Measure, hand the numbers to the monitor, act on its decision.
+
+        With ``read=False`` (the optimizer's pre-hook) a quiet step (:meth:`_quiet`) keeps
+        its statistics on the device and returns None: the policy decides and clips there,
+        and the row is recorded at the next read (:meth:`_flush_pending`). Otherwise the
+        rows still pending are recorded first, then this step, from one copy.
 
         Only ``NonFiniteGradientError`` (``on_nonfinite="raise"``) may leave this method.
         A failure of the core (norms, the copy, the monitor, acting) stops gradwatch on
@@ -296,6 +407,13 @@ class TorchAttachment:
         """
         if self._closed or self._broken:
             return None
+        if self._backward_hook is not None:
+            self._stop_counting_backwards()
+        quiet = not read and self._quiet()
+        if not quiet:
+            self._flush_pending()
+            if self._broken:
+                return None
         try:
             self._check_distributed()
             self._follow_params()
@@ -305,11 +423,23 @@ class TorchAttachment:
                 sq = norms.to(torch.float64).square()
                 torch.distributed.all_reduce(sq, group=self._shard_group)
                 norms = sq.sqrt()
+            elif self._world > 1 and self._replicated:  # DDP: every rank decides on the same numbers
+                norms = _distributed.agree_norms(norms)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break("measuring the gradient norms", exc)
             return None
+        if quiet:
+            self._defer(grads, norms, present)
+            return None
         segments = [Segment("norms", len(self._groups))]
         parts: dict[tuple[str, str], Tensor] = {("norms", ""): norms}
+        if self._runner is not None:
+            try:
+                parts[("clip", "")] = torch.stack(self._runner.run(self._global_norm(norms)))
+                segments.append(Segment("clip", 2))
+            except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+                self._break("deciding the clip", exc)
+                return None
         self._gather(segments, parts)
         factors = self._agc_factors(grads, segments, parts) if self._unitwise else None
         try:
@@ -319,7 +449,7 @@ class TorchAttachment:
                 layout = self._layouts[key] = Layout(segments)
             # The single device-to-host copy of the step.
             host = layout.pack(parts, cat_to(self._groups.device, self._groups.stat_dtype)).cpu().numpy()
-            stats = layout.unpack(host)
+            stats = layout.unpack(host, self._policy.name if self._runner is not None else None)
             if present is not None:
                 stats = dataclasses.replace(stats, present=present)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
@@ -346,6 +476,59 @@ class TorchAttachment:
             self._break("applying the clip or skip", exc)
         return record
 
+    @staticmethod
+    def _global_norm(norms: Tensor) -> Tensor:
+        """The global norm on the device, as the monitor computes it on the host (float64
+        sum of the squared norms; absent parameters are 0 in ``norms``)."""
+        return norms.to(torch.float64).square().sum().sqrt()
+
+    def _defer(self, grads: list[list[Tensor | None]], norms: Tensor, present: Any) -> None:
+        """A quiet step: decide and clip on the device, keep the row for the next read.
+
+        The scale multiplies the gradients whatever its value (x * 1.0 == x bitwise):
+        branching on it would read it to the host.
+        """
+        try:
+            parts = [norms.to(torch.float64)]
+            if self._runner is not None:
+                thr, scale = self._runner.run(self._global_norm(norms))
+                parts += [thr.reshape(1), scale.reshape(1)]
+                by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+                for g in self._groups.present_grads(grads):
+                    by_key.setdefault((g.device, g.dtype), []).append(g)
+                for (device, dtype), gl in by_key.items():
+                    torch._foreach_mul_(gl, scale.to(device=device, dtype=dtype))
+            n = len(self._groups)
+            layout = self._quiet_layouts.get(n)
+            if layout is None:
+                segments = [Segment("norms", n)] + ([Segment("clip", 2)] if self._runner is not None else [])
+                layout = self._quiet_layouts[n] = Layout(segments)
+            self._pending.append((layout, torch.cat(parts), present))
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._break("measuring a quiet step", exc)
+
+    def _flush_pending(self) -> None:
+        """Record the quiet steps still on the device, oldest first, from one copy. Each
+        keeps its own step number; the events they raise go out now (issue 20)."""
+        pending, self._pending = self._pending, []
+        if not pending or self._broken:
+            return
+        try:
+            rows = torch.stack([row for _, row, _ in pending]).cpu().numpy()
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._break("copying the quiet steps' statistics to the host", exc)
+            return
+        name = self._policy.name if self._runner is not None else None
+        for (layout, _, present), row in zip(pending, rows):
+            try:
+                stats = layout.unpack(row, name)
+                if present is not None:
+                    stats = dataclasses.replace(stats, present=present)
+                self._monitor.process(stats)
+            except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+                self._break("recording a quiet step", exc)
+                return
+
     def _optional(self, key: tuple[str, str], what: str, fn: Callable[..., _T], *args: Any, goes_on: str = "") -> _T | None:
         """Run one optional measurement; if it fails, turn off it alone and say which."""
         if key in self._off:
@@ -358,7 +541,7 @@ class TorchAttachment:
                 "gradwatch: %s failed at step %d (%s: %s); this measurement is off for the rest of this run. "
                 "%s; training is not affected.",
                 what,
-                self._monitor.next_step,
+                self._next_step(),
                 type(exc).__name__,
                 exc,
                 goes_on or "The gradient norms, clipping, checks and the other measurements go on",
@@ -398,7 +581,7 @@ class TorchAttachment:
             if g is not None:
                 gate_probes.append(probe)
                 gate_values.append(g)
-        profiled = bool(self._probes) and self._monitor.profile_due()
+        profiled = bool(self._probes) and bool(profile_due(self._next_step(), self._monitor.options.profile_every))
         if self._world > 1 and profiled:
             # Every rank takes this branch on the same steps (the step counter is shared),
             # so the collectives never wait for a rank that skipped them.
@@ -472,12 +655,24 @@ class TorchAttachment:
                 "gradwatch: %s failed at step %d (%s: %s); gradwatch stops watching this model: no more records, "
                 "clipping or non-finite checks. Training goes on unchanged.%s",
                 what,
-                self._monitor.next_step,
+                self._next_step(),
                 type(exc).__name__,
                 exc,
                 "" if known else " Please report this as a bug.",
                 exc_info=None if known else exc,
             )
+
+
+def _on_stack(frame: Any, start: Any) -> bool:
+    """Is ``frame`` one of ``start``'s callers (or ``start`` itself)?"""
+    f = start
+    for _ in range(64):
+        if f is None:
+            return False
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 def attach(model: nn.Module, optimizer: object | None, monitor: MonitorPort) -> TorchAttachment:

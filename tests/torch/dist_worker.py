@@ -1,7 +1,7 @@
 """Two gloo ranks on 127.0.0.1 training a sharded (FSDP2) or DDP model with gradwatch,
 against an unsharded reference that sees both ranks' batches.
 
-Run by test_torch_distributed.py as ``python dist_worker.py fsdp|ddp OUT.json``; rank 0
+Run by test_torch_distributed.py as ``python dist_worker.py fsdp|ddp|ddp_nan OUT.json``; rank 0
 writes what both ranks recorded and what the reference computed.
 """
 
@@ -37,9 +37,60 @@ def batch(step: int, rank: int) -> torch.Tensor:
     return torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(100 * step + rank))
 
 
+def run_nan_on_one_rank(rank: int, out: str) -> None:
+    """DDP, on_nonfinite="skip": rank 1's gradient turns NaN after the all-reduce at step 2
+    (a step pre-hook registered before gradwatch's). Every rank must skip that step."""
+    import gradwatch
+
+    torch.manual_seed(0)
+    init = Model()
+    ref = copy.deepcopy(init)
+    model = copy.deepcopy(init)
+    wrapped = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.Adam(wrapped.parameters(), lr=0.01)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    state = {"step": 0}
+
+    def poison(optimizer: torch.optim.Optimizer, args: object, kwargs: object) -> None:
+        state["step"] += 1
+        if rank == 1 and state["step"] == NAN_STEP:
+            next(iter(model.parameters())).grad.view(-1)[0] = float("nan")
+
+    opt.register_step_pre_hook(poison)  # before gradwatch's hook: runs first
+    with gradwatch.watch(wrapped, opt, policy="fixed", max_norm=0.05, on_nonfinite="skip", profile_every=0, sinks=["memory"]) as w:
+        for step in range(STEPS):
+            opt.zero_grad()
+            wrapped(batch(step, rank)).backward()
+            opt.step()
+            # reference: unwatched, unsharded, the global batch, that step skipped by hand
+            ref_opt.zero_grad()
+            (sum(ref(batch(step, r)) for r in range(WORLD)) / WORLD).backward()
+            if step + 1 != NAN_STEP:
+                torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+                ref_opt.step()
+        mine = {"skipped": [r.skipped for r in w.records], "clip": [r.clip.scale if r.clip else None for r in w.records]}
+    mine["weights"] = {n: p.detach().reshape(-1).tolist() for n, p in model.named_parameters()}
+    mine["ref_diff"] = max((p.detach() - dict(ref.named_parameters())[n].detach()).abs().max().item() for n, p in model.named_parameters())
+    everyone: list = [None] * WORLD
+    dist.all_gather_object(everyone, mine)
+    dist.barrier()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"ranks": everyone}, f)
+
+
+NAN_STEP = 2
+
+
 def run(rank: int, port: int, mode: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
+    if mode == "ddp_nan":
+        try:
+            run_nan_on_one_rank(rank, out)
+        finally:
+            dist.destroy_process_group()
+        return
     import gradwatch
 
     try:

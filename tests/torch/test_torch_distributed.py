@@ -20,21 +20,36 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
 
-@pytest.fixture(scope="module", params=["ddp", "fsdp"])
-def result(request, tmp_path_factory):
+def _run_worker(mode, tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    out = tmp_path_factory.mktemp(request.param) / "result.json"
+    out = tmp_path_factory.mktemp(mode) / "result.json"
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     env["GLOO_SOCKET_IFNAME"] = "lo"
-    cmd = [sys.executable, str(HERE / "dist_worker.py"), request.param, str(out)]
+    cmd = [sys.executable, str(HERE / "dist_worker.py"), mode, str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=240, env=env, cwd=ROOT)
     if proc.returncode != 0:  # once more: the free port picked may have been taken meanwhile
         first = proc.stderr[-2000:]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=240, env=env, cwd=ROOT)
         assert proc.returncode == 0, first + "\n--- retry ---\n" + proc.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def result(request, tmp_path_factory):
+    return _run_worker(request.param, tmp_path_factory)
+
+
+def test_ddp_nan_on_one_rank_is_skipped_on_every_rank(tmp_path_factory):
+    """Issue 15: a NaN put into rank 1's gradient after the all-reduce, on_nonfinite="skip":
+    both ranks skip the step, the replicas stay equal, and equal to an unwatched run that
+    skipped that step (clip_grad_norm_ on the others)."""
+    rank0, rank1 = _run_worker("ddp_nan", tmp_path_factory)["ranks"]
+    assert rank0["skipped"] == rank1["skipped"] == [False, True, False]
+    assert rank0["clip"] == rank1["clip"]
+    assert rank0["weights"] == rank1["weights"]
+    assert rank0["ref_diff"] < 1e-6 and rank1["ref_diff"] < 1e-6
 
 
 def test_every_rank_records_the_same(result):

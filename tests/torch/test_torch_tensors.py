@@ -220,3 +220,64 @@ def test_module_gates_are_those_of_the_recurrence_that_forgets_most():
     got = module_gates([R(0.9, -1.0), R(0.4, -30.0), R(0.7, -5.0)])
     assert got.tolist() == pytest.approx([0.4, -30.0])
     assert module_gates([]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_many_small_tensors_are_measured_through_one_flat_copy_exactly(dtype):
+    """Issue 20: 2,000-odd small tensors (a few sizes, in mixed order, one large one)
+    measured by the fused plan equal each gradient's own norm, NaN and Inf included."""
+    from gradwatch_torch._tensors import FUSE_MAX_NUMEL
+
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(32, 32), (32,), (7, 3), (1,), (0,)] * 60 + [(FUSE_MAX_NUMEL + 5,)]
+    params = []
+    for i, shape in enumerate(shapes):
+        p = nn.Parameter(torch.zeros(shape, dtype=dtype))
+        p.grad = (torch.randn(shape, generator=gen) * (1 + i % 7)).to(dtype)
+        params.append(p)
+    params[17].grad.view(-1)[0] = float("nan")
+    params[40].grad.view(-1)[-1] = float("inf")
+    groups = GradGroups(params)
+    assert groups.groups[0].fused is not None
+    got = groups.norms()
+    want = torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]).to(got.dtype)
+    assert torch.isnan(got[17]) and torch.isinf(got[40])
+    finite = torch.isfinite(want)
+    assert finite.sum() == len(params) - 2
+    tol = 1e-3 if dtype == torch.float16 else 1e-6
+    torch.testing.assert_close(got[finite], want[finite], rtol=tol, atol=0)
+
+
+def test_fused_groups_fall_back_when_a_gradient_is_absent():
+    params = [nn.Parameter(torch.zeros(4, 4)) for _ in range(40)]
+    for p in params:
+        p.grad = torch.randn(4, 4)
+    params[3].grad = None
+    norms, present = GradGroups(params).measure()
+    assert norms[3].item() == 0.0 and present is not None and not present[3] and present.sum() == 39
+    torch.testing.assert_close(norms[4], params[4].grad.norm())
+
+
+@pytest.mark.parametrize("make", [lambda: __import__("gradwatch").FixedNorm(0.5), lambda: __import__("gradwatch").ZClip(warmup=4),
+                                  lambda: __import__("gradwatch").AutoClip(history=5)])
+def test_device_policy_decides_as_the_host_policy_and_shares_its_state(make):
+    """The policy run on torch tensors (quiet steps) against the numpy host policy on the
+    same norms (spikes, a NaN), and a state handed over midway."""
+    import math
+
+    from gradwatch.clipping import HostPolicy
+    from gradwatch_torch._devicepolicy import TorchDevicePolicy
+
+    norms = [1.0, 2.0, 0.3, 5.0, math.nan, 0.7, 40.0, 1.1, 0.9, math.inf, 3.0, 1.0]
+    host, dev = HostPolicy(make()), TorchDevicePolicy(make(), torch.device("cpu"))
+    for i, n in enumerate(norms):
+        want = host.decide(n)
+        thr, scale = dev.run(torch.tensor(n, dtype=torch.float64))
+        assert float(scale) == pytest.approx(want.scale, rel=1e-12, abs=0)
+        assert float(thr) == pytest.approx(want.threshold, rel=1e-12, abs=0)
+        if i == 5:  # hand the state over both ways
+            fresh = TorchDevicePolicy(make(), torch.device("cpu"))
+            fresh.load_state_dict(host.state_dict())
+            assert fresh.state_dict() == dev.state_dict()
+            dev = fresh
+    assert dev.state_dict() == host.state_dict()
