@@ -65,6 +65,9 @@ def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:
     """
     from gradwatch import watch_with
     from gradwatch_tf.attach import attach
+    from gradwatch_tf.plugin import check_optimizer
+
+    check_optimizer(optimizer)
 
     return watch_with(lambda monitor: attach(model, optimizer, monitor), model, **options)
 

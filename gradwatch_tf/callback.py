@@ -70,6 +70,14 @@ _GUARDED_CALLBACK_METHODS = (
 )
 
 
+def _wrong_trainer(trainer: str, right: str) -> str:
+    module = right.rsplit(".", 1)[0]
+    return (
+        f"gradwatch_tf.GradWatchCallback is the Keras callback (for model.fit) and cannot run in {trainer}; "
+        f"use {right} there (`from {module} import GradWatchCallback`), with the same options."
+    )
+
+
 def _set_instance_attr(obj: Any, name: str, value: Any) -> Callable[[], None]:
     """Put ``value`` on the instance (bypassing Keras' attribute tracking); the undo
     deletes it again if it is still ours."""
@@ -332,6 +340,19 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         logs["grad_norm"] = self._last.global_norm
         if self._last.clip is not None:
             logs["clip_threshold"] = self._last.clip.threshold
+
+    # ------------------------------------------- in another framework's trainer
+    #: What a Lightning ``Trainer`` or a Hugging Face ``Trainer`` touches first on a
+    #: callback: the Keras callback says at once which class belongs there.
+    @property
+    def state_key(self) -> str:  # Lightning: read when the Trainer checks its callbacks
+        raise TypeError(_wrong_trainer("a Lightning Trainer", "gradwatch_torch.lightning.GradWatchCallback"))
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:  # Lightning: the first hook of a fit
+        raise TypeError(_wrong_trainer("a Lightning Trainer", "gradwatch_torch.lightning.GradWatchCallback"))
+
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:  # Hugging Face Trainer.__init__
+        raise TypeError(_wrong_trainer("a Hugging Face Trainer", "gradwatch_torch.transformers.GradWatchCallback"))
 
     # ------------------------------------------------------------------ like a Watch
     def close(self) -> None:

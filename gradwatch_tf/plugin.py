@@ -27,6 +27,32 @@ def _is_keras_model(target: object) -> bool:
         return False
 
 
+def check_optimizer(optimizer: object | None) -> None:
+    """Refuse an optimizer that is not a Keras one (a torch optimizer given with a Keras
+    model, say) with a ``TypeError`` that says what to pass, before anything is wrapped."""
+    if optimizer is None:
+        return
+    keras = sys.modules.get("keras")
+    base = getattr(getattr(keras, "optimizers", None), "Optimizer", None)
+    try:
+        ok = base is not None and isinstance(optimizer, base)
+    except Exception:  # noqa: BLE001 - a half-imported keras: let the attachment judge
+        ok = True
+    if ok:
+        return
+    kind = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+    hint = ""
+    if kind.startswith("torch."):
+        hint = (
+            " To watch a PyTorch model, pass the torch.nn.Module itself with its torch optimizer: "
+            "gradwatch.watch(torch_module, torch_optimizer)."
+        )
+    raise TypeError(
+        f"gradwatch.watch(<Keras model>, optimizer=...) needs a Keras optimizer (keras.optimizers.Optimizer, e.g. "
+        f"model.optimizer after compile), or none at all to use model.optimizer; received {kind}.{hint}"
+    )
+
+
 @hookimpl
 def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorPort) -> Attachment | None:
     """Attach to a ``keras.Model`` (TensorFlow backend); None for anything else."""
@@ -35,6 +61,7 @@ def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorP
     keras = sys.modules["keras"]
     if keras.backend.backend() != "tensorflow":
         return None
+    check_optimizer(optimizer)
     from gradwatch_tf.attach import attach
 
     return attach(target, optimizer, monitor)
