@@ -16,8 +16,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import tensorflow as tf
-
 from gradwatch.errors import GradwatchError
 
 __all__ = ["FitFunctions", "FitSignature", "drop_traced_functions", "unwrap_optimizer", "wrap_apply", "xla_context"]
@@ -89,6 +87,7 @@ def wrap_apply(
 def xla_context() -> bool:
     """True while tracing inside ``jit_compile=True`` (no host callbacks there)."""
     try:
+        import tensorflow as tf
         from tensorflow.python.ops import control_flow_util
 
         return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

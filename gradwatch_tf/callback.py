@@ -40,21 +40,39 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch.watch import WatchFront
 from gradwatch_tf._intercept import FitFunctions, FitSignature
-from gradwatch_tf.attach import TFAttachment
+from gradwatch_tf._ring import RingReader
 
 logger = logging.getLogger("gradwatch")
 
 __all__ = ["GradWatchCallback"]
 
-#: Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit.
-_END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
+
+
+def _end_of_data() -> tuple[type[BaseException], ...]:
+    """Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return (StopIteration, tf.errors.OutOfRangeError)
+    return (StopIteration,)
+
+
+def _attachment(model: Any, monitor: Any, capacity: int) -> RingReader:
+    """The backend's attachment: the TensorFlow step (through-time included) on
+    TensorFlow, the ``keras.ops`` step (:mod:`gradwatch_tf.portable`) on JAX and torch."""
+    if keras.backend.backend() == "tensorflow":
+        from gradwatch_tf.attach import TFAttachment
+
+        return TFAttachment(model, None, monitor, mode="callback", capacity=capacity)
+    from gradwatch_tf.portable import PortableAttachment
+
+    return PortableAttachment(model, None, monitor, mode="callback", capacity=capacity)
 
 #: The fit's ``CallbackList`` methods guarded while a watched fit runs: an exception out
 #: of any of them leaves ``fit`` (Keras catches none).
@@ -110,7 +128,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self.watch = Watch(Monitor(**options))
         self._last: StepRecord | None = None
         #: Suspended between two fits (owned by the watch during a fit).
-        self._kept: TFAttachment | None = None
+        self._kept: Any = None
         self._signature: FitSignature | None = None
         self._functions: FitFunctions | None = None
         self._in_fit = False
@@ -132,7 +150,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self._kept, self._signature = None, signature
         if att is None:
             capacity = int(getattr(model, "steps_per_execution", 1) or 1)
-            att = TFAttachment(model, None, self.monitor, mode="callback", capacity=capacity)
+            att = _attachment(model, self.monitor, capacity)
             self._functions = FitFunctions(model)
             self.watch.attach(att)
         else:
@@ -144,6 +162,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 self._kept = att  # still suspended: kept for a later fit, closed by close()
                 raise
         self._in_fit = True
+        enter = getattr(att, "enter_optimizer", None)
+        if enter is not None:  # JAX: gradwatch's state travels with the optimizer's
+            enter()
         history = getattr(model, "history", None)
         self._fit_token = weakref.ref(history) if history is not None else None
         att.outside_fit = self._outside_fit
@@ -159,7 +180,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
-        if not isinstance(att, TFAttachment):
+        if not isinstance(att, RingReader):
             return
         try:
             records = att.sync_records()
@@ -181,6 +202,8 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         restored) when an exception leaves it: Keras calls no ``on_train_end`` then.
         Called in a later fit (this one ended unseen), it heals and runs the user's."""
 
+        end_of_data = _end_of_data()
+
         def guarded(*args: Any, **kwargs: Any) -> Any:
             if self._outside_fit():
                 model = self._model_of_functions()
@@ -192,7 +215,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 return fn(*args, **kwargs)
             try:
                 return train_function(*args, **kwargs)
-            except _END_OF_DATA:
+            except end_of_data:
                 raise
             except BaseException:
                 self._end_fit()
@@ -269,13 +292,15 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         if not self._in_fit:
             return False
         att = self.watch.attachment
-        model = att.model if isinstance(att, TFAttachment) else None
+        model = att.model if isinstance(att, RingReader) else None
         token = self._fit_token
         if model is None or token is None or getattr(model, "history", None) is token():
             return False
         logger.info("gradwatch: the previous watched fit ended without reaching on_train_end; restored the model and optimizer.")
         try:
             if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
                 with tf.init_scope():  # we may be inside a trace of the later fit
                     self._end_fit()
             else:
@@ -302,10 +327,10 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             except Exception as exc:  # noqa: BLE001 - best effort, the rest must still run
                 logger.debug("gradwatch: could not remove a fit guard: %r", exc)
         att = self.watch.attachment
-        if isinstance(att, TFAttachment):
+        if isinstance(att, RingReader):
             att.outside_fit = None
         try:
-            if isinstance(att, TFAttachment):
+            if isinstance(att, RingReader):
                 try:
                     att.sync()
                 except NonFiniteGradientError:
@@ -315,10 +340,10 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 if self._functions is not None:
                     self._functions.leave()
             finally:
-                if isinstance(att, TFAttachment):
+                if isinstance(att, RingReader):
                     att.suspend()
                 released = self.watch.release()  # the watch keeps the backend state
-                if isinstance(released, TFAttachment):
+                if isinstance(released, RingReader):
                     self._kept = released
                 elif released is not None:
                     released.close()

@@ -1,8 +1,8 @@
-"""gradwatch's Keras 3 / TensorFlow backend plugin (entry point ``tf``).
+"""gradwatch's Keras 3 backend plugin (entry point ``tf``), for every Keras backend.
 
-Imported by the plugin manager whether or not TensorFlow is installed, so it imports
-neither: a target is recognised through ``sys.modules``, and the backend proper is
-imported only once a Keras model is actually being watched.
+Imported by the plugin manager whether or not Keras is installed, so it imports neither
+Keras nor a framework: a target is recognised through ``sys.modules``, and the backend
+proper is imported only once a Keras model is actually being watched.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 def _is_keras_model(target: object) -> bool:
     keras = sys.modules.get("keras")
-    if keras is None or "tensorflow" not in sys.modules:
+    if keras is None:
         return False
     try:
         return isinstance(target, keras.Model)
@@ -53,18 +53,30 @@ def check_optimizer(optimizer: object | None) -> None:
     )
 
 
-@hookimpl
+@hookimpl(tryfirst=True)
 def gradwatch_attach(target: object, optimizer: object | None, monitor: MonitorPort) -> Attachment | None:
-    """Attach to a ``keras.Model`` (TensorFlow backend); None for anything else."""
+    """Attach to a ``keras.Model`` on any Keras backend; None for anything else.
+
+    Asked before the torch plugin: on the torch backend a ``keras.Model`` is also a
+    ``torch.nn.Module``, and it is Keras that trains it (``optimizer.apply``).
+    """
     if not _is_keras_model(target):
         return None
-    keras = sys.modules["keras"]
-    if keras.backend.backend() != "tensorflow":
-        return None
     check_optimizer(optimizer)
-    from gradwatch_tf.attach import attach
+    return attach_any(target, optimizer, monitor)
 
-    return attach(target, optimizer, monitor)
+
+def attach_any(target: Any, optimizer: Any, monitor: Any) -> Attachment:
+    """The backend's attachment for ``gradwatch.watch``: the TensorFlow step on
+    TensorFlow, the ``keras.ops`` step on JAX and torch."""
+    keras = sys.modules["keras"]
+    if keras.backend.backend() == "tensorflow":
+        from gradwatch_tf.attach import attach
+
+        return attach(target, optimizer, monitor)
+    from gradwatch_tf.portable import attach as attach_portable
+
+    return attach_portable(target, optimizer, monitor)
 
 
 __all__: list[Any] = ["gradwatch_attach"]
