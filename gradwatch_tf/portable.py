@@ -22,7 +22,9 @@ it directly):
 On JAX the variables a step changes must flow through the jitted function's state: during
 a ``fit`` gradwatch's variables are appended to the optimizer's variables (so they travel
 in ``model._jax_state["optimizer_variables"]``, where the callback reads the ring at batch
-end, without a full state sync) and taken out again when the fit ends.
+end, without a full state sync) and taken out again when the fit ends. A custom JAX loop
+that calls ``optimizer.apply`` eagerly is watched as on torch; one that jits
+``stateless_apply`` itself keeps gradwatch's state out of its own (not measured yet).
 
 Through-time measurements (per-timestep sensitivity, propagation, gate statistics,
 spectral norms) are TensorFlow-only for now: on these backends an INFO line says so and
@@ -273,8 +275,6 @@ class PortableAttachment(RingReader):
         if device_policy is not None:
             self._monitor.decide_on_device(device_policy)
         self._ready = True
-        if self._mode == "watch":
-            self.enter_optimizer()
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)

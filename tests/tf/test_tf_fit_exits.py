@@ -94,6 +94,11 @@ def test_every_way_out_of_fit_restores_model_and_optimizer(way, tmp_path):
     assert "apply" not in vars(model.optimizer)
 
 
+@pytest.mark.skipif(
+    keras.backend.backend() == "jax",
+    reason="on JAX a wrapper that heals inside the next fit's jit trace cannot take gradwatch's variables out of "
+    "the state that fit is already tracing; there the guards (tested above) are what restores",
+)
 def test_a_stale_wrapper_heals_even_after_recompiling(tmp_path):
     """No guard saw the fit end (simulated: the callback never hears of it) and the model
     was compiled again, so the later fit traces afresh through gradwatch's wrappers: they
