@@ -28,8 +28,9 @@ that calls ``optimizer.apply`` eagerly is watched as on torch; one that jits
 
 Through-time measurements (per-timestep sensitivity, propagation, gate statistics,
 spectral norms) are TensorFlow-only for now: on these backends an INFO line says so and
-records carry no ``temporal`` / ``spectral``; the through-time engine's ``keras.ops``
-kernel will plug in at :meth:`PortableAttachment._profile` (left empty).
+records carry no ``temporal`` / ``spectral``. The through-time engine's ``keras.ops``
+kernel plugs in at :meth:`PortableAttachment._profile_segments` (the row's segments for
+what it measures, today none) and the ``("profiled", "")`` entry of the row.
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ class PortableAttachment(RingReader):
         segments += [Segment("sq_norms", p), Segment("nonfinite", p)]
         if unitwise is not None:
             segments.append(Segment("clipped_sq", p))
+        segments += self._profile_segments()
         layout = Layout(segments)
         self._graph = _Graph(
             layout=layout,
@@ -278,6 +280,12 @@ class PortableAttachment(RingReader):
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
+
+    def _profile_segments(self) -> list[Segment]:
+        """The row's through-time segments ("temporal", "spectral", "gates",
+        "propagation", as :func:`gradwatch_tf._step.step_layout` lays them out): none until
+        the through-time engine has a ``keras.ops`` kernel (TensorFlow has its own)."""
+        return []
 
     # ---------------------------------------------- JAX: state through the optimizer
     def enter_optimizer(self) -> None:

@@ -74,6 +74,28 @@ def _norms(model, grads):
     return per, math.sqrt(sum(n * n for n in per.values()))
 
 
+def test_other_backends_never_import_tensorflow():
+    """On JAX and torch the callback and watch() run without TensorFlow in the process."""
+    import os
+    import subprocess
+    import sys
+
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow is this backend")
+    code = (
+        "import sys, numpy as np, keras, gradwatch\n"
+        "from gradwatch_tf import GradWatchCallback\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]); m.compile('sgd', 'mse')\n"
+        "cb = GradWatchCallback(sinks=['memory'])\n"
+        "m.fit(np.ones((4, 3), 'float32'), np.ones((4, 1), 'float32'), verbose=0, callbacks=[cb])\n"
+        "gradwatch.watch(m, m.optimizer, sinks=['memory']).close()\n"
+        "print(len(cb.records), 'tensorflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["1", "False"]
+
+
 def test_fit_records_the_backends_own_gradient_norms():
     model = _model()
     x, y = _data()
