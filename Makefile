@@ -24,7 +24,7 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 	touch $@
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
-	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,modern]'
+	$(PIP) -e '.[torch,tf,jax,plot,dev,lightning,transformers,modern]'
 	touch $@ $(STAMP_DEMO)
 
 demo: $(STAMP_DEMO)
@@ -38,15 +38,26 @@ report: $(STAMP_DEMO)
 # unimportable (it must work from numpy alone), and the two frameworks apart, since
 # loading both into one process is not something users do and only slows the run. The
 # backend contract suite (tests/contract) runs once per backend.
+# Keras runs once per Keras backend, each in its own process: the whole of tests/tf and the
+# contract on TensorFlow; on JAX and torch the suites written for every backend
+# (KERAS_ANY_BACKEND) and the contract, less what is TensorFlow-only for now (through-time
+# profiles) and, on JAX, less the slowest contract tests (eager JAX reference gradients).
+KERAS_ANY_BACKEND := tests/tf/test_keras_backends.py tests/tf/test_tf_fit_exits.py
+KERAS_CONTRACT_torch := not profiling_schedule
+KERAS_CONTRACT_jax := records_match or close_leaves or bitwise or raise_happens or fixed_equals or header
 test: $(STAMP_TEST)
 	@rc=0; \
 	GRADWATCH_BLOCK_FRAMEWORKS=1 $(BIN)/python -m pytest tests/core -q || rc=1; \
 	for suite in tests/torch tests/tf tests/cli tests/examples tests/benchmarks; do \
-	  if [ -d $$suite ]; then $(BIN)/python -m pytest $$suite -q || rc=1; fi; \
+	  if [ -d $$suite ]; then KERAS_BACKEND=tensorflow $(BIN)/python -m pytest $$suite -q || rc=1; fi; \
 	done; \
 	for backend in torch keras; do \
-	  $(BIN)/python -m pytest tests/contract --backend $$backend -q || rc=1; \
+	  KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/contract --backend $$backend -q || rc=1; \
 	done; \
+	KERAS_BACKEND=jax $(BIN)/python -m pytest $(KERAS_ANY_BACKEND) -q || rc=1; \
+	KERAS_BACKEND=jax $(BIN)/python -m pytest tests/contract --backend keras -k "$(KERAS_CONTRACT_jax)" -q || rc=1; \
+	KERAS_BACKEND=torch $(BIN)/python -m pytest $(KERAS_ANY_BACKEND) -q || rc=1; \
+	KERAS_BACKEND=torch $(BIN)/python -m pytest tests/contract --backend keras -k "$(KERAS_CONTRACT_torch)" -q || rc=1; \
 	exit $$rc
 
 bench: $(STAMP_TEST)

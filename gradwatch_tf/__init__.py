@@ -1,7 +1,13 @@
-"""gradwatch for Keras 3 on TensorFlow: ``watch`` for custom loops, ``GradWatchCallback`` for fit.
+"""gradwatch for Keras 3 on any backend (JAX, PyTorch, TensorFlow): ``watch`` for custom
+loops, ``GradWatchCallback`` for fit.
 
-Importing this package does not import TensorFlow (the plugin entry point lives here);
-the two public names load it on first use.
+Importing this package does not import Keras or a framework (the plugin entry point lives
+here); the two public names load them on first use. On TensorFlow the step below runs in
+TensorFlow (``gradwatch_tf.attach``), through-time diagnosis included; on JAX and torch
+the same records, policies, skip/raise, run files and TensorBoard come from a step written
+in ``keras.ops`` (:mod:`gradwatch_tf.portable`), through-time measurements not yet.
+
+On TensorFlow:
 
 How it behaves, and why:
 
@@ -64,9 +70,11 @@ def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:
     or, when it is None, of ``model.optimizer``; returns a ``gradwatch.Watch``.
     """
     from gradwatch import watch_with
-    from gradwatch_tf.attach import attach
+    from gradwatch_tf.plugin import attach_any, check_optimizer
 
-    return watch_with(lambda monitor: attach(model, optimizer, monitor), model, **options)
+    check_optimizer(optimizer)
+
+    return watch_with(lambda monitor: attach_any(model, optimizer, monitor), model, **options)
 
 
 def __getattr__(name: str) -> Any:

@@ -16,8 +16,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import tensorflow as tf
-
 from gradwatch.errors import GradwatchError
 
 __all__ = ["FitFunctions", "FitSignature", "drop_traced_functions", "unwrap_optimizer", "wrap_apply", "xla_context"]
@@ -44,12 +42,23 @@ def unwrap_optimizer(opt: Any) -> Any:
     return opt
 
 
-def wrap_apply(opt: Any, model_name: str, step: Callable[[Any, Any, Callable[..., Any]], Any]) -> tuple[Callable[..., Any], Callable[[], None]]:
+def wrap_apply(
+    opt: Any,
+    model_name: str,
+    step: Callable[[Any, Any, Callable[..., Any]], Any],
+    heal: Callable[[], bool] | None = None,
+) -> tuple[Callable[..., Any], Callable[[], None]]:
     """Replace ``opt.apply`` by ``step(grads, variables, original_apply)``.
 
     Returns the original bound ``apply`` and the function that restores it. Refuses an
-    optimizer gradwatch (or another wrapper of ``apply``) already holds.
+    optimizer gradwatch (or another wrapper of ``apply``) already holds, unless that
+    wrapper is a stale one (a ``fit`` that ended where no hook could see it): it is
+    removed first.
     """
+    existing = vars(opt).get("apply")
+    heal = getattr(existing, "__gradwatch_heal__", None)
+    if heal is not None:
+        heal()
     if opt in _WATCHED or "apply" in vars(opt):
         raise GradwatchError(
             f"The optimizer {type(opt).__name__!r} of model {model_name!r} is already watched (by gradwatch or by "
@@ -62,6 +71,8 @@ def wrap_apply(opt: Any, model_name: str, step: Callable[[Any, Any, Callable[...
 
     apply.__doc__ = original.__doc__
     apply.__gradwatch__ = True  # type: ignore[attr-defined]
+    if heal is not None:
+        apply.__gradwatch_heal__ = heal  # type: ignore[attr-defined]
     object.__setattr__(opt, "apply", apply)
     _WATCHED.add(opt)
 
@@ -76,6 +87,7 @@ def wrap_apply(opt: Any, model_name: str, step: Callable[[Any, Any, Callable[...
 def xla_context() -> bool:
     """True while tracing inside ``jit_compile=True`` (no host callbacks there)."""
     try:
+        import tensorflow as tf
         from tensorflow.python.ops import control_flow_util
 
         return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))

@@ -358,7 +358,9 @@ def _capture_dropout(site: RecurrentSite, cell: Any) -> Callable[[], None]:
     return restore_all
 
 
-def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None) -> Callable[[], None]:
+def wrap_call(
+    site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None, live: Callable[[], bool] | None = None
+) -> Callable[[], None]:
     """Put ``probe`` on the first argument of ``layer.call`` (instance attribute) and,
     with a ``hook`` (``before(CallArgs) -> context | None``, ``after(context)``), let it
     see every call; the cells' dropout masks are recorded for it.
@@ -367,6 +369,10 @@ def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None
     attributes, so ``layer.call`` is the class's method again and nothing of gradwatch
     stays on the layer (a model saved afterwards contains no trace of it). Calling
     ``wrap_call`` again after that wraps again.
+
+    ``live()`` is asked first at every call: False (the wrapper outside the fit it was
+    installed for; the attachment has already restored everything) runs the layer's own
+    call, nothing of gradwatch.
     """
     layer = site.layer
     original = layer.call
@@ -378,6 +384,8 @@ def wrap_call(site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None
 
     @functools.wraps(original)
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if live is not None and not live():
+            return original(inputs, *args, **kwargs)
         context = None
         if hook is not None:
             try:

@@ -15,11 +15,9 @@ import logging
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from gradwatch.errors import NonFiniteGradientError
 from gradwatch.records import StepRecord
-from gradwatch_tf._intercept import xla_context
 
 __all__ = ["RingReader"]
 
@@ -53,6 +51,10 @@ class RingReader:
         """How a step's row reaches the host in ``mode="watch"`` (None: the ring is read later)."""
         if self._mode != "watch":
             return None
+        import tensorflow as tf
+
+        from gradwatch_tf._intercept import xla_context
+
         if tf.executing_eagerly():
             return lambda row: self.sync()
         replica = tf.distribute.get_replica_context()
@@ -78,11 +80,14 @@ class RingReader:
         if not self._ready:
             return []
         try:
-            ring = np.asarray(self._graph.ring.numpy(), dtype=np.float64)
+            ring = self._read_ring()
         except Exception as exc:  # noqa: BLE001 - reading is optional, training goes on
             self._fail("reading gradient statistics", exc)
             return []
         return self._process_rows(ring)
+
+    def _read_ring(self) -> np.ndarray:
+        return np.asarray(self._graph.ring.numpy(), dtype=np.float64)
 
     def _process_rows(self, rows: np.ndarray) -> list[StepRecord]:
         steps = rows[:, self._step_slice].reshape(-1)

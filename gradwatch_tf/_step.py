@@ -175,7 +175,9 @@ def _clip(c: GraphContext, grads: list[Any], measured: list[Any], tvars: list[An
                 new_grads.append(g)
                 after_each.append(zero)
                 continue
-            m = tf.convert_to_tensor(m)  # IndexedSlices (embeddings) densified for unit norms
+            # IndexedSlices (embeddings): repeated rows summed, not densified; the rows
+            # absent from the slices are zero and change no unit's norm.
+            m = _tensors.summed_rows(m) if isinstance(m, tf.IndexedSlices) else tf.convert_to_tensor(m)
             value = v.value if hasattr(v, "value") else v
             factor = pol.unit_factor(_tensors.unitwise_norm(value), _tensors.unitwise_norm(m), TF)
             factor = tf.where(active, factor, tf.ones_like(factor))

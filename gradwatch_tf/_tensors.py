@@ -13,19 +13,38 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "power_iteration", "runner_up_start", "scale", "squared_norm", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
+__all__ = ["SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "power_iteration", "runner_up_start", "scale", "squared_norm", "summed_rows", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
+
+
+def summed_rows(g: tf.IndexedSlices) -> tf.Tensor:
+    """The rows of an ``IndexedSlices`` gradient with repeated indices summed, as the dense
+    gradient has them (an ``Embedding`` looked up twice with one id gets two slices whose
+    SUM is that row's gradient: the norm of the slices themselves is wrong), without
+    densifying to the variable's shape.
+
+    Static shapes only, so it also runs under XLA (``tf.unique`` has a dynamic output):
+    sort the indices, number the runs of equal ones, and segment-sum into as many rows as
+    there are slices; the rows past the number of distinct indices are zero, which
+    changes no norm, finiteness or unit-wise norm.
+    """
+    idx = g.indices
+    order = tf.argsort(idx, stable=True)
+    s = tf.gather(idx, order)
+    previous = tf.concat([s[:1] - 1, s[:-1]], 0)  # differs from s at every run's start
+    run = tf.cumsum(tf.cast(tf.not_equal(s, previous), tf.int32)) - 1
+    return tf.math.unsorted_segment_sum(tf.gather(g.values, order), run, tf.shape(idx)[0])
 
 
 def squared_norm(g: tf.Tensor) -> tf.Tensor:
     """Sum of squares of a gradient in float32, as float64 (one scalar per variable)."""
     if isinstance(g, tf.IndexedSlices):
-        g = g.values
+        g = summed_rows(g)
     return tf.cast(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))), tf.float64)
 
 
 def all_finite(g: tf.Tensor) -> tf.Tensor:
     if isinstance(g, tf.IndexedSlices):
-        g = g.values
+        g = summed_rows(g)  # two finite slices of one row may sum to Inf
     return tf.reduce_all(tf.math.is_finite(g))
 
 

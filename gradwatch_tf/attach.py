@@ -88,6 +88,10 @@ class TFAttachment(RingReader):
         self._strategy: Any = None
         self.last_record: StepRecord | None = None
         self._last_step = 0
+        #: Set by the callback: True when a wrapper runs outside the ``fit`` it was
+        #: installed for (that fit ended where no hook could see it); it has then already
+        #: restored everything and flushed the sinks, and the wrapper delegates.
+        self.outside_fit: Callable[[], bool] | None = None
         if optimizer is not None or getattr(model, "optimizer", None) is not None:
             self._install()
 
@@ -129,7 +133,7 @@ class TFAttachment(RingReader):
         model_name = getattr(model, "name", "?")
 
         def wrap_optimizer() -> Callable[[], None]:
-            self._original_apply, restore = wrap_apply(opt, model_name, self._apply)
+            self._original_apply, restore = wrap_apply(opt, model_name, self._apply, self._stale)
             return restore
 
         self._hold(wrap_optimizer)
@@ -142,7 +146,7 @@ class TFAttachment(RingReader):
                 for site in _recurrent.find_sites(model):
                     probe = _recurrent.make_probe(site, self._make_var, lambda exc: self._fail("temporal probe", exc))
                     after = self._gate_hook(site) if _recurrent.forget_gate_feasible(site) else None
-                    self._hold(functools.partial(_recurrent.wrap_call, site, probe, after))
+                    self._hold(functools.partial(_recurrent.wrap_call, site, probe, after, self._live))
                     self._sites.append(site)
             except Exception as exc:  # noqa: BLE001 - profiling is optional
                 self._fail("recurrent-layer profiling setup", exc)
@@ -303,9 +307,18 @@ class TFAttachment(RingReader):
             disabled=lambda: self._closed or "propagation replay" in self._errors_logged,
         )
 
+    # ------------------------------------------------------------ self-healing
+    def _stale(self) -> bool:
+        """True (after restoring everything) when called outside the fit we serve."""
+        check = self.outside_fit
+        return check is not None and check()
+
+    def _live(self) -> bool:
+        return not self._stale()
+
     # ------------------------------------------------------------ in-graph step
     def _apply(self, grads: Any, trainable_variables: Any, original: Any) -> Any:
-        if self._closed:
+        if self._closed or self._stale():
             return original(grads, trainable_variables)
         grads = list(grads)
         tvars = list(trainable_variables) if trainable_variables is not None else list(self._opt._trainable_variables)

@@ -19,30 +19,93 @@ The run file is complete at the end of every ``fit``: the last partial window re
 sinks at train end, and also when ``fit`` stops with an exception (raised in the train
 step, Ctrl-C included, or ``on_nonfinite="raise"``). Records, events and state live in the
 watch across fits; ``close()`` is needed only to close the sinks for good.
+
+Every way out of ``fit`` restores the model and the optimizer, although Keras' ``fit``
+has no ``try/finally`` around its loop: the exits that can raise are guarded while the fit
+runs (the fit's ``CallbackList`` methods, the epoch iterator's ``catch_stop_iteration``,
+the train function, the validation ``evaluate``), and whatever slips past them is caught
+by the wrappers themselves: each one (``optimizer.apply``, the train function, the
+recurrent layers' ``call``) knows the fit it was installed for (``model.history``, a new
+``History`` at every ``fit``) and, run outside it, restores everything, flushes the sinks
+and delegates to the original. So a later unwatched ``fit`` runs none of gradwatch's ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from gradwatch import Monitor, Watch
 from gradwatch.errors import NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch.watch import WatchFront
 from gradwatch_tf._intercept import FitFunctions, FitSignature
-from gradwatch_tf.attach import TFAttachment
+from gradwatch_tf._ring import RingReader
 
 logger = logging.getLogger("gradwatch")
 
 __all__ = ["GradWatchCallback"]
 
-#: Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit.
-_END_OF_DATA = (StopIteration, tf.errors.OutOfRangeError)
+
+
+def _end_of_data() -> tuple[type[BaseException], ...]:
+    """Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit."""
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        return (StopIteration, tf.errors.OutOfRangeError)
+    return (StopIteration,)
+
+
+def _attachment(model: Any, monitor: Any, capacity: int) -> RingReader:
+    """The backend's attachment: the TensorFlow step (through-time included) on
+    TensorFlow, the ``keras.ops`` step (:mod:`gradwatch_tf.portable`) on JAX and torch."""
+    if keras.backend.backend() == "tensorflow":
+        from gradwatch_tf.attach import TFAttachment
+
+        return TFAttachment(model, None, monitor, mode="callback", capacity=capacity)
+    from gradwatch_tf.portable import PortableAttachment
+
+    return PortableAttachment(model, None, monitor, mode="callback", capacity=capacity)
+
+#: The fit's ``CallbackList`` methods guarded while a watched fit runs: an exception out
+#: of any of them leaves ``fit`` (Keras catches none).
+_GUARDED_CALLBACK_METHODS = (
+    "on_epoch_begin",
+    "on_epoch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_begin",
+    "on_test_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+)
+
+
+def _wrong_trainer(trainer: str, right: str) -> str:
+    module = right.rsplit(".", 1)[0]
+    return (
+        f"gradwatch_tf.GradWatchCallback is the Keras callback (for model.fit) and cannot run in {trainer}; "
+        f"use {right} there (`from {module} import GradWatchCallback`), with the same options."
+    )
+
+
+def _set_instance_attr(obj: Any, name: str, value: Any) -> Callable[[], None]:
+    """Put ``value`` on the instance (bypassing Keras' attribute tracking); the undo
+    deletes it again if it is still ours."""
+    object.__setattr__(obj, name, value)
+
+    def undo() -> None:
+        if obj.__dict__.get(name) is value:
+            object.__delattr__(obj, name)
+
+    return undo
 
 
 class GradWatchCallback(WatchFront, keras.callbacks.Callback):
@@ -65,10 +128,14 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self.watch = Watch(Monitor(**options))
         self._last: StepRecord | None = None
         #: Suspended between two fits (owned by the watch during a fit).
-        self._kept: TFAttachment | None = None
+        self._kept: Any = None
         self._signature: FitSignature | None = None
         self._functions: FitFunctions | None = None
         self._in_fit = False
+        #: The fit being watched: its ``History`` (``model.history``), weakly.
+        self._fit_token: Callable[[], Any] | None = None
+        #: Undo functions of the guards put on the fit's objects (callback list, ...).
+        self._fit_guards: list[Callable[[], None]] = []
 
     # ------------------------------------------------------------------ fit hooks
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -83,7 +150,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self._kept, self._signature = None, signature
         if att is None:
             capacity = int(getattr(model, "steps_per_execution", 1) or 1)
-            att = TFAttachment(model, None, self.monitor, mode="callback", capacity=capacity)
+            att = _attachment(model, self.monitor, capacity)
             self._functions = FitFunctions(model)
             self.watch.attach(att)
         else:
@@ -95,15 +162,25 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 self._kept = att  # still suspended: kept for a later fit, closed by close()
                 raise
         self._in_fit = True
+        enter = getattr(att, "enter_optimizer", None)
+        if enter is not None:  # JAX: gradwatch's state travels with the optimizer's
+            enter()
+        history = getattr(model, "history", None)
+        self._fit_token = weakref.ref(history) if history is not None else None
+        att.outside_fit = self._outside_fit
         assert self._functions is not None
         try:
             self._functions.enter(self._guard)
         except Exception as exc:  # noqa: BLE001 - Keras makes the function lazily anyway
             logger.error("gradwatch: could not prepare Keras' train function: %r", exc)
+        try:
+            self._guard_fit(sys._getframe(1), model)
+        except Exception as exc:  # noqa: BLE001 - the wrappers heal themselves anyway
+            logger.debug("gradwatch: could not guard the fit loop: %r", exc)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
-        if not isinstance(att, TFAttachment):
+        if not isinstance(att, RingReader):
             return
         try:
             records = att.sync_records()
@@ -122,12 +199,23 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
 
     def _guard(self, train_function: Callable[..., Any]) -> Callable[..., Any]:
         """``train_function`` that ends the fit properly (sinks flushed, optimizer
-        restored) when an exception leaves it: Keras calls no ``on_train_end`` then."""
+        restored) when an exception leaves it: Keras calls no ``on_train_end`` then.
+        Called in a later fit (this one ended unseen), it heals and runs the user's."""
 
-        def guarded(iterator: Any) -> Any:
+        end_of_data = _end_of_data()
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            if self._outside_fit():
+                model = self._model_of_functions()
+                fn = getattr(model, "train_function", None)
+                if fn is None or fn is guarded:
+                    model.train_function = None
+                    model.make_train_function()
+                    fn = model.train_function
+                return fn(*args, **kwargs)
             try:
-                return train_function(iterator)
-            except _END_OF_DATA:
+                return train_function(*args, **kwargs)
+            except end_of_data:
                 raise
             except BaseException:
                 self._end_fit()
@@ -136,15 +224,113 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         guarded.__gradwatch_guarded__ = train_function  # type: ignore[attr-defined]
         return guarded
 
+    # ------------------------------------------------------------------ every way out
+    def _guard_fit(self, frame: Any, model: Any) -> None:
+        """Guard what can raise out of this ``fit`` (Keras has no try/finally there):
+        the ``CallbackList`` calling us (``frame`` is its ``on_train_begin``), the epoch
+        iterator's ``catch_stop_iteration`` and the validation ``evaluate`` (both found
+        in ``fit``'s own frame). An exception through any of them ends our fit at once
+        (sinks flushed, everything restored) and goes on."""
+        from keras.callbacks import CallbackList
+
+        def ending(method: Callable[..., Any]) -> Callable[..., Any]:
+            def guarded(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    return method(*args, **kwargs)
+                except BaseException:
+                    self._end_fit()
+                    raise
+
+            return guarded
+
+        callbacks = frame.f_locals.get("self") if frame is not None else None
+        if isinstance(callbacks, CallbackList):
+            for name in _GUARDED_CALLBACK_METHODS:
+                if name not in vars(callbacks):
+                    self._fit_guards.append(_set_instance_attr(callbacks, name, ending(getattr(callbacks, name))))
+        fit_frame = frame
+        for _ in range(8):  # CallbackList.on_train_begin <- fit (a few frames at most)
+            if fit_frame is None or fit_frame.f_locals.get("self") is model:
+                break
+            fit_frame = fit_frame.f_back
+        if fit_frame is None or fit_frame.f_locals.get("self") is not model:
+            return
+        iterator = fit_frame.f_locals.get("epoch_iterator")
+        catch = getattr(iterator, "catch_stop_iteration", None)
+        if catch is not None and "catch_stop_iteration" not in vars(iterator):
+
+            @contextlib.contextmanager
+            def catch_stop_iteration() -> Any:
+                try:
+                    with catch():  # ends the epoch on StopIteration / OutOfRange, as before
+                        yield
+                except BaseException:
+                    self._end_fit()
+                    raise
+
+            self._fit_guards.append(_set_instance_attr(iterator, "catch_stop_iteration", catch_stop_iteration))
+        fit_code = fit_frame.f_code
+        evaluate = model.evaluate
+        if "evaluate" not in vars(model):
+
+            def guarded_evaluate(*args: Any, **kwargs: Any) -> Any:
+                caller = sys._getframe(1)
+                if caller.f_code is not fit_code:  # the user's own evaluate: not ours
+                    return evaluate(*args, **kwargs)
+                try:
+                    return evaluate(*args, **kwargs)
+                except BaseException:
+                    self._end_fit()
+                    raise
+
+            self._fit_guards.append(_set_instance_attr(model, "evaluate", guarded_evaluate))
+
+    def _outside_fit(self) -> bool:
+        """True when the fit we were installed for is over although no hook said so (an
+        exception left it unseen) and a wrapper of ours runs again, in a later fit or
+        loop: everything is restored and flushed now, and the caller delegates."""
+        if not self._in_fit:
+            return False
+        att = self.watch.attachment
+        model = att.model if isinstance(att, RingReader) else None
+        token = self._fit_token
+        if model is None or token is None or getattr(model, "history", None) is token():
+            return False
+        logger.info("gradwatch: the previous watched fit ended without reaching on_train_end; restored the model and optimizer.")
+        try:
+            if keras.backend.backend() == "tensorflow":
+                import tensorflow as tf
+
+                with tf.init_scope():  # we may be inside a trace of the later fit
+                    self._end_fit()
+            else:
+                self._end_fit()
+        except Exception as exc:  # noqa: BLE001 - never break the user's later fit
+            logger.error("gradwatch: restoring after an interrupted fit failed: %r", exc)
+        return True
+
+    def _model_of_functions(self) -> Any:
+        functions = self._functions
+        return functions._model_ref() if functions is not None else None
+
     def _end_fit(self) -> None:
         """Read what is pending, flush the partial window to the sinks, give the model
         and optimizer back, keep the graph state for the next fit. Idempotent."""
         if not self._in_fit:
             return
         self._in_fit = False
+        self._fit_token = None
+        guards, self._fit_guards = self._fit_guards, []
+        for undo in reversed(guards):
+            try:
+                undo()
+            except Exception as exc:  # noqa: BLE001 - best effort, the rest must still run
+                logger.debug("gradwatch: could not remove a fit guard: %r", exc)
         att = self.watch.attachment
+        if isinstance(att, RingReader):
+            att.outside_fit = None
         try:
-            if isinstance(att, TFAttachment):
+            if isinstance(att, RingReader):
                 try:
                     att.sync()
                 except NonFiniteGradientError:
@@ -154,10 +340,10 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 if self._functions is not None:
                     self._functions.leave()
             finally:
-                if isinstance(att, TFAttachment):
+                if isinstance(att, RingReader):
                     att.suspend()
                 released = self.watch.release()  # the watch keeps the backend state
-                if isinstance(released, TFAttachment):
+                if isinstance(released, RingReader):
                     self._kept = released
                 elif released is not None:
                     released.close()
@@ -179,6 +365,19 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         logs["grad_norm"] = self._last.global_norm
         if self._last.clip is not None:
             logs["clip_threshold"] = self._last.clip.threshold
+
+    # ------------------------------------------- in another framework's trainer
+    #: What a Lightning ``Trainer`` or a Hugging Face ``Trainer`` touches first on a
+    #: callback: the Keras callback says at once which class belongs there.
+    @property
+    def state_key(self) -> str:  # Lightning: read when the Trainer checks its callbacks
+        raise TypeError(_wrong_trainer("a Lightning Trainer", "gradwatch_torch.lightning.GradWatchCallback"))
+
+    def setup(self, *args: Any, **kwargs: Any) -> None:  # Lightning: the first hook of a fit
+        raise TypeError(_wrong_trainer("a Lightning Trainer", "gradwatch_torch.lightning.GradWatchCallback"))
+
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:  # Hugging Face Trainer.__init__
+        raise TypeError(_wrong_trainer("a Hugging Face Trainer", "gradwatch_torch.transformers.GradWatchCallback"))
 
     # ------------------------------------------------------------------ like a Watch
     def close(self) -> None:

@@ -101,13 +101,16 @@ class TorchAdapter:
 
 
 class KerasAdapter:
+    """Keras 3 on whichever backend ``KERAS_BACKEND`` names; the ground truth is that
+    backend's own autodiff (``tf.GradientTape``, ``jax.grad``, ``torch.autograd``)."""
+
     name = "keras"
 
     def __init__(self) -> None:
         import keras
-        import tensorflow as tf
 
-        self.keras, self.tf = keras, tf
+        self.keras = keras
+        self.kind = keras.backend.backend()
 
     def build(self, seed: int = 0) -> tuple[Any, Any]:
         keras = self.keras
@@ -127,27 +130,48 @@ class KerasAdapter:
         return m2, o2
 
     def _grads(self, model: Any, x: np.ndarray, y: np.ndarray) -> list[Any]:
-        tf = self.tf
-        with tf.GradientTape() as tape:
-            loss = self.keras.losses.MeanSquaredError()(y, model(x, training=True))
-        return tape.gradient(loss, model.trainable_variables)
+        keras, tvars = self.keras, model.trainable_variables
+        mse = keras.losses.MeanSquaredError()
+        if self.kind == "tensorflow":
+            import tensorflow as tf
+
+            with tf.GradientTape() as tape:
+                loss = mse(y, model(x, training=True))
+            return list(tape.gradient(loss, tvars))
+        if self.kind == "jax":
+            import jax
+
+            non_trainable = [v.value for v in model.non_trainable_variables]
+
+            def loss_of(trainable: Any) -> Any:
+                pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+                return mse(y, pred)
+
+            return list(jax.grad(loss_of)([v.value for v in tvars]))
+        import torch
+
+        loss = mse(torch.as_tensor(y), model(torch.as_tensor(x), training=True))
+        return list(torch.autograd.grad(loss, [v.value for v in tvars]))
 
     def train_step(self, model: Any, opt: Any, step: int, nan: bool = False, clip: float | None = None) -> None:
         x, y = batch(step, nan)
         grads = self._grads(model, x, y)
-        if clip is not None:
-            grads, _ = self.tf.clip_by_global_norm(grads, clip)
+        if clip is not None:  # tf.clip_by_global_norm's definition: g * clip / max(norm, clip)
+            ops = self.keras.ops
+            norm = ops.sqrt(sum(ops.sum(ops.square(g)) for g in grads))
+            grads = [g * (clip / ops.maximum(norm, clip)) for g in grads]
         opt.apply_gradients(zip(grads, model.trainable_variables))
 
     def true_global_norm(self, model: Any, step: int) -> float:
         x, y = batch(step)
-        return float(np.sqrt(sum(float(np.sum(g.numpy().astype(np.float64) ** 2)) for g in self._grads(model, x, y))))
+        to_np = self.keras.ops.convert_to_numpy
+        return float(np.sqrt(sum(float(np.sum(np.asarray(to_np(g)).astype(np.float64) ** 2)) for g in self._grads(model, x, y))))
 
     def weights(self, model: Any) -> list[np.ndarray]:
         return [w.copy() for w in model.get_weights()]
 
     def opt_state(self, opt: Any) -> list[np.ndarray]:
-        return [np.asarray(v.numpy()).copy() for v in opt.variables]
+        return [np.asarray(self.keras.ops.convert_to_numpy(v.value)).copy() for v in opt.variables]
 
     def leftovers(self, model: Any, opt: Any) -> list[str]:
         """Wrappers still on the optimizer instance or on a layer."""

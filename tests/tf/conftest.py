@@ -1,4 +1,5 @@
-"""Fixtures of the Keras / TensorFlow backend tests."""
+"""Fixtures of the Keras backend tests (any KERAS_BACKEND; the TensorFlow-only modules
+import TensorFlow themselves)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import pytest
 
-tf = pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
+if keras.backend.backend() == "tensorflow":
+    pytest.importorskip("tensorflow", reason="the Keras TensorFlow backend needs TensorFlow")
 
 
 @pytest.fixture(autouse=True)

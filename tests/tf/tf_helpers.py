@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 CELLS = {"SimpleRNN": keras.layers.SimpleRNN, "LSTM": keras.layers.LSTM, "GRU": keras.layers.GRU}
 
@@ -36,6 +35,8 @@ def tape_step(model: keras.Model, x: np.ndarray, y: np.ndarray, optimizer=None):
 
     Optionally applies the (unclipped) gradients with ``optimizer``.
     """
+    import tensorflow as tf  # TensorFlow's autodiff: the TensorFlow backend's ground truth
+
     xt = tf.constant(x)
     loss_fn = keras.losses.MeanSquaredError()
     with tf.GradientTape(persistent=True) as tape:

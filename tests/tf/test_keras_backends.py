@@ -1,0 +1,231 @@
+"""The same Keras checks on every Keras backend (run once per ``KERAS_BACKEND``: jax, torch,
+tensorflow), each number against that backend's own autodiff or Keras' own optimizers.
+
+References: the gradients of the backend's own autodiff (``jax.grad`` of
+``model.stateless_call``, ``torch.autograd.grad``, ``tf.GradientTape``), Keras'
+``Adam(global_clipnorm=c)``, the core's numpy policies replayed on the recorded norms,
+and weights that must stay bitwise unchanged when a step is skipped.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+keras = pytest.importorskip("keras", reason="the Keras backend needs Keras 3")
+
+import gradwatch
+from gradwatch.policies import AutoClip, ClipStats, ZClip
+from gradwatch_tf import GradWatchCallback
+
+BACKEND = keras.backend.backend()
+#: float32 sums on JAX without x64; float64 accumulation elsewhere.
+RTOL = 1e-5
+
+
+def _model(seed: int = 0) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((6, 3))
+    h = keras.layers.LSTM(4, name="rnn")(inp)
+    out = keras.layers.Dense(1, name="head")(h)
+    return keras.Model(inp, out)
+
+
+def _data(n: int = 8, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 6, 3)).astype("float32"), rng.standard_normal((n, 1)).astype("float32")
+
+
+def _twin(model: keras.Model) -> keras.Model:
+    other = keras.models.clone_model(model)
+    other.set_weights(model.get_weights())
+    return other
+
+
+def autodiff_grads(model: keras.Model, x: np.ndarray, y: np.ndarray) -> list[np.ndarray]:
+    """The MSE loss's gradients by the backend's own autodiff (never through gradwatch)."""
+    tvars = model.trainable_variables
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y, model(x, training=True))
+        return [np.asarray(tf.convert_to_tensor(g)) for g in tape.gradient(loss, tvars)]
+    if BACKEND == "jax":
+        import jax
+
+        non_trainable = [v.value for v in model.non_trainable_variables]
+
+        def loss_of(trainable):
+            pred, _ = model.stateless_call(trainable, non_trainable, x, training=True)
+            return keras.losses.MeanSquaredError()(y, pred)
+
+        return [np.asarray(g) for g in jax.grad(loss_of)([v.value for v in tvars])]
+    import torch
+
+    loss = keras.losses.MeanSquaredError()(torch.as_tensor(y), model(torch.as_tensor(x), training=True))
+    return [g.detach().cpu().numpy() for g in torch.autograd.grad(loss, [v.value for v in tvars])]
+
+
+def _norms(model, grads):
+    per = {v.path: float(np.linalg.norm(g.astype(np.float64))) for v, g in zip(model.trainable_variables, grads)}
+    return per, math.sqrt(sum(n * n for n in per.values()))
+
+
+def test_other_backends_never_import_tensorflow():
+    """On JAX and torch the callback and watch() run without TensorFlow in the process."""
+    import os
+    import subprocess
+    import sys
+
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow is this backend")
+    code = (
+        "import sys, numpy as np, keras, gradwatch\n"
+        "from gradwatch_tf import GradWatchCallback\n"
+        "m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)]); m.compile('sgd', 'mse')\n"
+        "cb = GradWatchCallback(sinks=['memory'])\n"
+        "m.fit(np.ones((4, 3), 'float32'), np.ones((4, 1), 'float32'), verbose=0, callbacks=[cb])\n"
+        "gradwatch.watch(m, m.optimizer, sinks=['memory']).close()\n"
+        "print(len(cb.records), 'tensorflow' in sys.modules)\n"
+    )
+    env = {**os.environ, "KERAS_BACKEND": BACKEND}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env)
+    assert out.stdout.split() == ["1", "False"]
+
+
+def test_fit_records_the_backends_own_gradient_norms():
+    model = _model()
+    x, y = _data()
+    per, glob = _norms(model, autodiff_grads(_twin(model), x, y))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    cb = GradWatchCallback(sinks=["memory"])
+    hist = model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=[cb])
+    (rec,) = cb.records
+    assert rec.global_norm == pytest.approx(glob, rel=RTOL)
+    assert set(rec.param_norms) == set(per)
+    for name, value in per.items():
+        assert rec.param_norms[name] == pytest.approx(value, rel=RTOL, abs=1e-9)
+    assert set(rec.layer_norms) == {"rnn", "head"}
+    assert rec.layer_norms["head"] == pytest.approx(math.hypot(*[v for k, v in per.items() if k.startswith("head/")]), rel=RTOL)
+    assert hist.history["grad_norm"][0] == pytest.approx(glob, rel=RTOL)
+    assert "apply" not in vars(model.optimizer)
+
+
+def test_fixed_policy_equals_adam_global_clipnorm():
+    model = _model()
+    reference = _twin(model)
+    x, y = _data()
+    model.compile(keras.optimizers.Adam(0.05), "mse")
+    reference.compile(keras.optimizers.Adam(0.05, global_clipnorm=0.01), "mse")
+    cb = GradWatchCallback(policy="fixed", max_norm=0.01, sinks=["memory"])
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False, callbacks=[cb])
+    reference.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False)
+    assert [r.step for r in cb.records] == list(range(1, 9))
+    assert all(r.clip is not None and r.clip.clipped and r.clip.threshold == pytest.approx(0.01) for r in cb.records)
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert len(model.optimizer.variables) == len(reference.optimizer.variables)  # gradwatch's state is gone
+
+
+@pytest.mark.parametrize("make", [lambda: AutoClip(percentile=10.0), lambda: ZClip(warmup=3, z_threshold=0.5)], ids=["autoclip", "zclip"])
+def test_adaptive_policies_decide_as_the_core_policy_does(make):
+    """The in-step policy against the core's numpy definition replayed on the recorded
+    norms: the same thresholds and scales, step by step."""
+    model = _model()
+    x, y = _data(16)
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    cb = GradWatchCallback(policy=make(), sinks=["memory"])
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    host = make()
+    state = host.init()
+    assert len(cb.records) == 8
+    for rec in cb.records:
+        clip, state = host.update(ClipStats(rec.global_norm), state)
+        assert rec.clip.threshold == pytest.approx(float(clip.threshold), rel=1e-5)
+        assert rec.clip.scale == pytest.approx(float(clip.scale), rel=1e-5)
+
+
+@pytest.mark.parametrize("on_nonfinite", ["skip", "raise"])
+def test_nonfinite_step_changes_nothing(on_nonfinite):
+    model = _model()
+    x, y = _data()
+    y_bad = y.copy()
+    y_bad[2:4] = np.nan  # the second batch of 2 has a NaN loss, so NaN gradients
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    cb = GradWatchCallback(on_nonfinite=on_nonfinite, sinks=["memory"])
+    # One good step, then the NaN step.
+    model.fit(x[:2], y[:2], batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    weights = [w.copy() for w in model.get_weights()]
+    opt_state = [np.asarray(keras.ops.convert_to_numpy(v.value)).copy() for v in model.optimizer.variables]
+    if on_nonfinite == "skip":
+        model.fit(x[2:4], y_bad[2:4], batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+        assert cb.records[-1].skipped and cb.records[-1].nonfinite
+    else:
+        with pytest.raises(gradwatch.NonFiniteGradientError):
+            model.fit(x[2:4], y_bad[2:4], batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    for a, b in zip(model.get_weights(), weights):
+        assert np.array_equal(a, b)
+    after = [np.asarray(keras.ops.convert_to_numpy(v.value)) for v in model.optimizer.variables]
+    assert len(after) == len(opt_state)
+    for a, b in zip(after, opt_state):
+        assert np.array_equal(a, b)
+    assert "apply" not in vars(model.optimizer)
+    # A good step afterwards trains normally again.
+    model.fit(x[4:6], y[4:6], batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    assert not cb.records[-1].skipped
+    assert any(not np.array_equal(a, b) for a, b in zip(model.get_weights(), weights))
+
+
+def test_run_file_has_every_step_across_fits(tmp_path):
+    path = tmp_path / "run.jsonl"
+    model = _model()
+    x, y = _data()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    cb = GradWatchCallback(sinks=[f"jsonl:{path}"], log_every=3)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    assert gradwatch.read_run(path).steps.step.tolist() == list(range(1, 9))
+    cb.close()
+    run = gradwatch.read_run(path)
+    np.testing.assert_allclose(run.steps.global_norm, [r.global_norm for r in cb.records], rtol=1e-12)
+
+
+def test_tensorboard_sink_writes_on_every_backend(tmp_path):
+    pytest.importorskip("tensorboard")
+    model = _model()
+    x, y = _data()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    cb = GradWatchCallback(sinks=[f"tensorboard:{tmp_path}"], log_every=2)
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb])
+    cb.close()
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.rglob("*"))
+
+
+def _custom_loop_grads(model, x, y):
+    return autodiff_grads(model, x, y)
+
+
+def test_watch_in_a_custom_loop_matches_the_callback():
+    """``gradwatch.watch(model, optimizer)`` around a loop that calls ``optimizer.apply``
+    itself (eagerly, on each backend): same norms and clipping as ``global_clipnorm``."""
+    model = _model()
+    reference = _twin(model)
+    x, y = _data()
+    opt = keras.optimizers.Adam(0.05)
+    ref_opt = keras.optimizers.Adam(0.05, global_clipnorm=0.01)
+    with gradwatch.watch(model, opt, policy="fixed", max_norm=0.01, sinks=["memory"]) as watch:
+        for i in range(0, 8, 2):
+            grads = _custom_loop_grads(model, x[i : i + 2], y[i : i + 2])
+            per, glob = _norms(model, grads)
+            opt.apply([keras.ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+            assert watch.records[-1].global_norm == pytest.approx(glob, rel=RTOL)
+            ref_grads = _custom_loop_grads(reference, x[i : i + 2], y[i : i + 2])
+            ref_opt.apply([keras.ops.convert_to_tensor(g) for g in ref_grads], reference.trainable_variables)
+        assert [r.step for r in watch.records] == [1, 2, 3, 4]
+    for a, b in zip(model.get_weights(), reference.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert "apply" not in vars(opt)
+    assert len(opt.variables) == len(ref_opt.variables)
