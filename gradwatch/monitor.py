@@ -146,10 +146,33 @@ class Monitor:
         """The layer a bound parameter belongs to."""
         return self._param_layer.get(param)
 
+    def set_pending_reader(self, reader: Any) -> None:
+        """Let a backend that keeps quiet steps' statistics on the device (``reader()``
+        records them) be asked first whenever someone reads the step count, the records or
+        the events, so those are always up to date (None: no such backend)."""
+        self._pending_reader = reader
+
+    def _read_pending(self) -> None:
+        reader = getattr(self, "_pending_reader", None)
+        if reader is None or getattr(self, "_reading", False):
+            return  # (inside the reader itself: its own records are being made)
+        self._reading = True
+        try:
+            reader()
+        except Exception as exc:  # noqa: BLE001 - reading is optional here, training goes on
+            logger.error("reading the pending statistics failed: %s: %s", type(exc).__name__, exc)
+        finally:
+            self._reading = False
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps seen so far (statistics still on the device are recorded first)."""
+        self._read_pending()
+        return self._step
+
+    step = step_count  # as MonitorView.step
     names = property(lambda self: self._names, doc="Bound parameter names, in bound order.")
     layers = property(lambda self: self._layers, doc="Layer names, in order of first appearance.")
-    step_count = property(lambda self: self._step, doc="Optimizer steps recorded so far.")
-    step = property(lambda self: self._step, doc="Optimizer steps recorded so far (as MonitorView.step).")
     policy_name = property(lambda self: None if self.policy is None else self.policy.name, doc="The policy's registry name, or None.")
     next_step = property(lambda self: self._step + 1, doc="The step number the next process() call records.")
     sinks = property(lambda self: list(self._dispatch.sinks))
@@ -348,12 +371,14 @@ class Monitor:
     # ------------------------------------------------------------ reading & state
     @property
     def records(self) -> list[StepRecord]:
-        """Recent records, oldest first (at most ``keep``)."""
+        """Recent records, oldest first (at most ``keep``; pending device statistics first)."""
+        self._read_pending()
         return list(self._records)
 
     @property
     def events(self) -> list[GradEvent]:
-        """Events emitted so far (the most recent ``keep``)."""
+        """Events emitted so far (the most recent ``keep``; pending device statistics first)."""
+        self._read_pending()
         return list(self._events)
 
     def _policy_state(self) -> dict[str, Any] | None:

@@ -119,6 +119,9 @@ class TorchAttachment:
         self._backward_hook: Any = None
         #: Quiet steps measured but not yet read: (layout, row on the device, presence mask).
         self._pending: list[tuple[Layout, Tensor, Any]] = []
+        set_reader = getattr(monitor, "set_pending_reader", None)
+        if callable(set_reader):  # watch.monitor.step_count / .records read the device first
+            set_reader(self._flush_pending)
         self._quiet_layouts: dict[int, Layout] = {}
         self.names: list[str] = []
         #: DDP: every rank holds the same gradient, so every rank must take the same decision.
@@ -219,12 +222,15 @@ class TorchAttachment:
             return
         self._flush_pending()
         self._closed = True
+        set_reader = getattr(self._monitor, "set_pending_reader", None)
+        if callable(set_reader):
+            set_reader(None)
         if self._runner is not None:
             try:  # the state goes back to the monitor (its state_dict after close)
                 self._monitor.decide_on_device(None)
             except Exception:  # noqa: BLE001, S110 - close() never raises
                 pass
-        if self._backwards and self._monitor.step_count == 0 and not self._broken:
+        if self._backwards and self._monitor.next_step == 1 and not self._pending and not self._broken:
             logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "closed after"))
         self._stop_counting_backwards()
         try:
@@ -347,7 +353,7 @@ class TorchAttachment:
 
     def _on_backward(self, param: Tensor) -> None:
         self._backwards += 1
-        if self._backwards == NO_STEP_WARNING_AFTER and self._monitor.step_count == 0:
+        if self._backwards == NO_STEP_WARNING_AFTER and self._monitor.next_step == 1 and not self._pending:
             logger.warning("gradwatch: %s", self._no_steps_message(self._backwards, "after"))
             self._stop_counting_backwards()
 
@@ -373,7 +379,7 @@ class TorchAttachment:
 
     def _next_step(self) -> int:
         """The number of the step being measured next (the monitor lags by the pending rows)."""
-        return self._monitor.step_count + len(self._pending) + 1
+        return self._monitor.next_step + len(self._pending)  # next_step never reads the device
 
     def _quiet(self) -> bool:
         """Is the step about to be measured quiet: neither profiled nor flushed (and

@@ -138,7 +138,7 @@ def test_quiet_steps_are_recorded_in_order_with_their_own_step_and_events():
             if step == 13:  # "warn" let the NaN into the weights: put them back
                 with torch.no_grad():
                     model.head.bias.copy_(saved)
-        assert w.monitor.step_count == 20  # 21..25 still on the device
+        assert len(w.attachment._pending) == 5  # 21..25 still on the device (the step count reads them: API.md)
         records = w.records  # reading brings them back
         assert w.monitor.step_count == 25
         events = w.events
@@ -151,3 +151,19 @@ def test_quiet_steps_are_recorded_in_order_with_their_own_step_and_events():
             continue
         assert r.clip.scale == pytest.approx(d.scale, rel=1e-12) and r.clip.threshold == pytest.approx(d.threshold, rel=1e-12)
     assert records[16].clip.scale < 0.5  # the spike at a quiet step, clipped on the device
+
+
+def test_the_monitors_step_count_and_records_are_up_to_date_between_host_reads():
+    """API.md: watch.monitor.step_count is the optimizer steps seen, even while quiet
+    steps' statistics wait on the device."""
+    import gradwatch
+
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with gradwatch.watch(model, opt, sinks=[], log_every=50, profile_every=10) as w:
+        for _ in range(4):
+            opt.zero_grad()
+            model(torch.randn(5, 3)).square().mean().backward()
+            opt.step()
+        assert w.monitor.step_count == 4
+        assert [r.step for r in w.monitor.records] == [1, 2, 3, 4]
