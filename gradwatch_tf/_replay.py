@@ -2,8 +2,10 @@
 
 What is measured (docs/API.md, "Through time"): for one direction of a recurrent layer,
 ``gains[j] = ||ds_T/ds_{T-j}||_F / sqrt(dim s)``, j = 0 .. T-1 steps back from the last
-*processed* step, s = h (SimpleRNN, GRU) or (h, c) (LSTM), geometric mean over the first
-min(B, 8) sequences of the batch.
+*processed* step, s = h (SimpleRNN, GRU) or (h, c) (LSTM), and the largest singular
+value of the same product, per probed sequence (the engine's rule then takes the median
+of the first and the max of the second over the first
+min(B, 8) sequences of the batch).
 
 How, and why this way:
 

@@ -150,8 +150,7 @@ def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tupl
             measured[i] = reduced[k]
         nt, ng = len(temporal), len(gates)
         temporal = list(reduced[len(dense) : len(dense) + nt])
-        # Gate statistics are means over each replica's equal share: average them; the
-        # mean of log gains is the geometric mean over every replica's sequences.
+        # Gate statistics are means over each replica's equal share: average them.
         gates = [g / replicas for g in reduced[len(dense) + nt : len(dense) + nt + ng]]
         # Log gains: the mean over replicas of each one's median (a geometric mean); log max
         # gains: the max over every replica's sequences, gathered.

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch.errors import GradwatchError
 
-__all__ = ["agree_norms", "allreduce_profiles", "allreduce_propagation", "is_dtensor", "rank_and_world", "shard_group"]
+__all__ = ["agree_norms", "allreduce_profiles", "is_dtensor", "rank_and_world", "shard_group"]
 
 logger = logging.getLogger("gradwatch")
 
@@ -120,42 +120,6 @@ def allreduce_profiles(
     except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
         logger.error(
             "gradwatch: combining the per-timestep profiles across ranks failed (%s: %s); profiles are local to each "
-            "rank from now on.",
-            type(exc).__name__,
-            exc,
-        )
-        return None
-
-
-def allreduce_propagation(world: int, device: torch.device, sizes: list[int], gains: list[Tensor]) -> list[Tensor] | None:
-    """Every rank's propagation gains replaced by the geometric mean over the ranks.
-
-    Each rank replays the first sequences of its own slice of the batch; the geometric
-    mean over ranks (the mean of log gains) is the geometric mean over all the probed
-    sequences when ranks probe as many, and every rank then reports the same record.
-    ``sizes`` has one entry per probe, the same probes in the same order on every rank (0:
-    nothing this step); one MAX all-reduce over [sizes, -sizes] checks that all ranks hold
-    the same, and if not, this step's propagation is dropped on every rank (empty list).
-    A gain of 0 (a product that underflowed) counts as 1e-300. Returns None when the collective
-    fails (then propagation stays local from now on).
-    """
-    dist = torch.distributed
-    try:
-        meta = torch.tensor([float(v) for v in sizes] + [-float(v) for v in sizes], dtype=torch.float64, device=device)
-        dist.all_reduce(meta, op=dist.ReduceOp.MAX)
-        n = len(sizes)
-        if not torch.equal(meta[:n], -meta[n:]) or meta[:n].tolist() != [float(v) for v in sizes]:
-            return []
-        if not gains:
-            return []
-        flat = torch.cat([g.reshape(-1).to(device=device, dtype=torch.float64) for g in gains])
-        logs = flat.clamp_min(1e-300).log()
-        dist.all_reduce(logs, op=dist.ReduceOp.SUM)
-        mean = (logs / float(world)).exp()  # from the reduced sum only: the same on every rank
-        return list(torch.split(mean, [int(g.numel()) for g in gains]))
-    except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-        logger.error(
-            "gradwatch: combining the propagation gains across ranks failed (%s: %s); propagation is local to each "
             "rank from now on.",
             type(exc).__name__,
             exc,
