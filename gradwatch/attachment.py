@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -69,3 +70,15 @@ class HandleGroup:
                 errors.append(exc)
         if errors:
             raise errors[0]
+
+
+def warn_if_no_step(monitor: Any, mode: str) -> None:
+    """At the close of a Keras ``gradwatch.watch`` that never saw an optimizer step, say
+    so: a watch that records nothing must not be silent (the torch attachment says the
+    same with its own remedy)."""
+    if mode == "watch" and monitor.next_step == 1:
+        logging.getLogger("gradwatch").warning(
+            "gradwatch: this watch was closed after recording 0 steps: no optimizer.apply / apply_gradients "
+            "reached it. Pass the optimizer you step with to gradwatch.watch(model, optimizer), or, for "
+            "model.fit, use gradwatch_tf.GradWatchCallback."
+        )

@@ -246,7 +246,12 @@ def _carry_back(
             keep_t = mask4[t]
             new = [tf.where(keep_t, n, o) for n, o in zip(new, us)]
         gram = tf.add_n([tf.matmul(n, n, transpose_b=True) for n in new]) * outer  # [b, k, k], unweighted rows
-        top = tf.math.log(tf.maximum(tf.linalg.eigvalsh(gram)[:, -1], 0.0)) * 0.5 + acc[:, 0, 0]
+        # A non-finite trajectory (NaN input, overflow) must give NaN, never stop the step:
+        # the eigensolver refuses non-finite input, so it gets zeros there.
+        ok = tf.reduce_all(tf.math.is_finite(gram), axis=[1, 2])
+        safe = tf.where(ok[:, None, None], gram, tf.zeros_like(gram))
+        lam = tf.where(ok, tf.maximum(tf.linalg.eigvalsh(safe)[:, -1], 0.0), tf.fill(tf.shape(ok), float("nan")))
+        top = tf.math.log(lam) * 0.5 + acc[:, 0, 0]
         sq = tf.add_n([tf.reduce_sum(n * n, axis=[1, 2], keepdims=True) for n in new])  # [b, 1, 1]
         acc_new = acc + 0.5 * tf.math.log(sq)
         scale = tf.math.rsqrt(tf.maximum(sq, _TINY))

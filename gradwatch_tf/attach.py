@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import HandleGroup, infer_layer
+from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
@@ -355,6 +356,7 @@ class TFAttachment(RingReader):
             except NonFiniteGradientError:
                 pass
         self._closed = True
+        warn_if_no_step(self._monitor, self._mode)
         if not self._suspended:
             self._stand_aside()
         self._handles.remove()

@@ -46,6 +46,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.policies import ClipStats
 from gradwatch.records import StepRecord
@@ -483,6 +484,7 @@ class PortableAttachment(RingReader):
             except NonFiniteGradientError:
                 pass
         self._closed = True
+        warn_if_no_step(self._monitor, self._mode)
         if not self._suspended:
             self.leave_optimizer()
             self._stand_aside()

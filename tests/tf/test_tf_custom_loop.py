@@ -105,3 +105,20 @@ def test_raise_in_a_custom_loop_changes_nothing(compile_mode):
             step(tf.constant(x), tf.constant(y))
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert int(opt.iterations.numpy()) == 0
+
+
+def test_a_watch_that_records_nothing_says_so_at_close(caplog):
+    """Issue 19: a Keras watch whose optimizer never steps (the user applies gradients
+    with another optimizer) must not record 0 steps in silence."""
+    import logging
+
+    import keras
+
+    import gradwatch
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    watched = keras.optimizers.SGD(0.1)
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        w = gradwatch.watch(model, watched, sinks=[])
+        w.close()
+    assert any("recording 0 steps" in r.getMessage() for r in caplog.records)
