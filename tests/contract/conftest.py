@@ -30,9 +30,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture
 def backend(request: pytest.FixtureRequest):
     name = request.param
-    needed = {"torch": "torch", "keras": "tensorflow"}[name]
+    # Keras 3 runs on TensorFlow, JAX or torch (KERAS_BACKEND): it needs keras itself, and
+    # the tests that only TensorFlow supports yet ask ``through_time`` below.
+    needed = {"torch": "torch", "keras": "keras"}[name]
     if importlib.util.find_spec(needed) is None:
         pytest.skip(f"the {name} backend needs {needed}, which is not installed")
     from tests.contract import adapters
 
     return adapters.make(name)
+
+
+@pytest.fixture
+def through_time(backend):
+    """The backend, for tests that need propagation through time (TemporalProfile):
+    skipped with the reason where the backend does not measure it yet (Keras off
+    TensorFlow)."""
+    if backend.through_time_skip:
+        pytest.skip(backend.through_time_skip)
+    return backend

@@ -140,7 +140,8 @@ def test_resume_is_exact(backend):
     assert _equal(backend.weights(model), backend.weights(straight))
 
 
-def test_the_profiling_schedule_is_the_same(backend):
+def test_the_profiling_schedule_is_the_same(through_time):
+    backend = through_time
     model, opt = backend.build()
     with watch(backend, model, opt, profile_every=3) as w:
         for step in range(10):
