@@ -178,7 +178,7 @@ def _replay_every_profiled_step(w: Any) -> Any:
     from gradwatch_torch._recurrent import outside_backward
 
     for probe in getattr(w.attachment, "_probes", []):
-        probe._replay_due = lambda flops, tokens, p=probe: p.on("replay") and not p._replayed and outside_backward()
+        probe._replay_due = lambda flops, tokens, p=probe: p.on("replay") and p._replays == 0 and outside_backward()
     return w
 
 

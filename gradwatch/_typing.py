@@ -37,4 +37,5 @@ class WatchOptions(TypedDict, total=False):
     vanish_floor: float
     vanish_patience: int
     alert_every: int
+    replay_every: int | None
     run_name: str | None

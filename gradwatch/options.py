@@ -90,6 +90,9 @@ class Options:
     vanish_patience: int = 20
     #: Minimum steps between two alerts of the same kind for the same layer (0: no limit).
     alert_every: int = 100
+    #: Through time: measure propagation on every n-th profiled step (1: every one); None
+    #: lets the cost model decide (a replay adds at most 5% to the profiled steps' time).
+    replay_every: int | None = None
     #: A name for the run, written into the JSONL header and used by the report.
     run_name: str | None = None
     #: Whether max_norm was given explicitly (set by from_kwargs; caps adaptive policies).
@@ -125,6 +128,8 @@ class Options:
             raise _bad("norm_ceiling", self.norm_ceiling, "None or a number > 0")
         if not (_is_number(self.vanish_floor) and math.isfinite(self.vanish_floor) and self.vanish_floor >= 0):
             raise _bad("vanish_floor", self.vanish_floor, "a finite number >= 0")
+        if self.replay_every is not None and not (isinstance(self.replay_every, int) and not isinstance(self.replay_every, bool) and self.replay_every >= 1):
+            raise _bad("replay_every", self.replay_every, "None (the cost model decides) or an integer >= 1")
         if self.run_name is not None and not isinstance(self.run_name, str):
             raise _bad("run_name", self.run_name, "None or a string")
 

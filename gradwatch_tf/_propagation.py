@@ -101,8 +101,10 @@ class ReplayHook:
         salt: int,
         fail: Callable[[BaseException], None],
         disabled: Callable[[], bool],
+        replay_every: int | None = None,
     ) -> None:
         self.site = site
+        self._replay_every = replay_every  # the option; None: the cost model (replay_period)
         self._make = make_var
         self._counters = counters
         self._every = max(int(profile_every), 1)
@@ -159,7 +161,7 @@ class ReplayHook:
             step = step_var.read_value()
             # The k-th profiled step (from 0) replays when k is a multiple of the period.
             k = step - 1 if self._every == 1 else step // self._every
-            period = replay_period(self.site, call.args.inputs)
+            period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, call.args.inputs)
             due = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
             due = tf.logical_and(due, tf.equal(tf.math.floormod(k, period), 0))
             tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))

@@ -306,6 +306,7 @@ class TFAttachment(RingReader):
             salt=zlib.crc32(str(site.layer.name).encode()) & 0xFFFF,
             fail=lambda exc: self._fail("propagation replay", exc),
             disabled=lambda: self._closed or "propagation replay" in self._errors_logged,
+            replay_every=self._monitor.options.replay_every,
         )
 
     # ------------------------------------------------------------ self-healing

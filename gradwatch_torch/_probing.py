@@ -185,6 +185,7 @@ class ProbeContext:
     step: Callable[[], int]  # its number (from 1)
     every: int  # profile_every
     model_params: int  # trainable parameters outside embeddings (the step's cost proxy)
+    replay_every: int | None = None  # the option: every n-th profiled step, None: the cost model
 
 
 def replay_every(flops: float, model_params: int, tokens: int) -> int:

@@ -183,7 +183,8 @@ class Probe:
         step = self._ctx.step()
         if step == 1:
             return True
-        return (step // max(self._ctx.every, 1)) % replay_every(flops, self._ctx.model_params, tokens) == 0
+        n = self._ctx.replay_every or replay_every(flops, self._ctx.model_params, tokens)
+        return (step // max(self._ctx.every, 1)) % n == 0
 
     # -- the replay's results -----------------------------------------------------------
     def _store(self, labels: tuple[str, ...], results: list[Replayed], exact: bool, tol: float, outputs: Any = None) -> None:

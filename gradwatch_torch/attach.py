@@ -155,7 +155,9 @@ class TorchAttachment:
         self._probes: list[Probe] = []
         self._probe_ctx: ProbeContext | None = None
         if monitor.options.profile_every:
-            self._probe_ctx = ProbeContext(self._probe_due, self._next_step, monitor.options.profile_every, dense_parameter_count(root))
+            self._probe_ctx = ProbeContext(
+                self._probe_due, self._next_step, monitor.options.profile_every, dense_parameter_count(root), monitor.options.replay_every
+            )
         self._add_probes(root)
         if optimizer is not None:
             self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
