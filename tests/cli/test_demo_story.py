@@ -11,17 +11,17 @@ import numpy as np
 
 import gradwatch
 from gradwatch import StepStats
-from gradwatch.cli.demo import facts, story
+from gradwatch.cli.demo import facts, intro, story
 from gradwatch.cli.demo._alerts import echo_alerts
 from gradwatch.cli.demo.torch_demo import RUNS
 
 
-def _run(path: Path, rate: float, length: int = 100, steps: int = 20, dead: bool = False):
+def _run(path: Path, rate: float, length: int = 100, steps: int = 20, dead: bool = False, later: float | None = None):
     m = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5, run_name=path.stem)
     m.bind(["rnn.weight_hh_l0", "head.weight"])
     for step in range(1, steps + 1):
         prof = m.profile_due()
-        gains = rate ** np.arange(length)
+        gains = (rate if later is None or step <= 5 else later) ** np.arange(length)
         sq = np.array([0.0 if dead and step > 5 else 1.0, 1.0])
         m.process(StepStats(sq, temporal={"rnn": np.ones(length)} if prof else {},
                             propagation={"rnn": {"l0": gains}} if prof else {}))
@@ -84,3 +84,28 @@ def test_alert_echo_prints_log_lines_once_with_their_count():
     assert lines[0].startswith("WARNING:gradwatch:Layer 'rnn' stalled at step 5") and "[×3 similar, steps 5–15]" in lines[0]
     assert lines[1] == "ERROR:gradwatch:Non-finite gradient at step 7"
     assert len(lines) == 2
+
+
+def test_the_mingru_sentence_tells_first_and_last_and_compares_with_the_lstm(tmp_path):
+    mingru = _run(tmp_path / "mingru.jsonl", rate=0.7, later=0.8)
+    lstm = _run(tmp_path / "lstm.jsonl", rate=0.999)
+    f = facts(_result("mingru", 0.5), mingru)
+    assert f.first is not None and f.last is not None and f.first[1] < f.last[1] < 100
+    _, sentence = story([_result("lstm", 0.93), _result("mingru", 0.5)], [lstm, mingru])
+    assert sentence.startswith("The minGRU") and "register_recurrence" in sentence
+    assert f"vanishes after {f.first[1]} of 100 steps at the first measurement" in sentence, sentence
+    assert f"after {f.last[1]} at the last" in sentence and "vanishing alert" in sentence, sentence
+    assert "did not learn the task" in sentence
+    assert f"Its horizon ({f.last[1]}/100) is shorter than the LSTM's (100/100), whose accuracy was 0.93" in sentence
+
+
+def test_a_mingru_that_keeps_its_memory_is_not_said_to_forget(tmp_path):
+    run = _run(tmp_path / "mingru.jsonl", rate=0.9999)
+    (sentence,) = story([_result("mingru", 0.88)], [run])
+    assert "reaches all 100 steps" in sentence and "vanish" not in sentence and "remedy" not in sentence
+    assert "learned the task (accuracy 0.88)" in sentence and "LSTM" not in sentence
+
+
+def test_the_intro_counts_the_runs_each_framework_trains():
+    assert "Seven runs" in intro("torch") and "minGRU" in intro("torch") and len(RUNS) == 7
+    assert "Six runs" in intro("keras") and "minGRU" not in intro("keras")

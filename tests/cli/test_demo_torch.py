@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib", reason="the demo's plots need matplotlib")
 import gradwatch
 from tests.cli.helpers import gradwatch_cmd
 
-RUNS = ("rnn_tanh", "lstm", "gru", "relu_rnn", "relu_sgd", "relu_sgd_fixed")
+RUNS = ("rnn_tanh", "lstm", "gru", "mingru", "relu_rnn", "relu_sgd", "relu_sgd_fixed")
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +134,42 @@ def test_demo_story_agrees_with_each_runs_numbers(demo):
         else:
             assert f"reaches all {last.length} steps" in sentence and "vanishes" not in sentence, sentence
     assert "grows about 1.1x" not in res.stdout  # no constant claims
+
+
+def test_the_mingru_row_is_measured_and_its_sentence_agrees_with_its_numbers(demo):
+    """Issue 17: a minGRU (the demo's own, declared with register_recurrence) on the same
+    task, its propagation measured exactly from its decays, told from its own numbers."""
+    out, res = demo
+    run = gradwatch.read_run(out / "mingru.jsonl")
+    props = _propagations(run)
+    assert props, "the minGRU's propagation was not measured"
+    first, last = props[0], props[-1]
+    assert isinstance(last.horizon, int) and 1 <= last.horizon <= last.length == 100
+    assert 0 < last.gain <= 1.0  # a product of decays 1 - z_t in (0, 1)
+    # the summary table: a `mingru` row whose horizon is the run file's h/T
+    row = next(ln for ln in res.stdout.splitlines() if ln.startswith("mingru "))
+    assert f" {last.horizon}/100 " in row, row
+    acc = row.split()[1]
+    # "What the numbers say" and "What happened" say what the run file says
+    numbers = res.stdout.split("What the numbers say:")[1].split("What happened:")[0]
+    line = next(ln for ln in numbers.splitlines() if ln.strip().startswith("mingru "))
+    items = res.stdout.split("What happened:")[1].split("\nTraining took")[0].split("\n  - ")
+    sentence = next(" ".join(i.split()) for i in items if i.startswith("The minGRU"))
+    assert f"accuracy {acc}" in line and f"accuracy {acc}" in sentence, (line, sentence)
+    if last.horizon < last.length:
+        assert f"vanishes after {last.horizon} of 100 steps" in line, line
+        assert f"after {last.horizon}" in sentence and "reaches all" not in sentence, sentence
+        assert f"after {first.horizon} of 100 steps" in sentence, sentence
+    else:
+        assert "reaches all 100 steps" in line and "vanishes" not in sentence, sentence
+    vanishing = [e for e in run.events if e.kind == "vanishing" and "through time" in e.message]
+    assert ("vanishing alert" in sentence) == bool(vanishing), sentence
+    if float(acc) < 0.6:
+        assert "did not learn the task" in sentence, sentence
+    lstm = _propagations(gradwatch.read_run(out / "lstm.jsonl"))[-1]
+    assert f"the LSTM's ({lstm.horizon}/100)" in sentence, sentence
+    # its alert is printed under its own progress bar, in the words of a minGRU's remedy
+    mine = res.stderr.split("  mingru ")[-1].split("  relu_rnn ")[0]
+    if vanishing:
+        assert "WARNING:gradwatch:Vanishing gradient through time in recurrent layer 'rnn'" in mine, mine
+        assert "to_hidden_and_gate" in mine

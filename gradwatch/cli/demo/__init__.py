@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-__all__ = ["DEFAULT_STEPS", "STORY", "Facts", "facts", "run_demo", "story"]
+__all__ = ["DEFAULT_STEPS", "RUNS_TOLD", "STORY", "Facts", "facts", "intro", "run_demo", "story"]
 
 #: Training steps per run at default arguments (fits the 2-minute budget on 2 CPU cores).
 DEFAULT_STEPS = {"torch": 600, "keras": 300}
@@ -29,9 +29,29 @@ run's own sequences (its gain over j steps back: the "propagation", with its rat
 and its horizon) and alerts on it. An LSTM's cell state and a GRU's carried state are gated
 identities: while the forget (update) gate stays near 1 the gradient passes almost
 unchanged. Clipping scales a gradient above a threshold back down, direction unchanged.
+{runs}
+What each run did is told after training, from its own numbers."""
+
+#: The runs each framework's demo trains, as the intro tells them.
+RUNS_TOLD = {
+    "torch": """\
+A minGRU, the kind of recurrence trained today, is a diagonal one: h_t = (1 - z_t)*h_{t-1} +
+z_t*W_h x_t, so its Jacobian is diag(1 - z_t) and its propagation is the product of those
+decays, which gradwatch reads exactly once the layer is declared (register_recurrence).
+Seven runs put this to the test: a tanh RNN, an LSTM, a GRU, a minGRU, a ReLU RNN with
+W_hh = 1.1*I, and that ReLU RNN with plain SGD on 30-step sequences, once without clipping
+and once with policy='fixed'.""",
+    "keras": """\
 Six runs put this to the test: a tanh RNN, an LSTM, a GRU, a ReLU RNN with W_hh = 1.1*I,
 and that ReLU RNN with plain SGD on 30-step sequences, once without clipping and once with
-policy='fixed'. What each run did is told after training, from its own numbers."""
+policy='fixed'.""",
+}
+
+
+def intro(framework: str) -> str:
+    """The demo's intro for ``framework``: the theory, then the runs it trains."""
+    return STORY.format(runs=RUNS_TOLD[framework])
+
 
 #: The default explode_ratio / vanish_ratio, the thresholds the demo's runs are judged with.
 EXPLODE_RATIO = 1e3
@@ -42,7 +62,7 @@ LEARNED = 0.8
 def _story_html(task: str, framework: str, runs: list[tuple[str, str]], happened: list[str]) -> str:
     e = html.escape
     items = "".join(f"<li><code>{e(n)}</code>: {e(d)}</li>" for n, d in runs)
-    paras = "".join(f"<p>{e(p)}</p>" for p in [" ".join(STORY.split("\n"))])
+    paras = "".join(f"<p>{e(p)}</p>" for p in [" ".join(intro(framework).split("\n"))])
     told = "".join(f"<li>{e(x)}</li>" for x in happened)
     return (
         f"<p><b>Task</b> ({e(framework)}): {e(task)}. The loss is taken at the last timestep only.</p>"
@@ -76,7 +96,7 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     task = FirstSignTask()
     print(f"gradwatch demo ({framework}): {task.describe()}.", file=stdout)
-    print(STORY, file=stdout)
+    print(intro(framework), file=stdout)
     print(f"\nTraining {steps} steps per run; run files, plots and report.html go to {out}/", file=stdout)
     stdout.flush()
     start = time.perf_counter()
@@ -247,6 +267,32 @@ def _learned(f: Facts) -> str:
     return f"it learned part of the task in {f.steps} steps (accuracy {f.accuracy:.2f})"
 
 
+def _mingru_sentence(f: Facts, lstm: Facts | None) -> str:
+    """The minGRU's sentence: its propagation at the first and the last measurement (the
+    decays move as it trains), its alerts, what it learned, and, when the LSTM ran beside
+    it, how their horizons compare (all from the two runs' numbers)."""
+    first, last = f.first, f.last
+    if first is None or last is None or first[:3] == last[:3]:
+        through = _through(last)
+    elif all(math.isfinite(p[0]) and p[3] <= EXPLODE_RATIO and p[1] < p[2] for p in (first, last)):  # vanished twice
+        through = (
+            f"its propagation vanishes after {first[1]} of {first[2]} steps at the first measurement "
+            f"({_f(first[0])}/step) and after {last[1]} at the last ({_f(last[0])}/step)"
+        )
+    else:
+        through = f"at the first measurement {_through(first)}; at the last, {_through(last)}"
+    text = "The minGRU (declared with register_recurrence, measured exactly from its decays 1 - z_t): "
+    text += f"{through}, {_alerts_text(f)}"
+    if f.alerts.get("vanishing"):
+        text += " (the alert's remedy: bias the update gate towards closed, so that 1 - z_t starts near 1)"
+    text += f"; {_learned(f)}"
+    if lstm is not None and lstm.last is not None and f.last is not None and f.last[2] == lstm.last[2]:
+        h, t, lh = f.last[1], f.last[2], lstm.last[1]
+        than = "shorter than" if h < lh else "longer than" if h > lh else "the same as"
+        text += f". Its horizon ({h}/{t}) is {than} the LSTM's ({lh}/{t}), whose accuracy was {lstm.accuracy:.2f}"
+    return text + "."
+
+
 def story(results: list[Any], runs: list[Any]) -> list[str]:
     """One sentence per run (two for the clipping pair), each built from that run's
     numbers: a claim the numbers do not support is never printed, what did happen is."""
@@ -259,6 +305,8 @@ def story(results: list[Any], runs: list[Any]) -> list[str]:
         elif f.cell in ("lstm", "gru"):
             cell = f.cell.upper()
             out.append(f"The {cell}: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
+        elif f.cell == "mingru":
+            out.append(_mingru_sentence(f, by.get(("lstm", "adam", False))))
         elif f.cell == "relu" and f.optimizer != "sgd":
             early = _through(f.first).replace("its propagation", "its propagation at the first measurement")
             out.append(

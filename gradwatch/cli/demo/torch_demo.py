@@ -1,4 +1,5 @@
-"""The PyTorch half of ``gradwatch demo``: six small recurrent models under gradwatch.
+"""The PyTorch half of ``gradwatch demo``: seven small recurrent models under gradwatch
+(the six classic ones and a minGRU, :mod:`gradwatch.cli.demo._mingru`).
 
 Every number the demo prints comes from training these models here and now (seeded, so
 two runs of the demo agree). Settings were chosen so that each model gets its fair chance
@@ -33,7 +34,7 @@ class RunSpec:
     """One demo run: which recurrent cell, how it is initialised and trained."""
 
     name: str  # file stem and run name: DIR/<name>.jsonl
-    cell: str  # "tanh" | "lstm" | "gru" | "relu"
+    cell: str  # "tanh" | "lstm" | "gru" | "relu" | "mingru"
     hidden: int
     lr: float
     policy: str | None
@@ -80,6 +81,9 @@ RUNS: tuple[RunSpec, ...] = (
     RunSpec("rnn_tanh", "tanh", 64, 1e-3, None, "vanilla tanh nn.RNN, default init, Adam"),
     RunSpec("lstm", "lstm", 64, 1e-3, None, "nn.LSTM, forget-gate bias 1 (in b_ih and b_hh), Adam"),
     RunSpec("gru", "gru", 32, 3e-3, None, "nn.GRU, update-gate bias 2 (in b_ih and b_hh), Adam"),
+    RunSpec(
+        "mingru", "mingru", 64, 1e-3, None, "minGRU written in the demo (a diagonal recurrence), default init, Adam"
+    ),
     RunSpec("relu_rnn", "relu", 64, 3e-3, None, "ReLU nn.RNN, W_hh = 1.1*I, Adam, no clipping"),
     RunSpec("relu_sgd", "relu", 64, 1e-2, None, "ReLU nn.RNN, W_hh = 1.1*I, 30 steps, SGD momentum 0.9, no clipping", 30, "sgd"),
     RunSpec("relu_sgd_fixed", "relu", 64, 1e-2, "fixed", "the same, same seed, policy='fixed' (max_norm=1)", 30, "sgd"),
@@ -107,6 +111,10 @@ def _build(spec: RunSpec) -> Any:  # a torch.nn.Module
         with torch.no_grad():  # gate order r, z, n; h' = (1 - z) n + z h, so z near 1 keeps memory
             param(rnn, "bias_ih_l0")[h : 2 * h].fill_(2.0)
             param(rnn, "bias_hh_l0")[h : 2 * h].fill_(2.0)
+    elif spec.cell == "mingru":
+        from gradwatch.cli.demo._mingru import MinGRU
+
+        rnn = MinGRU(1, h)  # declared to gradwatch in train_one (register_recurrence)
     elif spec.cell == "relu":
         rnn = nn.RNN(1, h, nonlinearity="relu", batch_first=True)
         with torch.no_grad():  # identity-like recurrence, 10% too strong: explodes through time
@@ -147,8 +155,20 @@ def train_one(spec: RunSpec, out: Path, steps: int, seed: int = 0, stream: TextI
     loss_fn = torch.nn.functional.binary_cross_entropy_with_logits
     losses: list[float] = []
     bar = Progress(spec.name, steps, stream)
+    declared = None
+    if spec.cell == "mingru":  # what a user does for a recurrence gradwatch does not know
+        from gradwatch.cli.demo._mingru import declare
+
+        declared = declare()
     start = time.perf_counter()
-    with gradwatch.watch(model, optimizer, **options) as watch:
+    try:
+        watch = gradwatch.watch(model, optimizer, **options)
+    finally:
+        if declared is not None:  # the watch holds its probe now: leave no declaration behind
+            from gradwatch_torch.recurrences import unregister_recurrence
+
+            unregister_recurrence(declared)
+    with watch:
         watch.monitor.meta["demo"] = {
             "description": spec.description,
             "hidden": spec.hidden,
