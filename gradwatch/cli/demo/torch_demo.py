@@ -55,6 +55,9 @@ class RunSpec:
             # "logging": the alerts a user's log shows (the demo prints them under each run)
             "sinks": ["logging", f"jsonl:{self.run_file(out)}"],
             "profile_every": every,
+            # the story is told from propagation measured at every profiled step (the demo's
+            # small layers replay in a few milliseconds; the default budget would space them out)
+            "replay_every": 1,
             "log_every": every,
             "run_name": self.name,
             "policy": self.policy,
