@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import sys
 import weakref
 from collections.abc import Callable, Iterator

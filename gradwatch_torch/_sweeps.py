@@ -113,7 +113,9 @@ REFINE_STEPS = 16
 REFINE_ROUNDS = 2
 
 
-def _refine_short(co: Coefficients, w: Tensor, offsets: list[int], a: list[Any], g: list[Any], f: list[Any], v: list[Any]) -> Tensor:
+def _refine_short(
+    co: Coefficients, w: Tensor, offsets: list[int], a: list[Any], g: list[Any], f: list[Any], v: list[Any]
+) -> Tensor:
     """More power iterations (u <- A A^T u over each tangent's own steps) for the tangents
     started at most ``REFINE_STEPS`` steps before the end. ``w`` (P, K, d) holds the
     tangents in order of increasing start step, i.e. decreasing offset."""
@@ -173,12 +175,20 @@ def _sequence_logs(co: Coefficients, generator: torch.Generator) -> tuple[Tensor
             log_rms = 0.5 * (trace.log() - math.log(d)) + log_scale
             log_top = 0.5 * _largest_eigenvalue(grams).log() + log_scale
         return log_rms, log_top
-    q = _tangents(co, generator, dominant_starts(T)) if T > 1 else _unit(torch.randn(P, 1, d, generator=generator).to(device=dev, dtype=dt))
+    q = (
+        _tangents(co, generator, dominant_starts(T))
+        if T > 1
+        else _unit(torch.randn(P, 1, d, generator=generator).to(device=dev, dtype=dt))
+    )
     kq = q.shape[1]
     r = complement_probes(P)
     v = torch.randn(P, r, d, generator=generator, dtype=torch.float32).to(device=dev, dtype=dt)
     v = v - (v @ q.transpose(-1, -2)) @ q  # orthogonal to the dominant block
-    v = torch.linalg.qr(v.transpose(-1, -2).to(q.dtype if dev.type == "mps" else torch.float64))[0].transpose(-1, -2).to(dt)
+    v = (
+        torch.linalg.qr(v.transpose(-1, -2).to(q.dtype if dev.type == "mps" else torch.float64))[0]
+        .transpose(-1, -2)
+        .to(dt)
+    )
     grams, log_scale = _sweep(co, torch.cat([q, v], dim=1))
     diag = torch.diagonal(grams, dim1=-2, dim2=-1)
     fro = diag[..., :kq].sum(dim=-1) + diag[..., kq:].sum(dim=-1) * ((d - kq) / r)
@@ -187,7 +197,9 @@ def _sequence_logs(co: Coefficients, generator: torch.Generator) -> tuple[Tensor
     return log_rms, log_top
 
 
-def combine_ranks(world: int, device: torch.device, sizes: list[int], measured: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]] | None:
+def combine_ranks(
+    world: int, device: torch.device, sizes: list[int], measured: list[tuple[Tensor, Tensor]]
+) -> list[tuple[Tensor, Tensor]] | None:
     """Every rank's (gains, max_gains) replaced by the same numbers on every rank.
 
     Each rank replays the first sequences of its own slice of the batch. ``max_gains``
@@ -210,7 +222,11 @@ def combine_ranks(world: int, device: torch.device, sizes: list[int], measured: 
         if not torch.equal(meta[:n], -meta[n:]) or meta[:n].tolist() != [float(v) for v in sizes] or not measured:
             return []
         counts = [int(g.numel()) for g, _ in measured]
-        logs = torch.cat([g.reshape(-1).to(device=device, dtype=torch.float64) for g, _ in measured]).clamp_min(1e-300).log()
+        logs = (
+            torch.cat([g.reshape(-1).to(device=device, dtype=torch.float64) for g, _ in measured])
+            .clamp_min(1e-300)
+            .log()
+        )
         tops = torch.cat([t.reshape(-1).to(device=device, dtype=torch.float64) for _, t in measured])
         dist.all_reduce(logs, op=dist.ReduceOp.SUM)
         dist.all_reduce(tops, op=dist.ReduceOp.MAX)

@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from gradwatch.cli._plotkit import _KIND_COLORS, _KIND_MARKERS, _colors, _figure, _positive, _save, _scale_y, _text
+from gradwatch.cli._plotkit import _KIND_COLORS, _KIND_MARKERS, _colors, _figure, _positive, _save, _text
 from gradwatch.cli.summary import fmt
 from gradwatch.jsonl import Run
 from gradwatch.records import StepRecord

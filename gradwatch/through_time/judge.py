@@ -43,23 +43,40 @@ except ImportError:  # pragma: no cover - not shipped yet
 __all__ = ["TemporalDetector", "family", "remedy"]
 
 #: Kinds of recurrence -> the family whose remedies apply.
-_FAMILIES = {"lstm": "lstm", "gru": "gru", "rnn_tanh": "rnn", "rnn_relu": "rnn", "rnn_sigmoid": "rnn", "rnn_linear": "rnn"}
+_FAMILIES = {
+    "lstm": "lstm",
+    "gru": "gru",
+    "rnn_tanh": "rnn",
+    "rnn_relu": "rnn",
+    "rnn_sigmoid": "rnn",
+    "rnn_linear": "rnn",
+}
 
 
 def family(kind: str | None) -> str:
-    """"lstm", "gru", "rnn", or a modern family's own name ("mingru", "mamba", ...)."""
+    """ "lstm", "gru", "rnn", or a modern family's own name ("mingru", "mamba", ...)."""
     k = (kind or "").lower()
     if k in _FAMILIES:
         return _FAMILIES[k]
     if k in _MODERN:
         return k
-    return "lstm" if "lstm" in k and not k.startswith(("slstm", "mlstm", "minlstm")) else "gru" if k == "gru" else "rnn" if not k else k
+    return (
+        "lstm"
+        if "lstm" in k and not k.startswith(("slstm", "mlstm", "minlstm"))
+        else "gru"
+        if k == "gru"
+        else "rnn"
+        if not k
+        else k
+    )
 
 
 def _policy_text(view: MonitorView) -> str:
     name = view.policy_name
     if name is None:
-        return "a clipping policy (policy='zclip', or 'fixed' with max_norm) keeps such a step from wrecking the weights"
+        return (
+            "a clipping policy (policy='zclip', or 'fixed' with max_norm) keeps such a step from wrecking the weights"
+        )
     return f"your policy {name!r} already clips the update, which keeps a step from wrecking the weights but not the recurrence from amplifying"
 
 
@@ -115,7 +132,11 @@ def _recurrence_spectral(record: StepRecord, layer: str, recurrence: str, weight
     if prefixes:
         own = {k: v for k, v in record.spectral.items() if any(k == p or k.startswith(p + "[") for p in prefixes)}
     else:
-        own = {k: v for k, v in record.spectral.items() if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))}
+        own = {
+            k: v
+            for k, v in record.spectral.items()
+            if k.startswith(layer) and (f"_hh_{recurrence}[" in k or k.endswith(f"_hh_{recurrence}"))
+        }
     if own:
         name, s = max(own.items(), key=lambda kv: kv[1])
         return f", largest recurrent singular value {fmt(s)} ({name})"
@@ -171,7 +192,17 @@ class TemporalDetector:
                 events.append(self._vanishing(record, layer, rec, r, kind, view, facts, weights))
         return events
 
-    def _exploding(self, record: StepRecord, layer: str, rec: str, r: Propagation, kind: Any, view: MonitorView, facts: Mapping[str, Any], weights: Any) -> GradEvent:
+    def _exploding(
+        self,
+        record: StepRecord,
+        layer: str,
+        rec: str,
+        r: Propagation,
+        kind: Any,
+        view: MonitorView,
+        facts: Mapping[str, Any],
+        weights: Any,
+    ) -> GradEvent:
         o = self.options
         return GradEvent(
             kind="exploding",
@@ -190,7 +221,17 @@ class TemporalDetector:
             worse_when="higher",  # re-alerted inside alert_every when 10x larger
         )
 
-    def _vanishing(self, record: StepRecord, layer: str, rec: str, r: Propagation, kind: Any, view: MonitorView, facts: Mapping[str, Any], weights: Any) -> GradEvent:
+    def _vanishing(
+        self,
+        record: StepRecord,
+        layer: str,
+        rec: str,
+        r: Propagation,
+        kind: Any,
+        view: MonitorView,
+        facts: Mapping[str, Any],
+        weights: Any,
+    ) -> GradEvent:
         o = self.options
         gate = record.gates.get(layer)
         gate_txt = (

@@ -57,7 +57,17 @@ def test_reference_tanh_rnn_jacobian_is_the_finite_difference_of_the_cell():
     for t in range(T - 1):
         h = np.tanh(w["weight_ih"] @ x[t] + w["weight_hh"] @ h)
     eps = 1e-6
-    num = np.stack([(np.tanh(w["weight_ih"] @ x[T - 1] + w["weight_hh"] @ (h + eps * e)) - np.tanh(w["weight_ih"] @ x[T - 1] + w["weight_hh"] @ (h - eps * e))) / (2 * eps) for e in np.eye(H)], axis=1)
+    num = np.stack(
+        [
+            (
+                np.tanh(w["weight_ih"] @ x[T - 1] + w["weight_hh"] @ (h + eps * e))
+                - np.tanh(w["weight_ih"] @ x[T - 1] + w["weight_hh"] @ (h - eps * e))
+            )
+            / (2 * eps)
+            for e in np.eye(H)
+        ],
+        axis=1,
+    )
     np.testing.assert_allclose(jac[T - 1], num, atol=1e-8)
 
 
