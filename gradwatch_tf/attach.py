@@ -174,6 +174,8 @@ class TFAttachment(RingReader):
         meta.setdefault("tensorflow", tf.__version__)
         meta.setdefault("recurrent_layers", {site.name: _recurrent.kind_of(site) for site in self._sites})
         meta.setdefault("recurrence_weights", {site.name: _recurrent.recurrence_weights(site) for site in self._sites})
+        biases = {site.name: b for site in self._sites if (b := _recurrent.forget_bias(site)) is not None}
+        meta.setdefault("forget_bias", biases)  # the remedies read it (Keras starts at 1: unit_forget_bias)
         sites, blocks = self._setup_sites()
         policy = self._monitor.policy
         unitwise = policy if getattr(policy, "unitwise", False) else None

@@ -60,15 +60,11 @@ def family(kind: str | None) -> str:
         return _FAMILIES[k]
     if k in _MODERN:
         return k
-    return (
-        "lstm"
-        if "lstm" in k and not k.startswith(("slstm", "mlstm", "minlstm"))
-        else "gru"
-        if k == "gru"
-        else "rnn"
-        if not k
-        else k
-    )
+    if k.startswith("rnn_") or not k:  # a plain RNN with another activation (Keras' SimpleRNN)
+        return "rnn"
+    if "lstm" in k and not k.startswith(("slstm", "mlstm", "minlstm")):
+        return "lstm"
+    return k
 
 
 def _policy_text(view: MonitorView) -> str:
@@ -103,11 +99,15 @@ def remedy(kind: str | None, direction: str, view: MonitorView, facts: Mapping[s
     if fam == "lstm":
         bias = facts.get("forget_bias")
         if isinstance(bias, (int, float)) and math.isfinite(bias) and bias >= 1.0:
-            more = "a larger one (3 to 5) keeps" if bias < 3 else "it is large already, so"
+            more = (
+                "a larger one (3 to 5) lets the cell state carry the gradient further"
+                if bias < 3
+                else "a larger one will not carry the gradient much further"
+            )
             return (
-                f"Remedies: the forget-gate bias is already {fmt(bias)}; {more} the cell state carrying the gradient "
-                "further; otherwise shorter truncated sequences if the task does not need the long range, or a "
-                "recurrence with a longer memory (a diagonal one such as minGRU or Mamba with a slow decay)."
+                f"Remedies: the forget-gate bias is already {fmt(bias)}: {more}; otherwise shorter truncated sequences "
+                "if the task does not need the long range, or a recurrence with a longer memory (a diagonal one such "
+                "as minGRU or Mamba with a slow decay)."
             )
         have = f" (it is {fmt(bias)} now)" if isinstance(bias, (int, float)) and math.isfinite(bias) else ""
         return (

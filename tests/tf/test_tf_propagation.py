@@ -592,3 +592,17 @@ def test_spectral_norms_stay_exact_when_the_weights_move_fast():
             want = np.linalg.norm(kernel[:, g * 16 : (g + 1) * 16], 2)
             worst = max(worst, abs(rec.spectral[f"rnn/lstm_cell/recurrent_kernel[{gate}]"] / want - 1))
     assert worst < 0.01
+
+
+def test_the_remedy_knows_keras_already_sets_the_forget_bias_to_1():
+    """Issue 16: a Keras LSTM was told to set its forget bias to 1-3; Keras starts at 1."""
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((16, 200, 2)) * 3).astype("float32")
+    y = rng.standard_normal((16, 1)).astype("float32")
+    inp = keras.Input((200, 2))
+    model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.LSTM(6, name="lstm")(inp)))
+    _, cb = one_step(model, x, y, vanish_ratio=0.5)
+    assert cb.monitor.meta["forget_bias"] == {"lstm": pytest.approx(1.0)}
+    (event,) = [e for e in cb.events if e.layer == "lstm"]
+    assert event.kind == "vanishing" and "forget-gate bias is already 1" in event.message
+    assert "(1 to 3)" not in event.message
