@@ -22,6 +22,7 @@ from gradwatch.events import GradEvent
 from gradwatch.formatting import clip_hint, fmt, nonfinite_message
 from gradwatch.options import Options
 from gradwatch.records import NormMap, StepRecord
+from gradwatch.through_time.judge import Stateless as _Stateless
 from gradwatch.through_time.judge import TemporalDetector
 
 if TYPE_CHECKING:
@@ -56,18 +57,6 @@ class Detector(Protocol):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
-
-class _Stateless:
-    name: ClassVar[str] = ""
-
-    def __init__(self, options: Options) -> None:
-        self.options = options
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        return None
 
 
 class NonFiniteDetector(_Stateless):

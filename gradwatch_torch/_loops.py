@@ -399,12 +399,6 @@ class LoopProbe(Probe):
         got, self._prop = self._prop, None
         return got if self.on("replay") else None
 
-    def take_gates(self) -> Tensor | None:
-        return None
-
-    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
-        return []
-
     def close(self) -> None:
         super().close()
         self._chain, self._best, self._prev, self._last_out, self._prop = [], [], None, None, None

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.families import GATES, Recurrence
 from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
-from gradwatch_torch._recurrent import Probe
+from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED
@@ -134,17 +134,7 @@ class DiagonalProbe(Probe):
         try:
             with torch.no_grad():
                 sq = timestep_sq_norms(g if g.dim() == 3 else g.reshape(g.shape[0], g.shape[1], -1), True)
-                prev = self._sq
-                if prev is None:
-                    self._sq = sq
-                elif prev.shape == sq.shape:
-                    self._sq = prev + sq
-                else:  # calls of different lengths within one step: align at t = 0
-                    n = max(prev.shape[0], sq.shape[0])
-                    acc = torch.zeros(n, dtype=prev.dtype, device=prev.device)
-                    acc[: prev.shape[0]] += prev
-                    acc[: sq.shape[0]] += sq.to(prev.device)
-                    self._sq = acc
+                self._sq = add_profiles(self._sq, sq)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("profile", exc)
 
@@ -159,12 +149,6 @@ class DiagonalProbe(Probe):
         got, self._prop = self._prop, None
         self._measured = False
         return got if self.on("replay") else None
-
-    def take_gates(self) -> Tensor | None:
-        return None
-
-    def spectral(self) -> list[tuple[str, tuple[str, ...], Tensor]]:
-        return []
 
     def close(self) -> None:
         super().close()

@@ -364,17 +364,7 @@ class SequenceProbe(Probe):
         try:
             with torch.no_grad():
                 sq = timestep_sq_norms(g, self.batch_first) if batch_sizes is None else packed_timestep_sq_norms(g, batch_sizes)
-                prev = self._sq
-                if prev is None:
-                    self._sq = sq
-                elif prev.shape == sq.shape:
-                    self._sq = prev + sq
-                else:  # calls of different lengths within one step: align at t = 0
-                    n = max(prev.shape[0], sq.shape[0])
-                    acc = torch.zeros(n, dtype=prev.dtype, device=prev.device)
-                    acc[: prev.shape[0]] += prev
-                    acc[: sq.shape[0]] += sq.to(prev.device)
-                    self._sq = acc
+                self._sq = add_profiles(self._sq, sq)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("profile", exc)
 
@@ -384,6 +374,19 @@ class SequenceProbe(Probe):
         self._capture = None
         self.rearm()
         return sq if self.on("profile") else None
+
+
+def add_profiles(prev: Tensor | None, sq: Tensor) -> Tensor:
+    """One step's per-timestep squared norms plus another call's: calls of different
+    lengths within one step are aligned at t = 0."""
+    if prev is None:
+        return sq
+    if prev.shape == sq.shape:
+        return prev + sq
+    acc = torch.zeros(max(prev.shape[0], sq.shape[0]), dtype=prev.dtype, device=prev.device)
+    acc[: prev.shape[0]] += prev
+    acc[: sq.shape[0]] += sq.to(prev.device)
+    return acc
 
 
 def forget_bias(module: nn.Module) -> float | None:

@@ -40,7 +40,7 @@ try:  # the modern recurrences' own remedies (minGRU, Mamba, xLSTM, RG-LRU, ...)
 except ImportError:  # pragma: no cover - not shipped yet
     _MODERN: Mapping[str, Mapping[str, str]] = {}
 
-__all__ = ["TemporalDetector", "family", "remedy"]
+__all__ = ["Stateless", "TemporalDetector", "family", "remedy"]
 
 #: Kinds of recurrence -> the family whose remedies apply.
 _FAMILIES = {
@@ -152,11 +152,11 @@ def _vanishing(p: Propagation) -> bool:
     return p.horizon < p.length and not (math.isfinite(r) and r >= 1.0)
 
 
-class TemporalDetector:
-    """Vanishing or exploding gradients through time in a recurrent layer (see the module
-    docstring). Stateless: the rate limiter decides what is repeated."""
+class Stateless:
+    """A detector that keeps no statistics of its own (nothing to save or restore); the
+    base of gradwatch.detectors' stateless detectors too."""
 
-    name: ClassVar[str] = "temporal"
+    name: ClassVar[str] = ""
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -166,6 +166,13 @@ class TemporalDetector:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         return None
+
+
+class TemporalDetector(Stateless):
+    """Vanishing or exploding gradients through time in a recurrent layer (see the module
+    docstring). Stateless: the rate limiter decides what is repeated."""
+
+    name: ClassVar[str] = "temporal"
 
     def check(self, record: StepRecord, view: MonitorView) -> Sequence[GradEvent]:
         if not record.temporal:
@@ -186,73 +193,57 @@ class TemporalDetector:
             vanishing = {k: r for k, r in recs.items() if _vanishing(r)}
             if exploding:
                 rec, r = max(exploding.items(), key=lambda kv: kv[1].peak)
-                events.append(self._exploding(record, layer, rec, r, kind, view, facts, weights))
             elif vanishing:
                 rec, r = min(vanishing.items(), key=lambda kv: kv[1].horizon)
-                events.append(self._vanishing(record, layer, rec, r, kind, view, facts, weights))
+            else:
+                continue
+            direction = "exploding" if exploding else "vanishing"
+            said = (
+                f"{direction.capitalize()} gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) "
+                f"{_when(record.step)}: "
+            )
+            why = f"{fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec, weights)}."
+            fix = remedy(kind, direction, view, facts)
+            if exploding:
+                events.append(
+                    GradEvent(
+                        kind="exploding",
+                        step=record.step,
+                        severity=logging.WARNING,
+                        message=(
+                            f"{said}a gradient carried back {r.peak_step} steps through the layer's state grows up to "
+                            f"{fmt(r.peak)}x (largest singular value of the state Jacobian product; alert above "
+                            f"{fmt(o.explode_ratio)}x); {why} {fix}"
+                        ),
+                        layer=layer,
+                        value=r.peak,
+                        threshold=o.explode_ratio,
+                        worse_when="higher",  # re-alerted inside alert_every when 10x larger
+                    )
+                )
+                continue
+            gate = record.gates.get(layer)
+            gate_txt = (
+                f" Its mean {gate.gate} gate is {gate.mean:.2f} (memory-path gain e^{gate.log_path_gain:.1f} over "
+                "the sequence)."
+                if gate is not None and family(kind) != "rnn"
+                else ""
+            )
+            events.append(
+                GradEvent(
+                    kind="vanishing",
+                    step=record.step,
+                    severity=logging.WARNING,
+                    message=(
+                        f"{said}even along its most amplified direction, a gradient carried back through the layer's "
+                        f"state falls below {fmt(o.vanish_ratio)} of its size after {r.horizon} of {r.length} steps "
+                        f"(horizon {r.horizon}); {why} The layer cannot learn dependencies longer than about "
+                        f"{r.horizon} steps.{gate_txt} {fix}"
+                    ),
+                    layer=layer,
+                    value=float(r.horizon),
+                    threshold=float(r.length),
+                    worse_when="lower",  # re-alerted inside alert_every when the horizon halves
+                )
+            )
         return events
-
-    def _exploding(
-        self,
-        record: StepRecord,
-        layer: str,
-        rec: str,
-        r: Propagation,
-        kind: Any,
-        view: MonitorView,
-        facts: Mapping[str, Any],
-        weights: Any,
-    ) -> GradEvent:
-        o = self.options
-        return GradEvent(
-            kind="exploding",
-            step=record.step,
-            severity=logging.WARNING,
-            message=(
-                f"Exploding gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) "
-                f"{_when(record.step)}: a gradient carried back {r.peak_step} steps through the layer's state grows "
-                f"up to {fmt(r.peak)}x (largest singular value of the state Jacobian product; alert above "
-                f"{fmt(o.explode_ratio)}x); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec, weights)}. "
-                f"{remedy(kind, 'exploding', view, facts)}"
-            ),
-            layer=layer,
-            value=r.peak,
-            threshold=o.explode_ratio,
-            worse_when="higher",  # re-alerted inside alert_every when 10x larger
-        )
-
-    def _vanishing(
-        self,
-        record: StepRecord,
-        layer: str,
-        rec: str,
-        r: Propagation,
-        kind: Any,
-        view: MonitorView,
-        facts: Mapping[str, Any],
-        weights: Any,
-    ) -> GradEvent:
-        o = self.options
-        gate = record.gates.get(layer)
-        gate_txt = (
-            f" Its mean {gate.gate} gate is {gate.mean:.2f} (memory-path gain e^{gate.log_path_gain:.1f} over the sequence)."
-            if gate is not None and family(kind) != "rnn"
-            else ""
-        )
-        return GradEvent(
-            kind="vanishing",
-            step=record.step,
-            severity=logging.WARNING,
-            message=(
-                f"Vanishing gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) "
-                f"{_when(record.step)}: even along its most amplified direction, a gradient carried back through the "
-                f"layer's state falls below {fmt(o.vanish_ratio)} of its size after {r.horizon} of {r.length} steps "
-                f"(horizon {r.horizon}); {fmt(r.rate)} per step{_recurrence_spectral(record, layer, rec, weights)}. The "
-                f"layer cannot learn dependencies longer than about {r.horizon} steps.{gate_txt} "
-                f"{remedy(kind, 'vanishing', view, facts)}"
-            ),
-            layer=layer,
-            value=float(r.horizon),
-            threshold=float(r.length),
-            worse_when="lower",  # re-alerted inside alert_every when the horizon halves
-        )
