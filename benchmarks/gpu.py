@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from benchmarks.harness import emit, rotated
+from benchmarks.many_tensors import Many  # n nn.Linear(d, d) side by side: 2n small tensors
 from benchmarks.torch_bench import workload
 
 ARMS = ("unwatched", "floor: one flat norm", "clip_grad_norm_", "gradwatch defaults", "gradwatch zclip", "gradwatch profile_every=1")
@@ -49,16 +50,6 @@ WATCH_OPTIONS: dict[str, dict[str, Any]] = {
     "gradwatch profile_every=1": {"profile_every": 1},
 }
 
-
-class Many(nn.Module):
-    """``n`` ``nn.Linear(d, d)`` side by side, summed: 2n small parameter tensors."""
-
-    def __init__(self, n: int, d: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([layer(x) for layer in self.layers]).sum(0)
 
 
 def many_workload(quick: bool) -> tuple[nn.Module, list, Callable, str]:

@@ -40,6 +40,8 @@ from benchmarks.harness import emit, rotated
 
 
 class Many(nn.Module):
+    """``n`` ``nn.Linear(d, d)`` side by side, summed: 2n small parameter tensors."""
+
     def __init__(self, n: int, d: int) -> None:
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(n))

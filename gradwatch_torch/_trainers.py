@@ -141,3 +141,22 @@ def clip_interaction(policy: str, trainer_clip: str, off: str) -> str:
         f"is left: every step the tighter of the two thresholds wins, and records show the pre-clip norm with "
         f"gradwatch's decision only. To let the policy alone decide, turn the trainer's clipping off ({off})."
     )
+
+
+class NotKeras:
+    """What a torch trainer callback says when it is handed to Keras' ``fit``: Keras 3
+    reads ``async_safe`` (JAX and torch backends) and calls ``set_params`` / ``set_model``
+    on each callback; each raises a TypeError naming the Keras callback. ``_not_keras`` is
+    the sentence (the callback's own class says what it is for)."""
+
+    _not_keras: str = "This is a PyTorch trainer callback; Keras' model.fit needs gradwatch_tf.GradWatchCallback."
+
+    def set_model(self, model: Any) -> None:
+        raise TypeError(self._not_keras)
+
+    def set_params(self, params: Any) -> None:
+        raise TypeError(self._not_keras)
+
+    @property
+    def async_safe(self) -> bool:
+        raise TypeError(self._not_keras)

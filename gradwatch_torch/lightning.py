@@ -79,7 +79,7 @@ import torch
 from gradwatch import Monitor, Watch
 from gradwatch.errors import ConfigError, GradwatchError
 from gradwatch.watch import WatchFront
-from gradwatch_torch._trainers import THROUGH_TIME_KEYS, TrainerMetrics, clip_interaction, scaler_will_skip
+from gradwatch_torch._trainers import NotKeras, THROUGH_TIME_KEYS, TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
 
 __all__ = ["GradWatchCallback"]
@@ -122,7 +122,7 @@ def _callback_bases() -> tuple[type, ...]:
     )
 
 
-class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
+class GradWatchCallback(NotKeras, WatchFront, *_callback_bases()):  # type: ignore[misc]
     """Watch the gradients of ``Trainer.fit`` (options as in ``gradwatch.watch``).
 
     Options are validated here (a bad one raises ``gradwatch.ConfigError`` before any
@@ -132,6 +132,8 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
     ``fit`` to the next. See the module docstring for accumulation, manual optimization,
     AMP, DDP and how a policy combines with ``gradient_clip_val``.
     """
+
+    _not_keras = _WRONG_FRAMEWORK  # what it says when handed to Keras' fit (NotKeras)
 
     def __init__(self, *, log_layers: bool | None = None, **options: Any) -> None:
         super().__init__()
@@ -280,20 +282,6 @@ class GradWatchCallback(WatchFront, *_callback_bases()):  # type: ignore[misc]
                 type(exc).__name__,
                 exc,
             )
-
-    # ------------------------------------------------------------- wrong framework
-    def set_model(self, model: Any) -> None:
-        """Keras calls this on its callbacks: this is Lightning's callback, not Keras'."""
-        raise TypeError(_WRONG_FRAMEWORK)
-
-    def set_params(self, params: Any) -> None:
-        raise TypeError(_WRONG_FRAMEWORK)
-
-    @property
-    def async_safe(self) -> bool:
-        """Keras 3 reads this of each callback first (before ``set_model``, on its JAX and
-        torch backends); Lightning never does."""
-        raise TypeError(_WRONG_FRAMEWORK)
 
     # ------------------------------------------------------------------ like a Watch
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:

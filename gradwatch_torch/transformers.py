@@ -79,7 +79,7 @@ from gradwatch import Monitor, Watch
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.watch import WatchFront
 from gradwatch_torch._distributed import is_dtensor
-from gradwatch_torch._trainers import TrainerMetrics, clip_interaction, scaler_will_skip
+from gradwatch_torch._trainers import NotKeras, TrainerMetrics, clip_interaction, scaler_will_skip
 from gradwatch_torch.attach import TorchAttachment
 
 __all__ = ["STATE_KEY", "GradWatchCallback"]
@@ -142,7 +142,7 @@ _WRONG_FRAMEWORK = (
 )
 
 
-class GradWatchCallback(WatchFront, TrainerCallback):
+class GradWatchCallback(NotKeras, WatchFront, TrainerCallback):
     """Watch the gradients of ``Trainer.train`` (options as in ``gradwatch.watch``).
 
     Options are validated here (a bad one raises ``gradwatch.ConfigError`` before any
@@ -159,6 +159,8 @@ class GradWatchCallback(WatchFront, TrainerCallback):
     the module docstring for how the pre-clip gradient is reached.
     """
 
+    _not_keras = _WRONG_FRAMEWORK  # what it says when handed to Keras' fit (NotKeras)
+
     def __init__(self, *, log_layers: bool | None = None, **options: Any) -> None:
         super().__init__()
         self.watch = Watch(Monitor(**options))
@@ -171,18 +173,6 @@ class GradWatchCallback(WatchFront, TrainerCallback):
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------ Trainer events
-    def set_model(self, model: Any) -> None:
-        """Keras calls this on its callbacks: this is the Hugging Face Trainer's callback."""
-        raise TypeError(_WRONG_FRAMEWORK)
-
-    def set_params(self, params: Any) -> None:
-        raise TypeError(_WRONG_FRAMEWORK)
-
-    @property
-    def async_safe(self) -> bool:
-        """Keras 3 reads this of each callback first (before ``set_model``, on its JAX and
-        torch backends); the Trainer never does."""
-        raise TypeError(_WRONG_FRAMEWORK)
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
