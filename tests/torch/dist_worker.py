@@ -83,6 +83,11 @@ NAN_STEP = 2
 
 
 def run(rank: int, port: int, mode: str, out: str) -> None:
+    _run(rank, port, mode, out)
+    os._exit(0)  # done: no interpreter teardown racing gloo's threads (SIGABRT)
+
+
+def _run(rank: int, port: int, mode: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, init_method=f"tcp://127.0.0.1:{port}")
     if mode == "ddp_nan":

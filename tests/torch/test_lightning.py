@@ -353,19 +353,10 @@ def test_policy_with_two_optimizers_is_refused_at_fit_start():
 
 
 def test_ddp_ranks_record_the_same_and_only_rank0_writes(tmp_path):
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1"
-    )
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("lightning_ddp_worker.py")), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=240,
-        env=env,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from torch_helpers import run_ranks
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_ranks([Path(__file__).with_name("lightning_ddp_worker.py"), tmp_path], cwd=tmp_path, env=env)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["records"] == ranks[1]["records"]
     assert len(ranks[0]["records"]) == 4

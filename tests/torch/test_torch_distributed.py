@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
 
 import gradwatch
 import gradwatch_torch
+from torch_helpers import run_ranks
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -24,15 +25,7 @@ def _run_worker(mode, tmp_path_factory):
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp(mode) / "result.json"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    cmd = [sys.executable, str(HERE / "dist_worker.py"), mode, str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=240, env=env, cwd=ROOT)
-    if proc.returncode != 0:  # once more: the free port picked may have been taken meanwhile
-        first = proc.stderr[-2000:]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=240, env=env, cwd=ROOT)
-        assert proc.returncode == 0, first + "\n--- retry ---\n" + proc.stderr[-3000:]
+    run_ranks([HERE / "dist_worker.py", mode, out], cwd=ROOT)
     return json.loads(out.read_text())
 
 

@@ -549,6 +549,7 @@ def run(rank, port, out):
     if rank == 0:
         torch.save({"records": everyone, "state": model.state_dict()}, out)
     dist.destroy_process_group()
+    os._exit(0)  # done: no interpreter teardown racing gloo's threads (SIGABRT)
 
 if __name__ == "__main__":
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -560,19 +561,15 @@ if __name__ == "__main__":
 
 
 def test_under_ddp_every_rank_reports_the_max_and_the_mean_median_over_ranks(tmp_path):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from torch_helpers import run_ranks
 
     if not torch.distributed.is_available():
         pytest.skip("torch.distributed is not available in this build")
     worker, out = tmp_path / "worker.py", tmp_path / "out.pt"
     worker.write_text(_DDP_WORKER)
-    root = Path(__file__).resolve().parents[2]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]), GLOO_SOCKET_IFNAME="lo")
-    proc = subprocess.run([sys.executable, str(worker), str(out)], capture_output=True, text=True, timeout=240, env=env, cwd=root, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_ranks([worker, out], cwd=Path(__file__).resolve().parents[2])
     got = torch.load(out, weights_only=False)
     rank0, rank1 = got["records"]
     assert rank0["recurrences"] == rank1["recurrences"] and rank0["gates"] == rank1["gates"] and rank0["max"] == rank1["max"]

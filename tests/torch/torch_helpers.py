@@ -62,3 +62,29 @@ def states_equal(a: list, b: list) -> bool:
             elif x[k] != y[k]:
                 return False
     return True
+
+
+def run_ranks(cmd: list, *, cwd, env: dict | None = None, timeout: float = 240):
+    """Run a multi-process (gloo) worker script, once more if the first try fails.
+
+    Two things outside the code under test make a gloo run fail now and then on a loaded
+    2-core machine: the free port the parent picked is taken before the ranks bind it, and
+    a rank aborts in gloo's teardown ("terminate called without an active exception",
+    SIGABRT) after its work is done. A second failure is a real one: both tries' stderr
+    are shown."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    cmd = [sys.executable, *map(str, cmd)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=env, cwd=cwd)
+    if proc.returncode != 0:
+        first = proc.stderr[-2000:]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout, env=env, cwd=cwd)
+        assert proc.returncode == 0, first + "\n--- retry ---\n" + proc.stderr[-3000:]
+    return proc
