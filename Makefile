@@ -34,31 +34,19 @@ RUNS ?= gradwatch-demo/*.jsonl
 report: $(STAMP_DEMO)
 	$(BIN)/gradwatch report $(RUNS) --out gradwatch-report
 
-# Each suite runs in its own process: the core with torch, TensorFlow and Keras made
-# unimportable (it must work from numpy alone), and the two frameworks apart, since
-# loading both into one process is not something users do and only slows the run. The
-# backend contract suite (tests/contract) runs once per backend.
-# Keras runs once per Keras backend, each in its own process: the whole of tests/tf and the
-# contract on TensorFlow; on JAX and torch the suites written for every backend
-# (KERAS_ANY_BACKEND) and the contract, less what is TensorFlow-only for now (through-time
-# profiles) and, on JAX, less the slowest contract tests (eager JAX reference gradients).
+# Each suite runs in its own process (tests/run_suites.py says why), two suites at a time:
+# the core with torch, TensorFlow and Keras made unimportable (it must work from numpy
+# alone), torch, the CLI, the examples, the benchmarks' smoke test, the backend contract
+# suite (tests/contract) once per backend, and Keras once per Keras backend: the whole of
+# tests/tf and the contract on TensorFlow; on JAX and torch the suites written for every
+# backend (KERAS_ANY_BACKEND) and the contract, less the slowest contract tests on JAX
+# (eager JAX reference gradients).
 KERAS_ANY_BACKEND := tests/tf/test_keras_backends.py tests/tf/test_tf_fit_exits.py
 KERAS_CONTRACT_torch := not profiling_schedule
 KERAS_CONTRACT_jax := records_match or close_leaves or bitwise or raise_happens or fixed_equals or header
 test: $(STAMP_TEST)
-	@rc=0; \
-	GRADWATCH_BLOCK_FRAMEWORKS=1 $(BIN)/python -m pytest tests/core -q || rc=1; \
-	for suite in tests/torch tests/tf tests/cli tests/examples tests/benchmarks; do \
-	  if [ -d $$suite ]; then KERAS_BACKEND=tensorflow $(BIN)/python -m pytest $$suite -q || rc=1; fi; \
-	done; \
-	for backend in torch keras; do \
-	  KERAS_BACKEND=tensorflow $(BIN)/python -m pytest tests/contract --backend $$backend -q || rc=1; \
-	done; \
-	KERAS_BACKEND=jax $(BIN)/python -m pytest $(KERAS_ANY_BACKEND) -q || rc=1; \
-	KERAS_BACKEND=jax $(BIN)/python -m pytest tests/contract --backend keras -k "$(KERAS_CONTRACT_jax)" -q || rc=1; \
-	KERAS_BACKEND=torch $(BIN)/python -m pytest $(KERAS_ANY_BACKEND) -q || rc=1; \
-	KERAS_BACKEND=torch $(BIN)/python -m pytest tests/contract --backend keras -k "$(KERAS_CONTRACT_torch)" -q || rc=1; \
-	exit $$rc
+	KERAS_ANY_BACKEND="$(KERAS_ANY_BACKEND)" KERAS_CONTRACT_torch="$(KERAS_CONTRACT_torch)" \
+	KERAS_CONTRACT_jax="$(KERAS_CONTRACT_jax)" $(BIN)/python tests/run_suites.py
 
 bench: $(STAMP_TEST)
 	$(PIP) -e '.[torch,tf,plot,dev,lightning,transformers,modern,bench]'
