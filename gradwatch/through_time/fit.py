@@ -67,10 +67,25 @@ def horizon(gains: Sequence[float] | np.ndarray, ratio: float = HORIZON_FRACTION
 def aggregate_logs(log_rms: Any, log_top: Any, ops: Any) -> tuple[Any, Any]:
     """:func:`aggregate` in log space (for a backend that keeps logs: a vanished gain of
     1e-300 does not fit in float32): (log gains, log max_gains), each (T,)."""
-    p = int(log_rms.shape[1])
     srt = ops.sort(log_rms, 1)
-    lo, hi = (p - 1) // 2, p // 2
+    p = log_rms.shape[1]
+    if p is None:  # a graph traced for any batch size: the count is known only at run time
+        return _median_sorted(srt, ops), ops.amax(log_top, 1)
+    lo, hi = (int(p) - 1) // 2, int(p) // 2
     return 0.5 * (srt[:, lo] + srt[:, hi]), ops.amax(log_top, 1)
+
+
+def _median_sorted(srt: Any, ops: Any) -> Any:
+    """Median along axis 1 of rows sorted along it, when their length is not static: the
+    mean of the entries whose index i has |2i - (p - 1)| <= 1 (the middle one, or the two
+    middle ones), with only the protocol's elementwise ops and cumsum."""
+    zero = ops.zeros_like(srt)
+    index = ops.cumsum(zero + 1.0, 1) - 1.0
+    last = ops.amax(index, 1)[:, None]
+    off = 2.0 * index - last
+    middle = (off <= 1.0) & (off >= -1.0)
+    picked = ops.where(middle, srt, zero)
+    return ops.cumsum(picked, 1)[:, -1] / ops.cumsum(ops.where(middle, zero + 1.0, zero), 1)[:, -1]
 
 
 def aggregate(log_rms: Any, log_top: Any, ops: Any) -> tuple[Any, Any]:

@@ -24,6 +24,27 @@ def test_aggregate_takes_the_max_of_top_gains_and_the_median_of_rms_gains():
     assert gains[0] == top[0] == 1.0
 
 
+class _UnknownWidth:
+    """Rows whose count is unknown until run time, as in a graph traced for any batch."""
+
+    def __init__(self, a: np.ndarray) -> None:
+        self.a, self.shape = a, (a.shape[0], None)
+
+
+class _SortUnwrap(type(NUMPY_TENSORS)):
+    def sort(self, x, axis):
+        return super().sort(x.a if isinstance(x, _UnknownWidth) else x, axis)
+
+
+@pytest.mark.parametrize("p", [1, 2, 5, 8])
+def test_the_median_is_the_same_when_the_number_of_sequences_is_known_only_at_run_time(p):
+    rng = np.random.default_rng(p)
+    log_rms = rng.normal(size=(6, p))
+    log_rms[2, 0] = -np.inf  # a gain that vanished to exactly zero
+    gains, _ = aggregate(_UnknownWidth(log_rms), log_rms, _SortUnwrap())
+    np.testing.assert_allclose(gains, np.exp(np.median(log_rms, axis=1)), rtol=1e-12)
+
+
 def test_one_sequence_that_resets_does_not_make_the_layer_vanish():
     """Issue 16: 1 of 8 ReLU sequences resets (gain 0), the others grow 1.08x per step."""
     j = np.arange(30.0)
