@@ -21,6 +21,10 @@ Built-in decays, each checked against autograd on the package's own scan
 * Mamba (mambapy ``MambaBlock``; mamba-ssm's ``Mamba`` has the same parameters and is read
   the same way, untested here: no CPU path): a_t = exp(Δ_t A) per (channel, state),
   Δ = softplus(dt_proj(x_proj(silu(conv(in_proj(u)))))), A = -exp(A_log); state (ED, N).
+* Mamba-2 (mambapy ``Mamba2Block``, mamba-ssm ``Mamba2`` / ``Mamba2Simple``; both import
+  mamba-ssm's Triton kernels, so no CPU path: tested on mambapy's block with pure-torch
+  stand-ins for those kernels): a_t = exp(Δ_t A_h), one A per head, Δ from the dt columns
+  of ``in_proj``; state (H, P, N), the decay shared by each head's P x N entries.
 * mLSTM (xlstm ``mLSTMCell``, the package's stabilised recurrent form): the stored state
   C~_t = C_t exp(-m_t) decays by exp(log sigmoid(f_t) + m_{t-1} - m_t), with
   m_t = max(log sigmoid(f_t) + m_{t-1}, i_t), m_0 = 0; one decay per head.
@@ -39,15 +43,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.families import GATES, Recurrence
+from gradwatch.through_time.fit import aggregate
 from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["BUILTIN", "DiagonalProbe", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
+__all__ = ["BUILTIN", "DiagonalProbe", "mamba2_decay", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
 
 
 def _rows(value: Any, batch: int, probed: int) -> Any:
@@ -237,6 +241,31 @@ def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Te
     return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
 
 
+def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
+    """Mamba-2 (SSD): one scalar A per head, so log a_t = Δ_t A is one number per head for
+    the head's whole (P, N) state, read from the last ``nheads`` columns of ``in_proj``
+    (the split is [z, x, B, C, dt] in mambapy and mamba-ssm alike): Δ = softplus(dt +
+    dt_bias), clamped to ``dt_limit`` when one is set; a new document (``seq_idx``
+    changing) resets the state; (B, T, H). Every head's entries decay alike, so the RMS
+    and the largest entry over heads are those over the whole state."""
+    u = _arg(args, kwargs, 0, "u") if args or "u" in kwargs else kwargs["hidden_states"]
+    if u.dim() != 3:  # mamba-ssm's varlen call: (B * L, D) with seqlen, not read here
+        return None
+    heads = int(module.A_log.shape[0])
+    w, b = module.in_proj.weight, module.in_proj.bias
+    dt = F.linear(u, w[-heads:], None if b is None else b[-heads:]).float() + module.dt_bias.float()
+    dt = F.softplus(dt)
+    limit = getattr(module, "dt_limit", None) or getattr(getattr(module, "config", None), "dt_limit", None)
+    if limit is not None and tuple(limit) != (0.0, math.inf):
+        dt = dt.clamp(float(limit[0]), float(limit[1]))
+    log_a = dt * -torch.exp(module.A_log.float().reshape(heads, -1)[:, 0])
+    seq_idx = kwargs.get("seq_idx", args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None)
+    if isinstance(seq_idx, Tensor) and seq_idx.shape == log_a.shape[:2]:
+        new_doc = torch.cat([torch.zeros_like(seq_idx[:, :1], dtype=torch.bool), seq_idx[:, 1:] != seq_idx[:, :-1]], 1)
+        log_a = log_a.masked_fill(new_doc[..., None], -math.inf)
+    return log_a
+
+
 def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     """xLSTM mLSTM cell: stabilised decay per head, exp(log sigmoid(f) + m_{t-1} - m_t);
     (B, T, NH)."""
@@ -266,6 +295,9 @@ BUILTIN: list[Recurrence] = [
     Recurrence("minGRU_pytorch.minLSTM.minLSTM", decay=minlstm_decay, kind="minlstm", gate="forget"),
     Recurrence("mambapy.mamba.MambaBlock", decay=mamba_decay, kind="mamba", gate="delta"),
     Recurrence("mamba_ssm.modules.mamba_simple.Mamba", decay=mamba_decay, kind="mamba", gate="delta"),
+    Recurrence("mambapy.mamba2.Mamba2Block", decay=mamba2_decay, kind="mamba", gate="delta"),
+    Recurrence("mamba_ssm.modules.mamba2.Mamba2", decay=mamba2_decay, kind="mamba", gate="delta"),
+    Recurrence("mamba_ssm.modules.mamba2_simple.Mamba2Simple", decay=mamba2_decay, kind="mamba", gate="delta"),
     Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
     Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
 ]

@@ -125,7 +125,7 @@ def test_mingru_against_autograd_on_its_own_scan():
     for j in range(1, steps):
         s = h[:8, steps - 1 - j]  # the state j steps before the last
         tail = u[:8, steps - j :]
-        jacs.append(row_jacobian(lambda st: layer(tail, prev_hidden=st[:, None])[:, -1], s))
+        jacs.append(row_jacobian(lambda st, tail=tail: layer(tail, prev_hidden=st[:, None])[:, -1], s))
     check(model, "1", lambda: model(x), jacs)
 
 
@@ -234,7 +234,7 @@ def test_mlstm_against_autograd_on_its_recurrent_step():
         ig = model.cell.igate(qkv).transpose(1, 2)[..., None]  # (B, NH, S, 1)
         fg = model.cell.fgate(qkv).transpose(1, 2)[..., None]
     b, steps, nh, dh = 8, x.shape[1], 2, 4
-    heads = lambda t: t.view(t.shape[0], steps, nh, dh).transpose(1, 2)  # noqa: E731
+    heads = lambda t: t.view(t.shape[0], steps, nh, dh).transpose(1, 2)
     qh, kh, vh = heads(q[:b]), heads(k[:b]), heads(v[:b])
 
     def run(c, n, m, start, stop):
@@ -354,8 +354,8 @@ class Looped(nn.Module):
 def _loop_reference(cell, x, pair):
     b = min(8, x.shape[0])
     d = cell.u.weight.shape[0] if not pair else cell.lin.weight.shape[0] // 2
-    flat = lambda s: torch.cat(s, -1) if pair else s  # noqa: E731
-    unflat = lambda v: (v[:, :d], v[:, d:]) if pair else v  # noqa: E731
+    flat = lambda s: torch.cat(s, -1) if pair else s
+    unflat = lambda v: (v[:, :d], v[:, d:]) if pair else v
     step = (lambda xt, s: cell(xt, s)[1]) if pair else cell
     state = (torch.zeros(b, d), torch.zeros(b, d)) if pair else torch.zeros(b, d)
     states = []
@@ -380,7 +380,7 @@ def test_user_cell_in_a_loop_detected_and_exact(scale):
     model = Looped(TanhCell(3, 12, scale), 12)
     x = torch.randn(10, 14, 3)
     jacs = _loop_reference(model.cell, x, pair=False)
-    gains, top = check(model, "cell", lambda: model(x), jacs)
+    _, top = check(model, "cell", lambda: model(x), jacs)
     assert (top[-1] > 1.0) == (scale > 1.5) or top[-1] < 1e-3
 
 
@@ -484,7 +484,7 @@ def _recurrentgemma_torch_layers():
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("recurrentgemma is not installed (its [torch] extra changes numpy/absl-py pins; not in [modern])")
     pytest.importorskip("jaxtyping", reason="recurrentgemma's torch layers need jaxtyping")
-    root = list(spec.submodule_search_locations)[0]
+    root = next(iter(spec.submodule_search_locations))
     saved = {k: sys.modules.get(k) for k in ("recurrentgemma", "recurrentgemma.torch")}
     for name, path in (("recurrentgemma", root), ("recurrentgemma.torch", f"{root}/torch")):
         if name not in sys.modules or not hasattr(sys.modules[name], "torch" if name == "recurrentgemma" else "layers"):
@@ -569,3 +569,96 @@ def test_diagonal_layer_measured_on_every_profiled_step_only():
     finally:
         w.close()
     assert len(steps) >= 2 and steps == profiled, (steps, profiled)
+
+
+# -- Mamba-2 (mambapy's Mamba2Block, its Triton kernels replaced by pure-torch ones) ------------
+def _mamba2_without_triton(monkeypatch):
+    """mambapy.mamba2 imports mamba-ssm's Triton kernels at import (no CPU path): import it
+    with pure-torch stand-ins for the gated RMSNorm and the chunked SSD scan, the latter a
+    plain loop over h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, y_t = C_t h_t + D x_t (and
+    causal-conv1d's kernel by torch's conv1d: mambapy's own fallback keeps d_conv - 1
+    extra steps, which the fused kernels never see)."""
+    import sys
+    import types
+
+    pytest.importorskip("mambapy", reason="mambapy is not installed (pip install gradwatch[modern])")
+    pytest.importorskip("einops", reason="mambapy.mamba2 needs einops")
+
+    class RMSNormGated(nn.Module):
+        def __init__(self, d, eps=1e-5, norm_before_gate=False, **_):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+        def forward(self, y, z):
+            y = y * torch.nn.functional.silu(z)
+            return y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+    def scan(x, dt, a, b, c, chunk_size=None, D=None, z=None, seq_idx=None, initial_states=None, **_):
+        h = torch.zeros(x.shape[0], x.shape[2], x.shape[3], b.shape[-1]) if initial_states is None else initial_states
+        ys = []
+        for t in range(x.shape[1]):
+            decay = torch.exp(dt[:, t] * a)[:, :, None, None]  # (B, H, 1, 1)
+            h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * b[:, t, 0][:, None, None, :]
+            ys.append(torch.einsum("bhpn,bn->bhp", h, c[:, t, 0]) + D[:, None] * x[:, t])
+        return torch.stack(ys, 1)
+
+    def causal_conv1d_fn(x, weight, bias=None, activation=None):  # (B, C, L), the first L outputs
+        out = torch.nn.functional.conv1d(x, weight[:, None], bias, padding=weight.shape[1] - 1, groups=x.shape[1])
+        return torch.nn.functional.silu(out[..., : x.shape[2]])
+
+    stubs = {
+        "causal_conv1d": types.ModuleType("causal_conv1d"),
+        "mamba_ssm": types.ModuleType("mamba_ssm"),
+        "mamba_ssm.ops": types.ModuleType("mamba_ssm.ops"),
+        "mamba_ssm.ops.triton": types.ModuleType("mamba_ssm.ops.triton"),
+        "mamba_ssm.ops.triton.layernorm_gated": types.ModuleType("mamba_ssm.ops.triton.layernorm_gated"),
+        "mamba_ssm.ops.triton.ssd_combined": types.ModuleType("mamba_ssm.ops.triton.ssd_combined"),
+    }
+    stubs["causal_conv1d"].causal_conv1d_fn = causal_conv1d_fn
+    stubs["mamba_ssm.ops.triton.layernorm_gated"].RMSNorm = RMSNormGated
+    stubs["mamba_ssm.ops.triton.layernorm_gated"].LayerNorm = nn.LayerNorm
+    stubs["mamba_ssm.ops.triton.ssd_combined"].mamba_chunk_scan_combined = scan
+    stubs["mamba_ssm.ops.triton.ssd_combined"].mamba_split_conv1d_scan_combined = None
+    for name, mod in stubs.items():
+        monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delitem(sys.modules, "mambapy.mamba2", raising=False)
+    import mambapy.mamba2 as m2
+
+    monkeypatch.delitem(sys.modules, "mambapy.mamba2")  # the next import sees the real one again
+    return m2
+
+
+def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
+    m2 = _mamba2_without_triton(monkeypatch)
+    cfg = m2.Mamba2Config(d_model=8, n_layers=1, d_head=2, d_state=2, use_mem_eff_path=False, A_init_range=(1, 6), dt_max=0.5)
+    model = m2.Mamba2(cfg)
+    x = torch.randn(10, 11, 8)
+    seen = {}
+    real = m2.mamba_chunk_scan_combined
+
+    def spy(xs, dt, a, b, c, **kw):
+        seen.setdefault("args", (xs.detach(), dt.detach(), a.detach(), b.detach()))
+        return real(xs, dt, a, b, c, **kw)
+
+    monkeypatch.setattr(m2, "mamba_chunk_scan_combined", spy)
+    model(x)
+    xs, dt, a, b = seen["args"]  # what the block's own forward computed: dt = softplus(. + dt_bias)
+    steps, p = xs.shape[1], 8
+
+    def step(h, t):  # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, on the probed rows
+        return torch.exp(dt[:p, t] * a)[:, :, None, None] * h + (dt[:p, t, :, None] * xs[:p, t])[..., None] * b[:p, t, 0][:, None, None, :]
+
+    shape = (p, xs.shape[2], xs.shape[3], b.shape[-1])  # (P, H, headdim, N)
+    states = [torch.zeros(shape)]
+    for t in range(steps):
+        states.append(step(states[-1], t))
+
+    def from_state(flat, j):
+        h = flat.reshape(shape)
+        for t in range(steps - j, steps):
+            h = step(h, t)
+        return h
+
+    jacs = [row_jacobian(lambda s, j=j: from_state(s, j), states[steps - j].reshape(p, -1)) for j in range(1, steps)]
+    check(model, "layers.0.mixer", lambda: model(x), jacs)
+
