@@ -51,7 +51,17 @@ from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["BUILTIN", "DiagonalProbe", "mamba2_decay", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
+__all__ = [
+    "BUILTIN",
+    "SLSTM",
+    "DiagonalProbe",
+    "mamba2_decay",
+    "mamba_decay",
+    "mingru_decay",
+    "minlstm_decay",
+    "mlstm_decay",
+    "rglru_decay",
+]
 
 
 def _rows(value: Any, batch: int, probed: int) -> Any:
@@ -289,6 +299,9 @@ def rglru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     return log_a.masked_fill((pos == 0)[..., None], -math.inf)
 
 
+#: xlstm's vanilla sLSTM cell: a dense step, probed by :class:`gradwatch_torch._slstm.SLSTMProbe`.
+SLSTM = Recurrence("xlstm.blocks.slstm.cell.sLSTMCell_vanilla", step=True, kind="slstm", gate="forget")
+
 #: Layers gradwatch knows by name (no import of their package).
 BUILTIN: list[Recurrence] = [
     Recurrence("minGRU_pytorch.minGRU.minGRU", decay=mingru_decay, kind="mingru", gate="update"),
@@ -300,4 +313,5 @@ BUILTIN: list[Recurrence] = [
     Recurrence("mamba_ssm.modules.mamba2_simple.Mamba2Simple", decay=mamba2_decay, kind="mamba", gate="delta"),
     Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
     Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
+    SLSTM,
 ]

@@ -662,3 +662,46 @@ def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
     jacs = [row_jacobian(lambda s, j=j: from_state(s, j), states[steps - j].reshape(p, -1)) for j in range(1, steps)]
     check(model, "layers.0.mixer", lambda: model(x), jacs)
 
+
+
+# -- xLSTM sLSTM (xlstm's vanilla backend: its own pointwise step, dense through R) ---------------
+def test_slstm_against_autograd_on_its_own_step():
+    pytest.importorskip("xlstm", reason="xlstm is not installed (pip install gradwatch[modern])")
+    from xlstm.blocks.slstm.layer import sLSTMLayer, sLSTMLayerConfig
+    from xlstm.blocks.slstm.src.vanilla import slstm_forward_step
+
+    cfg = sLSTMLayerConfig(embedding_dim=8, num_heads=2, backend="vanilla", conv1d_kernel_size=0, dtype="float32")
+    model = nn.Sequential(nn.Linear(3, 8), sLSTMLayer(cfg))
+    cell = model[1].slstm_cell
+    with torch.no_grad():  # a recurrent kernel that matters, gates that move the stabiliser
+        cell._recurrent_kernel_.normal_(0.0, 0.6)
+        cell._bias_.normal_(0.0, 1.0)
+    x = torch.randn(9, 12, 3)
+    seen = {}
+    real = type(cell).forward
+
+    def spy(self, inp, state=None, lengths=None):
+        seen.setdefault("inp", inp.detach())
+        return real(self, inp, state, lengths)
+
+    type(cell).forward = spy
+    try:
+        model(x)
+    finally:
+        type(cell).forward = real
+    wx = cell._permute_input(seen["inp"])[:, :8]  # (S, P, 4H): the cell's own input, probed rows
+    steps, r, b = wx.shape[0], cell._recurrent_kernel.detach(), cell._bias.detach()
+
+    def run(s, start):
+        for t in range(start, steps):
+            s = slstm_forward_step(wx[t : t + 1], s, r, b, cell.pointwise)[0][:, 0]
+        return s
+
+    states = [torch.zeros(4, 8, 8)]  # (y, c, n, m) x P x H, from the zero state as the cell starts
+    for t in range(steps):
+        states.append(slstm_forward_step(wx[t : t + 1], states[-1], r, b, cell.pointwise)[0][:, 0])
+    # the whole state (y, c, n, m) of a sequence, 4 x 8 numbers: rows independent, so (P, 32) in and out
+    flat = lambda s: s.permute(1, 0, 2).reshape(8, -1)
+    unflat = lambda v: v.reshape(8, 4, 8).permute(1, 0, 2)
+    jacs = [row_jacobian(lambda v, j=j: flat(run(unflat(v), steps - j)), flat(states[steps - j])) for j in range(1, steps)]
+    check(model, "1.slstm_cell", lambda: model(x), jacs)
