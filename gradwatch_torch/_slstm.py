@@ -92,7 +92,9 @@ class SLSTMProbe(DiagonalProbe):
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self.fail("replay", exc)
 
-    def _measure(self, module: nn.Module, x: Tensor, state: Tensor | None, output: Any, probed: int) -> tuple[Tensor, Tensor] | None:
+    def _measure(
+        self, module: nn.Module, x: Tensor, state: Tensor | None, output: Any, probed: int
+    ) -> tuple[Tensor, Tensor] | None:
         vanilla = importlib.import_module(type(module).__module__)  # the package's own step functions
         cfg = module.config
         heads, dh, ns = int(cfg.num_heads), cfg.hidden_size // cfg.num_heads, int(cfg.num_states)
@@ -106,7 +108,10 @@ class SLSTMProbe(DiagonalProbe):
             want = final[:, :probed].detach().float()
             worst = float((traj[:, -1] - want).abs().max()) / (float(want.abs().max()) or 1.0)
             if not worst <= max(tolerance(final.dtype, final.device.type), 1e-3):
-                self.fail("replay", f"the replayed sLSTM states differ from the cell's own by {worst:.3g} of its largest value")
+                self.fail(
+                    "replay",
+                    f"the replayed sLSTM states differ from the cell's own by {worst:.3g} of its largest value",
+                )
                 return None
         steps = int(x.shape[0])
         rows = (steps - 1) * probed  # calls 2 .. T: from s_1 .. s_{T-1}, every call's rows stacked

@@ -705,3 +705,31 @@ def test_slstm_against_autograd_on_its_own_step():
     unflat = lambda v: v.reshape(8, 4, 8).permute(1, 0, 2)
     jacs = [row_jacobian(lambda v, j=j: flat(run(unflat(v), steps - j)), flat(states[steps - j])) for j in range(1, steps)]
     check(model, "1.slstm_cell", lambda: model(x), jacs)
+
+
+def test_diagonal_gains_with_a_reset_and_wide_decays_against_numpy():
+    """The probe's own reduction (floored exponent, base-2) against float64 numpy products:
+    decays from 1 down to e^-60 per step and a state reset (log a = -inf) in one sequence."""
+    from gradwatch_torch._modern import _factored, _plain
+
+    gen = torch.Generator().manual_seed(3)
+    log_a = -torch.rand(5, 20, 7, generator=gen) ** 3 * 60.0  # (P, T, S)
+    log_a[2, 9] = -math.inf
+    got = [t.double().numpy() for t in _plain(log_a, 8)]
+    la = log_a.double().numpy()
+    rms, top = [np.zeros(5)], [np.zeros(5)]
+    with np.errstate(divide="ignore"):
+        for j in range(1, 20):
+            prod = np.exp(la[:, 20 - j :].sum(1))  # (P, S): the diagonal of d s_T / d s_{T-j}
+            rms.append(np.log(np.sqrt((prod**2).mean(1))))
+            top.append(np.log(prod.max(1)))
+    want = aggregate(np.array(rms), np.array(top), NUMPY_TENSORS)
+    for g, w, what in zip(got, want, ("gains", "max_gains")):
+        seen = np.asarray(w) > 1e-30  # (the gains themselves are float32: below 1e-38 they read 0)
+        close(g[seen], np.asarray(w)[seen], what)
+        assert (g[~seen] <= 1e-30).all() and seen.sum() >= 8
+    scale, rate = torch.rand(5, 20, 6, generator=gen) * 3.0, -torch.rand(6, 4, generator=gen) * 4.0
+    got = [t.double().numpy() for t in _factored(scale, rate, 8)]
+    want = _plain((scale[..., None] * rate).double(), 8)
+    for g, w, what in zip(got, want, ("gains (factored)", "max_gains (factored)")):
+        close(g, w.numpy(), what)
