@@ -33,11 +33,16 @@ loaded 2-core machine): a tanh cell T = 100, B = 32: S = 8, 15 ms = 0.6 of a tra
 step; S = 32, 87 ms = 2.9 training steps (the eigenvalues dominate). It runs on every
 n-th profiled step, n from :func:`gradwatch.through_time.plan.replay_every` (the same 5%
 share as the other replays), from the chain's length and the cell's size only; the
-probed rows are copied only on the steps whose replay is due.
+probed rows are copied only on the steps whose replay is due. A state above
+``LOOP_EXACT_DIM`` is not replayed: a GRU-like cell T = 50, B = 32 would cost 0.87 s = 19
+training steps a replay at S = 128 and 5.3 s = 50 steps at S = 256
+(``benchmarks/modern_cost.py``); with the defaults such a cell's probe costs 1.010x and
+1.002x of the watched step (on/off, interleaved).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -54,7 +59,11 @@ from gradwatch_torch._trajectory import PROBED
 
 __all__ = ["LOOP_EXACT_DIM", "LoopProbe", "candidate", "log_products"]
 
-#: Largest state (numbers per sequence) carried whole; above, propagation is not measured.
+logger = logging.getLogger("gradwatch")
+
+#: Largest state (numbers per sequence) carried whole; above, propagation is not measured
+#: (one replay would cost 19 training steps at 128 numbers, 50 at 256: issue 17's section of
+#: benchmarks/RESULTS.md), and the cell's hooks return at once after its first profiled step.
 LOOP_EXACT_DIM = 64
 
 _Where = tuple[Any, Any]  # (argument position or keyword, element of the output or None)
@@ -301,7 +310,9 @@ class LoopProbe(Probe):
         state0 = _select(chain[0].out, sel)
         dim = int(_flat(state0).shape[1])
         self._plan = (len(chain), dim)
-        if dim > LOOP_EXACT_DIM:
+        if dim > LOOP_EXACT_DIM:  # never measured: its hooks return at once from now on
+            self._dead = True
+            logger.info("gradwatch: loop cell %r carries %d numbers of state (> %d); its propagation is not measured.", self.name, dim, LOOP_EXACT_DIM)
             return
         try:
             with torch.enable_grad(), torch.autocast(_flat(state0).device.type, enabled=False):

@@ -733,3 +733,22 @@ def test_diagonal_gains_with_a_reset_and_wide_decays_against_numpy():
     want = _plain((scale[..., None] * rate).double(), 8)
     for g, w, what in zip(got, want, ("gains (factored)", "max_gains (factored)")):
         close(g, w.numpy(), what)
+
+
+def test_a_loop_cell_over_the_state_limit_is_not_measured_and_then_left_alone():
+    from gradwatch_torch._loops import LOOP_EXACT_DIM
+
+    model = Looped(TanhCell(3, LOOP_EXACT_DIM + 1), LOOP_EXACT_DIM + 1)
+    ctx = ProbeContext(lambda: True, lambda: 1, 1, sum(p.numel() for p in model.parameters()))
+    (probe,) = [p for p in find_modern_probes(model, ctx) if p.name == "cell"]
+    handles = install(probe, probe._module())
+    try:
+        model(torch.randn(4, 6, 3)).sum().backward()
+        assert probe.take_propagation() is None
+        assert probe._dead and probe._plan == (6, LOOP_EXACT_DIM + 1)
+        model(torch.randn(4, 6, 3))
+        assert probe._calls_this_step == 0  # its hooks returned at once
+    finally:
+        for h in handles:
+            h.remove() if hasattr(h, "remove") else h()
+        probe.close()
