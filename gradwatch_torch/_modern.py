@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from gradwatch.through_time.families import GATES, Recurrence
 from gradwatch.through_time.fit import aggregate
-from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
+from gradwatch_torch._probing import CleanCopies, Hook, ProbeContext, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
@@ -102,8 +102,27 @@ class DiagonalProbe(Probe):
         self._sq: Tensor | None = None
         self._prop: tuple[tuple[str, ...], Tensor, Tensor] | None = None
         self._measured = False  # propagation measured on this step already
+        self._inner: Tensor | None = None  # probed rows of the captured submodule's output, this call
+        self._undo: list[Any] = []
+        capture = getattr(spec.decay, "capture", None)
+        sub = getattr(module, capture, None) if capture else None
+        if isinstance(sub, nn.Module):  # read the decay's input from the forward instead of recomputing it
+            handle = sub.register_forward_hook(Hook(self, "inner_hook"))
+            self._undo = [handle.remove, CleanCopies.add(sub, [handle.id])]
+
+    def inner_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The captured submodule's output (its probed rows, detached), for this call's decay."""
+        if (
+            isinstance(output, Tensor)
+            and output.dim() >= 2
+            and not self._measured
+            and torch.is_grad_enabled()
+            and self._ctx.due()
+        ):
+            self._inner = output[:PROBED].detach()
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._inner = None
         if not self.active() or not self.enabled:
             return None
         x, where = _first_tensor(args, kwargs)
@@ -130,7 +149,9 @@ class DiagonalProbe(Probe):
             batch = int(x.shape[0])
             probed = min(batch, PROBED)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                got = self._decay(module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                cut = (module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                inner, self._inner = self._inner, None
+                got = self._decay(*cut) if not self._undo else self._decay(*cut, inner=_matching(inner, x, probed))
                 if got is None:
                     return
                 measured = _factored(*got, probed) if isinstance(got, tuple) else _plain(got, probed)
@@ -166,7 +187,27 @@ class DiagonalProbe(Probe):
 
     def close(self) -> None:
         super().close()
-        self._sq, self._prop = None, None
+        self._sq, self._prop, self._inner = None, None, None
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+
+def _matching(inner: Tensor | None, x: Tensor, probed: int) -> Tensor | None:
+    """A captured output that lines up with the layer's input rows and steps, else None
+    (the decay then recomputes from the input: mamba-ssm's fused path never calls x_proj)."""
+    return inner if inner is not None and inner.shape[0] == probed and inner.shape[1:-1] == x.shape[1:-1] else None
+
+
+def _capturing(submodule: str) -> Any:
+    """Mark a built-in decay as reading ``submodule``'s output when the forward called it
+    (as ``inner=``: its probed rows), instead of recomputing it from the layer's input."""
+
+    def mark(fn: Any) -> Any:
+        fn.capture = submodule
+        return fn
+
+    return mark
 
 
 #: The RMS over the state sums exp(2 log a - 2 max) over every entry: computed as
@@ -235,29 +276,44 @@ def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
     return F.linear(x, linear.weight[rows], bias)
 
 
-def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+@_capturing("to_hidden_and_gate")
+def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
+    if inner is not None:
+        return -F.softplus(inner[..., inner.shape[-1] // 2 :].float())
     x = _arg(args, kwargs, 0, "x")
     return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
 
 
-def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+@_capturing("to_hidden_and_f_i_gate")
+def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minLSTM: log f' = -softplus(softplus(-f) - softplus(-i)); (B, T, D)."""
-    x = _arg(args, kwargs, 0, "x")
-    f, i = _rows_of(module.to_hidden_and_f_i_gate, x, 1, 3).float(), _rows_of(module.to_hidden_and_f_i_gate, x, 2, 3).float()
+    if inner is not None:
+        d = inner.shape[-1] // 3
+        f, i = inner[..., d : 2 * d].float(), inner[..., 2 * d :].float()
+    else:
+        x = _arg(args, kwargs, 0, "x")
+        lin = module.to_hidden_and_f_i_gate
+        f, i = _rows_of(lin, x, 1, 3).float(), _rows_of(lin, x, 2, 3).float()
     return -F.softplus(F.softplus(-f) - F.softplus(-i))
 
 
-def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
-    """Mamba (S6): log a_t = Δ_t A per (channel, state), from the mixer's input, as the
-    pair (Δ (B, T, ED), A (ED, N))."""
-    u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
-    steps = int(u.shape[1])
-    x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
-    x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
-    x = F.silu(x)
+@_capturing("x_proj")
+def mamba_decay(
+    module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mamba (S6): log a_t = Δ_t A per (channel, state), as the pair (Δ (B, T, ED), A (ED,
+    N)); Δ from x_proj's output when the forward called it (mambapy), else from the
+    mixer's input (mamba-ssm's fused path hides x_proj)."""
     dt_rank = module.dt_proj.weight.shape[1]
-    delta = module.x_proj(x)[..., :dt_rank]
+    if inner is not None:
+        delta = inner[..., :dt_rank]
+    else:
+        u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
+        steps = int(u.shape[1])
+        x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
+        x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
+        delta = module.x_proj(F.silu(x))[..., :dt_rank]
     norm = getattr(module, "dt_layernorm", None)
     if norm is not None:
         delta = norm(delta)
@@ -265,7 +321,8 @@ def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Te
     return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
 
 
-def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
+@_capturing("in_proj")
+def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor | None:
     """Mamba-2 (SSD): one scalar A per head, so log a_t = Δ_t A is one number per head for
     the head's whole (P, N) state, read from the last ``nheads`` columns of ``in_proj``
     (the split is [z, x, B, C, dt] in mambapy and mamba-ssm alike): Δ = softplus(dt +
@@ -276,8 +333,11 @@ def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor 
     if u.dim() != 3:  # mamba-ssm's varlen call: (B * L, D) with seqlen, not read here
         return None
     heads = int(module.A_log.shape[0])
-    w, b = module.in_proj.weight, module.in_proj.bias
-    dt = F.linear(u, w[-heads:], None if b is None else b[-heads:]).float() + module.dt_bias.float()
+    if inner is not None:
+        dt = inner[..., -heads:].float() + module.dt_bias.float()
+    else:
+        w, b = module.in_proj.weight, module.in_proj.bias
+        dt = F.linear(u, w[-heads:], None if b is None else b[-heads:]).float() + module.dt_bias.float()
     dt = F.softplus(dt)
     limit = getattr(module, "dt_limit", None) or getattr(getattr(module, "config", None), "dt_limit", None)
     if limit is not None and tuple(limit) != (0.0, math.inf):

@@ -110,8 +110,22 @@ def check(model, layer, run, jacs):
     return gains, top
 
 
+def _capture(monkeypatch, captured):
+    """Built-in decays read their input from the forward (a hook on a submodule) or, where
+    that submodule never runs (a fused kernel), recompute it: both paths, each checked used."""
+    from gradwatch_torch import _modern
+
+    used = []
+    if not captured:
+        monkeypatch.setattr(_modern.DiagonalProbe, "inner_hook", lambda self, *a: None)
+    real = _modern._matching
+    monkeypatch.setattr(_modern, "_matching", lambda *a: used.append(real(*a) is not None) or real(*a))
+    return used
+
+
 # -- minGRU / minLSTM (mingru-pytorch) ----------------------------------------------------
-def test_mingru_against_autograd_on_its_own_scan():
+@pytest.mark.parametrize("captured", [True, False])
+def test_mingru_against_autograd_on_its_own_scan(monkeypatch, captured):
     mg = pytest.importorskip("minGRU_pytorch", reason="mingru-pytorch is not installed (pip install gradwatch[modern])")
     model = nn.Sequential(nn.Linear(3, 6), mg.minGRU(6))
     with torch.no_grad():  # a gate spread so the decays differ across steps and channels
@@ -126,7 +140,9 @@ def test_mingru_against_autograd_on_its_own_scan():
         s = h[:8, steps - 1 - j]  # the state j steps before the last
         tail = u[:8, steps - j :]
         jacs.append(row_jacobian(lambda st, tail=tail: layer(tail, prev_hidden=st[:, None])[:, -1], s))
+    used = _capture(monkeypatch, captured)
     check(model, "1", lambda: model(x), jacs)
+    assert used and all(u == captured for u in used)
 
 
 def _captured_scan(monkeypatch, module, name="heinsen_associative_scan_log"):
@@ -169,11 +185,14 @@ def test_minlstm_against_autograd_on_its_own_scan(monkeypatch):
     seen, real = _captured_scan(monkeypatch, ml)
     model(x)
     jacs = _heinsen_jacobians(real, *seen["args"])
+    used = _capture(monkeypatch, True)
     check(model, "1", lambda: model(x), jacs)
+    assert used and all(used)
 
 
 # -- Mamba (mambapy) ------------------------------------------------------------------------
-def test_mamba_against_autograd_on_its_own_pscan(monkeypatch):
+@pytest.mark.parametrize("captured", [True, False])
+def test_mamba_against_autograd_on_its_own_pscan(monkeypatch, captured):
     pytest.importorskip("mambapy", reason="mambapy is not installed (pip install gradwatch[modern])")
     from mambapy import mamba
 
@@ -203,7 +222,9 @@ def test_mamba_against_autograd_on_its_own_pscan(monkeypatch):
             return real(d_a[:8, steps - j :].contiguous(), tail.contiguous())[:, -1]
 
         jacs.append(row_jacobian(from_state, s))
+    used = _capture(monkeypatch, captured)
     check(model, "layers.0.mixer", lambda: model(x), jacs)
+    assert used and all(u == captured for u in used)
 
 
 # -- xLSTM mLSTM (xlstm's stabilised recurrent step) -------------------------------------------
@@ -566,9 +587,11 @@ def test_diagonal_layer_measured_on_every_profiled_step_only():
             opt.zero_grad()
         steps = [r.step for r in w.records if "1" in r.temporal and r.temporal["1"].recurrences]
         profiled = [r.step for r in w.records if r.temporal]
+        assert len(model[1].to_hidden_and_gate._forward_hooks) == 1  # the decay's input, read from the forward
     finally:
         w.close()
     assert len(steps) >= 2 and steps == profiled, (steps, profiled)
+    assert not model[1].to_hidden_and_gate._forward_hooks and "__reduce_ex__" not in vars(model[1].to_hidden_and_gate)
 
 
 # -- Mamba-2 (mambapy's Mamba2Block, its Triton kernels replaced by pure-torch ones) ------------
@@ -660,7 +683,9 @@ def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
         return h
 
     jacs = [row_jacobian(lambda s, j=j: from_state(s, j), states[steps - j].reshape(p, -1)) for j in range(1, steps)]
+    used = _capture(monkeypatch, True)
     check(model, "layers.0.mixer", lambda: model(x), jacs)
+    assert used and all(used)
 
 
 
