@@ -1,15 +1,25 @@
 """Diagonal (gated linear) recurrences, exact from their decays: minGRU, minLSTM, Mamba,
-xLSTM's mLSTM, and any layer declared with ``register_recurrence(T, decay=fn)``.
+Mamba-2, xLSTM's mLSTM, RG-LRU, and any layer declared with
+``register_recurrence(T, decay=fn)`` (xLSTM's sLSTM, dense, is in :mod:`._slstm`).
 
 For h_t = a_t * h_{t-1} + b_t the state Jacobian product is diag(prod a_k), so propagation
 is a reverse cumulative sum of log a_t (:func:`gradwatch.through_time.diagonal_propagation`).
 The probe needs only log a_t for the probed sequences (the first ``min(B, 8)``), and it
-reads it from what the forward saw, the layer's input and parameters, never from inner
-modules: a fused kernel (mamba-ssm's CUDA scan, mingru's log-space scan) hides the state
-but not the input. On a profiled step the first call of the layer with two or more steps
-is measured, in its forward hook under ``no_grad``, on the probed rows only (every
-batch-shaped argument is cut to them first); the cost is that of recomputing the
-decay's inputs for 8 rows and one reverse cumulative sum (``benchmarks/modern_bench.py``).
+reads it from what the forward saw: the layer's input and parameters, never its state (a
+fused kernel, mamba-ssm's CUDA scan or mingru's log-space scan, hides the state but not
+the input). A built-in decay whose input is the output of a submodule the forward calls
+(minGRU's gate projection, mambapy's ``x_proj``, Mamba-2's ``in_proj``) takes that
+output's probed rows from a forward hook on the submodule instead of recomputing it, and
+recomputes it from the layer's input when the submodule did not run (mamba-ssm's fused
+path calls ``x_proj``'s weight, not the module). On a profiled step the first call of the
+layer with two or more steps is measured, in its forward hook under ``no_grad``, on the
+probed rows only (every batch-shaped argument is cut to them first).
+
+*Cost* (``benchmarks/modern_cost.py``; issue 17's section of ``benchmarks/RESULTS.md``):
+a fixed amount per layer and profiled step, whatever the batch: the decays of 8 rows, one
+reverse cumulative sum and, for Mamba, the RMS over the (ED, N) state (8 x T x ED x N
+terms: base-2 exponentials with a floored exponent, a cache-sized block of steps at a
+time). So its share of a training step falls as 1/B.
 
 Built-in decays, each checked against autograd on the package's own scan
 (tests/torch/test_modern.py):
