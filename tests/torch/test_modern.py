@@ -588,6 +588,9 @@ def test_diagonal_layer_measured_on_every_profiled_step_only():
         steps = [r.step for r in w.records if "1" in r.temporal and r.temporal["1"].recurrences]
         profiled = [r.step for r in w.records if r.temporal]
         assert len(model[1].to_hidden_and_gate._forward_hooks) == 1  # the decay's input, read from the forward
+        import copy
+
+        assert not copy.deepcopy(model)[1].to_hidden_and_gate._forward_hooks  # copies carry nothing of the watch
     finally:
         w.close()
     assert len(steps) >= 2 and steps == profiled, (steps, profiled)
@@ -620,6 +623,8 @@ def _mamba2_without_triton(monkeypatch):
         h = torch.zeros(x.shape[0], x.shape[2], x.shape[3], b.shape[-1]) if initial_states is None else initial_states
         ys = []
         for t in range(x.shape[1]):
+            if seq_idx is not None and t > 0:  # a new document starts from the zero state
+                h = h * (seq_idx[:, t] == seq_idx[:, t - 1]).to(h.dtype)[:, None, None, None]
             decay = torch.exp(dt[:, t] * a)[:, :, None, None]  # (B, H, 1, 1)
             h = decay * h + (dt[:, t, :, None] * x[:, t])[..., None] * b[:, t, 0][:, None, None, :]
             ys.append(torch.einsum("bhpn,bn->bhp", h, c[:, t, 0]) + D[:, None] * x[:, t])
@@ -651,11 +656,27 @@ def _mamba2_without_triton(monkeypatch):
     return m2
 
 
-def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
+@pytest.mark.parametrize("documents", [False, True])
+def test_mamba2_against_autograd_on_its_own_block(monkeypatch, documents):
     m2 = _mamba2_without_triton(monkeypatch)
     cfg = m2.Mamba2Config(d_model=8, n_layers=1, d_head=2, d_state=2, use_mem_eff_path=False, A_init_range=(1, 6), dt_max=0.5)
-    model = m2.Mamba2(cfg)
     x = torch.randn(10, 11, 8)
+    seq_idx = torch.zeros(10, 11, dtype=torch.int32)
+    seq_idx[[1, 3], 5:] = 1  # two sequences hold a second document from step 5 (mamba-ssm's seq_idx)
+    layer = "layers.0.mixer"
+    if documents:
+
+        class Docs(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.block = m2.Mamba2Block(cfg)
+
+            def forward(self, u):
+                return self.block(u, seq_idx=seq_idx)
+
+        model, layer = Docs(), "block"
+    else:
+        model, seq_idx = m2.Mamba2(cfg), None
     seen = {}
     real = m2.mamba_chunk_scan_combined
 
@@ -669,6 +690,8 @@ def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
     steps, p = xs.shape[1], 8
 
     def step(h, t):  # h_t = exp(dt_t A) h_{t-1} + dt_t x_t B_t^T, on the probed rows
+        if seq_idx is not None and t > 0:
+            h = h * (seq_idx[:p, t] == seq_idx[:p, t - 1]).float()[:, None, None, None]
         return torch.exp(dt[:p, t] * a)[:, :, None, None] * h + (dt[:p, t, :, None] * xs[:p, t])[..., None] * b[:p, t, 0][:, None, None, :]
 
     shape = (p, xs.shape[2], xs.shape[3], b.shape[-1])  # (P, H, headdim, N)
@@ -684,8 +707,10 @@ def test_mamba2_against_autograd_on_its_own_block(monkeypatch):
 
     jacs = [row_jacobian(lambda s, j=j: from_state(s, j), states[steps - j].reshape(p, -1)) for j in range(1, steps)]
     used = _capture(monkeypatch, True)
-    check(model, "layers.0.mixer", lambda: model(x), jacs)
+    check(model, layer, lambda: model(x), jacs)
     assert used and all(used)
+    if documents:  # the reference saw the resets: gain exactly 0 across a boundary
+        assert float(jacs[-1][1].abs().max()) == 0.0 and float(jacs[-1][0].abs().max()) > 0.0
 
 
 
