@@ -407,7 +407,7 @@ def log_products(jacs: list[Tensor]) -> tuple[Tensor, Tensor]:
     J_T ... J_{T-j+1}, j = 0 .. T-1, from ``jacs`` = [J_2, ..., J_T], each (R, S, S) (row 0:
     the identity, both logs 0). The products are carried whole, kept at Frobenius norm 1
     with their scale in log (no overflow over any number of steps); the largest singular
-    value is the square root of the top eigenvalue of M M^T (faster than an SVD)."""
+    value is the square root of the top eigenvalue of M M^T (faster than an SVD), in float64."""
     p, s = jacs[0].shape[0], jacs[0].shape[1]
     prod = torch.eye(s, dtype=jacs[0].dtype, device=jacs[0].device).expand(p, s, s).clone()
     log_scale = torch.zeros(p, dtype=torch.float64, device=prod.device)
@@ -420,7 +420,10 @@ def log_products(jacs: list[Tensor]) -> tuple[Tensor, Tensor]:
         scales.append(log_scale)
         prods.append(prod)
     stacked = torch.stack(prods)  # (T, R, S, S)
-    top = torch.linalg.eigvalsh(stacked @ stacked.mT)[..., -1].double().clamp_min(0.0).sqrt()
+    try:  # in float64: float32 LAPACK eigh fails to converge on some of these (an sLSTM's blocks)
+        top = torch.linalg.eigvalsh((stacked @ stacked.mT).double())[..., -1].clamp_min(0.0).sqrt()
+    except RuntimeError:  # (torch.linalg.LinAlgError) the SVD, slower, converges where eigh does not
+        top = torch.linalg.svdvals(stacked.double())[..., 0]
     scale = torch.stack(scales)
     return scale, scale + torch.log(top)
 

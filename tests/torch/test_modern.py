@@ -802,3 +802,42 @@ def test_a_loop_cell_over_the_state_limit_is_not_measured_and_then_left_alone():
         for h in handles:
             h.remove() if hasattr(h, "remove") else h()
         probe.close()
+
+
+def test_loop_products_against_numpy_svd_on_rank_deficient_jacobians():
+    """The products' logs (Frobenius norm, largest singular value) against float64 numpy, on
+    Jacobians with zero columns (an sLSTM's y block while its recurrent kernel is zero) and
+    entries over 6 orders of magnitude (where float32 LAPACK eigh failed to converge)."""
+    from gradwatch_torch._loops import log_products
+
+    gen = torch.Generator().manual_seed(5)
+    jacs = []
+    for _ in range(30):
+        j = torch.randn(6, 12, 12, generator=gen) * torch.logspace(-3, 3, 12)[None, :, None]
+        j[:, :, :4] = 0.0  # no path from the first 4 state numbers
+        jacs.append(j)
+    log_fro, log_top = log_products(jacs)
+    prod = np.broadcast_to(np.eye(12), (6, 12, 12)).copy()
+    for j, jac in enumerate(reversed(jacs), start=1):
+        prod = prod @ jac.double().numpy()
+        close(np.exp(log_fro[j].numpy()), np.linalg.norm(prod, axis=(1, 2)), f"Frobenius norm, j={j}")
+        close(np.exp(log_top[j].numpy()), np.linalg.svd(prod, compute_uv=False)[:, 0], f"largest singular value, j={j}")
+    assert (log_fro[0] == 0).all() and (log_top[0].abs() < 1e-12).all()
+
+
+def test_slstm_at_its_default_initialisation_is_measured(caplog):
+    """xlstm's defaults (recurrent kernel zero, powerlaw forget bias): float32 LAPACK eigh
+    failed to converge on these products and switched the measurement off."""
+    pytest.importorskip("xlstm", reason="xlstm is not installed (pip install gradwatch[modern])")
+    import logging
+
+    from xlstm.blocks.slstm.layer import sLSTMLayer, sLSTMLayerConfig
+
+    torch.manual_seed(0)
+    cfg = sLSTMLayerConfig(embedding_dim=32, num_heads=4, backend="vanilla", conv1d_kernel_size=0, dtype="float32")
+    model = nn.Sequential(nn.Linear(8, 32), sLSTMLayer(cfg))
+    with caplog.at_level(logging.ERROR, logger="gradwatch"):
+        prof = recorded(model, lambda: model(torch.randn(4, 40, 8)).pow(2).mean(), "1.slstm_cell")
+    assert not caplog.records, caplog.text
+    prop = prof.recurrences["l0"]
+    assert len(prop.max_gains) == 40 and all(math.isfinite(g) and g > 0 for g in prop.max_gains)
