@@ -34,8 +34,8 @@ step; S = 32, 87 ms = 2.9 training steps (the eigenvalues dominate). It runs on 
 n-th profiled step, n from :func:`gradwatch.through_time.plan.replay_every` (the same 5%
 share as the other replays), from the chain's length and the cell's size only; the
 probed rows are copied only on the steps whose replay is due. A state above
-``LOOP_EXACT_DIM`` is not replayed: a GRU-like cell T = 50, B = 32 would cost 0.87 s = 19
-training steps a replay at S = 128 and 5.3 s = 50 steps at S = 256
+``LOOP_EXACT_DIM`` is not replayed: a GRU-like cell T = 50, B = 32 would cost about 0.9 s
+= 19 training steps a replay at S = 128 and 5-7 s = 50-73 steps at S = 256
 (``benchmarks/modern_cost.py``); with the defaults such a cell's probe costs 1.010x and
 1.002x of the watched step (on/off, interleaved).
 """
@@ -62,7 +62,7 @@ __all__ = ["LOOP_EXACT_DIM", "LoopProbe", "candidate", "log_products"]
 logger = logging.getLogger("gradwatch")
 
 #: Largest state (numbers per sequence) carried whole; above, propagation is not measured
-#: (one replay would cost 19 training steps at 128 numbers, 50 at 256: issue 17's section of
+#: (one replay would cost 19 training steps at 128 numbers, 50-73 at 256: issue 17's section of
 #: benchmarks/RESULTS.md), and the cell's hooks return at once after its first profiled step.
 LOOP_EXACT_DIM = 64
 
