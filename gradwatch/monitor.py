@@ -25,6 +25,7 @@ import pluggy
 
 from gradwatch import _exit
 from gradwatch._arrays import apply_decision, stats_from_arrays
+from gradwatch._binding import Binding, infer_layer
 from gradwatch._layout import StepStats
 from gradwatch._state import STATE_VERSION, check_version
 from gradwatch.arrayops import NUMPY
@@ -44,26 +45,6 @@ __all__ = ["Monitor", "infer_layer"]
 
 logger = logging.getLogger("gradwatch")
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
-
-
-def infer_layer(name: str, known: Sequence[str] = ()) -> str:
-    """The layer a parameter belongs to: the one rule every backend uses.
-
-    The outermost of the ``known`` layers whose path contains the parameter (so an LSTM's
-    ``"lstm/lstm_cell/kernel"`` reports under ``"lstm"``, the layer the user wrote), else
-    the name without its last component (``"enc.lstm.weight_hh_l0"`` -> ``"enc.lstm"``,
-    ``"dense/kernel"`` -> ``"dense"``); a bare name is its own layer.
-    """
-    best: str | None = None
-    for layer in known:
-        if name.startswith(layer) and name[len(layer) : len(layer) + 1] in ("/", ".") and (best is None or len(layer) < len(best)):
-            best = layer
-    if best is not None:
-        return best
-    for sep in ("/", "."):
-        if sep in name:
-            return name.rsplit(sep, 1)[0]
-    return name
 
 
 class Monitor:
@@ -103,22 +84,7 @@ class Monitor:
         Called at attach, and again whenever the set of parameters changes; the index
         built here is what makes each step free of per-parameter Python work.
         """
-        names = tuple(names)
-        layers = tuple(layers) if layers is not None else tuple(infer_layer(n) for n in names)
-        if len(layers) != len(names):
-            raise GradwatchError(f"Monitor.bind: {len(names)} names but {len(layers)} layers.")
-        if len(set(names)) != len(names):
-            dup = next(n for n in names if names.count(n) > 1)
-            raise GradwatchError(f"Monitor.bind: parameter name {dup!r} appears twice.")
-        uniq = tuple(dict.fromkeys(layers))
-        pos = {n: i for i, n in enumerate(uniq)}
-        self._names = names
-        self._index: Mapping[str, int] = MappingProxyType({n: i for i, n in enumerate(names)})
-        self._layers = uniq
-        self._layer_index: Mapping[str, int] = MappingProxyType(pos)
-        self._layer_of_param = np.array([pos[layer] for layer in layers], dtype=np.intp)
-        self._param_layer = dict(zip(names, layers))
-        self._subsets: dict[bytes, tuple[Mapping[str, int], np.ndarray, Mapping[str, int], np.ndarray]] = {}
+        self._binding = Binding(names, layers)
 
     def set_distributed(self, rank: int, world_size: int) -> None:
         """Tell the monitor its place in a distributed job: every rank computes the same
@@ -144,7 +110,7 @@ class Monitor:
 
     def layer_of(self, param: str) -> str | None:
         """The layer a bound parameter belongs to."""
-        return self._param_layer.get(param)
+        return self._binding.param_layer.get(param)
 
     def set_pending_reader(self, reader: Any) -> None:
         """Let a backend that keeps quiet steps' statistics on the device (``reader()``
@@ -171,8 +137,8 @@ class Monitor:
         return self._step
 
     step = step_count  # as MonitorView.step
-    names = property(lambda self: self._names, doc="Bound parameter names, in bound order.")
-    layers = property(lambda self: self._layers, doc="Layer names, in order of first appearance.")
+    names = property(lambda self: self._binding.names, doc="Bound parameter names, in bound order.")
+    layers = property(lambda self: self._binding.layers, doc="Layer names, in order of first appearance.")
     policy_name = property(lambda self: None if self.policy is None else self.policy.name, doc="The policy's registry name, or None.")
     next_step = property(lambda self: self._step + 1, doc="The step number the next process() call records.")
     sinks = property(lambda self: list(self._dispatch.sinks))
@@ -210,9 +176,9 @@ class Monitor:
             raise GradwatchError("This gradwatch Monitor is closed; create a new one to go on recording.")
         step = self._step + 1
         sq = np.asarray(stats.sq_norms, dtype=np.float64).reshape(-1)
-        if sq.shape[0] != len(self._names):
-            if self._names:
-                raise GradwatchError(f"Monitor.process received {sq.shape[0]} norms but {len(self._names)} parameters are bound.")
+        if sq.shape[0] != len(self._binding.names):
+            if self._binding.names:
+                raise GradwatchError(f"Monitor.process received {sq.shape[0]} norms but {len(self._binding.names)} parameters are bound.")
             self.bind([f"param_{i}" for i in range(sq.shape[0])])
         present = None if stats.present is None else np.asarray(stats.present, dtype=bool).reshape(-1)
         if present is not None:
@@ -229,16 +195,16 @@ class Monitor:
         bad = ~np.isfinite(n) if stats.nonfinite is None else np.asarray(stats.nonfinite, dtype=bool).reshape(-1)
         if present is not None:
             bad = bad & present
-        nonfinite = tuple(self._names[i] for i in np.flatnonzero(bad)) if bad.any() else ()
+        nonfinite = tuple(self._binding.names[i] for i in np.flatnonzero(bad)) if bad.any() else ()
         mode = self.options.on_nonfinite
         raising = bool(nonfinite) and mode == "raise"
         skipped = stats.skipped if stats.skipped is not None else bool(nonfinite) and mode == "skip"
         clip = None if (skipped or raising) else self._decide(stats, global_norm)
-        layer_n = np.sqrt(np.bincount(self._layer_of_param, weights=sq, minlength=len(self._layers)))
+        layer_n = np.sqrt(np.bincount(self._binding.layer_of_param, weights=sq, minlength=len(self._binding.layers)))
         if present is None:
-            param_norms, layer_norms = NormMap(self._index, n), NormMap(self._layer_index, layer_n)
+            param_norms, layer_norms = NormMap(self._binding.index, n), NormMap(self._binding.layer_index, layer_n)
         else:
-            p_index, p_pos, l_index, l_pos = self._subset(present)
+            p_index, p_pos, l_index, l_pos = self._binding.subset(present)
             param_norms, layer_norms = NormMap(p_index, n[p_pos]), NormMap(l_index, layer_n[l_pos])
         record = StepRecord(
             step=step,
@@ -261,29 +227,6 @@ class Monitor:
             layer = self.layer_of(nonfinite[0])
             raise NonFiniteGradientError(nonfinite_message(step, nonfinite, layer, "raise"), step=step, params=nonfinite, layer=layer)
         return record
-
-    def _subset(self, present: np.ndarray) -> tuple[Mapping[str, int], np.ndarray, Mapping[str, int], np.ndarray]:
-        """Indices of a record that leaves absent parameters, and layers with no present
-        parameter, out: (param index, param positions, layer index, layer positions).
-
-        Cached per presence pattern (a frozen layer repeats one pattern every step), at
-        most 64 patterns, dropped at :meth:`bind`.
-        """
-        key = present.tobytes()
-        got = self._subsets.get(key)
-        if got is None:
-            pos = np.flatnonzero(present)
-            lpos = np.flatnonzero(np.bincount(self._layer_of_param[pos], minlength=len(self._layers)))
-            got = (
-                MappingProxyType({self._names[i]: k for k, i in enumerate(pos)}),
-                pos,
-                MappingProxyType({self._layers[j]: k for k, j in enumerate(lpos)}),
-                lpos,
-            )
-            if len(self._subsets) >= 64:
-                self._subsets.clear()
-            self._subsets[key] = got
-        return got
 
     def _decide(self, stats: StepStats, global_norm: float) -> ClipDecision | None:
         pol = self.policy
@@ -356,7 +299,7 @@ class Monitor:
         a framework without a backend can measure itself.
         """
         names = tuple(grads)
-        if names != self._names:
+        if names != self._binding.names:
             self.bind(names)
         return self.process(stats_from_arrays(grads, params, self.policy, unit_axis, temporal, propagation, spectral, max_gains))
 
@@ -459,5 +402,5 @@ class Monitor:
         return self._closed
 
     def __repr__(self) -> str:
-        return f"Monitor(step={self._step}, policy={self.policy!r}, params={len(self._names)})"
+        return f"Monitor(step={self._step}, policy={self.policy!r}, params={len(self._binding.names)})"
 

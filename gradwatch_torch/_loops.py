@@ -33,28 +33,37 @@ loaded 2-core machine): a tanh cell T = 100, B = 32: S = 8, 15 ms = 0.6 of a tra
 step; S = 32, 87 ms = 2.9 training steps (the eigenvalues dominate). It runs on every
 n-th profiled step, n from :func:`gradwatch.through_time.plan.replay_every` (the same 5%
 share as the other replays), from the chain's length and the cell's size only; the
-probed rows are copied only on the steps whose replay is due.
+probed rows are copied only on the steps whose replay is due. A state above
+``LOOP_EXACT_DIM`` is not replayed: a GRU-like cell T = 50, B = 32 would cost about 0.9 s
+= 19 training steps a replay at S = 128 and 5-7 s = 50-73 steps at S = 256
+(``benchmarks/modern_cost.py``); with the defaults such a cell's probe costs 1.010x and
+1.002x of the watched step (on/off, interleaved).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.families import GATES, Recurrence
+from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.plan import SMALL_MATMUL_PENALTY, replay_every
 from gradwatch_torch._probing import ProbeContext, outside_backward, tolerance
 from gradwatch_torch._recurrent import MAX_CELL_REPLAY, Probe
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["LOOP_EXACT_DIM", "LoopProbe", "candidate"]
+__all__ = ["LOOP_EXACT_DIM", "LoopProbe", "candidate", "log_products"]
 
-#: Largest state (numbers per sequence) carried whole; above, propagation is not measured.
+logger = logging.getLogger("gradwatch")
+
+#: Largest state (numbers per sequence) carried whole; above, propagation is not measured
+#: (one replay would cost 19 training steps at 128 numbers, 50-73 at 256: issue 17's section of
+#: benchmarks/RESULTS.md), and the cell's hooks return at once after its first profiled step.
 LOOP_EXACT_DIM = 64
 
 _Where = tuple[Any, Any]  # (argument position or keyword, element of the output or None)
@@ -221,18 +230,18 @@ class LoopProbe(Probe):
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if self._dead or not self.on("replay") or not (torch.is_grad_enabled() and self._ctx.due()) or not outside_backward():
-            return None
+            return
         try:
             self._calls_this_step += 1
             if self._calls_this_step == 1:  # record this step? (copies cost too: only when a replay follows)
                 module_ = self._module()
                 self._recording = self._plan is None or module_ is None or self._due(module_, *self._plan)
             if not self._recording:
-                return None
+                return
             where = self._link(args, kwargs)
             batch = _batch(args, kwargs)
             if batch is None:
-                return None
+                return
             probed = min(batch, PROBED)
             self._batch = batch
             call = _Call(_clone_rows(args, batch, probed, True), {k: _clone_rows(v, batch, probed, True) for k, v in kwargs.items()}, where)
@@ -249,7 +258,7 @@ class LoopProbe(Probe):
             self._pending = call
         except Exception as exc:  # noqa: BLE001 - never break the forward pass
             self.fail("replay", exc)
-        return None
+        return
 
     def forward_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call, self._pending = self._pending, None
@@ -301,7 +310,9 @@ class LoopProbe(Probe):
         state0 = _select(chain[0].out, sel)
         dim = int(_flat(state0).shape[1])
         self._plan = (len(chain), dim)
-        if dim > LOOP_EXACT_DIM:
+        if dim > LOOP_EXACT_DIM:  # never measured: its hooks return at once from now on
+            self._dead = True
+            logger.info("gradwatch: loop cell %r carries %d numbers of state (> %d); its propagation is not measured.", self.name, dim, LOOP_EXACT_DIM)
             return
         try:
             with torch.enable_grad(), torch.autocast(_flat(state0).device.type, enabled=False):
@@ -369,23 +380,10 @@ class LoopProbe(Probe):
                 "dropout inside the cell in training mode, or randomness, or are its weights changed inside forward?",
             )
             return None, None
-        p, s = jacs[0].shape[0], jacs[0].shape[1]
-        prod = torch.eye(s, dtype=jacs[0].dtype, device=jacs[0].device).expand(p, s, s).clone()
-        log_scale = torch.zeros(p, dtype=torch.float64, device=prod.device)
-        scales, prods = [log_scale], [prod]
-        for jac in reversed(jacs):  # the products, kept at Frobenius norm 1 with the scale in log
-            prod = prod @ jac
-            fro = torch.linalg.matrix_norm(prod).double()
-            log_scale = log_scale + torch.log(fro)
-            prod = prod / torch.where(fro > 0, fro, 1.0).to(prod.dtype)[:, None, None]
-            scales.append(log_scale)
-            prods.append(prod)
-        stacked = torch.stack(prods)  # (T, P, S, S); sigma_max^2 = the top eigenvalue of M M^T (faster than an SVD)
-        top = torch.linalg.eigvalsh(stacked @ stacked.mT)[..., -1].double().clamp_min(0.0).sqrt()
-        scale = torch.stack(scales)
-        rms = scale - 0.5 * math.log(s)
+        log_fro, log_top = log_products(jacs)
+        rms = log_fro - 0.5 * math.log(int(jacs[0].shape[1]))
         rms[0] = 0.0
-        return rms, scale + torch.log(top)
+        return rms, log_top
 
     # -- results ---------------------------------------------------------------------------
     def take_temporal(self) -> Tensor | None:
@@ -404,6 +402,32 @@ class LoopProbe(Probe):
         self._chain, self._best, self._prev, self._last_out, self._prop = [], [], None, None, None
 
 
+def log_products(jacs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per-row logs (T, R) of the Frobenius norm and of the largest singular value of
+    J_T ... J_{T-j+1}, j = 0 .. T-1, from ``jacs`` = [J_2, ..., J_T], each (R, S, S) (row 0:
+    the identity, both logs 0). The products are carried whole, kept at Frobenius norm 1
+    with their scale in log (no overflow over any number of steps); the largest singular
+    value is the square root of the top eigenvalue of M M^T (faster than an SVD), in float64."""
+    p, s = jacs[0].shape[0], jacs[0].shape[1]
+    prod = torch.eye(s, dtype=jacs[0].dtype, device=jacs[0].device).expand(p, s, s).clone()
+    log_scale = torch.zeros(p, dtype=torch.float64, device=prod.device)
+    scales, prods = [log_scale], [prod]
+    for jac in reversed(jacs):
+        prod = prod @ jac
+        fro = torch.linalg.matrix_norm(prod).double()
+        log_scale = log_scale + torch.log(fro)
+        prod = prod / torch.where(fro > 0, fro, 1.0).to(prod.dtype)[:, None, None]
+        scales.append(log_scale)
+        prods.append(prod)
+    stacked = torch.stack(prods)  # (T, R, S, S)
+    try:  # in float64: float32 LAPACK eigh fails to converge on some of these (an sLSTM's blocks)
+        top = torch.linalg.eigvalsh((stacked @ stacked.mT).double())[..., -1].clamp_min(0.0).sqrt()
+    except RuntimeError:  # (torch.linalg.LinAlgError) the SVD, slower, converges where eigh does not
+        top = torch.linalg.svdvals(stacked.double())[..., 0]
+    scale = torch.stack(scales)
+    return scale, scale + torch.log(top)
+
+
 class _no_hooks:
     """While replaying, the probe's own hooks must not record the replay's calls."""
 
@@ -414,5 +438,5 @@ class _no_hooks:
         self.was = self.probe._dead
         self.probe._dead = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.probe._dead = self.was

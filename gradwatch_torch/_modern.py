@@ -1,15 +1,25 @@
 """Diagonal (gated linear) recurrences, exact from their decays: minGRU, minLSTM, Mamba,
-xLSTM's mLSTM, and any layer declared with ``register_recurrence(T, decay=fn)``.
+Mamba-2, xLSTM's mLSTM, RG-LRU, and any layer declared with
+``register_recurrence(T, decay=fn)`` (xLSTM's sLSTM, dense, is in :mod:`._slstm`).
 
 For h_t = a_t * h_{t-1} + b_t the state Jacobian product is diag(prod a_k), so propagation
 is a reverse cumulative sum of log a_t (:func:`gradwatch.through_time.diagonal_propagation`).
 The probe needs only log a_t for the probed sequences (the first ``min(B, 8)``), and it
-reads it from what the forward saw, the layer's input and parameters, never from inner
-modules: a fused kernel (mamba-ssm's CUDA scan, mingru's log-space scan) hides the state
-but not the input. On a profiled step the first call of the layer with two or more steps
-is measured, in its forward hook under ``no_grad``, on the probed rows only (every
-batch-shaped argument is cut to them first); the cost is that of recomputing the
-decay's inputs for 8 rows and one reverse cumulative sum (``benchmarks/modern_bench.py``).
+reads it from what the forward saw: the layer's input and parameters, never its state (a
+fused kernel, mamba-ssm's CUDA scan or mingru's log-space scan, hides the state but not
+the input). A built-in decay whose input is the output of a submodule the forward calls
+(minGRU's gate projection, mambapy's ``x_proj``, Mamba-2's ``in_proj``) takes that
+output's probed rows from a forward hook on the submodule instead of recomputing it, and
+recomputes it from the layer's input when the submodule did not run (mamba-ssm's fused
+path calls ``x_proj``'s weight, not the module). On a profiled step the first call of the
+layer with two or more steps is measured, in its forward hook under ``no_grad``, on the
+probed rows only (every batch-shaped argument is cut to them first).
+
+*Cost* (``benchmarks/modern_cost.py``; issue 17's section of ``benchmarks/RESULTS.md``):
+a fixed amount per layer and profiled step, whatever the batch: the decays of 8 rows, one
+reverse cumulative sum and, for Mamba, the RMS over the (ED, N) state (8 x T x ED x N
+terms: base-2 exponentials with a floored exponent, a cache-sized block of steps at a
+time). So its share of a training step falls as 1/B.
 
 Built-in decays, each checked against autograd on the package's own scan
 (tests/torch/test_modern.py):
@@ -21,6 +31,10 @@ Built-in decays, each checked against autograd on the package's own scan
 * Mamba (mambapy ``MambaBlock``; mamba-ssm's ``Mamba`` has the same parameters and is read
   the same way, untested here: no CPU path): a_t = exp(Δ_t A) per (channel, state),
   Δ = softplus(dt_proj(x_proj(silu(conv(in_proj(u)))))), A = -exp(A_log); state (ED, N).
+* Mamba-2 (mambapy ``Mamba2Block``, mamba-ssm ``Mamba2`` / ``Mamba2Simple``; both import
+  mamba-ssm's Triton kernels, so no CPU path: tested on mambapy's block with pure-torch
+  stand-ins for those kernels): a_t = exp(Δ_t A_h), one A per head, Δ from the dt columns
+  of ``in_proj``; state (H, P, N), the decay shared by each head's P x N entries.
 * mLSTM (xlstm ``mLSTMCell``, the package's stabilised recurrent form): the stored state
   C~_t = C_t exp(-m_t) decays by exp(log sigmoid(f_t) + m_{t-1} - m_t), with
   m_t = max(log sigmoid(f_t) + m_{t-1}, i_t), m_0 = 0; one decay per head.
@@ -39,15 +53,25 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.families import GATES, Recurrence
-from gradwatch_torch._probing import ProbeContext, outside_backward, probe_input
+from gradwatch.through_time.fit import aggregate
+from gradwatch_torch._probing import CleanCopies, Hook, ProbeContext, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["BUILTIN", "DiagonalProbe", "mamba_decay", "mingru_decay", "minlstm_decay", "mlstm_decay", "rglru_decay"]
+__all__ = [
+    "BUILTIN",
+    "SLSTM",
+    "DiagonalProbe",
+    "mamba2_decay",
+    "mamba_decay",
+    "mingru_decay",
+    "minlstm_decay",
+    "mlstm_decay",
+    "rglru_decay",
+]
 
 
 def _rows(value: Any, batch: int, probed: int) -> Any:
@@ -88,8 +112,27 @@ class DiagonalProbe(Probe):
         self._sq: Tensor | None = None
         self._prop: tuple[tuple[str, ...], Tensor, Tensor] | None = None
         self._measured = False  # propagation measured on this step already
+        self._inner: Tensor | None = None  # probed rows of the captured submodule's output, this call
+        self._undo: list[Any] = []
+        capture = getattr(spec.decay, "capture", None)
+        sub = getattr(module, capture, None) if capture else None
+        if isinstance(sub, nn.Module):  # read the decay's input from the forward instead of recomputing it
+            handle = sub.register_forward_hook(Hook(self, "inner_hook"))
+            self._undo = [handle.remove, CleanCopies.add(sub, [handle.id])]
+
+    def inner_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        """The captured submodule's output (its probed rows, detached), for this call's decay."""
+        if (
+            isinstance(output, Tensor)
+            and output.dim() >= 2
+            and not self._measured
+            and torch.is_grad_enabled()
+            and self._ctx.due()
+        ):
+            self._inner = output[:PROBED].detach()
 
     def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        self._inner = None
         if not self.active() or not self.enabled:
             return None
         x, where = _first_tensor(args, kwargs)
@@ -116,7 +159,9 @@ class DiagonalProbe(Probe):
             batch = int(x.shape[0])
             probed = min(batch, PROBED)
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                got = self._decay(module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                cut = (module, _rows(args, batch, probed), _rows(kwargs, batch, probed), _rows(output, batch, probed))
+                inner, self._inner = self._inner, None
+                got = self._decay(*cut) if not self._undo else self._decay(*cut, inner=_matching(inner, x, probed))
                 if got is None:
                     return
                 measured = _factored(*got, probed) if isinstance(got, tuple) else _plain(got, probed)
@@ -152,13 +197,46 @@ class DiagonalProbe(Probe):
 
     def close(self) -> None:
         super().close()
-        self._sq, self._prop = None, None
+        self._sq, self._prop, self._inner = None, None, None
+        for undo in self._undo:
+            undo()
+        self._undo = []
+
+
+def _matching(inner: Tensor | None, x: Tensor, probed: int) -> Tensor | None:
+    """A captured output that lines up with the layer's input rows and steps, else None
+    (the decay then recomputes from the input: mamba-ssm's fused path never calls x_proj)."""
+    return inner if inner is not None and inner.shape[0] == probed and inner.shape[1:-1] == x.shape[1:-1] else None
+
+
+def _capturing(submodule: str) -> Any:
+    """Mark a built-in decay as reading ``submodule``'s output when the forward called it
+    (as ``inner=``: its probed rows), instead of recomputing it from the layer's input."""
+
+    def mark(fn: Any) -> Any:
+        fn.capture = submodule
+        return fn
+
+    return mark
+
+
+#: The RMS over the state sums exp(2 log a - 2 max) over every entry: computed as
+#: 2^(x * _TWO_LOG2E) with the exponent floored at _FLOOR. Every term is at most 1 (the
+#: largest is 2^0), so one below 2^-115 (2.4e-35) changes the sum by nothing float32 or the
+#: 1e-4 contract can see. Measured on this CPU build (float32, 2.1M entries: a Mamba
+#: state of 8 rows x 128 steps x 128 x 16): torch.exp 3.6-6 ms, torch.exp2 0.7 ms, and an
+#: exponent below the subnormal range makes either 10x slower: most of the propagation's
+#: cost at batch 16, before.
+_TWO_LOG2E = 2.0 / math.log(2.0)
+_FLOOR = -115.0
+_BLOCK = 1 << 18  # numbers per block of the factored RMS on the CPU
 
 
 def _reverse_cumsum(x: Tensor) -> Tensor:
     """(P, T, ...) -> (T, P, ...): row j = sum of the last j entries along T (row 0 = 0)."""
     back = torch.cumsum(torch.flip(x, (1,)), 1)  # along T with P outermost: fast on CPU
-    return torch.cat([torch.zeros_like(back[:, :1]), back[:, :-1]], 1).transpose(0, 1)
+    shift = [0, 0] * (x.dim() - 2) + [1, -1]  # one step down along T, row 0 = 0: one op
+    return F.pad(back, shift).transpose(0, 1)
 
 
 def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
@@ -170,8 +248,11 @@ def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
         return None
     wide = torch.float64 if log_a.dtype == torch.float64 else torch.float32
     sums = _reverse_cumsum(log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1))  # (T, P, S)
-    log_rms = 0.5 * (torch.logsumexp(2.0 * sums, 2) - math.log(sums.shape[2]))
-    return aggregate(log_rms, sums.amax(2), TORCH_TENSORS)
+    top = sums.amax(2)  # (T, P)
+    shift = top.nan_to_num(nan=0.0, neginf=0.0)  # a reset sequence (all -inf) is shifted by 0
+    z = (sums - shift.unsqueeze(-1)).mul_(_TWO_LOG2E).clamp_(min=_FLOOR).exp2_().sum(-1)
+    log_rms = torch.log(z).sub_(math.log(sums.shape[2])).mul_(0.5).add_(shift)
+    return aggregate(log_rms.masked_fill_(top == -math.inf, -math.inf), top, TORCH_TENSORS)
 
 
 def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
@@ -187,9 +268,17 @@ def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor]
     rate = rate.to(wide)
     top = torch.where(sums >= 0, sums * rate.amax(1), sums * rate.amin(1)).amax(2)
     steps_, seqs = int(sums.shape[0]), int(sums.shape[1])
-    # the RMS over (E, N): exp of (2 log a - 2 top) summed in place (no logsumexp temporaries)
-    z = ((2.0 * sums).unsqueeze(-1) * rate).reshape(steps_, seqs, -1)
-    z = z.sub_(2.0 * top.unsqueeze(-1)).exp_().sum(-1)
+    # the RMS over (E, N): 2^((2 log a - 2 top) log2 e) summed in place, a block of steps at a
+    # time on the CPU (a block of 2^18 numbers stays in cache: 3-4x faster than one pass
+    # over a Mamba state of 8 x 128 x 128 x 16), all at once on an accelerator
+    rate2, top2 = rate * _TWO_LOG2E, (top * _TWO_LOG2E).unsqueeze(-1)
+    block = steps_ if sums.device.type != "cpu" else max(1, _BLOCK // max(seqs * rate.numel(), 1))
+    z = torch.empty(steps_, seqs, dtype=sums.dtype, device=sums.device)
+    buf = torch.empty(min(block, steps_), seqs, *rate.shape, dtype=sums.dtype, device=sums.device)
+    for t in range(0, steps_, block):
+        n = min(block, steps_ - t)
+        part = torch.mul(sums[t : t + n].unsqueeze(-1), rate2, out=buf[:n]).view(n, seqs, -1)
+        torch.sum(part.sub_(top2[t : t + n]).clamp_(min=_FLOOR).exp2_(), -1, out=z[t : t + n])
     log_rms = top + 0.5 * (torch.log(z) - math.log(rate.numel()))
     return aggregate(log_rms, top, TORCH_TENSORS)
 
@@ -207,34 +296,78 @@ def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
     return F.linear(x, linear.weight[rows], bias)
 
 
-def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+@_capturing("to_hidden_and_gate")
+def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
+    if inner is not None:
+        return -F.softplus(inner[..., inner.shape[-1] // 2 :].float())
     x = _arg(args, kwargs, 0, "x")
     return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
 
 
-def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
+@_capturing("to_hidden_and_f_i_gate")
+def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minLSTM: log f' = -softplus(softplus(-f) - softplus(-i)); (B, T, D)."""
-    x = _arg(args, kwargs, 0, "x")
-    f, i = _rows_of(module.to_hidden_and_f_i_gate, x, 1, 3).float(), _rows_of(module.to_hidden_and_f_i_gate, x, 2, 3).float()
+    if inner is not None:
+        d = inner.shape[-1] // 3
+        f, i = inner[..., d : 2 * d].float(), inner[..., 2 * d :].float()
+    else:
+        x = _arg(args, kwargs, 0, "x")
+        lin = module.to_hidden_and_f_i_gate
+        f, i = _rows_of(lin, x, 1, 3).float(), _rows_of(lin, x, 2, 3).float()
     return -F.softplus(F.softplus(-f) - F.softplus(-i))
 
 
-def mamba_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> tuple[Tensor, Tensor]:
-    """Mamba (S6): log a_t = Δ_t A per (channel, state), from the mixer's input, as the
-    pair (Δ (B, T, ED), A (ED, N))."""
-    u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
-    steps = int(u.shape[1])
-    x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
-    x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
-    x = F.silu(x)
+@_capturing("x_proj")
+def mamba_decay(
+    module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Mamba (S6): log a_t = Δ_t A per (channel, state), as the pair (Δ (B, T, ED), A (ED,
+    N)); Δ from x_proj's output when the forward called it (mambapy), else from the
+    mixer's input (mamba-ssm's fused path hides x_proj)."""
     dt_rank = module.dt_proj.weight.shape[1]
-    delta = module.x_proj(x)[..., :dt_rank]
+    if inner is not None:
+        delta = inner[..., :dt_rank]
+    else:
+        u = _arg(args, kwargs, 0, "x") if args or "x" in kwargs else kwargs["hidden_states"]
+        steps = int(u.shape[1])
+        x = _rows_of(module.in_proj, u, 0, 2)  # the x half of in_proj (z is not needed)
+        x = module.conv1d(x.transpose(1, 2))[:, :, :steps].transpose(1, 2)
+        delta = module.x_proj(F.silu(x))[..., :dt_rank]
     norm = getattr(module, "dt_layernorm", None)
     if norm is not None:
         delta = norm(delta)
     delta = F.softplus(delta.float() @ module.dt_proj.weight.float().t() + module.dt_proj.bias.float())
     return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
+
+
+@_capturing("in_proj")
+def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor | None:
+    """Mamba-2 (SSD): one scalar A per head, so log a_t = Δ_t A is one number per head for
+    the head's whole (P, N) state, read from the last ``nheads`` columns of ``in_proj``
+    (the split is [z, x, B, C, dt] in mambapy and mamba-ssm alike): Δ = softplus(dt +
+    dt_bias), clamped to ``dt_limit`` when one is set; a new document (``seq_idx``
+    changing) resets the state; (B, T, H). Every head's entries decay alike, so the RMS
+    and the largest entry over heads are those over the whole state."""
+    u = _arg(args, kwargs, 0, "u") if args or "u" in kwargs else kwargs["hidden_states"]
+    if u.dim() != 3:  # mamba-ssm's varlen call: (B * L, D) with seqlen, not read here
+        return None
+    heads = int(module.A_log.shape[0])
+    if inner is not None:
+        dt = inner[..., -heads:].float() + module.dt_bias.float()
+    else:
+        w, b = module.in_proj.weight, module.in_proj.bias
+        dt = F.linear(u, w[-heads:], None if b is None else b[-heads:]).float() + module.dt_bias.float()
+    dt = F.softplus(dt)
+    limit = getattr(module, "dt_limit", None) or getattr(getattr(module, "config", None), "dt_limit", None)
+    if limit is not None and tuple(limit) != (0.0, math.inf):
+        dt = dt.clamp(float(limit[0]), float(limit[1]))
+    log_a = dt * -torch.exp(module.A_log.float().reshape(heads, -1)[:, 0])
+    seq_idx = kwargs.get("seq_idx", args[1] if len(args) > 1 and isinstance(args[1], Tensor) else None)
+    if isinstance(seq_idx, Tensor) and seq_idx.shape == log_a.shape[:2]:
+        new_doc = torch.cat([torch.zeros_like(seq_idx[:, :1], dtype=torch.bool), seq_idx[:, 1:] != seq_idx[:, :-1]], 1)
+        log_a = log_a.masked_fill(new_doc[..., None], -math.inf)
+    return log_a
 
 
 def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
@@ -260,12 +393,19 @@ def rglru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     return log_a.masked_fill((pos == 0)[..., None], -math.inf)
 
 
+#: xlstm's vanilla sLSTM cell: a dense step, probed by :class:`gradwatch_torch._slstm.SLSTMProbe`.
+SLSTM = Recurrence("xlstm.blocks.slstm.cell.sLSTMCell_vanilla", step=True, kind="slstm", gate="forget")
+
 #: Layers gradwatch knows by name (no import of their package).
 BUILTIN: list[Recurrence] = [
     Recurrence("minGRU_pytorch.minGRU.minGRU", decay=mingru_decay, kind="mingru", gate="update"),
     Recurrence("minGRU_pytorch.minLSTM.minLSTM", decay=minlstm_decay, kind="minlstm", gate="forget"),
     Recurrence("mambapy.mamba.MambaBlock", decay=mamba_decay, kind="mamba", gate="delta"),
     Recurrence("mamba_ssm.modules.mamba_simple.Mamba", decay=mamba_decay, kind="mamba", gate="delta"),
+    Recurrence("mambapy.mamba2.Mamba2Block", decay=mamba2_decay, kind="mamba", gate="delta"),
+    Recurrence("mamba_ssm.modules.mamba2.Mamba2", decay=mamba2_decay, kind="mamba", gate="delta"),
+    Recurrence("mamba_ssm.modules.mamba2_simple.Mamba2Simple", decay=mamba2_decay, kind="mamba", gate="delta"),
     Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
     Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
+    SLSTM,
 ]

@@ -24,10 +24,10 @@ as ``"package.module.Class"`` so that loading the plugin imports nothing::
         return [Recurrence("mypkg.layers.MyScan", decay=my_decay, kind="myscan")]
 
 Order of matching: declarations registered in the process (the latest first), then the
-plugins', then gradwatch's built-in ones (minGRU, minLSTM, Mamba, xLSTM's mLSTM; see
-:mod:`gradwatch_torch._modern`). A module that matches none but is called in a loop
-within one step (the state it returned passed back as its next call's state) is probed
-as a loop cell all the same (:mod:`gradwatch_torch._loops`).
+plugins', then gradwatch's built-in ones (minGRU, minLSTM, Mamba, Mamba-2, xLSTM's mLSTM
+and sLSTM, RG-LRU; see :mod:`gradwatch_torch._modern` and :mod:`gradwatch_torch._slstm`).
+A module that matches none but is called in a loop within one step (the state it
+returned passed back as its next call's state) is probed as a loop cell all the same (:mod:`gradwatch_torch._loops`).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def find_modern_probes(root: nn.Module, ctx: Any, skip: set[int] | None = None) 
     loop-detecting probe on every other module of the user's own classes. ``skip``: ids of
     modules probed already (nn.RNN, nn.LSTMCell, ...)."""
     from gradwatch_torch._loops import LoopProbe, candidate
-    from gradwatch_torch._modern import DiagonalProbe
+    from gradwatch_torch._modern import SLSTM, DiagonalProbe
+    from gradwatch_torch._slstm import SLSTMProbe
 
     specs = declared()
     skip = set(skip or ())
@@ -107,7 +108,10 @@ def find_modern_probes(root: nn.Module, ctx: Any, skip: set[int] | None = None) 
         spec = next((s for s in specs if s.matches(type(m))), None)
         label = name or type(m).__name__.lower()
         if spec is not None:
-            probes.append(DiagonalProbe(label, m, ctx, spec) if spec.decay is not None else LoopProbe(label, m, ctx, spec))
+            if spec is SLSTM:
+                probes.append(SLSTMProbe(label, m, ctx, spec))
+            else:
+                probes.append(DiagonalProbe(label, m, ctx, spec) if spec.decay is not None else LoopProbe(label, m, ctx, spec))
             covered.add(id(m))
         elif m is not root and candidate(m):
             probes.append(LoopProbe(label, m, ctx, None))

@@ -123,8 +123,9 @@ REMEDIES: dict[str, dict[str, str]] = {
     "mamba": {
         "vanishing": (
             "the decay exp(Δ_t A) forgets within a few steps: Δ is too large or A too negative. "
-            "Initialise dt_proj.bias for a smaller Δ (lower dt_min / dt_max, e.g. dt_max=0.01), keep "
-            "A_log at its S4D-real initialisation (A_n = -n, the smallest |A| carries longest), and "
+            "Initialise the Δ bias (dt_proj.bias; Mamba-2: dt_bias) for a smaller Δ (lower dt_min / "
+            "dt_max, e.g. dt_max=0.01), keep A_log at its initialisation (Mamba: S4D-real A_n = -n; "
+            "Mamba-2: one A per head in A_init_range; the smallest |A| carries longest), and "
             "keep Δ's learning rate and weight decay off (A_log and dt_proj.bias are usually excluded "
             "from weight decay)"
         ),
@@ -149,6 +150,7 @@ REMEDIES: dict[str, dict[str, str]] = {
     },
     "slstm": {
         "vanishing": (
+            "the sLSTM's state shrinks every step through its forget gate and its recurrent kernel: "
             "raise the forget-gate bias (xLSTM's powerlaw_blockdependent initialisation) or use the "
             "sigmoid forget gate, so the decay starts near 1"
         ),
