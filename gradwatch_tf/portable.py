@@ -45,13 +45,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.policies import ClipStats
 from gradwatch.records import StepRecord
 from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._kops import KERAS_OPS, widest
+from gradwatch_tf._ksites import PortableThroughTime
 from gradwatch_tf._ring import RingReader
 
 __all__ = ["PortableAttachment", "attach"]
@@ -189,6 +190,8 @@ class PortableAttachment(RingReader):
         self._pending_state: Mapping[str, Any] | None = None
         self._vars = _Vars()
         self._in_optimizer = False
+        self._tt: PortableThroughTime | None = None
+        self._host_step = 0
         self.last_record: StepRecord | None = None
         self._last_step = 0
         self.outside_fit: Callable[[], bool] | None = None
@@ -219,15 +222,9 @@ class PortableAttachment(RingReader):
 
         self._hold(wrap_optimizer)
         self._installed = True
-        known = known_layers(model)
-        recurrent = [path for path, kind in known.items() if kind in RECURRENT]
-        if recurrent and self._monitor.options.profile_every > 0:
-            logger.info(
-                "gradwatch: through-time measurements (per-timestep profiles, propagation, spectral norms) are not "
-                "available on the Keras %s backend yet; layers %s get gradient norms, checks and clipping only.",
-                keras.backend.backend(),
-                ", ".join(repr(p) for p in recurrent),
-            )
+        self._tt = PortableThroughTime(model, self._monitor.options, self._fail) if self._monitor.options.profile_every > 0 else None
+        if self._tt is not None and self._tt.sites:
+            self._hold(self._tt.install)
         variables = list(getattr(model, "trainable_variables", []) or [])
         if variables:
             self._setup(variables)
@@ -257,7 +254,10 @@ class PortableAttachment(RingReader):
         segments += [Segment("sq_norms", p), Segment("nonfinite", p)]
         if unitwise is not None:
             segments.append(Segment("clipped_sq", p))
-        segments += self._profile_segments()
+        segments += self._tt.segments() if self._tt is not None else []
+        if self._tt is not None:
+            for key, value in self._tt.meta().items():
+                meta.setdefault(key, value)
         layout = Layout(segments)
         self._graph = _Graph(
             layout=layout,
@@ -275,18 +275,13 @@ class PortableAttachment(RingReader):
         )
         self._step_slice = layout.slice("step")
         self._last_step = self._monitor.next_step - 1
+        self._host_step = self._monitor.next_step
         if device_policy is not None:
             self._monitor.decide_on_device(device_policy)
         self._ready = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
-
-    def _profile_segments(self) -> list[Segment]:
-        """The row's through-time segments ("temporal", "spectral", "gates",
-        "propagation", as :func:`gradwatch_tf._step.step_layout` lays them out): none until
-        the through-time engine has a ``keras.ops`` kernel (TensorFlow has its own)."""
-        return []
 
     # ---------------------------------------------- JAX: state through the optimizer
     def enter_optimizer(self) -> None:
@@ -380,6 +375,8 @@ class PortableAttachment(RingReader):
         active = g.active.value
         thr, scale, new_grads, per_clipped = self._clip(grads, tvars, idx, norm, active)
         step = g.step_var.value
+        traced = _traced(norm)
+        through_time = self._through_time(step, None if traced else self._host_step, active)
         # The update itself (everything that could fail in gradwatch's own maths is above).
         try:
             skipped = self._update(all_ok, active, new_grads, tvars, original)
@@ -396,7 +393,7 @@ class PortableAttachment(RingReader):
         parts: dict[tuple[str, str], Any] = {
             ("step", ""): ops.cast(step, f),
             ("skipped", ""): ops.cast(skipped, f),
-            ("profiled", ""): zero,
+            ("profiled", ""): ops.cast(profile_due(step, self._monitor.options.profile_every, KERAS_OPS), f) if through_time else zero,
             ("sq_norms", ""): ops.stack(per_sq) if per_sq else ops.zeros((0,), f),
             ("nonfinite", ""): ops.stack(per_nf) if per_nf else ops.zeros((0,), f),
         }
@@ -404,12 +401,34 @@ class PortableAttachment(RingReader):
             parts[("clip", "")] = ops.stack([ops.cast(thr, f), ops.cast(scale, f)])
         if g.layout.slice("clipped_sq") is not None:
             parts[("clipped_sq", "")] = ops.stack(per_clipped) if per_clipped else ops.zeros((0,), f)
+        parts.update(through_time)
         row = g.layout.pack(parts, lambda ts: ops.concatenate([ops.reshape(ops.cast(t, f), (-1,)) for t in ts], 0))
         slot = ops.mod(ops.cast(step, "int32") - 1, g.capacity)
         g.ring.assign(ops.scatter_update(g.ring.value, ops.reshape(slot, (1, 1)), ops.reshape(row, (1, -1))))
         g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
-        if self._mode == "watch" and not _traced(row):
+        if not traced:
+            self._host_step += 1
+        if self._mode == "watch" and not traced:
             self.sync()
+
+    def _through_time(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
+        """The recurrent layers' row entries (:mod:`gradwatch_tf._ksites`); a failure
+        leaves them NaN for good, never the step."""
+        tt = self._tt
+        if tt is None or not tt.sites:
+            return {}
+        if not tt.broken:
+            try:
+                return tt.parts(step, host_step, active)
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                tt.broken = True
+                self._fail("propagation replay", exc)
+        return tt.parts(step, host_step, active)
+
+    def _process_row(self, row: np.ndarray) -> StepRecord | None:
+        if self._tt is not None and self._tt.sites:
+            row = self._tt.exp_logs(self._graph.layout, row)
+        return super()._process_row(row)
 
     def _clip(self, grads: list[Any], tvars: list[Any], idx: list[Any], norm: Any, active: Any) -> tuple[Any, Any, list[Any], list[Any]]:
         g = self._graph
@@ -532,6 +551,7 @@ class PortableAttachment(RingReader):
         g.step_var.assign(np.asarray(self._monitor.next_step).astype(keras.backend.standardize_dtype(g.step_var.dtype)))
         g.ring.assign(np.zeros([self._capacity, g.layout.width]).astype(keras.backend.standardize_dtype(g.ring.dtype)))
         self._last_step = self._monitor.next_step - 1
+        self._host_step = self._monitor.next_step
 
 
 class _UpdateError(Exception):
