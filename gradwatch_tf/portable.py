@@ -26,16 +26,15 @@ end, without a full state sync) and taken out again when the fit ends. A custom 
 that calls ``optimizer.apply`` eagerly is watched as on torch; one that jits
 ``stateless_apply`` itself keeps gradwatch's state out of its own (not measured yet).
 
-Through-time measurements (per-timestep sensitivity, propagation, gate statistics,
-spectral norms) are TensorFlow-only for now: on these backends an INFO line says so and
-records carry no ``temporal`` / ``spectral``. The through-time engine's ``keras.ops``
-kernel plugs in at :meth:`PortableAttachment._profile_segments` (the row's segments for
-what it measures, today none) and the ``("profiled", "")`` entry of the row.
+Through time (propagation gains, max gains, rate, horizon, gate statistics) comes from
+the ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`, :mod:`gradwatch_tf._kreplay`), run
+in this hook on the recurrent layers' kept call inputs, before the update. Per-timestep
+sensitivity and spectral norms stay TensorFlow-only: records carry no ``spectral`` and
+no per-timestep norms on these backends.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -48,125 +47,16 @@ from keras import ops
 from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
-from gradwatch.policies import ClipStats
 from gradwatch.records import StepRecord
 from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
+from gradwatch_tf._kstate import DEFAULT_WATCH_CAPACITY, Graph, PortablePolicy, Vars, clip, known_layers, traced
 from gradwatch_tf._ring import RingReader
 
 __all__ = ["PortableAttachment", "attach"]
 
 logger = logging.getLogger("gradwatch")
-
-#: Ring rows for ``gradwatch.watch`` when nothing reads after each step.
-DEFAULT_WATCH_CAPACITY = 256
-
-RECURRENT = ("SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional")
-
-
-def known_layers(model: Any) -> dict[str, str]:
-    """Paths of the model's layers (nested models walked into) and their class names."""
-    out: dict[str, str] = {}
-
-    def visit(layer: Any) -> None:
-        for sub in getattr(layer, "_layers", []) or []:
-            if isinstance(sub, keras.Model):
-                visit(sub)
-            elif isinstance(getattr(sub, "path", None), str):
-                out[sub.path] = type(sub).__name__
-
-    visit(model)
-    return out
-
-
-def _value(v: Any) -> Any:
-    return v.value if hasattr(v, "value") else v
-
-
-def _traced(x: Any) -> bool:
-    """True while ``x`` is a JAX tracer (inside ``jax.jit``): no host reads there."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return isinstance(x, jax.core.Tracer)
-
-
-class _Vars:
-    """gradwatch's in-step state: Keras variables, created outside any trace."""
-
-    def __init__(self) -> None:
-        self.all: list[Any] = []
-
-    def make(self, initial: Any, dtype: str, name: str) -> Any:
-        arr = np.asarray(initial)
-        v = keras.Variable(arr.astype(widest(dtype)) if dtype != "bool" else arr.astype(bool), dtype=widest(dtype), trainable=False, name=name)
-        self.all.append(v)
-        return v
-
-
-class PortablePolicy:
-    """A core policy (:mod:`gradwatch.policies`) run in the step with ``keras.ops``, its
-    state in Keras variables (one per field of the policy's state dataclass)."""
-
-    def __init__(self, policy: Any, make: Callable[[Any, str, str], Any]) -> None:
-        self.policy = policy
-        init = policy.init()
-        self._cls = type(init)
-        self._vars: dict[str, Any] = {}
-        for f in dataclasses.fields(init):
-            arr = np.asarray(getattr(init, f.name))
-            kind = "bool" if arr.dtype == bool else ("int64" if np.issubdtype(arr.dtype, np.integer) else "float64")
-            self._vars[f.name] = make(arr, kind, f"gradwatch_{policy.name}_{f.name}")
-
-    def run(self, norm: Any) -> tuple[Any, Any]:
-        clip, new = self.policy.update(ClipStats(norm), self._cls(**{k: v.value for k, v in self._vars.items()}), KERAS_OPS)
-        for k, v in self._vars.items():
-            v.assign(ops.cast(getattr(new, k), v.dtype))
-        return clip.threshold, clip.scale
-
-    def state_dict(self) -> dict[str, Any]:
-        values = {}
-        for k, v in self._vars.items():
-            arr = np.asarray(keras.ops.convert_to_numpy(v.value))
-            ref = np.asarray(getattr(self.policy.init(), k))
-            values[k] = arr.astype(ref.dtype)
-        return self.policy.dump_state(self._cls(**values))  # type: ignore[no-any-return]
-
-    def load_state_dict(self, state: Any) -> None:
-        st = self.policy.load_state(state)
-        for k, v in self._vars.items():
-            v.assign(np.asarray(getattr(st, k)).astype(keras.backend.standardize_dtype(v.dtype)))
-
-
-@dataclasses.dataclass
-class _Graph:
-    """What the step needs (the names :class:`RingReader` reads)."""
-
-    layout: Layout
-    n_params: int
-    index: dict[int, int]
-    path_index: dict[str, int]
-    step_var: Any
-    halted: Any
-    active: Any
-    ring: Any
-    capacity: int
-    on_nonfinite: str
-    policy: PortablePolicy | None = None
-    unitwise: Any = None
-    profile_ok: bool = True
-
-
-def _unitwise_norm(x: Any) -> Any:
-    """Norm of each unit (a column of a Keras ``(in, out)`` kernel; a vector is one unit),
-    broadcastable to ``x`` (AGC, Brock et al. 2021)."""
-    x = ops.cast(x, "float32")
-    nd = len(ops.shape(x))
-    if nd <= 1:
-        return ops.ones_like(x) * ops.sqrt(ops.sum(ops.square(x)))
-    return ops.sqrt(ops.sum(ops.square(x), axis=tuple(range(nd - 1)), keepdims=True))
 
 
 class PortableAttachment(RingReader):
@@ -174,7 +64,9 @@ class PortableAttachment(RingReader):
 
     backend = "keras"
 
-    def __init__(self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None) -> None:
+    def __init__(
+        self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None
+    ) -> None:
         self._model_ref = weakref.ref(model)
         self._monitor = monitor
         self._mode = mode
@@ -188,7 +80,7 @@ class PortableAttachment(RingReader):
         self._opt_arg = optimizer
         self._errors_logged: set[str] = set()
         self._pending_state: Mapping[str, Any] | None = None
-        self._vars = _Vars()
+        self._vars = Vars()
         self._in_optimizer = False
         self._tt: PortableThroughTime | None = None
         self._host_step = 0
@@ -222,7 +114,11 @@ class PortableAttachment(RingReader):
 
         self._hold(wrap_optimizer)
         self._installed = True
-        self._tt = PortableThroughTime(model, self._monitor.options, self._fail) if self._monitor.options.profile_every > 0 else None
+        self._tt = (
+            PortableThroughTime(model, self._monitor.options, self._fail)
+            if self._monitor.options.profile_every > 0
+            else None
+        )
         if self._tt is not None and self._tt.sites:
             self._hold(self._tt.install)
         variables = list(getattr(model, "trainable_variables", []) or [])
@@ -259,7 +155,7 @@ class PortableAttachment(RingReader):
             for key, value in self._tt.meta().items():
                 meta.setdefault(key, value)
         layout = Layout(segments)
-        self._graph = _Graph(
+        self._graph = Graph(
             layout=layout,
             n_params=p,
             index={id(v): i for i, v in enumerate(variables)},
@@ -342,8 +238,10 @@ class PortableAttachment(RingReader):
         grads = list(grads)
         tvars = list(trainable_variables) if trainable_variables is not None else list(self._opt._trainable_variables)
         if not self._ready:
-            if grads and _traced(grads[0]):
-                self._fail("gradient measuring", GradwatchError("the model was not built before the first compiled step"))
+            if grads and traced(grads[0]):
+                self._fail(
+                    "gradient measuring", GradwatchError("the model was not built before the first compiled step")
+                )
                 return original(grads, trainable_variables)
             try:
                 self._setup(tvars)
@@ -373,10 +271,10 @@ class PortableAttachment(RingReader):
         all_ok = ops.all(ops.stack(fin_each)) if fin_each else ops.convert_to_tensor(True)
         norm = ops.sqrt(ops.sum(ops.stack(sq_each))) if sq_each else zero
         active = g.active.value
-        thr, scale, new_grads, per_clipped = self._clip(grads, tvars, idx, norm, active)
+        thr, scale, new_grads, per_clipped = clip(g, grads, tvars, idx, norm, active)
         step = g.step_var.value
-        traced = _traced(norm)
-        through_time = self._through_time(step, None if traced else self._host_step, active)
+        on_trace = traced(norm)
+        through_time = self._through_time(step, None if on_trace else self._host_step, active)
         # The update itself (everything that could fail in gradwatch's own maths is above).
         try:
             skipped = self._update(all_ok, active, new_grads, tvars, original)
@@ -393,7 +291,9 @@ class PortableAttachment(RingReader):
         parts: dict[tuple[str, str], Any] = {
             ("step", ""): ops.cast(step, f),
             ("skipped", ""): ops.cast(skipped, f),
-            ("profiled", ""): ops.cast(profile_due(step, self._monitor.options.profile_every, KERAS_OPS), f) if through_time else zero,
+            ("profiled", ""): ops.cast(profile_due(step, self._monitor.options.profile_every, KERAS_OPS), f)
+            if through_time
+            else zero,
             ("sq_norms", ""): ops.stack(per_sq) if per_sq else ops.zeros((0,), f),
             ("nonfinite", ""): ops.stack(per_nf) if per_nf else ops.zeros((0,), f),
         }
@@ -406,9 +306,9 @@ class PortableAttachment(RingReader):
         slot = ops.mod(ops.cast(step, "int32") - 1, g.capacity)
         g.ring.assign(ops.scatter_update(g.ring.value, ops.reshape(slot, (1, 1)), ops.reshape(row, (1, -1))))
         g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
-        if not traced:
+        if not on_trace:
             self._host_step += 1
-        if self._mode == "watch" and not traced:
+        if self._mode == "watch" and not on_trace:
             self.sync()
 
     def _through_time(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
@@ -430,36 +330,9 @@ class PortableAttachment(RingReader):
             row = self._tt.exp_logs(self._graph.layout, row)
         return super()._process_row(row)
 
-    def _clip(self, grads: list[Any], tvars: list[Any], idx: list[Any], norm: Any, active: Any) -> tuple[Any, Any, list[Any], list[Any]]:
-        g = self._graph
-        f = widest("float64")
-        one = ops.ones((), f)
-        if g.unitwise is not None:
-            pol = g.unitwise
-            new_grads: list[Any] = []
-            per_clipped: list[Any] = [ops.zeros((), f)] * g.n_params
-            after_each = []
-            for j, (x, v) in enumerate(zip(grads, tvars)):
-                if x is None:
-                    new_grads.append(x)
-                    continue
-                factor = pol.unit_factor(_unitwise_norm(_value(v)), _unitwise_norm(x), KERAS_OPS)
-                factor = ops.where(active, factor, ops.ones_like(factor))
-                new_grads.append(x * ops.cast(factor, keras.backend.standardize_dtype(x.dtype)))
-                a = ops.cast(ops.sum(ops.square(ops.cast(x, "float32") * factor)), f)
-                after_each.append(a)
-                if idx[j] is not None:
-                    per_clipped[idx[j]] = a
-            after = ops.sqrt(ops.sum(ops.stack(after_each))) if after_each else ops.zeros((), f)
-            clip = pol.decision(norm, after, KERAS_OPS)
-            return clip.threshold, clip.scale, new_grads, per_clipped
-        if g.policy is not None:
-            thr, scale = g.policy.run(norm)
-            scale = ops.where(active, ops.cast(scale, f), one)
-            return thr, scale, [x * ops.cast(scale, keras.backend.standardize_dtype(x.dtype)) if x is not None else x for x in grads], []
-        return ops.convert_to_tensor(np.nan, f), one, grads, []
-
-    def _update(self, all_ok: Any, active: Any, grads: list[Any], tvars: list[Any], original: Callable[..., Any]) -> Any:
+    def _update(
+        self, all_ok: Any, active: Any, grads: list[Any], tvars: list[Any], original: Callable[..., Any]
+    ) -> Any:
         """The optimizer's own ``apply``; under "skip"/"raise" every variable it changes is
         selected back when a gradient is not finite. Returns whether it was skipped."""
         g = self._graph
@@ -545,7 +418,11 @@ class PortableAttachment(RingReader):
         if not self._ready:
             self._pending_state = dict(state)
             return
-        if self._last_step == self._monitor.next_step - 1 and self._current(self._graph.step_var) is not None and int(self._current(self._graph.step_var)) == self._monitor.next_step:
+        if (
+            self._last_step == self._monitor.next_step - 1
+            and self._current(self._graph.step_var) is not None
+            and int(self._current(self._graph.step_var)) == self._monitor.next_step
+        ):
             return  # already aligned (re-attached to the same watch)
         g = self._graph
         g.step_var.assign(np.asarray(self._monitor.next_step).astype(keras.backend.standardize_dtype(g.step_var.dtype)))
