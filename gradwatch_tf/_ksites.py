@@ -121,6 +121,7 @@ class PortableThroughTime:
         self._replay_every = options.replay_every
         self._fail = fail
         self.broken = False
+        self._jitted: dict[str, tuple[list[Any], Any]] = {}
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -219,7 +220,7 @@ class PortableThroughTime:
                 if host_step is not None:
                     k = host_step - 1 if every == 1 else host_step // every
                     due = bool(profile_due(host_step, self._every)) and k % period == 0
-                    logs, gates = self._measure(site, call, step) if due else nan
+                    logs, gates = self._eager(site, call, step) if due else nan
                 else:
                     k = step - 1 if every == 1 else step // every
                     due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
@@ -230,6 +231,24 @@ class PortableThroughTime:
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
+
+    def _eager(self, site: _Site, call: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        """An eager step's replay; on JAX compiled once per site (eager JAX would compile
+        every scan at every call), the cells' weights passed in through a StatelessScope."""
+        if keras.backend.backend() != "jax":
+            return self._measure(site, call, step)
+        if site.name not in self._jitted:
+            import jax
+
+            weights = [v for _, layer in site.directions for v in layer.cell.weights]
+
+            def pure(values: list[Any], kept: dict[str, Any], at: Any) -> tuple[Any, Any]:
+                with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                    return self._measure(site, kept, at)
+
+            self._jitted[site.name] = (weights, jax.jit(pure))
+        weights, fn = self._jitted[site.name]
+        return fn([v.value for v in weights], call, step)  # type: ignore[no-any-return]
 
     def _nan(self, site: _Site) -> tuple[Any, Any]:
         return ops.full((2, len(site.directions), site.length), math.nan, "float32"), ops.full(
