@@ -15,7 +15,7 @@ from gradwatch import Layout
 from gradwatch.policies import ClipStats
 from gradwatch_tf._kops import KERAS_OPS, widest
 
-__all__ = ["DEFAULT_WATCH_CAPACITY", "PortablePolicy", "clip", "known_layers", "traced"]
+__all__ = ["DEFAULT_WATCH_CAPACITY", "JaxState", "PortablePolicy", "clip", "known_layers", "traced"]
 
 #: Ring rows for ``gradwatch.watch`` when nothing reads after each step.
 DEFAULT_WATCH_CAPACITY = 256
@@ -168,3 +168,51 @@ def clip(
             [],
         )
     return ops.convert_to_tensor(np.nan, f), one, grads, []
+
+
+class JaxState:
+    """On JAX, gradwatch's variables travel through a ``fit``'s jitted state as the
+    optimizer's (a mixin of :class:`gradwatch_tf.portable.PortableAttachment`)."""
+
+    _in_optimizer: bool
+    _ready: bool
+    _outer: Any
+    _vars: Vars
+    _model_ref: Any
+
+    def enter_optimizer(self) -> None:
+        """On JAX, append gradwatch's variables to the (outer) optimizer's, so a jitted
+        step carries them in its state; :meth:`leave_optimizer` takes them out."""
+        if keras.backend.backend() != "jax" or self._in_optimizer or not self._ready:
+            return
+        store = self._outer._variables
+        store.extend(self._vars.all)
+        self._in_optimizer = True
+
+    def leave_optimizer(self) -> None:
+        if not self._in_optimizer:
+            return
+        values = [self._current(v) for v in self._vars.all]  # while the fit's state has them
+        self._in_optimizer = False
+        store = self._outer._variables
+        ours = {id(v) for v in self._vars.all}
+        store[:] = [v for v in store if id(v) not in ours]
+        for v, value in zip(self._vars.all, values):  # a purged value (JAX fit) comes back
+            if value is not None:
+                v.assign(value)
+
+    def _current(self, v: Any) -> Any:
+        """The variable's value now: in a JAX ``fit`` the live one is in the model's
+        ``_jax_state`` (the variable itself is stale or purged until the fit syncs)."""
+        model = self._model_ref()
+        state = getattr(model, "_jax_state", None) if model is not None else None
+        if self._in_optimizer and state and not getattr(model, "_jax_state_synced", True):
+            values = state.get("optimizer_variables")
+            if values is not None:
+                for ref, val in zip(self._outer.variables, values):
+                    if ref is v:
+                        return np.asarray(val)
+        try:
+            return np.asarray(keras.ops.convert_to_numpy(v.value))
+        except Exception:  # noqa: BLE001 - a purged variable (no value) outside a fit
+            return None

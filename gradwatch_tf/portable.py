@@ -51,7 +51,16 @@ from gradwatch.records import StepRecord
 from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
-from gradwatch_tf._kstate import DEFAULT_WATCH_CAPACITY, Graph, PortablePolicy, Vars, clip, known_layers, traced
+from gradwatch_tf._kstate import (
+    DEFAULT_WATCH_CAPACITY,
+    Graph,
+    JaxState,
+    PortablePolicy,
+    Vars,
+    clip,
+    known_layers,
+    traced,
+)
 from gradwatch_tf._ring import RingReader
 
 __all__ = ["PortableAttachment", "attach"]
@@ -59,7 +68,7 @@ __all__ = ["PortableAttachment", "attach"]
 logger = logging.getLogger("gradwatch")
 
 
-class PortableAttachment(RingReader):
+class PortableAttachment(JaxState, RingReader):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
 
     backend = "keras"
@@ -70,7 +79,15 @@ class PortableAttachment(RingReader):
         self._model_ref = weakref.ref(model)
         self._monitor = monitor
         self._mode = mode
-        self._capacity = int(capacity) if capacity else (1 if mode == "callback" else DEFAULT_WATCH_CAPACITY)
+        # A fit reads the ring on flush and profiled steps only: room for the steps between.
+        wanted = (
+            min(max(int(monitor.options.log_every), 1), DEFAULT_WATCH_CAPACITY)
+            if mode == "callback"
+            else DEFAULT_WATCH_CAPACITY
+        )
+        self._capacity = (
+            max(int(capacity or 1), wanted) if mode == "callback" else (int(capacity) if capacity else wanted)
+        )
         self._handles = HandleGroup()
         self._wrappers: list[Callable[[], Callable[[], None]]] = []
         self._installed = False
@@ -84,6 +101,7 @@ class PortableAttachment(RingReader):
         self._in_optimizer = False
         self._tt: PortableThroughTime | None = None
         self._host_step = 0
+        self._unread = 0
         self.last_record: StepRecord | None = None
         self._last_step = 0
         self.outside_fit: Callable[[], bool] | None = None
@@ -179,44 +197,6 @@ class PortableAttachment(RingReader):
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
 
-    # ---------------------------------------------- JAX: state through the optimizer
-    def enter_optimizer(self) -> None:
-        """On JAX, append gradwatch's variables to the (outer) optimizer's, so a jitted
-        step carries them in its state; :meth:`leave_optimizer` takes them out."""
-        if keras.backend.backend() != "jax" or self._in_optimizer or not self._ready:
-            return
-        store = self._outer._variables
-        store.extend(self._vars.all)
-        self._in_optimizer = True
-
-    def leave_optimizer(self) -> None:
-        if not self._in_optimizer:
-            return
-        values = [self._current(v) for v in self._vars.all]  # while the fit's state has them
-        self._in_optimizer = False
-        store = self._outer._variables
-        ours = {id(v) for v in self._vars.all}
-        store[:] = [v for v in store if id(v) not in ours]
-        for v, value in zip(self._vars.all, values):  # a purged value (JAX fit) comes back
-            if value is not None:
-                v.assign(value)
-
-    def _current(self, v: Any) -> Any:
-        """The variable's value now: in a JAX ``fit`` the live one is in the model's
-        ``_jax_state`` (the variable itself is stale or purged until the fit syncs)."""
-        model = self._model_ref()
-        state = getattr(model, "_jax_state", None) if model is not None else None
-        if self._in_optimizer and state and not getattr(model, "_jax_state_synced", True):
-            values = state.get("optimizer_variables")
-            if values is not None:
-                for ref, val in zip(self._outer.variables, values):
-                    if ref is v:
-                        return np.asarray(val)
-        try:
-            return np.asarray(keras.ops.convert_to_numpy(v.value))
-        except Exception:  # noqa: BLE001 - a purged variable (no value) outside a fit
-            return None
-
     def _read_ring(self) -> np.ndarray:
         ring = self._current(self._graph.ring)
         if ring is None:
@@ -308,8 +288,25 @@ class PortableAttachment(RingReader):
         g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
         if not on_trace:
             self._host_step += 1
-        if self._mode == "watch" and not on_trace:
+        if self._mode == "watch" and not on_trace and self.read_due(1):
             self.sync()
+
+    def read_due(self, steps: int) -> bool:
+        """Count ``steps`` optimizer steps taken since the last read; True when the host
+        must read the ring now: a flush (``log_every``) or profiled step among them, a
+        full ring, or ``on_nonfinite="raise"`` (which stops at once). Other steps cost no
+        host transfer."""
+        self._unread += steps
+        opts = self._monitor.options
+        if opts.on_nonfinite == "raise" or self._unread >= self._capacity:
+            return True
+        every, profiling = max(int(opts.log_every), 1), self._tt is not None and bool(self._tt.sites)
+        steps_now = range(self._last_step + 1, self._last_step + self._unread + 1)
+        return any(s % every == 0 or (profiling and profile_due(s, opts.profile_every)) for s in steps_now)
+
+    def sync_records(self) -> list[StepRecord]:
+        self._unread = 0
+        return super().sync_records()
 
     def _through_time(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
         """The recurrent layers' row entries (:mod:`gradwatch_tf._ksites`); a failure
