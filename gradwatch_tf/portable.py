@@ -61,14 +61,14 @@ from gradwatch_tf._kstate import (
     known_layers,
     traced,
 )
-from gradwatch_tf._ring import RingReader
+from gradwatch_tf._lifecycle import Lifecycle
 
 __all__ = ["PortableAttachment", "attach"]
 
 logger = logging.getLogger("gradwatch")
 
 
-class PortableAttachment(JaxState, RingReader):
+class PortableAttachment(JaxState, Lifecycle):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
 
     backend = "keras"
@@ -109,11 +109,6 @@ class PortableAttachment(JaxState, RingReader):
             self._install()
 
     # ------------------------------------------------------------------ install
-    def _fail(self, part: str, exc: BaseException) -> None:
-        if part not in self._errors_logged:
-            self._errors_logged.add(part)
-            logger.error("gradwatch: %s failed and is now disabled: %r", part, exc, exc_info=exc)
-
     def _install(self) -> None:
         model = self._model_ref()
         if model is None:
@@ -142,10 +137,6 @@ class PortableAttachment(JaxState, RingReader):
         variables = list(getattr(model, "trainable_variables", []) or [])
         if variables:
             self._setup(variables)
-
-    def _hold(self, wrap: Callable[[], Callable[[], None]]) -> None:
-        self._handles.add_callback(wrap())
-        self._wrappers.append(wrap)
 
     def _setup(self, variables: list[Any]) -> None:
         model = self._model_ref()
@@ -207,10 +198,6 @@ class PortableAttachment(JaxState, RingReader):
         return None
 
     # ------------------------------------------------------------ self-healing
-    def _stale(self) -> bool:
-        check = self.outside_fit
-        return check is not None and check()
-
     # ------------------------------------------------------------ the step
     def _apply(self, grads: Any, trainable_variables: Any, original: Any) -> Any:
         if self._closed or self._stale():
@@ -349,21 +336,6 @@ class PortableAttachment(JaxState, RingReader):
         return ops.logical_not(go)
 
     # ------------------------------------------------------------------ protocol
-    def step(self) -> StepRecord | None:
-        self.sync()
-        return self.last_record
-
-    def _stand_aside(self) -> None:
-        if not self._ready:
-            return
-        try:
-            self._graph.active.assign(False)
-            self._graph.halted.assign(False)
-        except Exception as exc:  # noqa: BLE001 - best effort
-            self._fail("deactivating", exc)
-        if self._graph.policy is not None:
-            self._monitor.decide_on_device(None)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -386,27 +358,6 @@ class PortableAttachment(JaxState, RingReader):
         self._stand_aside()
         self._handles.remove()
         self._suspended = True
-
-    def resume(self) -> None:
-        if self._closed:
-            raise GradwatchError("This gradwatch attachment is closed; create a new one.")
-        if not self._suspended:
-            return
-        try:
-            for wrap in self._wrappers:
-                self._handles.add_callback(wrap())
-        except BaseException:
-            self._handles.remove()
-            raise
-        self._suspended = False
-        if self._ready:
-            self._graph.active.assign(True)
-            if self._graph.policy is not None:
-                self._monitor.decide_on_device(self._graph.policy)
-
-    @property
-    def model(self) -> Any:
-        return self._model_ref()
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._pending_state or {}) if not self._ready else {}
