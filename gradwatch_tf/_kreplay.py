@@ -174,10 +174,11 @@ def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) ->
         new = ops.concatenate(model.jvp(_parts(w, u, parts), [f[i][:, None, :] for i in range(model.n_factors)]), -1)
         return _unit_rows(ops.where(ops.logical_and(t >= first, mt[:, :, None] > 0), new, w)), None
 
-    for _ in range(REFINE_ROUNDS):
-        tng, _ = ops.scan(back, tng, xs, reverse=True)
-        tng, _ = ops.scan(fwd, tng, xs)
-    return tng
+    def round_trip(_: Any, w: Any) -> Any:  # one loop around both sweeps: each compiled once
+        w, _ys = ops.scan(back, w, xs, reverse=True)
+        return ops.scan(fwd, w, xs)[0]
+
+    return ops.fori_loop(0, REFINE_ROUNDS, round_trip, tng)
 
 
 def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int) -> Any:
