@@ -17,6 +17,9 @@ retrace).
 ``python -m benchmarks.keras_bench [--quick] [--json PATH]``;
 ``python -m benchmarks.keras_bench --first-batch [--quick] [--fits N]`` measures only that
 (a few fits per arm, interleaved; prints one line per arm).
+``KERAS_BACKEND=jax|torch|tensorflow python -m benchmarks.keras_bench --backend-ratios``:
+on whichever backend, a smaller LSTM's steady step and first fit, defaults against
+unwatched (:func:`backend_ratios`).
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ import time
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# Keep torch out of this process, as a Keras user's would be.
-sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
+# Keep torch out of this process, as a TensorFlow Keras user's would be.
+if os.environ.get("KERAS_BACKEND", "tensorflow") == "tensorflow":
+    sys.modules.setdefault("torch", None)  # type: ignore[arg-type]
 
 import numpy as np
 
@@ -50,7 +54,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--first-batch", action="store_true", help="measure only the first batch of later fits")
     p.add_argument("--fits", type=int, default=5, help="fits per arm with --first-batch (the first is warm-up)")
+    p.add_argument("--backend-ratios", action="store_true", help="steady step and first fit on KERAS_BACKEND")
     a = p.parse_args(argv)
+    if a.backend_ratios:
+        backend_ratios(quick=a.quick, rounds=a.rounds or (2 if a.quick else 5))
+        return
 
     import keras
     import tensorflow as tf
@@ -99,9 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             self._t = now
 
     def make(name: str, clipnorm: float | None, cb_options: dict[str, Any] | None, note: str) -> Arm:
-        model = keras.Sequential(
-            [keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(classes)]
-        )
+        model = keras.Sequential([keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(classes)])
         model.set_weights(weights)
         opt = keras.optimizers.Adam(1e-3, global_clipnorm=clipnorm) if clipnorm else keras.optimizers.Adam(1e-3)
         model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -175,17 +181,20 @@ def main(argv: list[str] | None = None) -> None:
         f"verbose=0; {steps} timed steps per fit (one fit per arm per round)."
     )
     wl = Workload("Keras fit", desc, rounds, steps, steps * warm_fits, results, extra)
-    emit(a.json, {
-        "bench": "keras",
-        "tensorflow": tf.__version__,
-        "keras": keras.__version__,
-        "threads": {
-            "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+    emit(
+        a.json,
+        {
+            "bench": "keras",
+            "tensorflow": tf.__version__,
+            "keras": keras.__version__,
+            "threads": {
+                "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+            },
+            "seconds": time.perf_counter() - t0,
+            "workloads": [wl],
         },
-        "seconds": time.perf_counter() - t0,
-        "workloads": [wl],
-    })
+    )
 
 
 def first_batch_only(arms: list[Arm], fit_once: Any, fits: int) -> None:
@@ -203,10 +212,71 @@ def first_batch_only(arms: list[Arm], fit_once: Any, fits: int) -> None:
             f"[{min(firsts[1:]):.3f}, {max(firsts[1:]):.3f}], ratio {later / base:.2f}"
         )
     ratio = statistics.median(arms[1].timer.first[1:]) / base  # type: ignore[attr-defined]
-    log(f"first batch of a later fit, watched / unwatched: {ratio:.2f} (target <= {FIRST_BATCH_TARGET:g}: "
-        f"{'met' if ratio <= FIRST_BATCH_TARGET else 'NOT met'})")
+    log(
+        f"first batch of a later fit, watched / unwatched: {ratio:.2f} (target <= {FIRST_BATCH_TARGET:g}: "
+        f"{'met' if ratio <= FIRST_BATCH_TARGET else 'NOT met'})"
+    )
     for arm in arms:
         arm.close()
+
+
+def backend_ratios(quick: bool, rounds: int) -> None:
+    """Input(50, 16) -> LSTM(64) -> Dense(1), MSE, Adam, batch 32, 8 steps per fit, on
+    ``KERAS_BACKEND``. Steady step: median over fits of the median batch-end interval
+    (first batch excluded), GradWatchCallback() against unwatched, fits interleaved. First
+    fit: a fresh model's first ``fit`` (compile and trace included), watched against
+    unwatched, interleaved over ``rounds`` fresh pairs. Prints ratios."""
+    import keras
+
+    from gradwatch_tf import GradWatchCallback
+
+    seq, feat, hidden, batch, steps = (8, 4, 8, 4, 4) if quick else (50, 16, 64, 32, 8)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * steps, seq, feat)).astype("float32")
+    y = rng.standard_normal((batch * steps, 1)).astype("float32")
+
+    class Timer(keras.callbacks.Callback):
+        def on_train_begin(self, logs: Any = None) -> None:
+            self.t, self.steps = 0.0, []
+
+        def on_train_batch_end(self, b: int, logs: Any = None) -> None:
+            now = time.perf_counter()
+            if self.t:
+                self.steps.append(now - self.t)
+            self.t = now
+
+    def fresh() -> Any:
+        keras.utils.set_random_seed(0)
+        m = keras.Sequential([keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(1)])
+        m.compile(keras.optimizers.Adam(1e-3), "mse")
+        return m
+
+    def fit(model: Any, cbs: list[Any]) -> float:
+        t0 = time.perf_counter()
+        model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0, callbacks=cbs)
+        return time.perf_counter() - t0
+
+    first: dict[str, list[float]] = {"unwatched": [], "defaults": []}
+    for i in range(rounds):  # first fits of fresh models, interleaved
+        for name in ("unwatched", "defaults") if i % 2 == 0 else ("defaults", "unwatched"):
+            cbs = [GradWatchCallback(sinks=["memory"])] if name == "defaults" else []
+            first[name].append(fit(fresh(), cbs))
+    models = {name: fresh() for name in ("unwatched", "defaults")}
+    cbs = {"unwatched": [Timer()], "defaults": [GradWatchCallback(sinks=["memory"]), Timer()]}
+    steady: dict[str, list[float]] = {"unwatched": [], "defaults": []}
+    for name, model in models.items():  # warm-up fit (the trace)
+        fit(model, cbs[name])
+    for i in range(rounds * 3):
+        for name in ("unwatched", "defaults") if i % 2 == 0 else ("defaults", "unwatched"):
+            fit(models[name], cbs[name])
+            steady[name].append(statistics.median(cbs[name][-1].steps))
+    s_ratio = statistics.median(steady["defaults"]) / statistics.median(steady["unwatched"])
+    f_ratio = statistics.median(first["defaults"]) / statistics.median(first["unwatched"])
+    log(
+        f"keras-{keras.backend.backend()}: steady step {statistics.median(steady['unwatched']) * 1e3:.1f} ms unwatched, "
+        f"defaults / unwatched {s_ratio:.3f}; first fit {statistics.median(first['unwatched']):.2f} s unwatched, "
+        f"defaults / unwatched {f_ratio:.2f}"
+    )
 
 
 if __name__ == "__main__":

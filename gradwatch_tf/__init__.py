@@ -5,7 +5,9 @@ Importing this package does not import Keras or a framework (the plugin entry po
 here); the two public names load them on first use. On TensorFlow the step below runs in
 TensorFlow (``gradwatch_tf.attach``), through-time diagnosis included; on JAX and torch
 the same records, policies, skip/raise, run files and TensorBoard come from a step written
-in ``keras.ops`` (:mod:`gradwatch_tf.portable`), through-time measurements not yet.
+in ``keras.ops`` (:mod:`gradwatch_tf.portable`), and the propagation through time of
+recurrent layers from a ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`); per-timestep
+sensitivity and spectral norms are TensorFlow's only.
 
 On TensorFlow:
 

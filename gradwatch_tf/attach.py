@@ -27,7 +27,7 @@ from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
 from gradwatch_tf._intercept import drop_traced_functions, unwrap_optimizer, wrap_apply
-from gradwatch_tf._ring import RingReader
+from gradwatch_tf._lifecycle import Lifecycle
 from gradwatch_tf._step import DevicePolicy, GraphContext, build_step, step_layout
 
 logger = logging.getLogger("gradwatch")
@@ -58,7 +58,7 @@ def _known_layers(model: Any) -> dict[str, str]:
     return out
 
 
-class TFAttachment(RingReader):
+class TFAttachment(Lifecycle):
     """gradwatch's live connection to a Keras model and its optimizer.
 
     ``mode="watch"`` (``gradwatch.watch``): in eager mode the host reads each step right
@@ -69,7 +69,9 @@ class TFAttachment(RingReader):
 
     backend = "tf"
 
-    def __init__(self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None) -> None:
+    def __init__(
+        self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None
+    ) -> None:
         self._model_ref = weakref.ref(model)
         self._monitor = monitor
         self._mode = mode
@@ -97,11 +99,6 @@ class TFAttachment(RingReader):
             self._install()
 
     # ------------------------------------------------------------------ install
-    def _fail(self, part: str, exc: BaseException) -> None:
-        if part not in self._errors_logged:
-            self._errors_logged.add(part)
-            logger.error("gradwatch: %s failed and is now disabled: %r", part, exc, exc_info=exc)
-
     def _make_var(self, initial: Any, dtype: tf.DType, name: str) -> tf.Variable:
         if self._strategy is None:
             return tf.Variable(initial, dtype=dtype, trainable=False, name=name)
@@ -155,11 +152,6 @@ class TFAttachment(RingReader):
         # apply, when Keras has built it inside the first traced step.
         if list(model.trainable_variables):
             self._setup(list(model.trainable_variables))
-
-    def _hold(self, wrap: Callable[[], Callable[[], None]]) -> None:
-        """Apply ``wrap`` now, and again at each :meth:`resume`; its undo goes in the handles."""
-        self._handles.add_callback(wrap())
-        self._wrappers.append(wrap)
 
     def _setup(self, variables: list[Any]) -> None:
         """Bind the parameters, create the probe variables, the ring and the layout (once)."""
@@ -239,7 +231,9 @@ class TFAttachment(RingReader):
         if not seen:
             return
         with tf.init_scope():
-            recorded = int(g.step_var.numpy()) != self._monitor.next_step or self._last_step != self._monitor.next_step - 1
+            recorded = (
+                int(g.step_var.numpy()) != self._monitor.next_step or self._last_step != self._monitor.next_step - 1
+            )
             if recorded:  # rows of the old layout may wait in the ring: keep it
                 return
             g.sites = g.sites + seen
@@ -312,11 +306,6 @@ class TFAttachment(RingReader):
         )
 
     # ------------------------------------------------------------ self-healing
-    def _stale(self) -> bool:
-        """True (after restoring everything) when called outside the fit we serve."""
-        check = self.outside_fit
-        return check is not None and check()
-
     def _live(self) -> bool:
         return not self._stale()
 
@@ -344,11 +333,6 @@ class TFAttachment(RingReader):
         return None
 
     # ------------------------------------------------------------------ protocol
-    def step(self) -> StepRecord | None:
-        """Keras has no manual measuring point: bring pending steps over, return the last."""
-        self.sync()
-        return self.last_record
-
     def close(self) -> None:
         """Restore the optimizer and every wrapped layer; idempotent."""
         if self._closed:
@@ -369,19 +353,6 @@ class TFAttachment(RingReader):
             # cached functions. (The callback keeps its own traces apart: FitFunctions.)
             drop_traced_functions(model)
 
-    def _stand_aside(self) -> None:
-        """Make the ops already traced into a step stand aside (scale 1, no skip) and give
-        the policy state back to the host."""
-        if not self._ready:
-            return
-        try:
-            self._graph.active.assign(False)
-            self._graph.halted.assign(False)
-        except Exception as exc:  # noqa: BLE001 - deactivating is best effort
-            self._fail("deactivating", exc)
-        if self._graph.policy is not None:
-            self._monitor.decide_on_device(None)  # the policy state goes back to the host
-
     def suspend(self) -> None:
         """Leave the model and optimizer as they were but keep the graph state (variables,
         ring, the steps already traced with gradwatch's ops), so :meth:`resume` needs no
@@ -395,32 +366,6 @@ class TFAttachment(RingReader):
         self._suspended = False
         self._held_state = self.state_dict()  # nothing changes it until resume: read once
         self._suspended = True
-
-    def resume(self) -> None:
-        """Undo :meth:`suspend`: wrap the optimizer and the layers again (a retrace, e.g.
-        for a new input shape, then includes gradwatch), activate the traced ops, and hand
-        the policy state to the device again."""
-        if self._closed:
-            raise GradwatchError("This gradwatch attachment is closed; create a new one.")
-        if not self._suspended:
-            return
-        try:
-            for wrap in self._wrappers:
-                self._handles.add_callback(wrap())
-        except BaseException:
-            self._handles.remove()
-            raise
-        self._suspended = False
-        self._held_state = None
-        if self._ready:
-            self._graph.active.assign(True)
-            if self._graph.policy is not None:
-                self._monitor.decide_on_device(self._graph.policy)
-
-    @property
-    def model(self) -> Any:
-        """The watched model (None once it no longer exists)."""
-        return self._model_ref()
 
     def state_dict(self) -> dict[str, Any]:
         """Power-iteration vectors (the policy's state is the monitor's to save)."""

@@ -53,7 +53,6 @@ logger = logging.getLogger("gradwatch")
 __all__ = ["GradWatchCallback"]
 
 
-
 def _end_of_data() -> tuple[type[BaseException], ...]:
     """Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit."""
     if keras.backend.backend() == "tensorflow":
@@ -73,6 +72,7 @@ def _attachment(model: Any, monitor: Any, capacity: int) -> RingReader:
     from gradwatch_tf.portable import PortableAttachment
 
     return PortableAttachment(model, None, monitor, mode="callback", capacity=capacity)
+
 
 #: The fit's ``CallbackList`` methods guarded while a watched fit runs: an exception out
 #: of any of them leaves ``fit`` (Keras catches none).
@@ -182,6 +182,10 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         att = self.watch.attachment
         if not isinstance(att, RingReader):
             return
+        due = getattr(att, "read_due", None)  # JAX / torch: a host read on flush and profiled steps only
+        if due is not None and not due(int(getattr(self.model, "steps_per_execution", 1) or 1)):
+            self._fill_logs(logs)
+            return
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
@@ -192,6 +196,14 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self._fill_logs(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        att = self.watch.attachment
+        if getattr(att, "read_due", None) is not None:  # the epoch's last step, for History
+            try:
+                records = att.sync_records()  # type: ignore[union-attr]
+            except NonFiniteGradientError:
+                self._end_fit()
+                raise
+            self._last = records[-1] if records else self._last
         self._fill_logs(logs)
 
     def on_train_end(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -296,7 +308,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         token = self._fit_token
         if model is None or token is None or getattr(model, "history", None) is token():
             return False
-        logger.info("gradwatch: the previous watched fit ended without reaching on_train_end; restored the model and optimizer.")
+        logger.info(
+            "gradwatch: the previous watched fit ended without reaching on_train_end; restored the model and optimizer."
+        )
         try:
             if keras.backend.backend() == "tensorflow":
                 import tensorflow as tf

@@ -26,16 +26,15 @@ end, without a full state sync) and taken out again when the fit ends. A custom 
 that calls ``optimizer.apply`` eagerly is watched as on torch; one that jits
 ``stateless_apply`` itself keeps gradwatch's state out of its own (not measured yet).
 
-Through-time measurements (per-timestep sensitivity, propagation, gate statistics,
-spectral norms) are TensorFlow-only for now: on these backends an INFO line says so and
-records carry no ``temporal`` / ``spectral``. The through-time engine's ``keras.ops``
-kernel plugs in at :meth:`PortableAttachment._profile_segments` (the row's segments for
-what it measures, today none) and the ``("profiled", "")`` entry of the row.
+Through time (propagation gains, max gains, rate, horizon, gate statistics) comes from
+the ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`, :mod:`gradwatch_tf._kreplay`), run
+in this hook on the recurrent layers' kept call inputs, before the update. Per-timestep
+sensitivity and spectral norms stay TensorFlow-only: records carry no ``spectral`` and
+no per-timestep norms on these backends.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from collections.abc import Callable, Mapping
@@ -45,139 +44,50 @@ import keras
 import numpy as np
 from keras import ops
 
-from gradwatch import HandleGroup, Layout, Segment, infer_layer
+from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
-from gradwatch.policies import ClipStats
 from gradwatch.records import StepRecord
 from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._kops import KERAS_OPS, widest
-from gradwatch_tf._ring import RingReader
+from gradwatch_tf._ksites import PortableThroughTime
+from gradwatch_tf._kstate import (
+    DEFAULT_WATCH_CAPACITY,
+    Graph,
+    JaxState,
+    PortablePolicy,
+    Vars,
+    clip,
+    known_layers,
+    traced,
+)
+from gradwatch_tf._lifecycle import Lifecycle
 
 __all__ = ["PortableAttachment", "attach"]
 
 logger = logging.getLogger("gradwatch")
 
-#: Ring rows for ``gradwatch.watch`` when nothing reads after each step.
-DEFAULT_WATCH_CAPACITY = 256
 
-RECURRENT = ("SimpleRNN", "LSTM", "GRU", "RNN", "Bidirectional")
-
-
-def known_layers(model: Any) -> dict[str, str]:
-    """Paths of the model's layers (nested models walked into) and their class names."""
-    out: dict[str, str] = {}
-
-    def visit(layer: Any) -> None:
-        for sub in getattr(layer, "_layers", []) or []:
-            if isinstance(sub, keras.Model):
-                visit(sub)
-            elif isinstance(getattr(sub, "path", None), str):
-                out[sub.path] = type(sub).__name__
-
-    visit(model)
-    return out
-
-
-def _value(v: Any) -> Any:
-    return v.value if hasattr(v, "value") else v
-
-
-def _traced(x: Any) -> bool:
-    """True while ``x`` is a JAX tracer (inside ``jax.jit``): no host reads there."""
-    if keras.backend.backend() != "jax":
-        return False
-    import jax
-
-    return isinstance(x, jax.core.Tracer)
-
-
-class _Vars:
-    """gradwatch's in-step state: Keras variables, created outside any trace."""
-
-    def __init__(self) -> None:
-        self.all: list[Any] = []
-
-    def make(self, initial: Any, dtype: str, name: str) -> Any:
-        arr = np.asarray(initial)
-        v = keras.Variable(arr.astype(widest(dtype)) if dtype != "bool" else arr.astype(bool), dtype=widest(dtype), trainable=False, name=name)
-        self.all.append(v)
-        return v
-
-
-class PortablePolicy:
-    """A core policy (:mod:`gradwatch.policies`) run in the step with ``keras.ops``, its
-    state in Keras variables (one per field of the policy's state dataclass)."""
-
-    def __init__(self, policy: Any, make: Callable[[Any, str, str], Any]) -> None:
-        self.policy = policy
-        init = policy.init()
-        self._cls = type(init)
-        self._vars: dict[str, Any] = {}
-        for f in dataclasses.fields(init):
-            arr = np.asarray(getattr(init, f.name))
-            kind = "bool" if arr.dtype == bool else ("int64" if np.issubdtype(arr.dtype, np.integer) else "float64")
-            self._vars[f.name] = make(arr, kind, f"gradwatch_{policy.name}_{f.name}")
-
-    def run(self, norm: Any) -> tuple[Any, Any]:
-        clip, new = self.policy.update(ClipStats(norm), self._cls(**{k: v.value for k, v in self._vars.items()}), KERAS_OPS)
-        for k, v in self._vars.items():
-            v.assign(ops.cast(getattr(new, k), v.dtype))
-        return clip.threshold, clip.scale
-
-    def state_dict(self) -> dict[str, Any]:
-        values = {}
-        for k, v in self._vars.items():
-            arr = np.asarray(keras.ops.convert_to_numpy(v.value))
-            ref = np.asarray(getattr(self.policy.init(), k))
-            values[k] = arr.astype(ref.dtype)
-        return self.policy.dump_state(self._cls(**values))  # type: ignore[no-any-return]
-
-    def load_state_dict(self, state: Any) -> None:
-        st = self.policy.load_state(state)
-        for k, v in self._vars.items():
-            v.assign(np.asarray(getattr(st, k)).astype(keras.backend.standardize_dtype(v.dtype)))
-
-
-@dataclasses.dataclass
-class _Graph:
-    """What the step needs (the names :class:`RingReader` reads)."""
-
-    layout: Layout
-    n_params: int
-    index: dict[int, int]
-    path_index: dict[str, int]
-    step_var: Any
-    halted: Any
-    active: Any
-    ring: Any
-    capacity: int
-    on_nonfinite: str
-    policy: PortablePolicy | None = None
-    unitwise: Any = None
-    profile_ok: bool = True
-
-
-def _unitwise_norm(x: Any) -> Any:
-    """Norm of each unit (a column of a Keras ``(in, out)`` kernel; a vector is one unit),
-    broadcastable to ``x`` (AGC, Brock et al. 2021)."""
-    x = ops.cast(x, "float32")
-    nd = len(ops.shape(x))
-    if nd <= 1:
-        return ops.ones_like(x) * ops.sqrt(ops.sum(ops.square(x)))
-    return ops.sqrt(ops.sum(ops.square(x), axis=tuple(range(nd - 1)), keepdims=True))
-
-
-class PortableAttachment(RingReader):
+class PortableAttachment(JaxState, Lifecycle):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
 
     backend = "keras"
 
-    def __init__(self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None) -> None:
+    def __init__(
+        self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None
+    ) -> None:
         self._model_ref = weakref.ref(model)
         self._monitor = monitor
         self._mode = mode
-        self._capacity = int(capacity) if capacity else (1 if mode == "callback" else DEFAULT_WATCH_CAPACITY)
+        # A fit reads the ring on flush and profiled steps only: room for the steps between.
+        wanted = (
+            min(max(int(monitor.options.log_every), 1), DEFAULT_WATCH_CAPACITY)
+            if mode == "callback"
+            else DEFAULT_WATCH_CAPACITY
+        )
+        self._capacity = (
+            max(int(capacity or 1), wanted) if mode == "callback" else (int(capacity) if capacity else wanted)
+        )
         self._handles = HandleGroup()
         self._wrappers: list[Callable[[], Callable[[], None]]] = []
         self._installed = False
@@ -187,8 +97,11 @@ class PortableAttachment(RingReader):
         self._opt_arg = optimizer
         self._errors_logged: set[str] = set()
         self._pending_state: Mapping[str, Any] | None = None
-        self._vars = _Vars()
+        self._vars = Vars()
         self._in_optimizer = False
+        self._tt: PortableThroughTime | None = None
+        self._host_step = 0
+        self._unread = 0
         self.last_record: StepRecord | None = None
         self._last_step = 0
         self.outside_fit: Callable[[], bool] | None = None
@@ -196,11 +109,6 @@ class PortableAttachment(RingReader):
             self._install()
 
     # ------------------------------------------------------------------ install
-    def _fail(self, part: str, exc: BaseException) -> None:
-        if part not in self._errors_logged:
-            self._errors_logged.add(part)
-            logger.error("gradwatch: %s failed and is now disabled: %r", part, exc, exc_info=exc)
-
     def _install(self) -> None:
         model = self._model_ref()
         if model is None:
@@ -219,22 +127,16 @@ class PortableAttachment(RingReader):
 
         self._hold(wrap_optimizer)
         self._installed = True
-        known = known_layers(model)
-        recurrent = [path for path, kind in known.items() if kind in RECURRENT]
-        if recurrent and self._monitor.options.profile_every > 0:
-            logger.info(
-                "gradwatch: through-time measurements (per-timestep profiles, propagation, spectral norms) are not "
-                "available on the Keras %s backend yet; layers %s get gradient norms, checks and clipping only.",
-                keras.backend.backend(),
-                ", ".join(repr(p) for p in recurrent),
-            )
+        self._tt = (
+            PortableThroughTime(model, self._monitor.options, self._fail)
+            if self._monitor.options.profile_every > 0
+            else None
+        )
+        if self._tt is not None and self._tt.sites:
+            self._hold(self._tt.install)
         variables = list(getattr(model, "trainable_variables", []) or [])
         if variables:
             self._setup(variables)
-
-    def _hold(self, wrap: Callable[[], Callable[[], None]]) -> None:
-        self._handles.add_callback(wrap())
-        self._wrappers.append(wrap)
 
     def _setup(self, variables: list[Any]) -> None:
         model = self._model_ref()
@@ -257,9 +159,12 @@ class PortableAttachment(RingReader):
         segments += [Segment("sq_norms", p), Segment("nonfinite", p)]
         if unitwise is not None:
             segments.append(Segment("clipped_sq", p))
-        segments += self._profile_segments()
+        segments += self._tt.segments() if self._tt is not None else []
+        if self._tt is not None:
+            for key, value in self._tt.meta().items():
+                meta.setdefault(key, value)
         layout = Layout(segments)
-        self._graph = _Graph(
+        self._graph = Graph(
             layout=layout,
             n_params=p,
             index={id(v): i for i, v in enumerate(variables)},
@@ -275,56 +180,13 @@ class PortableAttachment(RingReader):
         )
         self._step_slice = layout.slice("step")
         self._last_step = self._monitor.next_step - 1
+        self._host_step = self._monitor.next_step
         if device_policy is not None:
             self._monitor.decide_on_device(device_policy)
         self._ready = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
             self.load_state_dict(state)
-
-    def _profile_segments(self) -> list[Segment]:
-        """The row's through-time segments ("temporal", "spectral", "gates",
-        "propagation", as :func:`gradwatch_tf._step.step_layout` lays them out): none until
-        the through-time engine has a ``keras.ops`` kernel (TensorFlow has its own)."""
-        return []
-
-    # ---------------------------------------------- JAX: state through the optimizer
-    def enter_optimizer(self) -> None:
-        """On JAX, append gradwatch's variables to the (outer) optimizer's, so a jitted
-        step carries them in its state; :meth:`leave_optimizer` takes them out."""
-        if keras.backend.backend() != "jax" or self._in_optimizer or not self._ready:
-            return
-        store = self._outer._variables
-        store.extend(self._vars.all)
-        self._in_optimizer = True
-
-    def leave_optimizer(self) -> None:
-        if not self._in_optimizer:
-            return
-        values = [self._current(v) for v in self._vars.all]  # while the fit's state has them
-        self._in_optimizer = False
-        store = self._outer._variables
-        ours = {id(v) for v in self._vars.all}
-        store[:] = [v for v in store if id(v) not in ours]
-        for v, value in zip(self._vars.all, values):  # a purged value (JAX fit) comes back
-            if value is not None:
-                v.assign(value)
-
-    def _current(self, v: Any) -> Any:
-        """The variable's value now: in a JAX ``fit`` the live one is in the model's
-        ``_jax_state`` (the variable itself is stale or purged until the fit syncs)."""
-        model = self._model_ref()
-        state = getattr(model, "_jax_state", None) if model is not None else None
-        if self._in_optimizer and state and not getattr(model, "_jax_state_synced", True):
-            values = state.get("optimizer_variables")
-            if values is not None:
-                for ref, val in zip(self._outer.variables, values):
-                    if ref is v:
-                        return np.asarray(val)
-        try:
-            return np.asarray(keras.ops.convert_to_numpy(v.value))
-        except Exception:  # noqa: BLE001 - a purged variable (no value) outside a fit
-            return None
 
     def _read_ring(self) -> np.ndarray:
         ring = self._current(self._graph.ring)
@@ -336,10 +198,6 @@ class PortableAttachment(RingReader):
         return None
 
     # ------------------------------------------------------------ self-healing
-    def _stale(self) -> bool:
-        check = self.outside_fit
-        return check is not None and check()
-
     # ------------------------------------------------------------ the step
     def _apply(self, grads: Any, trainable_variables: Any, original: Any) -> Any:
         if self._closed or self._stale():
@@ -347,8 +205,10 @@ class PortableAttachment(RingReader):
         grads = list(grads)
         tvars = list(trainable_variables) if trainable_variables is not None else list(self._opt._trainable_variables)
         if not self._ready:
-            if grads and _traced(grads[0]):
-                self._fail("gradient measuring", GradwatchError("the model was not built before the first compiled step"))
+            if grads and traced(grads[0]):
+                self._fail(
+                    "gradient measuring", GradwatchError("the model was not built before the first compiled step")
+                )
                 return original(grads, trainable_variables)
             try:
                 self._setup(tvars)
@@ -378,8 +238,10 @@ class PortableAttachment(RingReader):
         all_ok = ops.all(ops.stack(fin_each)) if fin_each else ops.convert_to_tensor(True)
         norm = ops.sqrt(ops.sum(ops.stack(sq_each))) if sq_each else zero
         active = g.active.value
-        thr, scale, new_grads, per_clipped = self._clip(grads, tvars, idx, norm, active)
+        thr, scale, new_grads, per_clipped = clip(g, grads, tvars, idx, norm, active)
         step = g.step_var.value
+        on_trace = traced(norm)
+        through_time = self._through_time(step, None if on_trace else self._host_step, active)
         # The update itself (everything that could fail in gradwatch's own maths is above).
         try:
             skipped = self._update(all_ok, active, new_grads, tvars, original)
@@ -396,7 +258,9 @@ class PortableAttachment(RingReader):
         parts: dict[tuple[str, str], Any] = {
             ("step", ""): ops.cast(step, f),
             ("skipped", ""): ops.cast(skipped, f),
-            ("profiled", ""): zero,
+            ("profiled", ""): ops.cast(profile_due(step, self._monitor.options.profile_every, KERAS_OPS), f)
+            if through_time
+            else zero,
             ("sq_norms", ""): ops.stack(per_sq) if per_sq else ops.zeros((0,), f),
             ("nonfinite", ""): ops.stack(per_nf) if per_nf else ops.zeros((0,), f),
         }
@@ -404,43 +268,55 @@ class PortableAttachment(RingReader):
             parts[("clip", "")] = ops.stack([ops.cast(thr, f), ops.cast(scale, f)])
         if g.layout.slice("clipped_sq") is not None:
             parts[("clipped_sq", "")] = ops.stack(per_clipped) if per_clipped else ops.zeros((0,), f)
+        parts.update(through_time)
         row = g.layout.pack(parts, lambda ts: ops.concatenate([ops.reshape(ops.cast(t, f), (-1,)) for t in ts], 0))
         slot = ops.mod(ops.cast(step, "int32") - 1, g.capacity)
         g.ring.assign(ops.scatter_update(g.ring.value, ops.reshape(slot, (1, 1)), ops.reshape(row, (1, -1))))
         g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
-        if self._mode == "watch" and not _traced(row):
+        if not on_trace:
+            self._host_step += 1
+        if self._mode == "watch" and not on_trace and self.read_due(1):
             self.sync()
 
-    def _clip(self, grads: list[Any], tvars: list[Any], idx: list[Any], norm: Any, active: Any) -> tuple[Any, Any, list[Any], list[Any]]:
-        g = self._graph
-        f = widest("float64")
-        one = ops.ones((), f)
-        if g.unitwise is not None:
-            pol = g.unitwise
-            new_grads: list[Any] = []
-            per_clipped: list[Any] = [ops.zeros((), f)] * g.n_params
-            after_each = []
-            for j, (x, v) in enumerate(zip(grads, tvars)):
-                if x is None:
-                    new_grads.append(x)
-                    continue
-                factor = pol.unit_factor(_unitwise_norm(_value(v)), _unitwise_norm(x), KERAS_OPS)
-                factor = ops.where(active, factor, ops.ones_like(factor))
-                new_grads.append(x * ops.cast(factor, keras.backend.standardize_dtype(x.dtype)))
-                a = ops.cast(ops.sum(ops.square(ops.cast(x, "float32") * factor)), f)
-                after_each.append(a)
-                if idx[j] is not None:
-                    per_clipped[idx[j]] = a
-            after = ops.sqrt(ops.sum(ops.stack(after_each))) if after_each else ops.zeros((), f)
-            clip = pol.decision(norm, after, KERAS_OPS)
-            return clip.threshold, clip.scale, new_grads, per_clipped
-        if g.policy is not None:
-            thr, scale = g.policy.run(norm)
-            scale = ops.where(active, ops.cast(scale, f), one)
-            return thr, scale, [x * ops.cast(scale, keras.backend.standardize_dtype(x.dtype)) if x is not None else x for x in grads], []
-        return ops.convert_to_tensor(np.nan, f), one, grads, []
+    def read_due(self, steps: int) -> bool:
+        """Count ``steps`` optimizer steps taken since the last read; True when the host
+        must read the ring now: a flush (``log_every``) or profiled step among them, a
+        full ring, or ``on_nonfinite="raise"`` (which stops at once). Other steps cost no
+        host transfer."""
+        self._unread += steps
+        opts = self._monitor.options
+        if opts.on_nonfinite == "raise" or self._unread >= self._capacity:
+            return True
+        every, profiling = max(int(opts.log_every), 1), self._tt is not None and bool(self._tt.sites)
+        steps_now = range(self._last_step + 1, self._last_step + self._unread + 1)
+        return any(s % every == 0 or (profiling and profile_due(s, opts.profile_every)) for s in steps_now)
 
-    def _update(self, all_ok: Any, active: Any, grads: list[Any], tvars: list[Any], original: Callable[..., Any]) -> Any:
+    def sync_records(self) -> list[StepRecord]:
+        self._unread = 0
+        return super().sync_records()
+
+    def _through_time(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
+        """The recurrent layers' row entries (:mod:`gradwatch_tf._ksites`); a failure
+        leaves them NaN for good, never the step."""
+        tt = self._tt
+        if tt is None or not tt.sites:
+            return {}
+        if not tt.broken:
+            try:
+                return tt.parts(step, host_step, active)
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                tt.broken = True
+                self._fail("propagation replay", exc)
+        return tt.parts(step, host_step, active)
+
+    def _process_row(self, row: np.ndarray) -> StepRecord | None:
+        if self._tt is not None and self._tt.sites:
+            row = self._tt.exp_logs(self._graph.layout, row)
+        return super()._process_row(row)
+
+    def _update(
+        self, all_ok: Any, active: Any, grads: list[Any], tvars: list[Any], original: Callable[..., Any]
+    ) -> Any:
         """The optimizer's own ``apply``; under "skip"/"raise" every variable it changes is
         selected back when a gradient is not finite. Returns whether it was skipped."""
         g = self._graph
@@ -460,21 +336,6 @@ class PortableAttachment(RingReader):
         return ops.logical_not(go)
 
     # ------------------------------------------------------------------ protocol
-    def step(self) -> StepRecord | None:
-        self.sync()
-        return self.last_record
-
-    def _stand_aside(self) -> None:
-        if not self._ready:
-            return
-        try:
-            self._graph.active.assign(False)
-            self._graph.halted.assign(False)
-        except Exception as exc:  # noqa: BLE001 - best effort
-            self._fail("deactivating", exc)
-        if self._graph.policy is not None:
-            self._monitor.decide_on_device(None)
-
     def close(self) -> None:
         if self._closed:
             return
@@ -498,27 +359,6 @@ class PortableAttachment(RingReader):
         self._handles.remove()
         self._suspended = True
 
-    def resume(self) -> None:
-        if self._closed:
-            raise GradwatchError("This gradwatch attachment is closed; create a new one.")
-        if not self._suspended:
-            return
-        try:
-            for wrap in self._wrappers:
-                self._handles.add_callback(wrap())
-        except BaseException:
-            self._handles.remove()
-            raise
-        self._suspended = False
-        if self._ready:
-            self._graph.active.assign(True)
-            if self._graph.policy is not None:
-                self._monitor.decide_on_device(self._graph.policy)
-
-    @property
-    def model(self) -> Any:
-        return self._model_ref()
-
     def state_dict(self) -> dict[str, Any]:
         return dict(self._pending_state or {}) if not self._ready else {}
 
@@ -526,12 +366,17 @@ class PortableAttachment(RingReader):
         if not self._ready:
             self._pending_state = dict(state)
             return
-        if self._last_step == self._monitor.next_step - 1 and self._current(self._graph.step_var) is not None and int(self._current(self._graph.step_var)) == self._monitor.next_step:
+        if (
+            self._last_step == self._monitor.next_step - 1
+            and self._current(self._graph.step_var) is not None
+            and int(self._current(self._graph.step_var)) == self._monitor.next_step
+        ):
             return  # already aligned (re-attached to the same watch)
         g = self._graph
         g.step_var.assign(np.asarray(self._monitor.next_step).astype(keras.backend.standardize_dtype(g.step_var.dtype)))
         g.ring.assign(np.zeros([self._capacity, g.layout.width]).astype(keras.backend.standardize_dtype(g.ring.dtype)))
         self._last_step = self._monitor.next_step - 1
+        self._host_step = self._monitor.next_step
 
 
 class _UpdateError(Exception):

@@ -109,7 +109,9 @@ def test_fit_records_the_backends_own_gradient_norms():
     for name, value in per.items():
         assert rec.param_norms[name] == pytest.approx(value, rel=RTOL, abs=1e-9)
     assert set(rec.layer_norms) == {"rnn", "head"}
-    assert rec.layer_norms["head"] == pytest.approx(math.hypot(*[v for k, v in per.items() if k.startswith("head/")]), rel=RTOL)
+    assert rec.layer_norms["head"] == pytest.approx(
+        math.hypot(*[v for k, v in per.items() if k.startswith("head/")]), rel=RTOL
+    )
     assert hist.history["grad_norm"][0] == pytest.approx(glob, rel=RTOL)
     assert "apply" not in vars(model.optimizer)
 
@@ -130,7 +132,9 @@ def test_fixed_policy_equals_adam_global_clipnorm():
     assert len(model.optimizer.variables) == len(reference.optimizer.variables)  # gradwatch's state is gone
 
 
-@pytest.mark.parametrize("make", [lambda: AutoClip(percentile=10.0), lambda: ZClip(warmup=3, z_threshold=0.5)], ids=["autoclip", "zclip"])
+@pytest.mark.parametrize(
+    "make", [lambda: AutoClip(percentile=10.0), lambda: ZClip(warmup=3, z_threshold=0.5)], ids=["autoclip", "zclip"]
+)
 def test_adaptive_policies_decide_as_the_core_policy_does(make):
     """The in-step policy against the core's numpy definition replayed on the recorded
     norms: the same thresholds and scales, step by step."""
@@ -229,3 +233,59 @@ def test_watch_in_a_custom_loop_matches_the_callback():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert "apply" not in vars(opt)
     assert len(opt.variables) == len(ref_opt.variables)
+
+
+def test_fit_measures_propagation_inside_the_compiled_step():
+    """Through time in ``fit`` (jit on JAX), against the core's float64 reference: the
+    gains and max gains of a GRU and of both directions of a Bidirectional LSTM."""
+    from gradwatch.through_time.reference import propagation_from_jacobians
+    from tests.contract.adapters import KerasAdapter, Recurrence
+    from tests.contract.test_contract_through_time import _run
+
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6, 3))
+    bi = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi")
+    gru = keras.layers.GRU(5, return_sequences=True, name="gru")
+    model = keras.Model(inp, keras.layers.Dense(1)(gru(bi(inp))))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x = np.random.default_rng(4).standard_normal((10, 6, 3)).astype("float32")
+    cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+    model.fit(x, np.zeros((10, 6, 1), "float32"), batch_size=10, shuffle=False, verbose=0, callbacks=[cb])
+    rec = cb.records[-1]
+    adapter = KerasAdapter()
+    outs = {}
+    for key, sub in (("l0", bi.forward_layer), ("l0_reverse", bi.backward_layer)):
+        r = Recurrence("bi", key, *adapter._torch_layout(sub.cell), reverse=sub.go_backwards)
+        runs = [_run(r, x[p].astype(np.float64), np.ones(6, bool)) for p in range(8)]
+        outs[key] = np.stack([o for _, o in runs])
+        want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
+        got = rec.temporal["bi"].recurrences[key]
+        np.testing.assert_allclose(got.gains, want[0], rtol=1e-4)
+        np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
+    r = Recurrence("gru", "l0", *adapter._torch_layout(gru.cell))
+    inner = np.concatenate([outs["l0"], outs["l0_reverse"]], -1)
+    runs = [_run(r, inner[p], np.ones(6, bool)) for p in range(8)]
+    want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
+    got = rec.temporal["gru"].recurrences["l0"]
+    np.testing.assert_allclose(got.gains, want[0], rtol=1e-4)
+    np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
+
+
+def test_fit_reads_the_device_only_on_flush_and_profiled_steps(monkeypatch):
+    """On JAX and torch the host reads gradwatch's ring on flush (log_every) and profiled
+    steps and at epoch end only; every step still gets its record."""
+    if BACKEND == "tensorflow":
+        pytest.skip("TensorFlow reads its ring variable at batch end")
+    from gradwatch_tf.portable import PortableAttachment
+
+    reads = []
+    original = PortableAttachment._read_ring
+    monkeypatch.setattr(PortableAttachment, "_read_ring", lambda self: reads.append(self._last_step) or original(self))
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.01), "mse")
+    x, y = _data(12)
+    cb = GradWatchCallback(log_every=5, profile_every=0, sinks=["memory"])
+    model.fit(x, y, batch_size=1, shuffle=False, verbose=0, callbacks=[cb])
+    assert [r.step for r in cb.records] == list(range(1, 13))
+    assert reads[:3] == [0, 5, 10], reads  # after steps 5, 10 and 12 (epoch end), nothing between
+    assert len(reads) <= 5, reads

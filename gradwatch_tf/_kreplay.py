@@ -1,0 +1,218 @@
+"""Propagation through time in ``keras.ops``: one replay for every Keras backend.
+
+What is measured (shared/API.md, "Through time"): for one direction of a recurrent
+layer, per probed sequence (the first min(B, 8), :data:`gradwatch.through_time.plan.PROBED`)
+and j = 0 .. T-1 steps back from the last *processed* step, the RMS gain
+``||ds_T/ds_{T-j}||_F / sqrt(dim s)`` and the largest singular value of the same
+product; the engine's rule (:func:`gradwatch.through_time.fit.aggregate_logs`: median of
+the first, max of the second over the sequences) makes the contract's two profiles.
+
+How (the method of :mod:`gradwatch_tf._replay` and :mod:`gradwatch_torch._sweeps`, in
+``keras.ops`` so that the same code runs inside ``jax.jit``, on torch and on TensorFlow):
+
+* **Forward** (``ops.scan``): the probed sequences run again through the cell's own
+  weights from what the layer's call saw (input, mask, initial state), a masked step
+  keeping its state (its Jacobian the identity), a reversed direction in its processing
+  order. Each step leaves the factors of its Jacobian (:mod:`gradwatch_tf._kcells`).
+* **Backward** (``ops.scan``, reversed): a block of probe rows carried from s_T back to
+  s_1 through the closed-form VJPs; at every step the block's Gram matrix (its trace the
+  Frobenius norm, its largest eigenvalue the largest singular value, ``ops.eigh`` once
+  over all steps). Rows are rescaled every step, the log of the scale accumulated, so a
+  gain of 1e-300 stays representable; the host receives logs and takes ``exp`` in float64.
+* **Exact** for dim s <= 16 (:data:`~gradwatch.through_time.plan.EXACT_DIM`): the block
+  is the identity. **Estimated** above (the torch backend's estimator, the plan's
+  constants): the dominant directions at s_T, found by random tangents started 1, 4,
+  16, ... and T-1 steps before the end (:func:`~gradwatch.through_time.plan.dominant_starts`)
+  carried forward alongside the states, made orthonormal, counted exactly; and
+  :func:`~gradwatch.through_time.plan.complement_probes` random orthonormal rows of their
+  complement, weighted (dim s - k) / r (Hutchinson's estimator, deflated). The largest
+  singular value is that of the block: a lower bound, tight because the block holds the
+  dominant directions. Measured error in tests/tf/test_keras_through_time.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, dominant_starts
+from gradwatch_tf._kcells import KCELLS
+
+__all__ = ["measure", "normal"]
+
+_TINY = 1e-30
+
+
+def normal(shape: tuple[int, ...], seed: Any) -> Any:
+    """Standard normal float32 draws from an integer ``seed`` (a Python int or an int
+    tensor, traced under ``jax.jit``): the user's random state is never touched.
+    Backend code here only because ``keras.random`` takes no traced seed."""
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        return jax.random.normal(jax.random.PRNGKey(ops.cast(seed, "int32")), shape, "float32")
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        s = tf.cast(seed, tf.int64)
+        return tf.random.stateless_normal(shape, seed=tf.stack([s, s // 7919 + 1]), dtype=tf.float32)
+    rng = np.random.default_rng(int(ops.convert_to_numpy(seed)) % (2**63))
+    return ops.convert_to_tensor(rng.standard_normal(shape).astype(np.float32))
+
+
+def _parts(w: Any, u: int, parts: int) -> list[Any]:
+    return [w[..., p * u : (p + 1) * u] for p in range(parts)]
+
+
+def _unit_rows(w: Any) -> Any:
+    return w / ops.sqrt(ops.maximum(ops.sum(w * w, axis=-1, keepdims=True), _TINY))
+
+
+def _orthonormal(w: Any) -> Any:
+    """Orthonormal rows spanning the rows of ``w`` [b, k, d] (QR)."""
+    q, _ = ops.qr(ops.transpose(w, (0, 2, 1)))
+    return ops.transpose(q, (0, 2, 1))
+
+
+def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards: bool, seed: Any) -> tuple[Any, Any]:
+    """Per-sequence logs [2, T, b] (row 0 the RMS gain, row 1 the largest singular value
+    of ds_T/ds_{T-j}; j = 0 gives 0) and, for a gated cell, the keep gate's [mean, mean
+    over units of sum_t log gate] on the probed sequences (None otherwise).
+
+    ``x`` [B, T, F] as the call saw it, ``mask`` [B, T] (or [B, T, 1]) or None, ``states``
+    the initial state parts or None (zeros), ``seed`` an integer (tensor) for the random
+    directions of an estimate.
+    """
+    model = KCELLS[type(cell).__name__](cell)
+    u, parts = model.units, model.parts
+    dim = u * parts
+    x = ops.stop_gradient(ops.cast(ops.convert_to_tensor(x), "float32"))[:PROBED]
+    b, steps = int(x.shape[0]), int(x.shape[1])
+    xz = ops.transpose(model.project(x), (1, 0, 2))  # time-major [T, b, G*u]
+    m = ops.ones((steps, b, 1), "float32")
+    if mask is not None:
+        m = ops.cast(ops.stop_gradient(ops.convert_to_tensor(mask))[:PROBED], "float32")
+        if len(m.shape) == 3:
+            m = m[:, :, 0]
+        m = ops.transpose(m, (1, 0))[:, :, None]  # [T, b, 1]
+    if backwards:
+        xz, m = ops.flip(xz, 0), ops.flip(m, 0)
+    if states is not None:
+        init = [ops.cast(ops.stop_gradient(ops.convert_to_tensor(s))[:PROBED], "float32") for s in states][:parts]
+    else:
+        init = [ops.zeros((b, u), "float32") for _ in range(parts)]
+    exact = dim <= EXACT_DIM
+    offsets = dominant_starts(steps) if not exact and steps > 1 else []
+    k = len(offsets)
+    seeds = normal((b, k, dim), seed) if not exact else None
+    start = ops.convert_to_tensor(np.array([steps - o for o in offsets] or [0], np.int32)[None, :, None])
+    times = ops.arange(steps, dtype="int32")
+    gated = model.gate_name is not None
+
+    def fwd(carry: Any, inp: Any) -> Any:
+        states_c, tng = carry
+        t, xt, mt = inp
+        new, fac, keep = model.step(xt, states_c)
+        keep_m = ops.zeros((b, u), "float32") if keep is None else keep
+        new = [ops.where(mt > 0, n, s) for n, s in zip(new, states_c)]
+        if not exact:
+            moved = ops.concatenate(model.jvp(_parts(tng, u, parts), [f[:, None, :] for f in fac]), -1)
+            moved = ops.where(mt[:, :, None] > 0, moved, tng)
+            tng = _unit_rows(ops.where(t >= start, moved, seeds))
+        return (new, tng), (ops.stack(fac, 0), keep_m)
+
+    tng0 = seeds if not exact else ops.zeros((b, 1, dim), "float32")
+    (_, tng), (fac, keep) = ops.scan(fwd, (init, tng0), (times, xz, m))  # fac [T, n, b, u]
+    gate = _gate_stats(keep, m[..., 0]) if gated else None
+    if steps < 2:
+        return ops.zeros((2, steps, b), "float32"), gate
+    if exact:
+        rows = ops.tile(ops.eye(dim, dtype="float32")[None], (b, 1, 1))
+        weights = np.ones(dim, np.float32)
+    else:
+        q = _orthonormal(_refine_short(model, tng, offsets, fac, m))
+        r = complement_probes(b)
+        v = normal((b, r, dim), seed * 2 + 1)
+        v = v - ops.matmul(ops.matmul(v, ops.transpose(q, (0, 2, 1))), q)
+        rows = ops.concatenate([q, _orthonormal(v)], 1)
+        weights = np.array([1.0] * k + [(dim - k) / r] * r, np.float32)
+    return _carry_back(model, fac, m, rows, ops.convert_to_tensor(weights), dim), gate
+
+
+#: Tangents over at most this many steps get more power iterations (u <- A A^T u over
+#: their own steps, as :mod:`gradwatch_torch._sweeps` does): short products are where
+#: one pass from a random start is weakest, and they are cheap.
+REFINE_STEPS = 16
+REFINE_ROUNDS = 2
+
+
+def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) -> Any:
+    """``tng`` [b, k, d] with those of offset <= REFINE_STEPS iterated further, each only
+    over its own last ``offset`` steps (the other rows pass through unchanged)."""
+    u, parts = model.units, model.parts
+    steps = int(fac.shape[0])
+    short = [o for o in offsets if o <= REFINE_STEPS]
+    if not short:
+        return tng
+    span = max(short)
+    first = np.array([steps - o if o <= REFINE_STEPS else steps for o in offsets], np.int32)
+    first = ops.convert_to_tensor(first[None, :, None])
+    xs = (ops.arange(steps - span, steps, dtype="int32"), fac[steps - span :], m[steps - span :])
+
+    def back(w: Any, inp: Any) -> Any:
+        t, f, mt = inp
+        new = ops.concatenate(model.vjp(_parts(w, u, parts), [f[i][:, None, :] for i in range(model.n_factors)]), -1)
+        return _unit_rows(ops.where(ops.logical_and(t >= first, mt[:, :, None] > 0), new, w)), None
+
+    def fwd(w: Any, inp: Any) -> Any:
+        t, f, mt = inp
+        new = ops.concatenate(model.jvp(_parts(w, u, parts), [f[i][:, None, :] for i in range(model.n_factors)]), -1)
+        return _unit_rows(ops.where(ops.logical_and(t >= first, mt[:, :, None] > 0), new, w)), None
+
+    def round_trip(_: Any, w: Any) -> Any:  # one loop around both sweeps: each compiled once
+        w, _ys = ops.scan(back, w, xs, reverse=True)
+        return ops.scan(fwd, w, xs)[0]
+
+    return ops.fori_loop(0, REFINE_ROUNDS, round_trip, tng)
+
+
+def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int) -> Any:
+    """Rows [b, K, d] at s_T through the VJPs of steps T-1 .. 1: logs [2, T, b]."""
+    u, parts = model.units, model.parts
+    b = int(rows.shape[0])
+
+    def bwd(carry: Any, inp: Any) -> Any:
+        us, acc = carry
+        f, mt = inp
+        new = ops.concatenate(model.vjp(_parts(us, u, parts), [f[i][:, None, :] for i in range(model.n_factors)]), -1)
+        new = ops.where(mt[:, :, None] > 0, new, us)
+        gram = ops.matmul(new, ops.transpose(new, (0, 2, 1)))  # [b, K, K]
+        sq = ops.sum(new * new, axis=(1, 2))  # [b]
+        scale = ops.sqrt(ops.maximum(sq, _TINY))
+        return (new / scale[:, None, None], acc + ops.log(scale)), (gram, acc)
+
+    acc0 = ops.zeros((b,), "float32")
+    _, (grams, accs) = ops.scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True)
+    grams, accs = ops.flip(grams, 0), ops.flip(accs, 0)  # j = 1 .. T-1
+    diag = ops.diagonal(grams, axis1=-2, axis2=-1)  # [T-1, b, K]
+    log_rms = 0.5 * (ops.log(ops.sum(diag * weights, -1)) - math.log(dim)) + accs
+    ok = ops.all(ops.isfinite(grams), axis=(-2, -1))
+    safe = ops.where(ok[..., None, None], grams, ops.zeros_like(grams))
+    lam = ops.maximum(ops.max(ops.eigh(safe)[0], axis=-1), 0.0)
+    log_top = ops.where(ok, 0.5 * ops.log(lam), float("nan")) + accs
+    logs = ops.stack([log_rms, log_top], 0)  # [2, T-1, b]
+    return ops.concatenate([ops.zeros((2, 1, b), "float32"), logs], 1)
+
+
+def _gate_stats(gate: Any, valid: Any) -> Any:
+    """[mean gate, mean over sequences and units of sum_t log gate], unmasked steps only
+    (``gate`` [T, b, u], ``valid`` [T, b])."""
+    w = valid[:, :, None] * ops.ones_like(gate)
+    mean = ops.sum(gate * w) / ops.maximum(ops.sum(w), 1.0)
+    log_sum = ops.sum(ops.log(ops.maximum(gate, _TINY)) * w, axis=0)
+    return ops.stack([mean, ops.mean(log_sum)])

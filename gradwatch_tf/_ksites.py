@@ -1,0 +1,289 @@
+"""Through time on JAX and torch Keras: where the portable step gets its propagation.
+
+The recurrent layers (SimpleRNN / LSTM / GRU, ``RNN`` of one of their cells, and
+``Bidirectional`` around one: a site with recurrences "l0" and "l0_reverse") have their
+``call`` wrapped on the instance (restored at close), which only *keeps* what the call
+saw: input, mask, initial state. The replay (:func:`gradwatch_tf._kreplay.measure`) runs
+in the optimizer hook, before the update, on the weights the gradients belong to:
+
+* on JAX inside the jitted train step: the forward ran inside ``jax.value_and_grad`` in
+  the same trace, so the kept tensors are that transform's tracers; their primal values
+  are the jitted step's own tracers, usable after the transform (no host round trip);
+  the replay sits in ``ops.cond`` on the profiling rule, paid on profiled steps only;
+* on torch (eager): the kept tensors are detached, and the host knows the step count,
+  so an unprofiled step runs nothing of it (no device read to decide).
+
+Each site's row entries are the log gains [2, R, T] (the host takes ``exp`` in float64:
+a vanished gain stays representable in float32) and, for gated cells, the keep gate's
+statistics; NaN where the site was not replayed for this step, which the host leaves out.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+from keras import ops
+
+from gradwatch import Segment, profile_due
+from gradwatch.through_time.plan import PROBED, replay_every, sweep_vectors
+from gradwatch_tf import _kcells, _kreplay
+from gradwatch_tf._kops import KERAS_OPS
+
+__all__ = ["PortableThroughTime"]
+
+_GATES = {"LSTMCell": "forget", "GRUCell": "update"}
+
+
+@dataclass
+class _Site:
+    layer: Any
+    name: str
+    length: int
+    directions: list[tuple[str, Any]]
+    salt: int
+    call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
+
+    @property
+    def gate_name(self) -> str | None:
+        names = {_GATES.get(type(layer.cell).__name__) for _, layer in self.directions}
+        return names.pop() if len(names) == 1 else None
+
+
+def _length(layer: Any) -> int | None:
+    try:
+        shape = layer.input.shape
+    except Exception:  # noqa: BLE001 - not called symbolically: try the build shapes
+        try:
+            shape = next(iter(layer._build_shapes_dict.values()))
+        except Exception:  # noqa: BLE001
+            return None
+    if isinstance(shape, (list, tuple)) and shape and isinstance(shape[0], (list, tuple)):
+        shape = shape[0]
+    return int(shape[1]) if len(shape) > 2 and shape[1] is not None else None
+
+
+def _walk(layer: Any) -> list[Any]:
+    out = []
+    for sub in getattr(layer, "_layers", []) or []:
+        out += [sub, *_walk(sub)]
+    return out
+
+
+def _known_cell(layer: Any) -> bool:
+    return isinstance(layer, keras.layers.RNN) and type(getattr(layer, "cell", None)).__name__ in _kcells.KCELLS
+
+
+def find_sites(model: Any) -> list[_Site]:
+    sites, inner = [], set()
+    layers = _walk(model)
+    for layer in layers:
+        if isinstance(layer, keras.layers.Bidirectional):
+            subs = [("l0", layer.forward_layer), ("l0_reverse", layer.backward_layer)]
+            inner.update(id(s) for _, s in subs)
+            if all(_known_cell(s) for _, s in subs):
+                sites.append((layer, subs))
+    sites += [(layer, [("l0", layer)]) for layer in layers if id(layer) not in inner and _known_cell(layer)]
+    out = []
+    for layer, directions in sites:
+        n = _length(layer)
+        if n is not None and n >= 1:
+            out.append(_Site(layer, layer.path, n, directions, zlib.crc32(str(layer.name).encode()) & 0xFFFF))
+    return out
+
+
+def _primal(x: Any) -> Any:
+    """The value a tensor of the forward has outside the gradient transform: a JAX
+    linearize / JVP tracer's primal (a tracer of the jitted step, or an array), a torch
+    tensor detached; anything else as it is."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return [_primal(v) for v in x]
+    while hasattr(x, "primal") and type(x).__module__.startswith("jax"):
+        x = x.primal
+    return x.detach() if hasattr(x, "detach") and keras.backend.backend() == "torch" else x
+
+
+class PortableThroughTime:
+    """The propagation of a model's recurrent layers in the portable step (see module)."""
+
+    def __init__(self, model: Any, options: Any, fail: Callable[[str, BaseException], None]) -> None:
+        self.sites = find_sites(model)
+        self._every = int(options.profile_every)
+        self._replay_every = options.replay_every
+        self._fail = fail
+        self.broken = False
+        self._jitted: dict[str, tuple[list[Any], Any]] = {}
+
+    def meta(self) -> dict[str, Any]:
+        kinds, biases = {}, {}
+        for s in self.sites:
+            cell = s.directions[0][1].cell
+            name = type(cell).__name__
+            kinds[s.name] = {"LSTMCell": "lstm", "GRUCell": "gru"}.get(
+                name
+            ) or f"rnn_{getattr(cell.activation, '__name__', 'tanh')}"
+            if name == "LSTMCell" and getattr(cell, "bias", None) is not None:
+                b = np.asarray(ops.convert_to_numpy(cell.bias.value), np.float64)
+                biases[s.name] = float(b[cell.units : 2 * cell.units].mean())
+        return {"recurrent_layers": kinds, "forget_bias": biases}
+
+    # ------------------------------------------------------------ the layers' calls
+    def install(self) -> Callable[[], None]:
+        """Wrap every site's ``call``; returns the function that restores them."""
+        undo = [self._wrap(site) for site in self.sites]
+
+        def restore() -> None:
+            for fn in undo:
+                fn()
+
+        return restore
+
+    def _wrap(self, site: _Site) -> Callable[[], None]:
+        layer = site.layer
+        original = layer.call
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            try:
+                named = signature.bind(inputs, *args, **kwargs).arguments
+                if named.get("training") and not self.broken:
+                    mask = named.get("mask")
+                    mask = mask[0] if isinstance(mask, (list, tuple)) else mask
+                    site.call = {
+                        "x": _primal(inputs),
+                        "mask": _primal(mask),
+                        "states": _primal(named.get("initial_state")),
+                    }
+            except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
+                self._fail("propagation replay", exc)
+            return original(inputs, *args, **kwargs)
+
+        object.__setattr__(layer, "call", call)
+
+        def restore() -> None:
+            if layer.__dict__.get("call") is call:
+                object.__delattr__(layer, "call")
+            site.call = {}
+
+        return restore
+
+    # ------------------------------------------------------------ the row
+    def segments(self) -> list[Segment]:
+        out = [Segment("gates", 2, key=s.name, labels=(s.gate_name,)) for s in self.sites if s.gate_name is not None]
+        for kind in ("propagation", "max_gains"):
+            out += [
+                Segment(kind, len(s.directions) * s.length, key=s.name, labels=tuple(n for n, _ in s.directions))
+                for s in self.sites
+            ]
+        return out
+
+    def _period(self, site: _Site, x: Any) -> int:
+        """Replay on every n-th profiled step (the option, else the plan's cost model from
+        shapes: the layer's training matmuls against the replay's)."""
+        if self._replay_every:
+            return int(self._replay_every)
+        batch, feat = int(x.shape[0]), int(x.shape[2])
+        b, seq = min(batch, PROBED), site.length
+        train = replay = 0.0
+        for _, layer in site.directions:
+            model = _kcells.KCELLS[type(layer.cell).__name__]
+            u, g = int(layer.cell.units), model.gates
+            rows = sweep_vectors(u * model.parts, b, seq)
+            train += 3.0 * batch * seq * (feat + u) * g * u
+            replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
+        return replay_every(2.0 * replay, 2.0 * train)
+
+    def parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
+        """Row entries of every site for this step; ``host_step`` is the step number when
+        the host knows it (torch: nothing runs on a step that is not due)."""
+        out: dict[tuple[str, str], Any] = {}
+        for site in self.sites:
+            call, site.call = site.call, {}
+            nan = self._nan(site)
+            measurable = bool(call) and not self.broken and int(call["x"].shape[1]) == site.length
+            measurable = measurable and all(_kcells.supported(layer.cell, True) for _, layer in site.directions)
+            if not measurable:
+                logs, gates = nan
+            else:
+                every = max(self._every, 1)
+                period = self._period(site, call["x"])
+                if host_step is not None:
+                    k = host_step - 1 if every == 1 else host_step // every
+                    due = bool(profile_due(host_step, self._every)) and k % period == 0
+                    logs, gates = self._eager(site, call, step) if due else nan
+                else:
+                    k = step - 1 if every == 1 else step // every
+                    due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
+                    due = ops.logical_and(due, ops.equal(ops.mod(k, period), 0))
+                    logs, gates = ops.cond(due, lambda s=site, c=call: self._measure(s, c, step), lambda v=nan: v)
+            if site.gate_name is not None:
+                out[("gates", site.name)] = gates
+            out[("propagation", site.name)] = logs[0]
+            out[("max_gains", site.name)] = logs[1]
+        return out
+
+    def _eager(self, site: _Site, call: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        """An eager step's replay; on JAX compiled once per site (eager JAX would compile
+        every scan at every call), the cells' weights passed in through a StatelessScope."""
+        if keras.backend.backend() != "jax":
+            return self._measure(site, call, step)
+        if site.name not in self._jitted:
+            import jax
+
+            weights = [v for _, layer in site.directions for v in layer.cell.weights]
+
+            def pure(values: list[Any], kept: dict[str, Any], at: Any) -> tuple[Any, Any]:
+                with keras.StatelessScope(state_mapping=list(zip(weights, values))):
+                    return self._measure(site, kept, at)
+
+            self._jitted[site.name] = (weights, jax.jit(pure))
+        weights, fn = self._jitted[site.name]
+        return fn([v.value for v in weights], call, step)  # type: ignore[no-any-return]
+
+    def _nan(self, site: _Site) -> tuple[Any, Any]:
+        return ops.full((2, len(site.directions), site.length), math.nan, "float32"), ops.full(
+            (2,), math.nan, "float32"
+        )
+
+    def _measure(self, site: _Site, call: dict[str, Any], step: Any) -> tuple[Any, Any]:
+        logs, gates = [], []
+        states = call["states"]
+        per = None if states is None else (len(states) if isinstance(states, list) else 1) // len(site.directions)
+        flat = states if isinstance(states, list) else [states]
+        for i, (_, layer) in enumerate(site.directions):
+            seed = ops.cast(step, "int32") * 4099 + (site.salt * 16 + i)
+            own = None if per is None else flat[i * per : (i + 1) * per]
+            per_seq, gate = _kreplay.measure(
+                layer.cell, call["x"], call["mask"], own, backwards=bool(layer.go_backwards), seed=seed
+            )
+            srt = ops.sort(per_seq[0], axis=-1)  # the engine's rule over sequences (aggregate_logs)
+            p = int(per_seq.shape[-1])
+            logs.append(ops.stack([0.5 * (srt[:, (p - 1) // 2] + srt[:, p // 2]), ops.max(per_seq[1], axis=-1)]))
+            gates.append(gate)
+        logs_t = ops.transpose(ops.stack(logs), (1, 0, 2))  # [2, R, T]
+        if all(g is not None for g in gates):
+            per_dir = ops.stack(gates)  # the direction whose memory path closes most
+            gate = ops.take(per_dir, ops.argmin(per_dir[:, 1]), axis=0)
+        else:
+            gate = ops.full((2,), math.nan, "float32")
+        return logs_t, gate
+
+    def exp_logs(self, layout: Any, row: np.ndarray) -> np.ndarray:
+        """The host's ``exp`` of the logged gains of a row (float64)."""
+        row = np.array(row, dtype=np.float64)
+        for s in self.sites:
+            for kind in ("propagation", "max_gains"):
+                sl = layout.slice(kind, s.name)
+                if sl is not None:
+                    row[sl] = np.exp(row[sl])
+        return row
