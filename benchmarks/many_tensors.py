@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    n, repeats, rounds = (50, 3, 2) if a.quick else (1000, 30, 24)
+    n, repeats, step_repeats, rounds = (50, 3, 3, 2) if a.quick else (1000, 100, 10, 24)
     torch.manual_seed(0)
     base = Many(n, 32)
     x, y = torch.randn(16, 32), torch.randn(16, 32)
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
         w = gradwatch.watch(model, None, policy=policy, sinks=[])
         att = w.attachment
         att._quiet = lambda: True  # time the quiet path alone
-        work[label] = best(lambda: (att._measure(read=False), att._pending.clear()), repeats)
+        work[label] = best(lambda att=att: (att._measure(read=False), att._pending.clear()), repeats)
         w.close()
     w = gradwatch.watch(model, None, sinks=[])
     work["gradwatch read step"] = best(lambda: w.step(), repeats)
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
 
-    step = best(unwatched_step, max(3, repeats // 3))
+    step = best(unwatched_step, step_repeats)
     # Whole steps, interleaved: the minimum per arm over rounds.
     arms: dict[str, Callable[[], None]] = {}
     for arm in ("unwatched", "clip_grad_norm_", "gradwatch defaults", "gradwatch zclip"):
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             arms[arm]()
             whole[arm] = min(whole[arm], time.perf_counter() - t0)
-    print(f"{2 * n} tensors, {torch.get_num_threads()} thread(s); unwatched step {step * 1e3:.1f} ms (min of {max(3, repeats // 3)})")
+    print(f"{2 * n} tensors, {torch.get_num_threads()} thread(s); unwatched step {step * 1e3:.1f} ms (min of {step_repeats}); work: min of {repeats}")
     print("| work per step | ms | x floor | (step + work) / step |")
     print("| --- | ---: | ---: | ---: |")
     floor = work["floor: one norm over one flat buffer"]

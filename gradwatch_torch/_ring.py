@@ -22,7 +22,9 @@ from torch import Tensor
 from gradwatch import Layout, Segment
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gradwatch import MonitorPort
+    import numpy as np
+
+    from gradwatch import MonitorPort, StepStats
 
 __all__ = ["MAX_PENDING", "DeviceRing"]
 
@@ -85,21 +87,47 @@ class DeviceRing:
     def flush(self) -> None:
         """Record the pending rows, oldest first, from one copy. Each keeps its own step
         number; the events they raise go out now."""
+        if self.rows:
+            self._take([], "copying the quiet steps' statistics to the host")
+
+    def read(self, layout: Layout, row: Tensor, present: Any) -> StepStats | None:
+        """A read step's statistics (its ``row`` packed in ``layout``), the pending rows
+        recorded first, all brought to the host in one copy. None if that failed (``fail``
+        was told)."""
+        host = self._take([row], "copying the step's statistics to the host")
+        if host is None:
+            return None
+        try:
+            stats = layout.unpack(host, self.policy_name)
+        except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
+            self._fail("copying the step's statistics to the host", exc)
+            return None
+        return stats if present is None else dataclasses.replace(stats, present=present)
+
+    def _take(self, extra: list[Tensor], what: str) -> np.ndarray | None:
+        """One device-to-host copy of the pending rows and ``extra``; the pending rows are
+        recorded, what is left of the copy (``extra``'s values) is returned."""
         pending = list(self.rows)
         self.rows.clear()
-        if not pending:
-            return
         try:
-            rows = torch.stack([row for _, row, _ in pending]).cpu().numpy()
+            rows = [r for _, r, _ in pending] + extra
+            if len(rows) > 1:  # float64: the pending rows are; float32 values widen exactly
+                flat = torch.cat([r.reshape(-1).to(torch.float64) for r in rows])
+            else:
+                flat = rows[0].reshape(-1)
+            host = flat.numpy(force=True)  # the one transfer (force: from any device)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
-            self._fail("copying the quiet steps' statistics to the host", exc)
-            return
-        for (layout, _, present), row in zip(pending, rows):
+            self._fail(what, exc)
+            return None
+        start = 0
+        for layout, _, present in pending:
             try:
-                stats = layout.unpack(row, self.policy_name)
+                stats = layout.unpack(host[start : start + layout.width], self.policy_name)
+                start += layout.width
                 if present is not None:
                     stats = dataclasses.replace(stats, present=present)
                 self._monitor.process(stats)
             except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
                 self._fail("recording a quiet step", exc)
-                return
+                return None
+        return host[start:]

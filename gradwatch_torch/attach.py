@@ -34,7 +34,6 @@ norms, propagation gains; unit-wise clipping) turns off alone, with a message na
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from collections.abc import Mapping
@@ -300,7 +299,8 @@ class TorchAttachment:
         With ``read=False`` (the optimizer's pre-hook) a quiet step (:meth:`_quiet`) keeps
         its statistics on the device and returns None: the policy decides and clips there,
         and the row is recorded at the next read (:meth:`_flush_pending`). Otherwise the
-        rows still pending are recorded first, then this step, from one copy.
+        rows still pending are recorded first, then this step, from one copy
+        (:meth:`DeviceRing.read`).
 
         Only ``NonFiniteGradientError`` (``on_nonfinite="raise"``) may leave this method.
         A failure of the core (norms, the copy, the monitor, acting) stops gradwatch on
@@ -311,10 +311,6 @@ class TorchAttachment:
         if self._backwards.active:
             self._backwards.stop()
         quiet = not read and self._quiet()
-        if not quiet:
-            self._flush_pending()
-            if self._broken:
-                return None
         try:
             self._check_distributed()
             self._follow_params()
@@ -346,13 +342,12 @@ class TorchAttachment:
         factors = self._agc_factors(grads, segments, parts) if self._unitwise else None
         try:
             layout = self._ring.layout(segments)
-            # The single device-to-host copy of the step.
-            host = layout.pack(parts, cat_to(self._groups.device, self._groups.stat_dtype)).cpu().numpy()
-            stats = layout.unpack(host, self._ring.policy_name)
-            if present is not None:
-                stats = dataclasses.replace(stats, present=present)
+            row = layout.pack(parts, cat_to(self._groups.device, self._groups.stat_dtype))
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break("copying the step's statistics to the host", exc)
+            return None
+        stats = self._ring.read(layout, row, present)  # the pending rows are recorded first: one copy
+        if stats is None:
             return None
 
         try:
@@ -385,12 +380,7 @@ class TorchAttachment:
             clip = None
             if self._runner is not None:
                 clip = self._runner.run(global_norm(norms))
-                scale = clip[1]
-                by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
-                for g in self._groups.present_grads(grads):
-                    by_key.setdefault((g.device, g.dtype), []).append(g)
-                for (device, dtype), gl in by_key.items():
-                    torch._foreach_mul_(gl, scale.to(device=device, dtype=dtype))
+                self._groups.scale_(grads, clip[1])
             self._ring.keep(norms, clip, present)
         except Exception as exc:  # noqa: BLE001 - gradwatch must never break training
             self._break("measuring a quiet step", exc)
@@ -419,7 +409,11 @@ class TorchAttachment:
         return factors
 
     def _break(self, what: str, exc: BaseException) -> None:
-        """The core failed: stop measuring this model (training goes on untouched)."""
+        """The core failed: stop measuring this model (training goes on untouched). The
+        quiet steps still on the device are recorded first (a read step brings them in
+        with its own row, so its failure must not lose them)."""
+        if self._ring.rows and not self._broken:
+            self._ring.flush()  # a failure of this copy reports itself and stops us
         if not self._broken:
             self._broken = True
             self._probeset.stop()  # the step counter stops: stop probing too
