@@ -184,3 +184,25 @@ def test_a_read_step_makes_exactly_one_transfer(policy):
         got = reads[step - 1]
         assert len(got) == 1 and got[0].startswith("numpy"), f"step {step}: {got}"
     assert all(reads[s - 1] == [] for s in range(1, 21) if s not in (1, 10, 15, 20))
+
+
+def test_a_read_step_that_fails_still_records_the_quiet_steps_before_it(monkeypatch, caplog):
+    """The read step brings the pending quiet rows in with its own; if packing its own row
+    fails, gradwatch stops on this model but the quiet steps already measured are recorded."""
+
+    def broken_cat_to(device, dtype):
+        def concat(parts):
+            raise RuntimeError("packing failed")
+
+        return concat
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with gradwatch.watch(model, opt, sinks=["memory"], profile_every=6) as w:
+        _train(model, opt, 5, torch.Generator().manual_seed(0))
+        assert len(w.attachment._pending) == 4  # steps 2..5 on the device
+        monkeypatch.setattr(attach_mod, "cat_to", broken_cat_to)
+        _train(model, opt, 2, torch.Generator().manual_seed(1))  # step 6 (profiled) fails
+        records = w.records
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]
+    assert "packing failed" in caplog.text and "stops watching" in caplog.text
