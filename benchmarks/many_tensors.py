@@ -1,8 +1,9 @@
 """Many parameter tensors: gradwatch's per-step work beside the floor (issue 20).
 
 Model: 1,000 ``nn.Linear(32, 32)`` in parallel (2,000 tensors, 1.06 M values), Adam.
-Timed, each as the minimum over repeats (robust on a shared machine), on the same
-gradients:
+Timed on the same gradients (each arm its own copy of the model, the same batch), the
+arms interleaved (each repeat runs every arm once, in a rotated order), the minimum per
+arm over repeats (robust on a shared machine: a burst of load hits every arm alike):
 
 - ``floor``: one ``vector_norm`` over one flat buffer already holding every gradient;
 - ``get_total_norm`` (foreach) and ``clip_grad_norm_`` (what users run today);
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
-    n, repeats, rounds = (50, 3, 2) if a.quick else (1000, 30, 24)
+    n, repeats, step_repeats, rounds = (50, 3, 3, 2) if a.quick else (1000, 100, 10, 24)
     torch.manual_seed(0)
     base = Many(n, 32)
     x, y = torch.randn(16, 32), torch.randn(16, 32)
@@ -78,32 +79,48 @@ def main(argv: list[str] | None = None) -> None:
         m = copy.deepcopy(base)
         return m, torch.optim.Adam(m.parameters(), lr=1e-3)
 
+    def with_grads() -> nn.Module:
+        m = copy.deepcopy(base)
+        nn.functional.mse_loss(m(x), y).backward()
+        return m
+
     model, opt = make()
     nn.functional.mse_loss(model(x), y).backward()
     params = list(model.parameters())
     grads = [q.grad for q in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
-    work = {
-        "floor: one norm over one flat buffer": best(lambda: torch.linalg.vector_norm(flat), repeats),
-        "get_total_norm (foreach)": best(lambda: torch.nn.utils.get_total_norm(grads), repeats),
-        "clip_grad_norm_": best(lambda: torch.nn.utils.clip_grad_norm_(params, 1e9), repeats),
+    fns: dict[str, Callable[[], object]] = {
+        "floor: one norm over one flat buffer": lambda: torch.linalg.vector_norm(flat),
+        "get_total_norm (foreach)": lambda: torch.nn.utils.get_total_norm(grads),
+        "clip_grad_norm_": lambda: torch.nn.utils.clip_grad_norm_(params, 1e9),
     }
+    watches = []
     for label, policy in (("gradwatch quiet step", None), ("gradwatch quiet step, zclip", "zclip")):
-        w = gradwatch.watch(model, None, policy=policy, sinks=[])
+        w = gradwatch.watch(with_grads(), None, policy=policy, sinks=[])
         att = w.attachment
         att._quiet = lambda: True  # time the quiet path alone
-        work[label] = best(lambda: (att._measure(read=False), att._pending.clear()), repeats)
+        fns[label] = lambda att=att: (att._measure(read=False), att._pending.clear())
+        watches.append(w)
+    w = gradwatch.watch(with_grads(), None, sinks=[])
+    fns["gradwatch read step"] = w.step
+    watches.append(w)
+    work = {k: float("inf") for k in fns}
+    for fn in fns.values():
+        fn()
+    for r in range(repeats):
+        for k in rotated(list(fns), r):
+            t0 = time.perf_counter()
+            fns[k]()
+            work[k] = min(work[k], time.perf_counter() - t0)
+    for w in watches:
         w.close()
-    w = gradwatch.watch(model, None, sinks=[])
-    work["gradwatch read step"] = best(lambda: w.step(), repeats)
-    w.close()
 
     def unwatched_step() -> None:
         opt.zero_grad()
         nn.functional.mse_loss(model(x), y).backward()
         opt.step()
 
-    step = best(unwatched_step, max(3, repeats // 3))
+    step = best(unwatched_step, step_repeats)
     # Whole steps, interleaved: the minimum per arm over rounds.
     arms: dict[str, Callable[[], None]] = {}
     for arm in ("unwatched", "clip_grad_norm_", "gradwatch defaults", "gradwatch zclip"):
@@ -126,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             arms[arm]()
             whole[arm] = min(whole[arm], time.perf_counter() - t0)
-    print(f"{2 * n} tensors, {torch.get_num_threads()} thread(s); unwatched step {step * 1e3:.1f} ms (min of {max(3, repeats // 3)})")
+    print(f"{2 * n} tensors, {torch.get_num_threads()} thread(s); unwatched step {step * 1e3:.1f} ms (min of {step_repeats}); work: min of {repeats}")
     print("| work per step | ms | x floor | (step + work) / step |")
     print("| --- | ---: | ---: | ---: |")
     floor = work["floor: one norm over one flat buffer"]

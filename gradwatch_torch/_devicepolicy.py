@@ -20,7 +20,13 @@ from torch import Tensor
 from gradwatch.clipping import ClipStats
 from gradwatch_torch._tensors import TORCH
 
-__all__ = ["TorchDevicePolicy"]
+__all__ = ["TorchDevicePolicy", "global_norm"]
+
+
+def global_norm(norms: Tensor) -> Tensor:
+    """The global norm on the device, as the monitor computes it on the host (float64 sum
+    of the squared norms; absent parameters are 0 in ``norms``)."""
+    return norms.to(torch.float64).square().sum().sqrt()
 
 
 class TorchDevicePolicy:

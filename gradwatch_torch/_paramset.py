@@ -27,7 +27,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
-__all__ = ["FULL_CHECK_EVERY", "ParamSet", "describe_change", "sparse_grad_positions", "unwrap_model"]
+__all__ = ["FULL_CHECK_EVERY", "ParamSet", "describe_change", "drop_grads", "sparse_grad_positions", "unwrap_model"]
 
 #: Steps between two walks of the model that do not wait for a hook. A walk costs about
 #: a microsecond per parameter; every 1000 steps it is lost in the noise of any step.
@@ -155,3 +155,18 @@ def describe_change(before: list[str], after: list[str], limit: int = 4) -> str:
     added = [n for n in after if n not in old]
     removed = [n for n in before if n not in new]
     return f"{part('+', added)}, {part('-', removed)}"
+
+
+def drop_grads(params: Sequence[Tensor], optimizer: torch.optim.Optimizer | None) -> None:
+    """Make the coming optimizer step a no-op: every gradient becomes None.
+
+    Zeroing is not enough: weight decay and momentum would still move the weights and
+    Adam would still advance its state; with ``grad is None`` every built-in optimizer
+    skips the parameter entirely.
+    """
+    for p in params:
+        p.grad = None
+    if optimizer is not None:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None

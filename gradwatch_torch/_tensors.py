@@ -19,7 +19,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch_torch._fused import FUSE_MAX_NUMEL, FusedPlan
+
 __all__ = [
+    "FUSE_MAX_NUMEL",
     "TORCH",
     "GradGroups",
     "SpectralTracker",
@@ -127,84 +130,12 @@ def _local(t: Tensor | None) -> Tensor | None:
     return to_local() if to_local is not None else t
 
 
-#: Gradients of at most this many elements are measured through one flat copy (see
-#: :class:`_FusedPlan`); larger ones by ``_foreach_norm``, which reads them in place.
-FUSE_MAX_NUMEL = 1 << 16
-#: Fewer small gradients than this in a group: ``_foreach_norm`` alone is as cheap.
-FUSE_MIN_TENSORS = 16
-
-
-class _FusedPlan:
-    """How one (device, dtype) group is measured in a few operations, whatever its size.
-
-    ``_foreach_norm`` on many small tensors costs a fixed ~4-8 µs of dispatch per tensor
-    on the CPU (13 ms for 2,000 tensors, where one norm over a flat buffer of the same
-    values takes 0.14 ms). So the small gradients (at most :data:`FUSE_MAX_NUMEL`
-    elements) are copied into one flat buffer in one call (``flatten_dense_tensors``, a
-    single ``cat`` in C++), sorted by size so that the tensors of each size are one
-    contiguous (count, numel) block, and each block is reduced by one ``vector_norm``
-    over its rows: one operation per distinct size (a model repeats a few sizes). The
-    large gradients, few by construction, go to one ``_foreach_norm`` (no copy of them).
-    Norms are computed as the tensors' own ``norm`` computes them, so a NaN or Inf in a
-    gradient makes its norm non-finite: the norm is the finiteness check, no second pass.
-    Built once per bound parameter set.
-    """
-
-    def __init__(self, params: Sequence[Tensor], device: torch.device) -> None:
-        sizes = [int(p.numel()) for p in params]
-        small = sorted((i for i, n in enumerate(sizes) if n <= FUSE_MAX_NUMEL), key=lambda i: sizes[i])
-        self.big = [i for i, n in enumerate(sizes) if n > FUSE_MAX_NUMEL]
-        self.small = small
-        self.blocks: list[tuple[int, int, int]] = []  # (start, count, numel) in the flat buffer
-        start = 0
-        k = 0
-        while k < len(small):
-            n = sizes[small[k]]
-            j = k
-            while j < len(small) and sizes[small[j]] == n:
-                j += 1
-            self.blocks.append((start, j - k, n))
-            start += (j - k) * n
-            k = j
-        order = self.big + small  # the order the norms come out in
-        inv = [0] * len(order)
-        for pos, i in enumerate(order):
-            inv[i] = pos
-        self.inverse = None if order == list(range(len(order))) else torch.tensor(inv, device=device)
-
-    @staticmethod
-    def worth_it(params: Sequence[Tensor]) -> bool:
-        p0 = params[0]
-        if not p0.is_floating_point() or p0.layout != torch.strided:
-            return False
-        small = [p for p in params if p.numel() <= FUSE_MAX_NUMEL]
-        distinct = len({int(p.numel()) for p in small})
-        return len(small) >= FUSE_MIN_TENSORS and distinct <= max(8, len(small) // 8)
-
-    def norms(self, grads: Sequence[Tensor], dtype: torch.dtype | None) -> Tensor:
-        parts: list[Tensor] = []
-        if self.big:
-            big = [grads[i] for i in self.big]
-            got = torch._foreach_norm(big, 2.0) if dtype is None or big[0].dtype == dtype else torch._foreach_norm(big, 2.0, dtype=dtype)
-            parts.append(torch.stack(got).to(dtype or got[0].dtype))
-        if self.small:
-            flat = torch._C._nn.flatten_dense_tensors([grads[i] for i in self.small])
-            # dtype= only where it changes something (half precision): with it, a float32
-            # row reduction takes another kernel path, 1000x slower on 2 threads here.
-            cast = None if dtype is None or flat.dtype == dtype else dtype
-            for start, count, numel in self.blocks:
-                block = flat[start : start + count * numel].view(count, numel)
-                parts.append(torch.linalg.vector_norm(block, dim=1) if cast is None else torch.linalg.vector_norm(block, dim=1, dtype=cast))
-        vec = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return vec if self.inverse is None else vec[self.inverse]
-
-
 @dataclass
 class _Group:
     params: list[Tensor]
     positions: list[int]  # index of each param in the bound (named_parameters) order
     sparse: bool = False  # gradients may be sparse (nn.Embedding(sparse=True))
-    fused: _FusedPlan | None = None  # many small gradients: measured through one flat copy
+    fused: FusedPlan | None = None  # many small gradients: measured through one flat buffer
 
 
 class GradGroups:
@@ -237,8 +168,8 @@ class GradGroups:
         self.groups = list(groups.values())
         self.device = self.params[0].device
         for g in self.groups:
-            if not g.sparse and _FusedPlan.worth_it(g.params):
-                g.fused = _FusedPlan(g.params, g.params[0].device)
+            if not g.sparse and FusedPlan.worth_it(g.params):
+                g.fused = FusedPlan(g.params, g.params[0].device)
         wide = (torch.float64, torch.complex128)
         self.stat_dtype = torch.float64 if any(p.dtype in wide for p in self.params) else torch.float32
         order = [i for g in self.groups for i in g.positions]
@@ -279,6 +210,15 @@ class GradGroups:
         if grads is None:
             grads = self.grads()
         return [g for gl in grads for g in gl if g is not None]
+
+    def scale_(self, grads: list[list[Tensor | None]], scale: Tensor) -> None:
+        """Multiply the present gradients in place by ``scale`` (a device scalar), one
+        ``_foreach_mul_`` per group, without a host read: the groups are the bound ones,
+        so no per-step Python work per tensor beyond skipping absent ones."""
+        for gl in grads:
+            present = [g for g in gl if g is not None] if any(map(operator.is_, gl, itertools.repeat(None))) else gl
+            if present:
+                torch._foreach_mul_(present, scale.to(device=present[0].device, dtype=present[0].dtype))
 
     def norms(self, grads: list[list[Tensor | None]] | None = None) -> Tensor:
         """L2 norm of every parameter's gradient, in bound order (0 where absent)."""

@@ -107,7 +107,7 @@ def test_the_counter_sees_a_deliberate_item_in_gradwatchs_code(monkeypatch):
     """The positive control: the same count with one .item() put into gradwatch's hot path."""
     ns: dict = {}
     code = compile("def follow(self):\n    torch.ones(1).item()\n    return orig(self)\n", attach_mod.__file__, "exec")
-    exec(code, {"torch": torch, "orig": attach_mod.TorchAttachment._follow_params}, ns)
+    exec(code, {"torch": torch, "orig": attach_mod.TorchAttachment._follow_params}, ns)  # noqa: S102 - the positive control
     monkeypatch.setattr(attach_mod.TorchAttachment, "_follow_params", ns["follow"])
     model = Net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -167,3 +167,42 @@ def test_the_monitors_step_count_and_records_are_up_to_date_between_host_reads()
             opt.step()
         assert w.monitor.step_count == 4
         assert [r.step for r in w.monitor.records] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("policy", [None, "zclip"])
+def test_a_read_step_makes_exactly_one_transfer(policy):
+    """Issue 20: a profiled or flushed step brings its own row and every quiet step's row
+    still on the device to the host in one copy, not one for the pending rows and one for
+    the step. Steps 1, 10, 20 are profiled (profile_every=10), 15 is flushed (log_every=15)."""
+    model = Net()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    with gradwatch.watch(model, opt, policy=policy, sinks=["memory"], profile_every=10, log_every=15) as w:
+        reads = _train(model, opt, 20, torch.Generator().manual_seed(0))
+        records = w.records
+    assert [r.step for r in records] == list(range(1, 21))
+    for step in (1, 10, 15, 20):
+        got = reads[step - 1]
+        assert len(got) == 1 and got[0].startswith("numpy"), f"step {step}: {got}"
+    assert all(reads[s - 1] == [] for s in range(1, 21) if s not in (1, 10, 15, 20))
+
+
+def test_a_read_step_that_fails_still_records_the_quiet_steps_before_it(monkeypatch, caplog):
+    """The read step brings the pending quiet rows in with its own; if packing its own row
+    fails, gradwatch stops on this model but the quiet steps already measured are recorded."""
+
+    def broken_cat_to(device, dtype):
+        def concat(parts):
+            raise RuntimeError("packing failed")
+
+        return concat
+
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with gradwatch.watch(model, opt, sinks=["memory"], profile_every=6) as w:
+        _train(model, opt, 5, torch.Generator().manual_seed(0))
+        assert len(w.attachment._pending) == 4  # steps 2..5 on the device
+        monkeypatch.setattr(attach_mod, "cat_to", broken_cat_to)
+        _train(model, opt, 2, torch.Generator().manual_seed(1))  # step 6 (profiled) fails
+        records = w.records
+    assert [r.step for r in records] == [1, 2, 3, 4, 5]
+    assert "packing failed" in caplog.text and "stops watching" in caplog.text
