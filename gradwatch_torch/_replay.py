@@ -212,18 +212,24 @@ def _per_step(co: Coefficients) -> tuple[list[Any], list[Any], list[Any], list[A
     return steps(co.a), steps(co.g), steps(co.f), steps(co.valid)
 
 
+def _mm(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w``; in ``w``'s dtype when the sweeps carry their weights in bfloat16
+    (:func:`gradwatch_torch._sweeps.low_precision`), the result back in ``x``'s dtype."""
+    return x @ w if x.dtype == w.dtype else (x.to(w.dtype) @ w).to(x.dtype)
+
+
 def _vjp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, uh: Tensor, uc: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Cotangent of s_{t-1} from the cotangent (uh, uc) of s_t: one transposed Jacobian
     (``a``, ``g``, ``f``, ``v``: step t's coefficients and validity)."""
     if co.kind == "lstm":
-        um = uh if co.w_hr is None else uh @ co.w_hr
+        um = uh if co.w_hr is None else _mm(uh, co.w_hr)
         ubar = torch.addcmul(uc, um, a)  # type: ignore[arg-type]
         da = torch.cat((ubar, ubar, ubar, um), dim=-1).mul_(g)
-        nh, nc = da @ co.w_hh, ubar.mul_(f)
+        nh, nc = _mm(da, co.w_hh), ubar.mul_(f)
     elif co.kind == "gru":
-        nh, nc = torch.addcmul(torch.cat((uh, uh, uh), dim=-1).mul_(g) @ co.w_hh, uh, f), None
+        nh, nc = torch.addcmul(_mm(torch.cat((uh, uh, uh), dim=-1).mul_(g), co.w_hh), uh, f), None
     else:
-        nh, nc = (uh * a) @ co.w_hh, None
+        nh, nc = _mm(uh * a, co.w_hh), None
     if v is not None:  # a padded step is the identity
         nh = torch.where(v, nh, uh)
         nc = torch.where(v, nc, uc) if nc is not None and uc is not None else None
@@ -233,15 +239,15 @@ def _vjp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, uh: Tensor, uc: Tenso
 def _jvp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, wh: Tensor, wc: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Tangent of s_t from the tangent (wh, wc) of s_{t-1}: one Jacobian."""
     if co.kind == "lstm":
-        parts = (wh @ co.w_hh.t()).mul_(g).unflatten(-1, (4, f.shape[-1]))
+        parts = _mm(wh, co.w_hh.t()).mul_(g).unflatten(-1, (4, f.shape[-1]))
         nc = torch.addcmul(parts[..., :3, :].sum(dim=-2), f, wc)  # type: ignore[arg-type]
         nm = torch.addcmul(parts[..., 3, :], a, nc)
-        nh = nm if co.w_hr is None else nm @ co.w_hr.t()
+        nh = nm if co.w_hr is None else _mm(nm, co.w_hr.t())
     elif co.kind == "gru":
-        parts = (wh @ co.w_hh.t()).mul_(g).unflatten(-1, (3, f.shape[-1]))
+        parts = _mm(wh, co.w_hh.t()).mul_(g).unflatten(-1, (3, f.shape[-1]))
         nh, nc = torch.addcmul(parts.sum(dim=-2), wh, f), None
     else:
-        nh, nc = (wh @ co.w_hh.t()).mul_(a), None
+        nh, nc = _mm(wh, co.w_hh.t()).mul_(a), None
     if v is not None:
         nh = torch.where(v, nh, wh)
         nc = torch.where(v, nc, wc) if nc is not None and wc is not None else None

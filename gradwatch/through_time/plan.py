@@ -54,19 +54,24 @@ def complement_probes(sequences: int) -> int:
     return max(2, -(-COMPLEMENT_PROBES // max(int(sequences), 1)))
 
 
-#: Spacing of the tangents' start offsets (1, 4, 16, ...).
-DOMINANT_SPACING = 4
+#: The tangents' start offsets: 1, 4, 16, then doubling (32, 64, ...) up to the whole
+#: sequence. One random start carried forward m steps is one half power iteration on the
+#: m-step product: tight for j close to m only where the spectrum has a gap, so the
+#: offsets are denser where products are long enough to matter and short enough not to
+#: have converged (a 512-state LSTM at j = 30 with offsets 16 and 64 only: 0.81 of exact).
+DOMINANT_SHORT = (1, 4, 16)
 
 
 def dominant_starts(steps: int) -> list[int]:
     """Forward offsets (steps before the last) at which random tangents start, each carried
-    forward to s_T: 1, 4, 16, ... and the whole sequence. Tangent k finds the dominant left
-    direction of ds_T/ds_{T-j} for j near its offset (a long product's converges, so few
-    are needed for large j; the short ones get extra power iterations)."""
-    out, k = [], 1
+    forward to s_T: 1, 4, 16, 32, 64, ... and the whole sequence. Tangent k finds the
+    dominant left direction of ds_T/ds_{T-j} for j near its offset (a long product's
+    converges, so few are needed for large j; the short ones get extra power iterations)."""
+    out = [k for k in DOMINANT_SHORT if k < steps - 1]
+    k = 2 * DOMINANT_SHORT[-1]
     while k < steps - 1:
         out.append(k)
-        k *= DOMINANT_SPACING
+        k *= 2
     out.append(steps - 1)
     return out
 

@@ -312,6 +312,32 @@ def test_estimate_within_a_factor_1_5_at_every_j_and_rate_within_5_percent(cls, 
     assert got.rate == pytest.approx(_fitted_rate(want["l0:max"]), rel=0.05)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_bfloat16_sweeps_keep_the_estimate_within_its_factor(cls, monkeypatch):
+    """The sweeps of large layers multiply in bfloat16 (where the CPU has AVX512-BF16):
+    forced here on a small layer, on any CPU, against the float64 reference."""
+    from gradwatch_torch import _sweeps
+
+    monkeypatch.setattr(_sweeps, "LOW_PRECISION_SIZE", 0)
+    monkeypatch.setattr(_sweeps, "_bf16_is_fast", lambda device: True)
+    seen = []
+    real = _sweeps.low_precision
+    monkeypatch.setattr(_sweeps, "low_precision", lambda co: seen.append(real(co).w_hh.dtype) or real(co))
+    torch.manual_seed(6)
+    model = cls(8, 24)
+    with torch.no_grad():
+        model.weight_hh_l0.mul_(1.5)
+    x = torch.randn(40, 8, 8)
+    rec, _ = _watched_step(model, x)
+    assert seen == [torch.bfloat16]
+    want, _ = reference(model, [x[:, b] for b in range(8)])
+    got = rec.temporal[next(iter(rec.temporal))].recurrences["l0"]
+    for mine, exact in ((got.gains, want["l0"]), (got.max_gains, want["l0:max"])):
+        ok = exact > 1e-30
+        ratio = np.asarray(mine)[ok] / exact[ok]
+        assert ratio.min() > 1 / 1.5 and ratio.max() < 1.5, (ratio.min(), ratio.max())
+
+
 def test_trained_model_with_a_loss_at_every_timestep():
     torch.manual_seed(2)
     rnn, head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 1)
