@@ -218,18 +218,32 @@ def _mm(x: Tensor, w: Tensor) -> Tensor:
     return x @ w if x.dtype == w.dtype else (x.to(w.dtype) @ w).to(x.dtype)
 
 
+def _gated(u: Tensor, g: Tensor, blocks: int, dtype: torch.dtype, last: Tensor | None = None) -> Tensor:
+    """[u g_1, ..., u g_blocks] (``last`` instead of ``u`` in the last block), written
+    straight into the dtype of the product that follows: one pass, no concatenation."""
+    hid = u.shape[-1]
+    out = torch.empty((*u.shape[:-1], blocks, hid), dtype=dtype, device=u.device)
+    gb = g.unflatten(-1, (blocks, hid))
+    if last is None:
+        torch.mul(u.unsqueeze(-2), gb, out=out)
+    else:
+        torch.mul(u.unsqueeze(-2), gb[..., :-1, :], out=out[..., :-1, :])
+        torch.mul(last, gb[..., -1, :], out=out[..., -1, :])
+    return out.flatten(-2)
+
+
 def _vjp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, uh: Tensor, uc: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Cotangent of s_{t-1} from the cotangent (uh, uc) of s_t: one transposed Jacobian
     (``a``, ``g``, ``f``, ``v``: step t's coefficients and validity)."""
+    lp = co.w_hh.dtype
     if co.kind == "lstm":
         um = uh if co.w_hr is None else _mm(uh, co.w_hr)
         ubar = torch.addcmul(uc, um, a)  # type: ignore[arg-type]
-        da = torch.cat((ubar, ubar, ubar, um), dim=-1).mul_(g)
-        nh, nc = _mm(da, co.w_hh), ubar.mul_(f)
+        nh, nc = (_gated(ubar, g, 4, lp, last=um) @ co.w_hh).to(uh.dtype), ubar.mul_(f)
     elif co.kind == "gru":
-        nh, nc = torch.addcmul(_mm(torch.cat((uh, uh, uh), dim=-1).mul_(g), co.w_hh), uh, f), None
+        nh, nc = torch.addcmul((_gated(uh, g, 3, lp) @ co.w_hh).to(uh.dtype), uh, f), None
     else:
-        nh, nc = _mm(uh * a, co.w_hh), None
+        nh, nc = (torch.mul(uh, a, out=torch.empty(uh.shape, dtype=lp, device=uh.device)) @ co.w_hh).to(uh.dtype), None
     if v is not None:  # a padded step is the identity
         nh = torch.where(v, nh, uh)
         nc = torch.where(v, nc, uc) if nc is not None and uc is not None else None

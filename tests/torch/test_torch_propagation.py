@@ -432,12 +432,18 @@ def test_replay_every_keeps_the_replay_under_its_share():
     w2, step2 = replay_flops("lstm", 1, 1, 256, 256, 256, 8, 64), 6 * 5_666_336 * 1024
     n2 = _recurrent.replay_every(w2, 5_666_336, 1024)
     assert w2 / n2 <= share * step2 and n2 < n
+    # spaced profiles: the replays' share of all steps (profile_every steps apart) is the bound
+    from gradwatch.through_time.plan import REPLAY_SHARE_OF_TRAINING as whole
+
+    n10 = _recurrent.replay_every(w1, 858_634, 3200, 10)
+    assert w1 / (10 * n10) <= whole * step1 < w1 / (10 * (n10 - 1)) and n10 < n
+    assert _recurrent.replay_every(w1 / 15, 858_634, 3200, 10) == 1  # 0.12 of a step: every profiled step
     # tiny replays always run
     assert _recurrent.replay_every(replay_flops("gru", 1, 1, 4, 8, 8, 2, 5), 100, 10) == 1
 
 
 def test_propagation_is_recorded_on_the_scheduled_profiled_steps(monkeypatch):
-    monkeypatch.setattr(_recurrent, "replay_every", lambda flops, params, tokens: 3)
+    monkeypatch.setattr(_recurrent, "replay_every", lambda flops, params, tokens, every: 3)
     model = nn.GRU(3, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch_torch.watch(model, opt, profile_every=2, sinks=["memory"]) as w:
