@@ -250,18 +250,26 @@ def _vjp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, uh: Tensor, uc: Tenso
     return nh, nc
 
 
+def _mm_times(x: Tensor, w: Tensor, g: Tensor) -> Tensor:
+    """``(x @ w) * g`` in ``x``'s dtype, the product in ``w``'s (see :func:`_mm`); with
+    bfloat16 weights the multiplication by ``g`` (float32) is also the cast back."""
+    if x.dtype == w.dtype:
+        return (x @ w).mul_(g)
+    return torch.mul(x.to(w.dtype) @ w, g)
+
+
 def _jvp(co: Coefficients, a: Any, g: Any, f: Any, v: Any, wh: Tensor, wc: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """Tangent of s_t from the tangent (wh, wc) of s_{t-1}: one Jacobian."""
     if co.kind == "lstm":
-        parts = _mm(wh, co.w_hh.t()).mul_(g).unflatten(-1, (4, f.shape[-1]))
-        nc = torch.addcmul(parts[..., :3, :].sum(dim=-2), f, wc)  # type: ignore[arg-type]
+        parts = _mm_times(wh, co.w_hh.t(), g).unflatten(-1, (4, f.shape[-1]))
+        nc = torch.add(parts[..., 0, :], parts[..., 1, :]).add_(parts[..., 2, :]).addcmul_(f, wc)  # type: ignore[arg-type]
         nm = torch.addcmul(parts[..., 3, :], a, nc)
         nh = nm if co.w_hr is None else _mm(nm, co.w_hr.t())
     elif co.kind == "gru":
-        parts = _mm(wh, co.w_hh.t()).mul_(g).unflatten(-1, (3, f.shape[-1]))
-        nh, nc = torch.addcmul(parts.sum(dim=-2), wh, f), None
+        parts = _mm_times(wh, co.w_hh.t(), g).unflatten(-1, (3, f.shape[-1]))
+        nh, nc = torch.add(parts[..., 0, :], parts[..., 1, :]).add_(parts[..., 2, :]).addcmul_(wh, f), None
     else:
-        nh, nc = _mm(wh, co.w_hh.t()).mul_(a), None
+        nh, nc = _mm_times(wh, co.w_hh.t(), a), None
     if v is not None:
         nh = torch.where(v, nh, wh)
         nc = torch.where(v, nc, wc) if nc is not None and wc is not None else None
