@@ -40,7 +40,7 @@ products with large recurrent weights run in bfloat16 where that is native, see
 Measured against the float64 reference (:mod:`gradwatch.through_time.reference`) over 20
 to 40 probe seeds on tanh RNN 48 (weights x1.5), ReLU RNN 48, GRU 40 (x1 and x2), LSTM 24
 (x1.5, x3), LSTM 64 and LSTM 64 -> 256 (the benchmark's W1 layer), T = 60 to 100: worst
-over j, ``gains`` within 1.17x for every seed, ``max_gains`` within 1.32x for every seed
+over j, ``gains`` within 1.2x for every seed, ``max_gains`` within 1.32x for every seed
 and 1.25x for 95% of them (the LSTM 256; 1.20x elsewhere). Each of these is needed at
 the LSTM 256: without the tangent at 32 steps (a ReLU RNN 48: 1.45x), without the whole
 sequence's (1.51x), or with one extra power iteration fewer (1.30x for 5% of seeds), the
