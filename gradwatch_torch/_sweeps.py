@@ -168,8 +168,9 @@ def low_precision(co: Coefficients) -> Coefficients:
     """``co`` with its weights in bfloat16 for the estimate's sweeps, where that is faster.
 
     The sweeps' cost is their matrix products (a block of rows times the recurrent
-    weights, once per step); on a CPU with AVX512-BF16 and on CUDA they run about twice as
-    fast in bfloat16. Only the products: the carried rows, the coefficients and the Gram
+    weights, once per step); on a CPU with AVX512-BF16 a product of 64 rows with an LSTM
+    256's weights runs about twice as fast in bfloat16, the whole sweeps of the benchmark's
+    W1 1.3-1.5x (benchmarks/RESULTS.md, issue 16). Only the products: the carried rows, the coefficients and the Gram
     matrices stay float32, the rows are rounded to bfloat16 as they enter a product (a
     relative error of 2^-9 per step, against the estimate's own factor 1.25). The exact
     path (dim s <= EXACT_DIM) and float64 layers keep their dtype.
