@@ -218,6 +218,11 @@ def build_arms(base: nn.Module, data: list, loss_of: Callable, quick: bool, diag
             attach=lambda m, o: _replay_every_profiled_step(gradwatch.watch(m, o, profile_every=1)),
             note="diagnostic: the through-time replay on every profiled step, not every n-th",
         ))
+        arms.append(make_arm(
+            "gradwatch defaults, replay every profiled step", base, data, loss_of,
+            attach=lambda m, o: gradwatch.watch(m, o, replay_every=1),
+            note="diagnostic: profile_every=10 with propagation measured on every profiled step (replay_every=1)",
+        ))
 
     # -- the tools people use today -------------------------------------------------------
     if have("tensorboard"):

@@ -33,7 +33,7 @@ __all__ = [
     "with_input",
 ]
 
-from gradwatch.through_time.plan import REPLAY_FREE, REPLAY_SHARE  # noqa: E402 - one cost model (the engine's)
+from gradwatch.through_time.plan import REPLAY_FREE, REPLAY_SHARE
 
 #: Largest deviation of the replayed top layer from the layer's own output (relative to
 #: the output's largest value) before the replay is declared wrong. A layer that ran in
@@ -187,12 +187,13 @@ class ProbeContext:
     replay_every: int | None = None  # the option: every n-th profiled step, None: the cost model
 
 
-def replay_every(flops: float, model_params: int, tokens: int) -> int:
+def replay_every(flops: float, model_params: int, tokens: int, profile_every: int = 1) -> int:
     """Replay on every n-th profiled step (:func:`gradwatch.through_time.plan.replay_every`),
-    a training step estimated at 6 x parameters x tokens flops (embedding tables excluded)."""
+    a training step estimated at 6 x parameters x tokens flops (embedding tables excluded),
+    profiles ``profile_every`` steps apart."""
     from gradwatch.through_time.plan import replay_every as every
 
-    return every(flops, 6.0 * max(model_params, 1) * max(tokens, 1))
+    return every(flops, 6.0 * max(model_params, 1) * max(tokens, 1), profile_every)
 
 
 def split_call(args: tuple, kwargs: dict) -> tuple[Any, Any, bool] | None:

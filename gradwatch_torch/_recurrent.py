@@ -13,7 +13,8 @@ The replay (:mod:`gradwatch_torch._trajectory`, :mod:`gradwatch_torch._replay`) 
 the first call of the layer in a profiled step, within a cost share: one replay of a
 large stacked layer can cost most of a training step, so it runs on every n-th profiled
 step only, n the smallest that keeps it under ``REPLAY_SHARE`` of the profiled steps'
-time (n = 1 for small layers; see :func:`~gradwatch_torch._probing.replay_every`). The choice depends only on
+time or, with spaced profiles, ``REPLAY_SHARE_OF_TRAINING`` of all steps (n = 1 for small
+layers; see :func:`~gradwatch_torch._probing.replay_every`). The choice depends only on
 shapes and step numbers, so a repeated or resumed run measures on the same steps.
 
 Copies of a watched model (``copy.deepcopy``, ``pickle``, ``torch.save(model)``,
@@ -183,7 +184,7 @@ class Probe:
         step = self._ctx.step()
         if step == 1:
             return True
-        n = self._ctx.replay_every or replay_every(flops, self._ctx.model_params, tokens)
+        n = self._ctx.replay_every or replay_every(flops, self._ctx.model_params, tokens, self._ctx.every)
         return (step // max(self._ctx.every, 1)) % n == 0
 
     # -- the replay's results -----------------------------------------------------------

@@ -12,6 +12,7 @@ on the device, and across ranks under DDP (:func:`combine_ranks`).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -163,10 +164,45 @@ def _largest_eigenvalue(gram: Tensor) -> Tensor:
     return torch.where(ok, top, torch.full_like(top, math.nan))
 
 
+def low_precision(co: Coefficients) -> Coefficients:
+    """``co`` with its weights in bfloat16 for the estimate's sweeps, where that is faster.
+
+    The sweeps' cost is their matrix products (a block of rows times the recurrent
+    weights, once per step); on a CPU with AVX512-BF16 a product of 64 rows with an LSTM
+    256's weights runs about twice as fast in bfloat16, the whole sweeps of the benchmark's
+    W1 1.3-1.5x (benchmarks/RESULTS.md, issue 16). Only the products: the carried rows, the coefficients and the Gram
+    matrices stay float32, the rows are rounded to bfloat16 as they enter a product (a
+    relative error of 2^-9 per step, against the estimate's own factor 1.25). The exact
+    path (dim s <= EXACT_DIM) and float64 layers keep their dtype.
+    """
+    if not LOW_PRECISION or co.w_hh.dtype != torch.float32 or co.w_hh.numel() < LOW_PRECISION_SIZE:
+        return co
+    if not _bf16_is_fast(co.w_hh.device):
+        return co
+    lp = torch.bfloat16
+    return replace(co, w_hh=co.w_hh.to(lp), w_hr=co.w_hr.to(lp) if co.w_hr is not None else None)
+
+
+def _bf16_is_fast(device: torch.device) -> bool:
+    """Whether bfloat16 products run natively (AVX512-BF16 on the CPU; CUDA)."""
+    if device.type == "cpu":
+        return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+#: Run the estimate's sweep products in bfloat16 where it is faster (:func:`low_precision`):
+#: for recurrent weights of at least this many entries (an LSTM of 256 units has 2^18;
+#: below, a bfloat16 product of a few rows costs as much as a float32 one or more).
+LOW_PRECISION = True
+LOW_PRECISION_SIZE = 1 << 18
+
+
 def _sequence_logs(co: Coefficients, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """Per-sequence (T, P) logs of the RMS gain and of the largest singular value."""
     T, P, d = co.h_check.shape[0], co.h_check.shape[1], co.dim
     dev, dt = co.h_check.device, co.h_check.dtype
+    if d > EXACT_DIM:
+        co = low_precision(co)
     if d <= EXACT_DIM:
         rows = torch.eye(d, dtype=dt, device=dev).expand(P, d, d).contiguous()
         grams, log_scale = _sweep(co, rows)

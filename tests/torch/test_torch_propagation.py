@@ -312,6 +312,32 @@ def test_estimate_within_a_factor_1_5_at_every_j_and_rate_within_5_percent(cls, 
     assert got.rate == pytest.approx(_fitted_rate(want["l0:max"]), rel=0.05)
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU], ids=["lstm", "gru"])
+def test_bfloat16_sweeps_keep_the_estimate_within_its_factor(cls, monkeypatch):
+    """The sweeps of large layers multiply in bfloat16 (where the CPU has AVX512-BF16):
+    forced here on a small layer, on any CPU, against the float64 reference."""
+    from gradwatch_torch import _sweeps
+
+    monkeypatch.setattr(_sweeps, "LOW_PRECISION_SIZE", 0)
+    monkeypatch.setattr(_sweeps, "_bf16_is_fast", lambda device: True)
+    seen = []
+    real = _sweeps.low_precision
+    monkeypatch.setattr(_sweeps, "low_precision", lambda co: seen.append(real(co).w_hh.dtype) or real(co))
+    torch.manual_seed(6)
+    model = cls(8, 24)
+    with torch.no_grad():
+        model.weight_hh_l0.mul_(1.5)
+    x = torch.randn(40, 8, 8)
+    rec, _ = _watched_step(model, x)
+    assert seen == [torch.bfloat16]
+    want, _ = reference(model, [x[:, b] for b in range(8)])
+    got = rec.temporal[next(iter(rec.temporal))].recurrences["l0"]
+    for mine, exact in ((got.gains, want["l0"]), (got.max_gains, want["l0:max"])):
+        ok = exact > 1e-30
+        ratio = np.asarray(mine)[ok] / exact[ok]
+        assert ratio.min() > 1 / 1.5 and ratio.max() < 1.5, (ratio.min(), ratio.max())
+
+
 def test_trained_model_with_a_loss_at_every_timestep():
     torch.manual_seed(2)
     rnn, head = nn.LSTM(4, 6, batch_first=True), nn.Linear(6, 1)
@@ -406,12 +432,18 @@ def test_replay_every_keeps_the_replay_under_its_share():
     w2, step2 = replay_flops("lstm", 1, 1, 256, 256, 256, 8, 64), 6 * 5_666_336 * 1024
     n2 = _recurrent.replay_every(w2, 5_666_336, 1024)
     assert w2 / n2 <= share * step2 and n2 < n
+    # spaced profiles: the replays' share of all steps (profile_every steps apart) is the bound
+    from gradwatch.through_time.plan import REPLAY_SHARE_OF_TRAINING as whole
+
+    n10 = _recurrent.replay_every(w1, 858_634, 3200, 10)
+    assert w1 / (10 * n10) <= whole * step1 < w1 / (10 * (n10 - 1)) and n10 < n
+    assert _recurrent.replay_every(w1 / 15, 858_634, 3200, 10) == 1  # 0.12 of a step: every profiled step
     # tiny replays always run
     assert _recurrent.replay_every(replay_flops("gru", 1, 1, 4, 8, 8, 2, 5), 100, 10) == 1
 
 
 def test_propagation_is_recorded_on_the_scheduled_profiled_steps(monkeypatch):
-    monkeypatch.setattr(_recurrent, "replay_every", lambda flops, params, tokens: 3)
+    monkeypatch.setattr(_recurrent, "replay_every", lambda flops, params, tokens, every: 3)
     model = nn.GRU(3, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     with gradwatch_torch.watch(model, opt, profile_every=2, sinks=["memory"]) as w:
