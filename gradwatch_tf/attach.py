@@ -39,23 +39,13 @@ DEFAULT_WATCH_CAPACITY = 256
 
 
 def _known_layers(model: Any) -> dict[str, str]:
-    """Paths of the model's layers (nested models walked into) and their class names:
-    the paths for :func:`infer_layer` (an LSTM's variables live in its cell,
-    ``"lstm/lstm_cell/kernel"``, but users know the layer, ``"lstm"``), the names for the
-    report's labels."""
-    import keras
+    """Paths of the model's layers and their class names (see
+    :func:`gradwatch_tf._kstate.known_layers`): the paths for :func:`infer_layer` (an LSTM's
+    variables live in its cell, ``"lstm/lstm_cell/kernel"``, but users know the layer,
+    ``"lstm"``), the names for the report's labels."""
+    from gradwatch_tf._kstate import known_layers
 
-    out: dict[str, str] = {}
-
-    def visit(layer: Any) -> None:
-        for sub in getattr(layer, "_layers", []) or []:
-            if isinstance(sub, keras.Model):
-                visit(sub)
-            elif isinstance(getattr(sub, "path", None), str):
-                out[sub.path] = type(sub).__name__
-
-    visit(model)
-    return out
+    return known_layers(model)
 
 
 class TFAttachment(Lifecycle):
