@@ -16,13 +16,21 @@ from gradwatch.cli.demo._alerts import echo_alerts
 from gradwatch.cli.demo.torch_demo import RUNS
 
 
-def _run(path: Path, rate: float, length: int = 100, steps: int = 20, dead: bool = False, later: float | None = None):
+def _run(
+    path: Path,
+    rate: float,
+    length: int = 100,
+    steps: int = 20,
+    dead: bool = False,
+    later: float | None = None,
+    spike_at: int | None = None,
+):
     m = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5, run_name=path.stem)
     m.bind(["rnn.weight_hh_l0", "head.weight"])
     for step in range(1, steps + 1):
         prof = m.profile_due()
         gains = (rate if later is None or step <= 5 else later) ** np.arange(length)
-        sq = np.array([0.0 if dead and step > 5 else 1.0, 1.0])
+        sq = np.array([0.0 if dead and step > 5 else 1.0, 1.0]) * (1e8 if step == spike_at else 1.0)
         m.process(StepStats(sq, temporal={"rnn": np.ones(length)} if prof else {},
                             propagation={"rnn": {"l0": gains}} if prof else {}))
     m.close()
@@ -46,6 +54,14 @@ def test_a_gru_at_068_has_not_learned_the_task(tmp_path):
     (sentence,) = story([_result("gru", 0.68)], [run])
     assert "learned part of the task" in sentence and "learned the task" not in sentence
     assert "no through-time alert" in sentence
+
+
+def test_an_alert_on_the_gradient_norm_is_not_hidden_behind_no_through_time_alert(tmp_path):
+    """The summary table counts every exploding event; the sentence must not read as if
+    there were none (the demo's GRU: one spike of its gradient norm, no through-time alert)."""
+    run = _run(tmp_path / "gru.jsonl", rate=0.99, steps=40, spike_at=38)
+    (sentence,) = story([_result("gru", 1.0)], [run])
+    assert "no through-time alert, but 1 alert on the gradient norm itself" in sentence
 
 
 def test_a_gated_cell_that_vanishes_says_so_with_its_horizon(tmp_path):

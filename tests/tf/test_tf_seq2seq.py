@@ -11,8 +11,9 @@ import pytest
 keras = pytest.importorskip("keras", reason="the Keras backend needs keras")
 pytest.importorskip("tensorflow", reason="the Keras backend needs TensorFlow")
 
-from gradwatch_tf import GradWatchCallback  # noqa: E402
-from test_tf_propagation import assert_gains, cell_params, data, exact, gains_of  # noqa: E402
+from test_tf_propagation import assert_gains, cell_params, data, exact, gains_of
+
+from gradwatch_tf import GradWatchCallback
 
 
 def test_a_decoder_after_repeat_vector_is_measured_on_every_batch_size(caplog):

@@ -191,6 +191,7 @@ class Facts:
     norm_max: float
     clipped_share: float
     dead_from: int | None  # first step from which the recurrent layer's gradient stayed exactly 0 to the end
+    norm_alerts: int = 0  # exploding / vanishing alerts on the gradient norm (not through time)
 
 
 def _prop(prof: Any) -> tuple[float, int, int, float] | None:
@@ -209,9 +210,13 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
     layer = next((k for r in run.records for k in r.temporal), layer)
     measured = [p for p in (_prop(r.temporal[layer]) for r in run.records if layer in r.temporal) if p is not None]
     alerts: dict[str, int] = {}
+    norm_alerts = 0
     for (kind, where), n in s.events_by_kind_layer.items():
-        if where == layer and kind in ("vanishing", "exploding"):
-            alerts[kind] = alerts.get(kind, 0) + n
+        if kind in ("vanishing", "exploding"):
+            if where == layer:
+                alerts[kind] = alerts.get(kind, 0) + n
+            else:
+                norm_alerts += n
     dead_from = None
     recs = [r for r in run.records if layer in r.layer_norms]
     if recs and recs[-1].layer_norms[layer] == 0.0:
@@ -233,6 +238,7 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
         norm_max=s.norm_max,
         clipped_share=s.clipped_share if s.has_policy else 0.0,
         dead_from=dead_from,
+        norm_alerts=norm_alerts,
     )
 
 
@@ -254,9 +260,12 @@ def _through(p: tuple[float, int, int, float] | None) -> str:
 
 
 def _alerts_text(f: Facts) -> str:
-    if not f.alerts:
-        return "no through-time alert"
-    return ", ".join(f"{n} {k} alert{'s' if n > 1 else ''}" for k, n in sorted(f.alerts.items()))
+    said = ", ".join(f"{n} {k} alert{'s' if n > 1 else ''}" for k, n in sorted(f.alerts.items()))
+    said = said or "no through-time alert"
+    if f.norm_alerts:  # the summary table counts these among its events too
+        n = f.norm_alerts
+        said += f"{' and' if f.alerts else ', but'} {n} alert{'s' if n > 1 else ''} on the gradient norm itself"
+    return said
 
 
 def _learned(f: Facts) -> str:
