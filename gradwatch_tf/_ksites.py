@@ -11,7 +11,7 @@ on the weights the gradients belong to (before the update):
   ``jax.value_and_grad`` in the same trace, so the kept tensors are that transform's
   tracers; their primal values are the jitted step's own. On a due step the step copies
   the first ``PROBED`` sequences (input, mask, initial state) and the cells' weights
-  before the update into device buffers (:class:`_Kept`) that travel in its state like
+  before the update into device buffers (:class:`Kept`) that travel in its state like
   the ring; when the host reads that step's row (every profiled step is a read) it
   replays the buffers with a separately jitted function (compiled at the first profiled
   step, once per site and probed batch size) and writes the logs into the row, so the
@@ -43,7 +43,8 @@ from keras import ops
 
 from gradwatch import Segment, profile_due
 from gradwatch.through_time.plan import PROBED, replay_every, sweep_vectors
-from gradwatch_tf import _kcells, _kreplay
+from gradwatch_tf import _kcells, _kkept, _kreplay
+from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS
 
 __all__ = ["PortableThroughTime"]
@@ -59,7 +60,7 @@ class _Site:
     directions: list[tuple[str, Any]]
     salt: int
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
-    kept: _Kept | None = None  # JAX: the device buffers of the last due step
+    kept: Kept | None = None  # JAX: the device buffers of the last due step
 
     @property
     def weights(self) -> list[Any]:
@@ -69,46 +70,6 @@ class _Site:
     def gate_name(self) -> str | None:
         names = {_GATES.get(type(layer.cell).__name__) for _, layer in self.directions}
         return names.pop() if len(names) == 1 else None
-
-
-@dataclass
-class _Kept:
-    """What the host replay of a due step needs, kept on the device by the jitted step
-    (Keras variables in the optimizer's state, like the ring): the first ``PROBED``
-    sequences of the input [P, T, F] and mask [P, T] (padded; ``n`` of them valid), the
-    initial state parts [P, u] (zeros when the call had none: the replay's own default),
-    the cells' weights before the update, and the step they belong to (0: none)."""
-
-    x: Any
-    mask: Any
-    states: list[Any]
-    weights: list[Any]
-    n: Any
-    step: Any
-
-    @staticmethod
-    def make(site: _Site, make: Callable[[Any, str, str], Any]) -> _Kept:
-        tag = f"gradwatch_kept_{site.salt}"
-        cell = site.directions[0][1].cell
-        feat = int(cell.kernel.shape[0])
-        parts = _kcells.KCELLS[type(cell).__name__](cell).parts
-        states = [
-            make(np.zeros((PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
-            for i, (_, layer) in enumerate(site.directions)
-            for p in range(parts)
-        ]
-        weights = [
-            make(np.zeros(tuple(v.shape)), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
-            for j, v in enumerate(site.weights)
-        ]
-        return _Kept(
-            x=make(np.zeros((PROBED, site.length, feat)), "float32", f"{tag}_x"),
-            mask=make(np.zeros((PROBED, site.length)), "float32", f"{tag}_mask"),
-            states=states,
-            weights=weights,
-            n=make(0, "int32", f"{tag}_n"),
-            step=make(0, "int32", f"{tag}_step"),
-        )
 
 
 def _length(layer: Any) -> int | None:
@@ -176,6 +137,7 @@ class PortableThroughTime:
         self._fail = fail
         self.broken = False
         self._jitted: dict[str, tuple[list[Any], Any]] = {}
+        self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -290,9 +252,9 @@ class PortableThroughTime:
     # ------------------------------------------------------------ JAX: kept, replayed on the host
     def buffers(self, make: Callable[[Any, str, str], Any]) -> None:
         """On JAX, the device buffers a jitted step writes what the replay needs into (see
-        :class:`_Kept`); created outside any trace, carried in the step's state."""
+        :class:`Kept`); created outside any trace, carried in the step's state."""
         for site in self.sites:
-            site.kept = _Kept.make(site, make)
+            site.kept = Kept.make(site.salt, site.length, site.directions, make)
 
     def _keep(self, site: _Site, call: dict[str, Any], step: Any, due: Any) -> None:
         """In the jitted step: on a due step, the first sequences of the call and the
@@ -343,8 +305,10 @@ class PortableThroughTime:
                 n = int(np.asarray(read(kept.n)))
                 flat = [read(v)[:n] for v in kept.states]
                 call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}
-                logs, gates = self._eager(site, call, np.int32(step), [read(v) for v in kept.weights])
-                logs, gates = np.asarray(logs, np.float64), np.asarray(gates, np.float64)
+                out = self._host_replay(site, call, np.int32(step), [read(v) for v in kept.weights])
+                if out is None:
+                    continue  # its compile is not ready yet: not measured (NaN)
+                logs, gates = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.broken = True
                 self._fail("propagation replay", exc)
@@ -356,7 +320,16 @@ class PortableThroughTime:
                     row[sl] = value.reshape(-1)
         return row
 
-    def _eager(self, site: _Site, call: dict[str, Any], step: Any, values: list[Any] | None = None) -> tuple[Any, Any]:
+    def _host_replay(self, site: _Site, call: dict[str, Any], step: Any, values: list[Any]) -> tuple[Any, Any] | None:
+        """The host replay of kept buffers (JAX): :func:`gradwatch_tf._kkept.run`."""
+        self._eager(site, call, step, values, lower=True)
+        return _kkept.run(
+            self._compiled, (site.name, int(call["x"].shape[0])), self._jitted[site.name][1], (values, call, step)
+        )
+
+    def _eager(
+        self, site: _Site, call: dict[str, Any], step: Any, values: list[Any] | None = None, *, lower: bool = False
+    ) -> tuple[Any, Any]:
         """An eager step's replay; on JAX compiled once per site (eager JAX would compile
         every scan at every call), the cells' weights passed in through a StatelessScope
         (their current values, or ``values``: those the kept gradients belonged to)."""
@@ -373,6 +346,8 @@ class PortableThroughTime:
 
             self._jitted[site.name] = (weights, jax.jit(pure))
         weights, fn = self._jitted[site.name]
+        if lower:  # only make sure the jitted function exists (see _host_replay)
+            return None  # type: ignore[return-value]
         return fn([v.value for v in weights] if values is None else values, call, step)  # type: ignore[no-any-return]
 
     def _nan(self, site: _Site) -> tuple[Any, Any]:

@@ -260,8 +260,12 @@ def _propagation_reference(model: keras.Model, x: np.ndarray) -> dict[tuple[str,
 def test_fit_measures_propagation_inside_the_compiled_step():
     """Through time in ``fit`` (jit on JAX: the step keeps the inputs and the weights, the
     host replays them), against the core's float64 reference: the gains and max gains of a
-    GRU and of both directions of a Bidirectional LSTM, on two steps of a large learning
-    rate, each against the weights its gradients belonged to (before that step's update)."""
+    GRU and of both directions of a Bidirectional LSTM, on steps of a large learning rate,
+    each against the weights its gradients belonged to (before that step's update). On JAX
+    the host replay compiles in the background: step 1, read before it is ready, is not
+    measured (left out, never 0); once it is, steps 2 and 3 are."""
+    from gradwatch_tf import _kkept
+
     keras.utils.set_random_seed(3)
     inp = keras.Input((6, 3))
     bi = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi")
@@ -272,13 +276,20 @@ def test_fit_measures_propagation_inside_the_compiled_step():
     y = np.random.default_rng(5).standard_normal((10, 6, 1)).astype("float32")
     cb = GradWatchCallback(profile_every=1, sinks=["memory"])
     wants = []
-    for _ in range(2):  # one step per fit: the weights before each step are readable between fits
+    for _ in range(3):  # one step per fit: the weights before each step are readable between fits
         wants.append(_propagation_reference(model, x))
         model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[cb])
-    assert [r.step for r in cb.records] == [1, 2]
-    moved = wants[1][("gru", "l0")][0] / wants[0][("gru", "l0")][0]
+        _kkept.compiles_done()
+    assert [r.step for r in cb.records] == [1, 2, 3]
+    moved = wants[2][("gru", "l0")][0] / wants[1][("gru", "l0")][0]
     assert np.max(np.abs(moved - 1.0)) > 1e-2  # the update moved the gains: a stale version fails
-    for rec, want in zip(cb.records, wants):
+    records = cb.records
+    if BACKEND == "jax":
+        assert cb.records[0].temporal == {} or all(
+            not np.isfinite(r.gains).any() for t in cb.records[0].temporal.values() for r in t.recurrences.values()
+        ), cb.records[0].temporal
+        records, wants = records[1:], wants[1:]
+    for rec, want in zip(records, wants):
         for (layer, key), (gains, max_gains) in want.items():
             got = rec.temporal[layer].recurrences[key]
             np.testing.assert_allclose(got.gains, gains, rtol=1e-4)
