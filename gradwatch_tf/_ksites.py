@@ -12,12 +12,16 @@ on the weights the gradients belong to (before the update):
   tracers; their primal values are the jitted step's own. On a due step the step copies
   the first ``PROBED`` sequences (input, mask, initial state) and the cells' weights
   before the update into device buffers (:class:`Kept`) that travel in its state like
-  the ring; when the host reads that step's row (every profiled step is a read) it
-  replays the buffers with a separately jitted function (compiled at the first profiled
-  step, once per site and probed batch size) and writes the logs into the row, so the
-  record carries them with its own step number. The host waits for that replay (about a
-  profiled step's worth of small scans); a due step overwritten before any read (several
-  profiled steps in one ``steps_per_execution``) is recorded NaN: not measured;
+  the ring; when the host reads that step's row (the callback reads at every profiled
+  step) it replays the buffers with a separately jitted function and writes the logs into
+  the row, so the record carries them with its own step number. That function is compiled
+  once per site and probed batch size, in a background thread started at the first
+  profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
+  steps read before it is ready are recorded without propagation (not measured). The
+  host waits for the replay itself (a few small scans over 8 sequences, on profiled
+  steps only); it is not left to land at a later read. A due step overwritten before the
+  host read it (several profiled steps in one ``steps_per_execution``, or a ``watch``
+  whose records are read only after the fit) is likewise not measured;
 * on torch (eager), and in an eager JAX custom loop, the kept tensors are detached, and
   the host knows the step count, so an unprofiled step runs nothing of it (no device read
   to decide), a due one replays in the hook before the update.
