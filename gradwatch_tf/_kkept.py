@@ -44,7 +44,11 @@ def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...]) -> A
     the pool's thread and this returns None until it is ready (a failed compile raises)."""
     if key not in compiled:
         if BACKGROUND_COMPILE:
-            compiled[key] = _pool().submit(lambda: fn.lower(*args).compile())
+            import jax
+
+            # Shapes only: the arrays themselves may be donated to the next train step.
+            specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+            compiled[key] = _pool().submit(lambda: fn.lower(*specs).compile())
         else:
             compiled[key] = fn.lower(*args).compile()
     entry = compiled[key]
