@@ -296,6 +296,33 @@ def test_fit_measures_propagation_inside_the_compiled_step():
             np.testing.assert_allclose(got.max_gains, max_gains, rtol=1e-4)
 
 
+def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
+    """On JAX the step keeps one due step's inputs: with ``steps_per_execution=2`` the
+    host reads after step 2, so step 1 is not measured (left out, never another step's
+    numbers) and step 2 is, against the float64 reference; the replay compiled at once."""
+    if BACKEND != "jax":
+        pytest.skip("the kept buffers are JAX's")
+    from gradwatch.through_time.reference import propagation_from_jacobians
+    from gradwatch_tf import _kkept
+    from tests.contract.adapters import KerasAdapter, Recurrence
+    from tests.contract.test_contract_through_time import _run
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", False)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=2)
+    x, y = _data(16)
+    cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+    model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[cb])
+    assert [r.step for r in cb.records] == [1, 2]
+    assert cb.records[0].temporal == {}
+    r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(model.get_layer("rnn").cell))
+    runs = [_run(r, x[8 + p].astype(np.float64), np.ones(6, bool)) for p in range(8)]
+    want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
+    got = cb.records[1].temporal["rnn"].recurrences["l0"]
+    np.testing.assert_allclose(got.gains, want[0], rtol=1e-4)
+    np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
+
+
 def test_fit_reads_the_device_only_on_flush_and_profiled_steps(monkeypatch):
     """On JAX and torch the host reads gradwatch's ring on flush (log_every) and profiled
     steps and at epoch end only; every step still gets its record."""
