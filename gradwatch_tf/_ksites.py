@@ -303,9 +303,11 @@ class PortableThroughTime:
         step = int(row[step_sl][0])
         for site in self.sites:
             kept = site.kept
-            if kept is None or int(np.asarray(read(kept.step))) != step:
+            if kept is None:
                 continue
             try:
+                if int(np.asarray(read(kept.step))) != step:
+                    continue
                 n = int(np.asarray(read(kept.n)))
                 flat = [read(v)[:n] for v in kept.states]
                 call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}
