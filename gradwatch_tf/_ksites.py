@@ -4,14 +4,27 @@ The recurrent layers (SimpleRNN / LSTM / GRU, ``RNN`` of one of their cells, and
 ``Bidirectional`` around one: a site with recurrences "l0" and "l0_reverse") have their
 ``call`` wrapped on the instance (restored at close), which only *keeps* what the call
 saw: input, mask, initial state. The replay (:func:`gradwatch_tf._kreplay.measure`) runs
-in the optimizer hook, before the update, on the weights the gradients belong to:
+on the weights the gradients belong to (before the update):
 
-* on JAX inside the jitted train step: the forward ran inside ``jax.value_and_grad`` in
-  the same trace, so the kept tensors are that transform's tracers; their primal values
-  are the jitted step's own tracers, usable after the transform (no host round trip);
-  the replay sits in ``ops.cond`` on the profiling rule, paid on profiled steps only;
-* on torch (eager): the kept tensors are detached, and the host knows the step count,
-  so an unprofiled step runs nothing of it (no device read to decide).
+* on JAX the jitted train step holds none of the replay (its scans would be compiled into
+  the step: a first ``fit`` 6x slower for one small LSTM). The forward ran inside
+  ``jax.value_and_grad`` in the same trace, so the kept tensors are that transform's
+  tracers; their primal values are the jitted step's own. On a due step the step copies
+  the first ``PROBED`` sequences (input, mask, initial state) and the cells' weights
+  before the update into device buffers (:class:`Kept`) that travel in its state like
+  the ring; when the host reads that step's row (the callback reads at every profiled
+  step) it replays the buffers with a separately jitted function and writes the logs into
+  the row, so the record carries them with its own step number. That function is compiled
+  once per site and probed batch size, in a background thread started at the first
+  profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
+  steps read before it is ready are recorded without propagation (not measured). The
+  host waits for the replay itself (a few small scans over 8 sequences, on profiled
+  steps only); it is not left to land at a later read. A due step overwritten before the
+  host read it (several profiled steps in one ``steps_per_execution``, or a ``watch``
+  whose records are read only after the fit) is likewise not measured;
+* on torch (eager), and in an eager JAX custom loop, the kept tensors are detached, and
+  the host knows the step count, so an unprofiled step runs nothing of it (no device read
+  to decide), a due one replays in the hook before the update.
 
 Each site's row entries are the log gains [2, R, T] (the host takes ``exp`` in float64:
 a vanished gain stays representable in float32) and, for gated cells, the keep gate's
@@ -34,7 +47,8 @@ from keras import ops
 
 from gradwatch import Segment, profile_due
 from gradwatch.through_time.plan import PROBED, replay_every, sweep_vectors
-from gradwatch_tf import _kcells, _kreplay
+from gradwatch_tf import _kcells, _kkept, _kreplay
+from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS
 
 __all__ = ["PortableThroughTime"]
@@ -50,6 +64,11 @@ class _Site:
     directions: list[tuple[str, Any]]
     salt: int
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
+    kept: Kept | None = None  # JAX: the device buffers of the last due step
+
+    @property
+    def weights(self) -> list[Any]:
+        return [v for _, layer in self.directions for v in layer.cell.weights]
 
     @property
     def gate_name(self) -> str | None:
@@ -122,6 +141,7 @@ class PortableThroughTime:
         self._fail = fail
         self.broken = False
         self._jitted: dict[str, tuple[list[Any], Any]] = {}
+        self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -225,16 +245,100 @@ class PortableThroughTime:
                     k = step - 1 if every == 1 else step // every
                     due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
                     due = ops.logical_and(due, ops.equal(ops.mod(k, period), 0))
-                    logs, gates = ops.cond(due, lambda s=site, c=call: self._measure(s, c, step), lambda v=nan: v)
+                    self._keep(site, call, step, due)
+                    logs, gates = nan  # the host replays the kept buffers (:meth:`fill`)
             if site.gate_name is not None:
                 out[("gates", site.name)] = gates
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
 
-    def _eager(self, site: _Site, call: dict[str, Any], step: Any) -> tuple[Any, Any]:
+    # ------------------------------------------------------------ JAX: kept, replayed on the host
+    def buffers(self, make: Callable[[Any, str, str], Any]) -> None:
+        """On JAX, the device buffers a jitted step writes what the replay needs into (see
+        :class:`Kept`); created outside any trace, carried in the step's state."""
+        for site in self.sites:
+            site.kept = Kept.make(site.salt, site.length, site.directions, make)
+
+    def _keep(self, site: _Site, call: dict[str, Any], step: Any, due: Any) -> None:
+        """In the jitted step: on a due step, the first sequences of the call and the
+        cells' weights *before* the update into the site's buffers (``ops.where``: no
+        branch, a few small copies); nothing of the replay is traced here."""
+        kept = site.kept
+        if kept is None:
+            return
+        x = ops.cast(call["x"], "float32")[:PROBED]
+        b = int(x.shape[0])
+        mask = call["mask"]
+        mask = ops.ones(x.shape[:2], "float32") if mask is None else ops.cast(mask, "float32")[:PROBED]
+        mask = ops.reshape(mask, x.shape[:2])
+        states = call["states"]
+        flat = [] if states is None else (list(states) if isinstance(states, (list, tuple)) else [states])
+        if flat and len(flat) != len(kept.states):
+            return  # a state layout the buffers do not hold: not measured (NaN)
+        flat = [ops.cast(v, "float32")[:PROBED] for v in flat] or [
+            ops.zeros((b, *v.shape[1:]), "float32") for v in kept.states
+        ]
+
+        def pad(v: Any) -> Any:
+            return ops.pad(v, [[0, PROBED - b]] + [[0, 0]] * (len(v.shape) - 1)) if b < PROBED else v
+
+        pairs = [(kept.x, pad(x)), (kept.mask, pad(mask))]
+        pairs += [(buf, pad(v)) for buf, v in zip(kept.states, flat)]
+        pairs += [(buf, v.value) for buf, v in zip(kept.weights, site.weights)]
+        pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
+        for buf, value in pairs:
+            buf.assign(ops.where(due, ops.cast(value, buf.dtype), buf.value))
+
+    def fill(self, layout: Any, row: np.ndarray, read: Callable[[Any], Any]) -> np.ndarray:
+        """On the host, at the read of a profiled step's row (JAX): each site whose buffers
+        hold this very step is replayed on them (compiled once per site, apart from the
+        train step) and its log entries written into the row, so the record of that step
+        carries them with its own step number. A site whose buffers hold another step (a
+        step not due for it, or a due step overwritten by a later one before the host read:
+        several profiled steps in one ``steps_per_execution``) stays NaN: not measured."""
+        step_sl = layout.slice("step")
+        if step_sl is None or self.broken:
+            return row
+        step = int(row[step_sl][0])
+        for site in self.sites:
+            kept = site.kept
+            if kept is None:
+                continue
+            try:
+                if int(np.asarray(read(kept.step))) != step:
+                    continue
+                n = int(np.asarray(read(kept.n)))
+                flat = [read(v)[:n] for v in kept.states]
+                call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}
+                out = self._host_replay(site, call, np.int32(step), [read(v) for v in kept.weights])
+                if out is None:
+                    continue  # its compile is not ready yet: not measured (NaN)
+                logs, gates = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                self.broken = True
+                self._fail("propagation replay", exc)
+                return row
+            row = np.array(row, dtype=np.float64)
+            for kind, value in (("propagation", logs[0]), ("max_gains", logs[1]), ("gates", gates)):
+                sl = layout.slice(kind, site.name)
+                if sl is not None:
+                    row[sl] = value.reshape(-1)
+        return row
+
+    def _host_replay(self, site: _Site, call: dict[str, Any], step: Any, values: list[Any]) -> tuple[Any, Any] | None:
+        """The host replay of kept buffers (JAX): :func:`gradwatch_tf._kkept.run`."""
+        self._eager(site, call, step, values, lower=True)
+        return _kkept.run(
+            self._compiled, (site.name, int(call["x"].shape[0])), self._jitted[site.name][1], (values, call, step)
+        )
+
+    def _eager(
+        self, site: _Site, call: dict[str, Any], step: Any, values: list[Any] | None = None, *, lower: bool = False
+    ) -> tuple[Any, Any]:
         """An eager step's replay; on JAX compiled once per site (eager JAX would compile
-        every scan at every call), the cells' weights passed in through a StatelessScope."""
+        every scan at every call), the cells' weights passed in through a StatelessScope
+        (their current values, or ``values``: those the kept gradients belonged to)."""
         if keras.backend.backend() != "jax":
             return self._measure(site, call, step)
         if site.name not in self._jitted:
@@ -248,7 +352,9 @@ class PortableThroughTime:
 
             self._jitted[site.name] = (weights, jax.jit(pure))
         weights, fn = self._jitted[site.name]
-        return fn([v.value for v in weights], call, step)  # type: ignore[no-any-return]
+        if lower:  # only make sure the jitted function exists (see _host_replay)
+            return None  # type: ignore[return-value]
+        return fn([v.value for v in weights] if values is None else values, call, step)  # type: ignore[no-any-return]
 
     def _nan(self, site: _Site) -> tuple[Any, Any]:
         return ops.full((2, len(site.directions), site.length), math.nan, "float32"), ops.full(

@@ -202,8 +202,14 @@ class JaxState:
                 v.assign(value)
 
     def _current(self, v: Any) -> Any:
-        """The variable's value now: in a JAX ``fit`` the live one is in the model's
-        ``_jax_state`` (the variable itself is stale or purged until the fit syncs)."""
+        """The variable's value now, on the host (see :meth:`_live`)."""
+        value = self._live(v)
+        return None if value is None else np.asarray(keras.ops.convert_to_numpy(value))
+
+    def _live(self, v: Any) -> Any:
+        """The variable's value now, left where it is (a device array): in a JAX ``fit``
+        the live one is in the model's ``_jax_state`` (the variable itself is stale or
+        purged until the fit syncs)."""
         model = self._model_ref()
         state = getattr(model, "_jax_state", None) if model is not None else None
         if self._in_optimizer and state and not getattr(model, "_jax_state_synced", True):
@@ -211,8 +217,8 @@ class JaxState:
             if values is not None:
                 for ref, val in zip(self._outer.variables, values):
                     if ref is v:
-                        return np.asarray(val)
+                        return val
         try:
-            return np.asarray(keras.ops.convert_to_numpy(v.value))
+            return v.value
         except Exception:  # noqa: BLE001 - a purged variable (no value) outside a fit
             return None

@@ -27,8 +27,10 @@ that calls ``optimizer.apply`` eagerly is watched as on torch; one that jits
 ``stateless_apply`` itself keeps gradwatch's state out of its own (not measured yet).
 
 Through time (propagation gains, max gains, rate, horizon, gate statistics) comes from
-the ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`, :mod:`gradwatch_tf._kreplay`), run
-in this hook on the recurrent layers' kept call inputs, before the update. Per-timestep
+the ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`, :mod:`gradwatch_tf._kreplay`) on
+the recurrent layers' kept call inputs and the weights before the update: in this hook on
+torch and eager JAX, on the host at the read of the row under a JAX ``fit`` (the jitted
+step only keeps what it needs in buffers, so its compile holds none of the replay). Per-timestep
 sensitivity and spectral norms stay TensorFlow-only: records carry no ``spectral`` and
 no per-timestep norms on these backends.
 """
@@ -163,6 +165,8 @@ class PortableAttachment(JaxState, Lifecycle):
         if self._tt is not None:
             for key, value in self._tt.meta().items():
                 meta.setdefault(key, value)
+            if keras.backend.backend() == "jax" and self._tt.sites:
+                self._tt.buffers(make)
         layout = Layout(segments)
         self._graph = Graph(
             layout=layout,
@@ -311,6 +315,9 @@ class PortableAttachment(JaxState, Lifecycle):
 
     def _process_row(self, row: np.ndarray) -> StepRecord | None:
         if self._tt is not None and self._tt.sites:
+            profiled = self._graph.layout.slice("profiled")
+            if keras.backend.backend() == "jax" and profiled is not None and row[profiled][0] > 0:
+                row = self._tt.fill(self._graph.layout, row, self._live)
             row = self._tt.exp_logs(self._graph.layout, row)
         return super()._process_row(row)
 

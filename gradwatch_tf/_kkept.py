@@ -1,0 +1,100 @@
+"""On JAX, what a jitted ``fit`` step keeps for the host's through-time replay, and how
+the host compiles that replay (:mod:`gradwatch_tf._ksites`, which says why: the replay's
+scans are kept out of the train step's compile)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+
+from gradwatch.through_time.plan import PROBED
+from gradwatch_tf import _kcells
+
+__all__ = ["BACKGROUND_COMPILE", "Kept", "compiles_done", "run"]
+
+#: On JAX, compile the host replay in a background thread (one per process, idle when
+#: done): the first ``fit`` is not held for it; profiled steps read before it is ready are
+#: recorded without propagation (not measured). False: compile at the first profiled
+#: step, waiting for it.
+BACKGROUND_COMPILE = True
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gradwatch-compile")
+    return _POOL
+
+
+def compiles_done() -> None:
+    """Wait until every background compile started so far is ready (one worker, in
+    order: a no-op queued behind them)."""
+    _pool().submit(lambda: None).result()
+
+
+def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...]) -> Any:
+    """``fn(*args)`` (a ``jax.jit`` function) through its executable compiled once per
+    ``key`` and kept in ``compiled``; with :data:`BACKGROUND_COMPILE` the compile runs in
+    the pool's thread and this returns None until it is ready (a failed compile raises)."""
+    if key not in compiled:
+        if BACKGROUND_COMPILE:
+            import jax
+
+            # Shapes only: the arrays themselves may be donated to the next train step.
+            specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+            compiled[key] = _pool().submit(lambda: fn.lower(*specs).compile())
+        else:
+            compiled[key] = fn.lower(*args).compile()
+    entry = compiled[key]
+    if isinstance(entry, Future):
+        if not entry.done():
+            return None
+        entry = compiled[key] = entry.result()
+    return entry(*args)
+
+
+@dataclass
+class Kept:
+    """What the host replay of a due step needs, kept on the device by the jitted step
+    (Keras variables in the optimizer's state, like the ring): the first ``PROBED``
+    sequences of the input [P, T, F] and mask [P, T] (padded; ``n`` of them valid), the
+    initial state parts [P, u] (zeros when the call had none: the replay's own default),
+    the cells' weights before the update, and the step they belong to (0: none)."""
+
+    x: Any
+    mask: Any
+    states: list[Any]
+    weights: list[Any]
+    n: Any
+    step: Any
+
+    @staticmethod
+    def make(salt: int, length: int, directions: list[tuple[str, Any]], make: Callable[[Any, str, str], Any]) -> Kept:
+        """The buffers of one site (``directions``: its (key, RNN layer) pairs)."""
+        tag = f"gradwatch_kept_{salt}"
+        cell = directions[0][1].cell
+        feat = int(cell.kernel.shape[0])
+        parts = _kcells.KCELLS[type(cell).__name__](cell).parts
+        states = [
+            make(np.zeros((PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
+            for i, (_, layer) in enumerate(directions)
+            for p in range(parts)
+        ]
+        weights = [
+            make(np.zeros(tuple(v.shape)), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
+            for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
+        ]
+        return Kept(
+            x=make(np.zeros((PROBED, length, feat)), "float32", f"{tag}_x"),
+            mask=make(np.zeros((PROBED, length)), "float32", f"{tag}_mask"),
+            states=states,
+            weights=weights,
+            n=make(0, "int32", f"{tag}_n"),
+            step=make(0, "int32", f"{tag}_step"),
+        )
