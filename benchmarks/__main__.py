@@ -195,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         results = saved["results"]
         text = render(results, saved["command"], dt.datetime.fromisoformat(saved["started"]), saved["quick"],
                       saved.get("load"))
-        (HERE / "RESULTS.md").write_text(text + "\n")
-        print(f"re-rendered {HERE / 'RESULTS.md'} from {raw}", file=sys.stderr)
+        target = Path(a.out) if a.out else HERE / "RESULTS.md"
+        target.write_text(text + "\n")
+        print(f"re-rendered {target} from {raw}", file=sys.stderr)
         return 0
     started = dt.datetime.now(dt.timezone.utc)
     command = "python -m benchmarks" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])).rstrip()
