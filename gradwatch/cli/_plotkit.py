@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -62,15 +63,26 @@ def _scale_y(ax, values: object = None) -> bool:
     v = v[np.isfinite(v) & (v > 0)]
     if v.size and float(v.max()) >= 10 * float(v.min()):
         ax.set_yscale("log")
-        hi, lo = float(v.max()), float(v.min())
-        if hi / lo > 10.0**MAX_DECADES:  # matplotlib's log locator overflows on hundreds of decades
-            ax.set_ylim(hi / 10.0**MAX_DECADES, hi * 10)
+        clamp_log_axis(ax, float(v.min()), float(v.max()))
         return True
     return False
 
 
+def clamp_log_axis(ax: Any, lo: float, hi: float) -> None:
+    """Limits of a log axis drawing positive values from ``lo`` to ``hi`` that matplotlib's
+    log locator can tick: at most MAX_DECADES decades (what lies below leaves the bottom
+    of the plot), and a top no higher than LOG_TOP (its ticks a stride above the top would
+    pass the float range, and drawing fails with OverflowError; a value above it, such as
+    a norm of 1e293 in a run file, leaves the top of the plot)."""
+    top = min(hi * 10, LOG_TOP)
+    if top / lo > 10.0**MAX_DECADES or hi * 10 > LOG_TOP:
+        ax.set_ylim(min(max(lo / 10, top / 10.0**MAX_DECADES), top / 10), top)
+
+
 #: Decades a log axis shows at most (below that, a curve leaves the bottom of the plot).
 MAX_DECADES = 120
+#: The highest top a log axis gets (see :func:`clamp_log_axis`).
+LOG_TOP = 1e250
 
 
 def _safe_name(s: str) -> str:

@@ -17,7 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from gradwatch.cli._plotkit import _STYLES, MAX_DECADES, _colors, _figure, _positive, _safe_name, _save, _scale_y, _text
+from gradwatch.cli._plotkit import (
+    _STYLES,
+    _colors,
+    _figure,
+    _positive,
+    _safe_name,
+    _save,
+    _scale_y,
+    _text,
+    clamp_log_axis,
+)
 from gradwatch.cli.plot_norms import global_norm_figure, layer_labels, plot_global_norm, plot_layer_heatmap
 from gradwatch.cli.summary import run_color
 from gradwatch.formatting import printable
@@ -112,8 +122,8 @@ def _clamp_decades(ax: Any) -> None:
     """A log axis over at most MAX_DECADES decades (a vanished gain can reach 1e-300)."""
     v = np.concatenate([np.asarray(ln.get_ydata(), dtype=np.float64) for ln in ax.lines] or [np.zeros(0)])
     v = v[np.isfinite(v) & (v > 0)]
-    if v.size and v.max() / v.min() > 10.0**MAX_DECADES:
-        ax.set_ylim(v.max() / 10.0**MAX_DECADES, v.max() * 10)
+    if v.size:
+        clamp_log_axis(ax, float(v.min()), float(v.max()))
 
 
 def _draw_propagation(ax: Any, run: Run, layer: str, lab: str) -> bool:

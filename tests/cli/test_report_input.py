@@ -7,7 +7,7 @@ import os
 import re
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gradwatch.cli import main
@@ -100,7 +100,7 @@ def test_dollar_signs_in_names_do_not_stop_the_plots(tmp_path, capsys):
 _NAME = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=30)
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(run_name=_NAME, layer=_NAME, kind=_NAME)
 def test_any_names_give_a_whole_report_and_a_clean_terminal(tmp_path_factory, run_name, layer, kind):
     tmp = tmp_path_factory.mktemp("names")
@@ -131,10 +131,13 @@ def test_a_plot_that_fails_leaves_the_rest_of_the_report(tmp_path, capsys, monke
     assert "could not be drawn" in html and (tmp_path / "rep" / "global_norm.png").exists()
 
 
-_VALUE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1e-300, 1e300]))
+_VALUE = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1e-300, 1e150, 1e300]))
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples on every run, so CI does not fail by the luck of the draw
+# (drop derandomize locally to explore); @example pins what a random draw once found.
+@settings(max_examples=8, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@example(norms=[(0.0, 0.0)], profile=[3.1622776603088144e146, 1.0], policy=None, log_every=1)  # a log axis to 1e294
 @given(
     norms=st.lists(st.tuples(_VALUE, _VALUE), min_size=1, max_size=40),
     profile=st.lists(_VALUE, max_size=6),
