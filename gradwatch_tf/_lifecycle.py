@@ -9,8 +9,10 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from gradwatch.errors import GradwatchError
+from gradwatch.attachment import warn_if_no_step
+from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
+from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._ring import RingReader
 
 __all__ = ["Lifecycle"]
@@ -25,6 +27,26 @@ class Lifecycle(RingReader):
     _wrappers: list[Callable[[], Callable[[], None]]]
     outside_fit: Callable[[], bool] | None
     _held_state: Any = None
+
+    def _wrap_optimizer(self) -> tuple[Any, Any] | None:
+        """Hold the wrapper of the optimizer's ``apply`` (the one given, else the model's);
+        returns (model, the optimizer as given), or None while the model has none yet."""
+        model = self._model_ref()
+        if model is None:
+            raise GradwatchError("The model watched by gradwatch no longer exists.")
+        outer = self._opt_arg if self._opt_arg is not None else getattr(model, "optimizer", None)
+        if outer is None:
+            return None
+        opt = self._opt = unwrap_optimizer(outer)
+        model_name = getattr(model, "name", "?")
+
+        def wrap_optimizer() -> Callable[[], None]:
+            self._original_apply, restore = wrap_apply(opt, model_name, self._apply, self._stale)
+            return restore
+
+        self._hold(wrap_optimizer)
+        self._installed = True
+        return model, outer
 
     def _fail(self, part: str, exc: BaseException) -> None:
         """Log a failing part once (with its traceback); the caller disables it."""
@@ -59,6 +81,38 @@ class Lifecycle(RingReader):
             self._fail("deactivating", exc)
         if self._graph.policy is not None:
             self._monitor.decide_on_device(None)  # the policy state goes back to the host
+
+    def _leave(self) -> None:
+        """Take gradwatch out of the step (the attachment adds what else it must undo)."""
+        self._stand_aside()
+
+    def close(self) -> None:
+        """Bring pending steps over, restore the optimizer and every wrapped layer; idempotent."""
+        if self._closed:
+            return
+        if self._ready:
+            try:
+                self.sync()
+            except NonFiniteGradientError:
+                pass
+        self._closed = True
+        warn_if_no_step(self._monitor, self._mode)
+        if not self._suspended:
+            self._leave()
+        self._handles.remove()
+
+    def suspend(self) -> None:
+        """Leave the model and optimizer as they were but keep the graph state (variables,
+        ring, the steps already traced with gradwatch's ops), so :meth:`resume` needs no
+        retrace. Between the two, an already traced step's gradwatch ops stand aside
+        (``active`` is False: no clipping, no skipping) and the policy state is the host's.
+        The caller syncs first (pending rows stay in the ring otherwise)."""
+        if self._closed or self._suspended:
+            return
+        self._leave()
+        self._handles.remove()
+        self._held_state = self.state_dict()  # nothing changes it until resume: read once
+        self._suspended = True
 
     def resume(self) -> None:
         """Undo ``suspend``: wrap the optimizer and the layers again (a retrace, e.g. for a

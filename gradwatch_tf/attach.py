@@ -22,11 +22,9 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch import HandleGroup, infer_layer
-from gradwatch.attachment import warn_if_no_step
-from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
-from gradwatch_tf._intercept import drop_traced_functions, unwrap_optimizer, wrap_apply
+from gradwatch_tf._intercept import drop_traced_functions
 from gradwatch_tf._lifecycle import Lifecycle
 from gradwatch_tf._step import DevicePolicy, GraphContext, build_step, step_layout
 
@@ -106,26 +104,14 @@ class TFAttachment(Lifecycle):
             )
 
     def _install(self) -> None:
-        model = self._model_ref()
-        if model is None:
-            raise GradwatchError("The model watched by gradwatch no longer exists.")
-        outer = self._opt_arg if self._opt_arg is not None else getattr(model, "optimizer", None)
-        if outer is None:
+        held = self._wrap_optimizer()
+        if held is None:
             return
-        opt = unwrap_optimizer(outer)
-        strategy = getattr(opt, "_distribution_strategy", None)
+        model = held[0]
+        strategy = getattr(self._opt, "_distribution_strategy", None)
         if strategy is None and tf.distribute.has_strategy():
             strategy = tf.distribute.get_strategy()
         self._strategy = strategy if (strategy is not None and strategy.num_replicas_in_sync > 1) else None
-        self._opt = opt
-        model_name = getattr(model, "name", "?")
-
-        def wrap_optimizer() -> Callable[[], None]:
-            self._original_apply, restore = wrap_apply(opt, model_name, self._apply, self._stale)
-            return restore
-
-        self._hold(wrap_optimizer)
-        self._installed = True
         # Recurrent layers: wrap their call now (before anything is traced); the probe
         # variables need the layer built and are created at the first call if need be.
         self._sites: list[_recurrent.RecurrentSite] = []
@@ -324,38 +310,14 @@ class TFAttachment(Lifecycle):
 
     # ------------------------------------------------------------------ protocol
     def close(self) -> None:
-        """Restore the optimizer and every wrapped layer; idempotent."""
         if self._closed:
             return
-        if self._ready:
-            try:
-                self.sync()
-            except NonFiniteGradientError:
-                pass
-        self._closed = True
-        warn_if_no_step(self._monitor, self._mode)
-        if not self._suspended:
-            self._stand_aside()
-        self._handles.remove()
+        super().close()
         model = self._model_ref()
         if model is not None and self._mode == "watch":
             # A ``fit`` run while this watch was on traced gradwatch's wrapper into Keras'
             # cached functions. (The callback keeps its own traces apart: FitFunctions.)
             drop_traced_functions(model)
-
-    def suspend(self) -> None:
-        """Leave the model and optimizer as they were but keep the graph state (variables,
-        ring, the steps already traced with gradwatch's ops), so :meth:`resume` needs no
-        retrace. Between the two, an already traced step's gradwatch ops stand aside
-        (``active`` is False: no clipping, no skipping) and the policy state is the host's.
-        The caller syncs first (pending rows stay in the ring otherwise)."""
-        if self._closed or self._suspended:
-            return
-        self._stand_aside()
-        self._handles.remove()
-        self._suspended = False
-        self._held_state = self.state_dict()  # nothing changes it until resume: read once
-        self._suspended = True
 
     def state_dict(self) -> dict[str, Any]:
         """Power-iteration vectors (the policy's state is the monitor's to save)."""

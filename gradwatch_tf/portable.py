@@ -47,10 +47,8 @@ import numpy as np
 from keras import ops
 
 from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
-from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
-from gradwatch_tf._intercept import unwrap_optimizer, wrap_apply
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
 from gradwatch_tf._kstate import (
@@ -112,23 +110,10 @@ class PortableAttachment(JaxState, Lifecycle):
 
     # ------------------------------------------------------------------ install
     def _install(self) -> None:
-        model = self._model_ref()
-        if model is None:
-            raise GradwatchError("The model watched by gradwatch no longer exists.")
-        outer = self._opt_arg if self._opt_arg is not None else getattr(model, "optimizer", None)
-        if outer is None:
+        held = self._wrap_optimizer()
+        if held is None:
             return
-        self._outer = outer
-        opt = unwrap_optimizer(outer)
-        self._opt = opt
-        model_name = getattr(model, "name", "?")
-
-        def wrap_optimizer() -> Callable[[], None]:
-            self._original_apply, restore = wrap_apply(opt, model_name, self._apply, self._stale)
-            return restore
-
-        self._hold(wrap_optimizer)
-        self._installed = True
+        model, self._outer = held
         self._tt = (
             PortableThroughTime(model, self._monitor.options, self._fail)
             if self._monitor.options.profile_every > 0
@@ -343,28 +328,9 @@ class PortableAttachment(JaxState, Lifecycle):
         return ops.logical_not(go)
 
     # ------------------------------------------------------------------ protocol
-    def close(self) -> None:
-        if self._closed:
-            return
-        if self._ready:
-            try:
-                self.sync()
-            except NonFiniteGradientError:
-                pass
-        self._closed = True
-        warn_if_no_step(self._monitor, self._mode)
-        if not self._suspended:
-            self.leave_optimizer()
-            self._stand_aside()
-        self._handles.remove()
-
-    def suspend(self) -> None:
-        if self._closed or self._suspended:
-            return
+    def _leave(self) -> None:
         self.leave_optimizer()
         self._stand_aside()
-        self._handles.remove()
-        self._suspended = True
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self._pending_state or {}) if not self._ready else {}
