@@ -14,7 +14,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["KERAS_OPS", "KerasOps", "widest"]
+__all__ = ["KERAS_OPS", "KERAS_TENSORS", "KerasOps", "KerasTensors", "widest"]
 
 
 def widest(dtype: str) -> str:
@@ -100,3 +100,43 @@ class KerasOps:
 
 #: The implementation every in-step policy runs with on a non-TensorFlow backend.
 KERAS_OPS = KerasOps()
+
+
+class KerasTensors:
+    """The through-time engine's :class:`~gradwatch.through_time.ops.TensorOps` on
+    ``keras.ops``: the engine's aggregate over probed sequences runs as written on the
+    JAX and torch Keras replay."""
+
+    def exp(self, x: Any) -> Any:
+        return ops.exp(x)
+
+    def log(self, x: Any) -> Any:
+        return ops.log(x)
+
+    def sort(self, x: Any, axis: int) -> Any:
+        return ops.sort(x, axis=axis)
+
+    def amax(self, x: Any, axis: int) -> Any:
+        return ops.max(x, axis=axis)
+
+    def cumsum(self, x: Any, axis: int) -> Any:
+        return ops.cumsum(x, axis=axis)
+
+    def flip(self, x: Any, axis: int) -> Any:
+        return ops.flip(x, axis=axis)
+
+    def logsumexp(self, x: Any, axis: int) -> Any:
+        return ops.logsumexp(x, axis=axis)
+
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        return ops.where(cond, a, b)
+
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        return ops.concatenate(xs, axis=axis)
+
+    def zeros_like(self, x: Any) -> Any:
+        return ops.zeros_like(x)
+
+
+#: The engine's tensor operations in ``keras.ops``.
+KERAS_TENSORS = KerasTensors()

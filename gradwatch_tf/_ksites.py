@@ -46,10 +46,11 @@ import numpy as np
 from keras import ops
 
 from gradwatch import Segment, profile_due
+from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every, sweep_vectors
 from gradwatch_tf import _kcells, _kkept, _kreplay
 from gradwatch_tf._kkept import Kept
-from gradwatch_tf._kops import KERAS_OPS
+from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS
 
 __all__ = ["PortableThroughTime"]
 
@@ -372,9 +373,7 @@ class PortableThroughTime:
             per_seq, gate = _kreplay.measure(
                 layer.cell, call["x"], call["mask"], own, backwards=bool(layer.go_backwards), seed=seed
             )
-            srt = ops.sort(per_seq[0], axis=-1)  # the engine's rule over sequences (aggregate_logs)
-            p = int(per_seq.shape[-1])
-            logs.append(ops.stack([0.5 * (srt[:, (p - 1) // 2] + srt[:, p // 2]), ops.max(per_seq[1], axis=-1)]))
+            logs.append(ops.stack(aggregate_logs(per_seq[0], per_seq[1], KERAS_TENSORS)))  # the engine's rule
             gates.append(gate)
         logs_t = ops.transpose(ops.stack(logs), (1, 0, 2))  # [2, R, T]
         if all(g is not None for g in gates):
