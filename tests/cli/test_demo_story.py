@@ -125,3 +125,23 @@ def test_a_mingru_that_keeps_its_memory_is_not_said_to_forget(tmp_path):
 def test_the_intro_counts_the_runs_each_framework_trains():
     assert "Seven runs" in intro("torch") and "minGRU" in intro("torch") and len(RUNS) == 7
     assert "Six runs" in intro("keras") and "minGRU" not in intro("keras")
+
+
+def test_an_lstm_alerted_as_exploding_earlier_says_when_and_how_far(tmp_path):
+    """Its last measurement reaches every step without exploding, yet it was alerted as
+    exploding: the sentence says the peak and its step (read from the records), so the
+    two do not read as a contradiction."""
+    run = _run(tmp_path / "lstm.jsonl", rate=1.1, later=1.0, spike_at=3)
+    f = facts(_result("lstm", 1.0), run)
+    assert f.alerts.get("exploding") and f.last[3] <= 1e3
+    (sentence,) = story([_result("lstm", 1.0)], [run])
+    assert "reaches all 100 steps (1/step) at the last measurement, but its most amplified direction grew up to" in sentence
+    peak = 1.1**99
+    assert f"grew up to {peak:.3g}x over the sequence at step 5" in sentence
+    assert "its gradient norm peaked at" in sentence and "x its median" in sentence
+
+
+def test_an_lstm_never_exploding_gets_no_peak_clause(tmp_path):
+    run = _run(tmp_path / "lstm.jsonl", rate=1.0)
+    (sentence,) = story([_result("lstm", 1.0)], [run])
+    assert "most amplified direction" not in sentence

@@ -192,6 +192,8 @@ class Facts:
     clipped_share: float
     dead_from: int | None  # first step from which the recurrent layer's gradient stayed exactly 0 to the end
     norm_alerts: int = 0  # exploding / vanishing alerts on the gradient norm (not through time)
+    peak: tuple[float, int] | None = None  # the largest max gain of any measurement, and its step
+    norm_median: float = math.nan
 
 
 def _prop(prof: Any) -> tuple[float, int, int, float] | None:
@@ -208,7 +210,10 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
 
     s = summarize(run)
     layer = next((k for r in run.records for k in r.temporal), layer)
-    measured = [p for p in (_prop(r.temporal[layer]) for r in run.records if layer in r.temporal) if p is not None]
+    stepped = [(r.step, p) for r in run.records if layer in r.temporal for p in [_prop(r.temporal[layer])] if p is not None]
+    measured = [p for _, p in stepped]
+    finite = [(p[3], step) for step, p in stepped if math.isfinite(p[3])]
+    peak = max(finite) if finite else None
     alerts: dict[str, int] = {}
     norm_alerts = 0
     for (kind, where), n in s.events_by_kind_layer.items():
@@ -239,6 +244,8 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
         clipped_share=s.clipped_share if s.has_policy else 0.0,
         dead_from=dead_from,
         norm_alerts=norm_alerts,
+        peak=peak,
+        norm_median=s.norm_percentiles.get("p50", math.nan),
     )
 
 
@@ -266,6 +273,22 @@ def _alerts_text(f: Facts) -> str:
         n = f.norm_alerts
         said += f"{' and' if f.alerts else ', but'} {n} alert{'s' if n > 1 else ''} on the gradient norm itself"
     return said
+
+
+def _exploded_before(f: Facts) -> str:
+    """Where a run was alerted as exploding through time but its last measurement is not
+    (a gated cell that learned, say), the sentence would read as a contradiction: say when
+    the most amplified direction crossed the line, how far, and what the gradient norm did
+    meanwhile (the spikes an exploding propagation produces, and clipping is for)."""
+    if not f.alerts.get("exploding") or f.peak is None or f.last is None or f.last[3] > EXPLODE_RATIO:
+        return ""
+    value, step = f.peak
+    if value <= EXPLODE_RATIO:
+        return ""
+    text = f" at the last measurement, but its most amplified direction grew up to {_f(value)}x over the sequence at step {step}"
+    if math.isfinite(f.norm_median) and f.norm_median > 0 and math.isfinite(f.norm_max):
+        text += f" and its gradient norm peaked at {_f(f.norm_max)} ({_f(f.norm_max / f.norm_median)}x its median)"
+    return text
 
 
 def _learned(f: Facts) -> str:
@@ -313,7 +336,7 @@ def story(results: list[Any], runs: list[Any]) -> list[str]:
             out.append(f"The tanh RNN: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
         elif f.cell in ("lstm", "gru"):
             cell = f.cell.upper()
-            out.append(f"The {cell}: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
+            out.append(f"The {cell}: {_through(f.last)}{_exploded_before(f)}, {_alerts_text(f)}; {_learned(f)}.")
         elif f.cell == "mingru":
             out.append(_mingru_sentence(f, by.get(("lstm", "adam", False))))
         elif f.cell == "relu" and f.optimizer != "sgd":
