@@ -25,6 +25,9 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
 	$(PIP) -e '.[torch,tf,jax,plot,dev,lightning,transformers,modern]'
+	# recurrentgemma (RG-LRU) without its dependencies: it pins numpy<2.4 and absl-py<2 for
+	# its JAX half, which the tests never import; its torch layers need only jaxtyping.
+	$(PIP) --no-deps recurrentgemma==1.0.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
 	touch $@ $(STAMP_DEMO)
 
 demo: $(STAMP_DEMO)

@@ -503,7 +503,7 @@ def _recurrentgemma_torch_layers():
     except (ImportError, ValueError):
         spec = None
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("recurrentgemma is not installed (its [torch] extra changes numpy/absl-py pins; not in [modern])")
+        pytest.skip("recurrentgemma is not installed (make test installs it with --no-deps: its pins are for its JAX half)")
     pytest.importorskip("jaxtyping", reason="recurrentgemma's torch layers need jaxtyping")
     root = next(iter(spec.submodule_search_locations))
     saved = {k: sys.modules.get(k) for k in ("recurrentgemma", "recurrentgemma.torch")}
