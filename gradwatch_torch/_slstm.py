@@ -17,9 +17,19 @@ against the states the cell returned), then takes every step's Jacobian at once:
 vector-Jacobian products of the package's own ``slstm_forward_step`` over the stacked
 (T - 1) x P rows, every head at once; then the products, carried whole with their scale
 in log (:func:`~gradwatch_torch._loops.log_products`). Exact for 4 dh <= ``LOOP_EXACT_DIM``
-(dh <= 16); larger heads are not measured (``recurrences == {}``). The sensitivity
-profile is the gradient of the cell's input, as for the diagonal layers. The CUDA backend
-(``sLSTMCell_cuda``) is a fused kernel with another layout and is not probed.
+(dh <= 16).
+
+Larger heads (the usual sizes: 4 dh = 128 for a 128-wide layer of 4 heads) would cost
+(4 dh)^3 per head and step; for them gradwatch measures, on every profiled step, the
+**forget path**: the cell state's own recurrence c_t = f'_t c_{t-1} + ..., whose product
+over j steps is diag(prod f'_k) with the stabilised forget gate
+f'_t = min(exp(log sigmoid(f~_t) + m_{t-1} - m_t), 1), exactly the diagonal recurrence the
+mLSTM is measured on. Its gates come at once for all t, parallel over time, from what the
+forward computed: f~_t and i~_t from the cell's input and its output y_{t-1} through R
+(one batched matmul), the stabiliser m_t = max(i~_t, log sigmoid(f~_t) + m_{t-1}) in
+closed form with a cumulative max. The sensitivity profile is the gradient of the cell's
+input, as for the diagonal layers. The CUDA backend (``sLSTMCell_cuda``) is a fused kernel
+with another layout and is not probed.
 """
 
 from __future__ import annotations
@@ -35,12 +45,12 @@ from gradwatch.through_time.families import Recurrence
 from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.plan import SMALL_MATMUL_PENALTY, replay_every
 from gradwatch_torch._loops import LOOP_EXACT_DIM, log_products
-from gradwatch_torch._modern import SLSTM, DiagonalProbe
+from gradwatch_torch._modern import SLSTM, DiagonalProbe, _plain
 from gradwatch_torch._probing import ProbeContext, outside_backward, tolerance
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._trajectory import PROBED
 
-__all__ = ["SLSTM", "SLSTMProbe"]
+__all__ = ["SLSTM", "SLSTMProbe", "forget_path"]
 
 
 class SLSTMProbe(DiagonalProbe):
@@ -81,10 +91,18 @@ class SLSTMProbe(DiagonalProbe):
             x = module._permute_input(inp)  # (S, B, G * H), the cell's internal layout
             steps, self._batch = int(x.shape[0]), int(x.shape[1])
             block = cfg.num_states * (cfg.hidden_size // cfg.num_heads)
+            probed = min(self._batch, PROBED)
+            if steps >= 2 and block > LOOP_EXACT_DIM:  # the forget path, on every profiled step
+                self._measured = True
+                with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                    log_f = forget_path(module, x[:, :probed].detach().float(), state, output, probed)
+                got = None if log_f is None else _plain(log_f, probed)
+                if got is not None:
+                    self._prop = (("l0",), got[0][None], got[1][None])
+                return
             if steps < 2 or not self._due(module, steps, block):
                 return
             self._measured = True
-            probed = min(self._batch, PROBED)
             with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
                 got = self._measure(module, x[:, :probed].detach().float(), state, output, probed)
             if got is not None:
@@ -135,3 +153,55 @@ class SLSTMProbe(DiagonalProbe):
         log_rms[0] = 0.0
         top = log_top.amax(2)
         return aggregate(log_rms, top, TORCH_TENSORS)
+
+
+def _outputs_internal(module: nn.Module, output: Any) -> Tensor | None:
+    """The cell's output y_1 .. y_T back in its internal (S, B, H) layout."""
+    y = output[0] if isinstance(output, (tuple, list)) else output
+    if not isinstance(y, Tensor):
+        return None
+    shape = module.config.output_shape
+    if shape == "SBH":
+        return y
+    if shape == "BSH":
+        return y.permute(1, 0, 2)
+    if shape == "BNSH":
+        return y.permute(2, 0, 1, 3).reshape(y.shape[2], y.shape[0], -1)
+    if shape == "SBNH":
+        return y.reshape(y.shape[0], y.shape[1], -1)
+    return None
+
+
+def forget_path(module: nn.Module, x: Tensor, state: Tensor | None, output: Any, probed: int) -> Tensor | None:
+    """log f'_t (P, T, H) of the probed rows (see the module docstring), from the cell's
+    internal input ``x`` (S, P, 4H), its initial ``state`` and its ``output``; None when
+    the output is not laid out as the package's vanilla cell lays it out."""
+    y = _outputs_internal(module, output)
+    if y is None or y.shape[0] != x.shape[0]:
+        return None
+    cfg = module.config
+    steps, heads, hidden = int(x.shape[0]), int(cfg.num_heads), int(cfg.hidden_size)
+    dh = hidden // heads
+    y = y[:, :probed].float()
+    s0 = None if state is None else state[:, :probed].float()
+    y0 = torch.zeros_like(y[:1]) if s0 is None else s0[0][None]
+    # y_{t-1} for every t at once, per head: (heads, T P, dh) @ (heads, dh, 2 dh), the i and f
+    # columns of R only (slstm_forward orders R's columns gate-major within a head)
+    prev = torch.cat([y0, y[:-1]], 0).reshape(steps * probed, heads, dh).transpose(0, 1)
+    r = module._recurrent_kernel.detach().float().transpose(1, 2)[:, :, : 2 * dh]
+    ry = torch.bmm(prev, r).reshape(heads, steps, probed, 2, dh).permute(1, 2, 3, 0, 4).reshape(steps, probed, 2, hidden)
+    bias = module._bias.detach().float().reshape(-1, hidden)[:2]
+    raw = x.reshape(steps, probed, -1, hidden)[:, :, :2] + ry + bias
+    raw = raw.permute(1, 2, 3, 0).contiguous()  # (P, 2, H, T): time innermost (CPU scans 2-5x faster)
+    i_raw, log_sig_f = raw[:, 0], torch.nn.functional.logsigmoid(raw[:, 1])
+    # m_t = max(i~_t, log f_t + m_{t-1}); a zero state starts with m_1 = i~_1 (the package's
+    # n == 0 branch), i.e. m_0 = -inf.  Closed form: m_t = F_t + max(m_0, cummax_s<=t (i~_s - F_s)).
+    cum = torch.cumsum(log_sig_f, -1)
+    best = torch.cummax(i_raw - cum, -1).values
+    m0 = torch.full_like(cum[..., :1], -math.inf) if s0 is None else s0[3][..., None]
+    if s0 is not None and bool((s0[2] != 0).any()):
+        best = torch.maximum(best, m0)
+    m = cum + best
+    log_f = torch.clamp(log_sig_f + torch.cat([m0, m[..., :-1]], -1) - m, max=0.0)
+    log_f[..., 0] = 0.0  # the first step's decay multiplies the initial state, never a product of j <= T - 1
+    return log_f.transpose(1, 2)

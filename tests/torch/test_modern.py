@@ -757,6 +757,57 @@ def test_slstm_against_autograd_on_its_own_step():
     check(model, "1.slstm_cell", lambda: model(x), jacs)
 
 
+def _slstm_forget_reference(cell, wx, state=None):
+    """(gains, max_gains) of the forget path from the package's own sequential forward in
+    float64: its stabilised forget gates f'_t, multiplied out per unit (numpy)."""
+    from xlstm.blocks.slstm.src.vanilla import slstm_forward
+
+    p = wx.shape[1]
+    s0 = torch.zeros(4, p, cell.config.hidden_size, dtype=torch.float64) if state is None else state.double()
+    r, b = cell._recurrent_kernel.detach().double(), cell._bias.detach().double()
+    _, _, g = slstm_forward(wx.double(), s0, r, b, cell.pointwise)
+    log_f = np.log(g[: wx.shape[0], 1].numpy())  # (T, P, H)
+    steps = log_f.shape[0]
+    rms, top = [np.zeros(p)], [np.zeros(p)]
+    for j in range(1, steps):
+        prod = np.exp(log_f[steps - j :].sum(0))  # (P, H): the diagonal of d c_T / d c_{T-j}
+        rms.append(np.log(np.sqrt((prod**2).mean(1))))
+        top.append(np.log(prod.max(1)))
+    gains, tops = aggregate(np.array(rms), np.array(top), NUMPY_TENSORS)
+    return np.asarray(gains), np.asarray(tops)
+
+
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "given-state"])
+def test_slstm_with_wide_heads_is_measured_on_its_forget_path(with_state):
+    """Heads of 32 units (blocks of 128 numbers, above the dense limit): the forget path,
+    gates recomputed from the cell's input and output at once, against the package's own
+    sequential forward's gates multiplied out in float64."""
+    pytest.importorskip("xlstm", reason="xlstm is not installed (pip install gradwatch[modern])")
+    from xlstm.blocks.slstm.layer import sLSTMLayer, sLSTMLayerConfig
+
+    torch.manual_seed(2)
+    cfg = sLSTMLayerConfig(embedding_dim=128, num_heads=4, backend="vanilla", conv1d_kernel_size=0, dtype="float32")
+    layer = sLSTMLayer(cfg)
+    cell = layer.slstm_cell
+    with torch.no_grad():  # gates that move the stabiliser, a recurrent kernel that matters
+        cell._recurrent_kernel_.normal_(0.0, 0.3)
+        cell._bias_.normal_(0.0, 1.5)
+    model = nn.Sequential(nn.Linear(3, 128), nn.Identity())
+    x = torch.randn(10, 30, 3)
+    state = None
+    if with_state:
+        state = torch.rand(4, 10, 128) + 0.5  # (y, c, n, m): n > 0, so the stabiliser starts at m_0
+    run = lambda: cell(model(x).repeat(1, 1, 4), state)[0]  # the cell's input: 4 gate pre-activations
+    wx = cell._permute_input(model(x).repeat(1, 1, 4)).detach()[:, :8]
+    gains, top = _slstm_forget_reference(cell, wx, None if state is None else state[:, :8])
+    holder = nn.Module()
+    holder.cell = cell
+    got_gains, got_top = probed(holder, "cell", run)
+    close(got_gains, gains, "gains (forget path)")
+    close(got_top, top, "max_gains (forget path)")
+    assert gains[-1] < 0.5 * top[-1]  # decays the check can see: units that forget, units that keep
+
+
 def test_diagonal_gains_with_a_reset_and_wide_decays_against_numpy():
     """The probe's own reduction (floored exponent, base-2) against float64 numpy products:
     decays from 1 down to e^-60 per step and a state reset (log a = -inf) in one sequence."""
