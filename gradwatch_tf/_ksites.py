@@ -222,7 +222,7 @@ class PortableThroughTime:
             rows = sweep_vectors(u * model.parts, b, seq)
             train += 3.0 * batch * seq * (feat + u) * g * u
             replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
-        return replay_every(2.0 * replay, 2.0 * train)
+        return replay_every(2.0 * replay, 2.0 * train, self._every)
 
     def parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
         """Row entries of every site for this step; ``host_step`` is the step number when
