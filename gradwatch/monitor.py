@@ -65,6 +65,8 @@ class Monitor:
         self._detectors = build_detectors(self.options, pm)
         #: Free-form facts a backend adds for the run file header (backend, layers, ...).
         self.meta: dict[str, Any] = {}
+        #: Facts read when an alert needs them, not frozen at attach (see MonitorView.live).
+        self.live: dict[str, Any] = {}
         self.view = ReadOnlyView(self)
         self._records: deque[StepRecord] = deque(maxlen=self.options.keep)
         self._events: deque[GradEvent] = deque(maxlen=self.options.keep)

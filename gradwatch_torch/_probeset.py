@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from gradwatch import HandleGroup, Segment
 from gradwatch_torch import _distributed
-from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, find_probes, forget_bias, install
+from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, find_probes, install
 from gradwatch_torch._segments import gates_of, propagation_of, spectral_of, temporal_of
 from gradwatch_torch._spectral import SpectralTracker
 from gradwatch_torch._sweeps import combine_ranks
@@ -71,6 +71,15 @@ class ProbeSet:
             bias = forget_bias(module) if module is not None else None
             if bias is not None:
                 meta["forget_bias"][p.name] = bias
+
+    def forget_bias_now(self, layer: str, recurrence: str) -> float | None:
+        """The live fact ``forget_bias`` (:attr:`gradwatch.view.MonitorView.live`): the
+        alerted recurrence's forget-gate bias as it is now, not as it was at attach."""
+        for p in self.probes:
+            if p.name == layer:
+                module = p._module()
+                return forget_bias_of(module, recurrence) if module is not None else None
+        return None
 
     def optional(self, key: tuple[str, str], what: str, fn: Callable[..., _T], *args: Any, goes_on: str = "") -> _T | None:
         """Run one optional measurement; if it fails, turn off it alone and say which."""
@@ -202,3 +211,43 @@ class ProbeSet:
                     tracker.load_state_dict(spectral.pop(key), getattr(module, wname).device)
                     probe.trackers[wname] = tracker
         self._pending_state = spectral  # keys for layers not present: kept, not lost
+
+
+def forget_bias_of(module: nn.Module, recurrence: str) -> float | None:
+    """The mean forget-gate bias (b_ih + b_hh of the f block) of one recurrence of an
+    LSTM ("l1", "l0_reverse"; an ``nn.LSTMCell`` has "l0"), read now; None for other
+    layers or recurrences. One small host read: called only when an alert is written."""
+    if not isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        return None
+    suffix = "" if isinstance(module, nn.LSTMCell) else f"_{recurrence}"
+    if isinstance(module, nn.LSTMCell) and recurrence != "l0":
+        return None
+    b_ih, b_hh = getattr(module, f"bias_ih{suffix}", None), getattr(module, f"bias_hh{suffix}", None)
+    if b_ih is None:
+        return 0.0 if not module.bias else None  # bias=False: the gate starts at sigmoid(0)
+    hidden = module.hidden_size
+    with torch.no_grad():
+        b = b_ih.detach()[hidden : 2 * hidden].float()
+        if b_hh is not None:
+            b = b + b_hh.detach()[hidden : 2 * hidden].float()
+        return float(b.mean())
+
+
+def forget_bias(module: nn.Module) -> float | None:
+    """The smallest mean forget-gate bias (b_ih + b_hh of the f block) over an LSTM's
+    recurrences, as the remedies need it (None for other layers)."""
+    if not isinstance(module, (nn.LSTM, nn.LSTMCell)):
+        return None
+    hidden = module.hidden_size
+    names = [n for n, _ in module.named_parameters() if n.startswith("bias_ih")]
+    if not names:
+        return 0.0  # bias=False: no bias, the gate starts at sigmoid(0)
+    with torch.no_grad():
+        means = []
+        for n in names:
+            b = getattr(module, n).detach()[hidden : 2 * hidden].float()
+            other = getattr(module, n.replace("bias_ih", "bias_hh"), None)
+            if other is not None:
+                b = b + other.detach()[hidden : 2 * hidden].float()
+            means.append(float(b.mean()))
+    return min(means)

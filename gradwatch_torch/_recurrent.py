@@ -390,26 +390,6 @@ def add_profiles(prev: Tensor | None, sq: Tensor) -> Tensor:
     return acc
 
 
-def forget_bias(module: nn.Module) -> float | None:
-    """The smallest mean forget-gate bias (b_ih + b_hh of the f block) over an LSTM's
-    recurrences, as the remedies need it (None for other layers)."""
-    if not isinstance(module, (nn.LSTM, nn.LSTMCell)):
-        return None
-    hidden = module.hidden_size
-    names = [n for n, _ in module.named_parameters() if n.startswith("bias_ih")]
-    if not names:
-        return 0.0  # bias=False: no bias, the gate starts at sigmoid(0)
-    with torch.no_grad():
-        means = []
-        for n in names:
-            b = getattr(module, n).detach()[hidden : 2 * hidden].float()
-            other = getattr(module, n.replace("bias_ih", "bias_hh"), None)
-            if other is not None:
-                b = b + other.detach()[hidden : 2 * hidden].float()
-            means.append(float(b.mean()))
-    return min(means)
-
-
 def find_probes(root: nn.Module, ctx: ProbeContext) -> list[Probe]:
     """A probe for every recurrent layer and cell anywhere under ``root``."""
     from gradwatch_torch._cells import CellProbe

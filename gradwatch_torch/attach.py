@@ -151,6 +151,9 @@ class TorchAttachment:
         self._probeset = ProbeSet(ctx, meta, self._next_step)
         self._probes: list[Probe] = self._probeset.probes  # the same list, for tests and tools
         self._probeset.describe(self._probeset.add(root, self._handles))
+        live = getattr(monitor, "live", None)
+        if isinstance(live, dict):  # the remedies quote the forget-gate bias as it is when they are written
+            live["forget_bias"] = self._probeset.forget_bias_now
         if optimizer is not None:
             self._closures = ClosureSteps(optimizer, self._measure, self._set_collecting, clips=self._policy is not None)
             OptimizerHooks(optimizer, self._closures, self._measure_quiet, self._handles)
@@ -186,6 +189,9 @@ class TorchAttachment:
             return
         self._flush_pending()
         self._closed = True
+        live = getattr(self._monitor, "live", None)
+        if isinstance(live, dict) and live.get("forget_bias") == self._probeset.forget_bias_now:
+            del live["forget_bias"]  # nothing of the model is read after close
         set_reader = getattr(self._monitor, "set_pending_reader", None)
         if callable(set_reader):
             set_reader(None)

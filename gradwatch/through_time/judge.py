@@ -168,6 +168,20 @@ class Stateless:
         return None
 
 
+def _live(view: MonitorView, name: str, layer: str, recurrence: str, fallback: Any) -> Any:
+    """A fact read now from the backend (``view.live``), else the one it reported at
+    attach: a remedy quotes the forget-gate bias of the alerted recurrence as it is when
+    the alert is written, not as it was at step 0."""
+    fn = (getattr(view, "live", None) or {}).get(name)
+    if fn is None:
+        return fallback
+    try:
+        value = fn(layer, recurrence)
+    except Exception:  # noqa: BLE001 - a fact is optional; the alert is not
+        return fallback
+    return fallback if value is None else value
+
+
 class TemporalDetector(Stateless):
     """Vanishing or exploding gradients through time in a recurrent layer (see the module
     docstring). Stateless: the rate limiter decides what is repeated."""
@@ -188,7 +202,6 @@ class TemporalDetector(Stateless):
             if not recs:
                 continue
             kind = kinds.get(layer) if isinstance(kinds, Mapping) else None
-            facts = {"forget_bias": biases.get(layer) if isinstance(biases, Mapping) else None}
             exploding = {k: r for k, r in recs.items() if r.peak > o.explode_ratio}
             vanishing = {k: r for k, r in recs.items() if _vanishing(r)}
             if exploding:
@@ -198,6 +211,8 @@ class TemporalDetector(Stateless):
             else:
                 continue
             direction = "exploding" if exploding else "vanishing"
+            attached = biases.get(layer) if isinstance(biases, Mapping) else None
+            facts = {"forget_bias": _live(view, "forget_bias", layer, rec, attached)}
             said = (
                 f"{direction.capitalize()} gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) "
                 f"{_when(record.step)}: "

@@ -336,3 +336,22 @@ def test_worse_state_survives_the_rate_limiters_state_dict():
     old = RateLimiter(100)
     old.load_state_dict({"vanishing|lm.rnn": [10, 0, 0]})  # a state saved before the values were kept
     assert old.admit(_ev(20, 1.0, "lower")) is None
+
+
+@pytest.mark.parametrize(
+    "live, says",
+    [
+        (None, "(it is 0.2 now)"),  # no live fact: the one reported at attach
+        (lambda layer, rec: 1 / 0, "(it is 0.2 now)"),  # a failing one: the same, and the alert still goes out
+        (lambda layer, rec: 1.5 if (layer, rec) == ("rnn", "l0") else None, "the forget-gate bias is already 1.5"),
+    ],
+    ids=["attach-time", "failing", "live"],
+)
+def test_the_lstm_remedy_reads_the_forget_bias_live_when_the_backend_offers_it(live, says):
+    m = monitor()
+    m.meta["forget_bias"] = {"rnn": 0.2}
+    if live is not None:
+        m.live["forget_bias"] = live
+    _profile(m, {"rnn": 0.8 ** np.arange(100)}, kinds={"rnn": "lstm"})
+    (e,) = m.events
+    assert e.kind == "vanishing" and says in e.message, e.message
