@@ -24,6 +24,7 @@ def _run(
     dead: bool = False,
     later: float | None = None,
     spike_at: int | None = None,
+    nan_from: int | None = None,
 ):
     m = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5, run_name=path.stem)
     m.bind(["rnn.weight_hh_l0", "head.weight"])
@@ -31,6 +32,8 @@ def _run(
         prof = m.profile_due()
         gains = (rate if later is None or step <= 5 else later) ** np.arange(length)
         sq = np.array([0.0 if dead and step > 5 else 1.0, 1.0]) * (1e8 if step == spike_at else 1.0)
+        if nan_from is not None and step >= nan_from:
+            sq = sq * np.nan
         m.process(StepStats(sq, temporal={"rnn": np.ones(length)} if prof else {},
                             propagation={"rnn": {"l0": gains}} if prof else {}))
     m.close()
@@ -145,3 +148,22 @@ def test_an_lstm_never_exploding_gets_no_peak_clause(tmp_path):
     run = _run(tmp_path / "lstm.jsonl", rate=1.0)
     (sentence,) = story([_result("lstm", 1.0)], [run])
     assert "most amplified direction" not in sentence
+
+
+def test_a_tanh_rnn_that_vanished_earlier_says_so_beside_its_last_measurement(tmp_path):
+    """Keras demo, tanh RNN: 'reaches all 100 steps (0.931/step), 30 vanishing alerts' read
+    as a contradiction; the last measurement did not vanish, earlier ones did."""
+    run = _run(tmp_path / "rnn_tanh.jsonl", rate=0.8, later=1.0)
+    f = facts(_result("rnn_tanh", 0.49), run)
+    assert f.alerts.get("vanishing") and f.last[1] == 100
+    (sentence,) = story([_result("rnn_tanh", 0.49)], [run])
+    assert "reaches all 100 steps (1/step) at the last measurement, but earlier it vanished after as few as 31 of 100 steps (step 5)" in sentence, sentence
+
+
+def test_diverged_weights_are_told_as_non_finite_gradients_not_as_a_gradient_that_still_flows(tmp_path):
+    """Keras demo, ReLU RNN with SGD: 297 non-finite steps were told as 'its recurrent layer
+    still got a gradient at the end'."""
+    run = _run(tmp_path / "relu_sgd.jsonl", rate=1.0, length=30, nan_from=4)
+    (sentence,) = story([_result("relu_sgd", 0.51)], [run])
+    assert "its gradient was not finite on 17 steps, the first at step 4" in sentence, sentence
+    assert "still got a gradient" not in sentence

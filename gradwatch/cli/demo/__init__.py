@@ -194,6 +194,9 @@ class Facts:
     norm_alerts: int = 0  # exploding / vanishing alerts on the gradient norm (not through time)
     peak: tuple[float, int] | None = None  # the largest max gain of any measurement, and its step
     norm_median: float = math.nan
+    shortest: tuple[int, int] | None = None  # the shortest horizon of any measurement, and its step
+    nonfinite_steps: int = 0
+    nonfinite_from: int | None = None  # the first step with a non-finite gradient
 
 
 def _prop(prof: Any) -> tuple[float, int, int, float] | None:
@@ -214,6 +217,8 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
     measured = [p for _, p in stepped]
     finite = [(p[3], step) for step, p in stepped if math.isfinite(p[3])]
     peak = max(finite) if finite else None
+    shortest = min(((p[1], step) for step, p in stepped), default=None)
+    bad = [e.step for e in getattr(run, "events", ()) if getattr(e, "kind", None) == "nonfinite"]
     alerts: dict[str, int] = {}
     norm_alerts = 0
     for (kind, where), n in s.events_by_kind_layer.items():
@@ -246,6 +251,9 @@ def facts(result: Any, run: Any, layer: str = "rnn") -> Facts:
         norm_alerts=norm_alerts,
         peak=peak,
         norm_median=s.norm_percentiles.get("p50", math.nan),
+        shortest=shortest,
+        nonfinite_steps=s.nonfinite_steps,
+        nonfinite_from=min(bad) if bad else None,
     )
 
 
@@ -275,12 +283,24 @@ def _alerts_text(f: Facts) -> str:
     return said
 
 
+def _earlier(f: Facts) -> str:
+    """Where a run was alerted as exploding (or vanishing) through time but its last
+    measurement is not, the sentence would read as a contradiction: say when and how far
+    it crossed the line (and, for exploding, what the gradient norm did meanwhile)."""
+    if f.last is None:
+        return ""
+    if f.alerts.get("exploding") and f.last[3] <= EXPLODE_RATIO:
+        return _exploded_before(f)
+    if f.alerts.get("vanishing") and f.last[1] >= f.last[2] and f.shortest is not None and f.shortest[0] < f.last[2]:
+        h, step = f.shortest
+        return f" at the last measurement, but earlier it vanished after as few as {h} of {f.last[2]} steps (step {step})"
+    return ""
+
+
 def _exploded_before(f: Facts) -> str:
-    """Where a run was alerted as exploding through time but its last measurement is not
-    (a gated cell that learned, say), the sentence would read as a contradiction: say when
-    the most amplified direction crossed the line, how far, and what the gradient norm did
-    meanwhile (the spikes an exploding propagation produces, and clipping is for)."""
-    if not f.alerts.get("exploding") or f.peak is None or f.last is None or f.last[3] > EXPLODE_RATIO:
+    """The exploding half of :func:`_earlier`: the peak, its step, the gradient norm's
+    spike (what an exploding propagation produces, and clipping is for)."""
+    if f.peak is None:
         return ""
     value, step = f.peak
     if value <= EXPLODE_RATIO:
@@ -333,10 +353,10 @@ def story(results: list[Any], runs: list[Any]) -> list[str]:
     out: list[str] = []
     for f in fs:
         if f.cell == "tanh":
-            out.append(f"The tanh RNN: {_through(f.last)}, {_alerts_text(f)}; {_learned(f)}.")
+            out.append(f"The tanh RNN: {_through(f.last)}{_earlier(f)}, {_alerts_text(f)}; {_learned(f)}.")
         elif f.cell in ("lstm", "gru"):
             cell = f.cell.upper()
-            out.append(f"The {cell}: {_through(f.last)}{_exploded_before(f)}, {_alerts_text(f)}; {_learned(f)}.")
+            out.append(f"The {cell}: {_through(f.last)}{_earlier(f)}, {_alerts_text(f)}; {_learned(f)}.")
         elif f.cell == "mingru":
             out.append(_mingru_sentence(f, by.get(("lstm", "adam", False))))
         elif f.cell == "relu" and f.optimizer != "sgd":
@@ -346,11 +366,14 @@ def story(results: list[Any], runs: list[Any]) -> list[str]:
                 f"{_alerts_text(f)}; {_learned(f)}."
             )
         elif f.cell == "relu" and f.policy is None:
-            dead = (
-                f"from step {f.dead_from} on its recurrent layer got exactly zero gradient (every ReLU dead)"
-                if f.dead_from is not None
-                else "its recurrent layer still got a gradient at the end"
-            )
+            if f.nonfinite_steps:
+                first = f", the first at step {f.nonfinite_from}" if f.nonfinite_from is not None else ""
+                nan = f.last is not None and not math.isfinite(f.last[0]) and not math.isfinite(f.last[3])
+                dead = f"its gradient was not finite on {f.nonfinite_steps} steps{first}" + (" (the weights diverged)" if nan else "")
+            elif f.dead_from is not None:
+                dead = f"from step {f.dead_from} on its recurrent layer got exactly zero gradient (every ReLU dead)"
+            else:
+                dead = "its recurrent layer still got a gradient at the end"
             out.append(
                 f"The ReLU RNN with SGD on {f.length}-step sequences, unclipped: its gradient norm reached "
                 f"{_f(f.norm_max)}; {dead}; {_alerts_text(f)}; {_learned(f)}."
