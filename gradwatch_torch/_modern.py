@@ -119,7 +119,7 @@ class DiagonalProbe(Probe):
         capture = getattr(spec.decay, "capture", None)
         names = (capture,) if isinstance(capture, str) else tuple(capture or ())
         sub = next((m for m in (getattr(module, n, None) for n in names) if isinstance(m, nn.Module)), None)
-        if sub is not None:  # the first of the named submodules the layer has  # read the decay's input from the forward instead of recomputing it
+        if sub is not None:  # read the decay's input from the forward instead of recomputing it
             handle = sub.register_forward_hook(Hook(self, "inner_hook"))
             self._undo = [handle.remove, CleanCopies.add(sub, [handle.id])]
 
