@@ -59,6 +59,15 @@ def _group_norm(
     )
 
 
+def _causal_conv1d(x, weight, bias=None, residual=None, initial_state=None, activation=None, cu_seqlens=None, **_):
+    """ShortConvolution's depthwise causal convolution (B, T, D), weight (D, W), in torch."""
+    assert initial_state is None and cu_seqlens is None and residual is None
+    width = weight.shape[-1]
+    y = F.conv1d(x.transpose(1, 2), weight[:, None], bias, padding=width - 1, groups=x.shape[-1])[..., : x.shape[1]]
+    y = y.transpose(1, 2)
+    return (F.silu(y) if activation in ("silu", "swish") else y), None
+
+
 def _gla(q, k, v, gk=None, g=None, initial_state=None, output_final_state=False, cu_seqlens=None, **_):
     """fla's naive GLA; a packed batch (``cu_seqlens``, fla's unpadded mask) one sequence at a time."""
     from fla.ops.gla.naive import naive_recurrent_gla
@@ -93,6 +102,7 @@ def _rwkv6(r, k, v, w, u, scale=1.0, initial_state=None, output_final_state=Fals
 def on_cpu(monkeypatch):
     """The three layers' Triton kernels replaced by fla's torch references; the arguments
     of each recurrence call are kept in ``calls`` (the first is the layer's)."""
+    import fla.modules.causal_conv1d.ops as conv
     import fla.modules.norm.fused_norm_gate as fng
     import fla.modules.norm.layernorm as ln
     from fla.layers import gla, hgrn, rwkv6
@@ -117,6 +127,7 @@ def on_cpu(monkeypatch):
     monkeypatch.setattr(rwkv6, "token_shift", lambda x, cu_seqlens=None, **_: token_shift_ref(x, cu_seqlens))
     monkeypatch.setattr(fng, "rms_norm_gated", _rms_norm_gated)
     monkeypatch.setattr(ln, "group_norm", _group_norm)
+    monkeypatch.setattr(conv, "causal_conv1d", _causal_conv1d)
     return calls
 
 
@@ -224,22 +235,59 @@ def test_gla_left_padding_leaves_the_state_as_it_was(on_cpu):
     check(holder, "mixer", run, jacs)
 
 
+def test_gla_packed_sequences_restart_the_state(on_cpu):
+    """fla's packed batch (``cu_seqlens``, B = 1): each sequence starts from a zero state,
+    so d S_T / d S_{T-j} is 0 once j reaches back before the last sequence's first token.
+    The reference runs the naive recurrence per sequence, chained only within one."""
+    from fla.ops.gla.naive import naive_recurrent_gla
+
+    model = _gla_model(gate_logit_normalizer=1)
+    x = torch.randn(1, 12, 3)
+    cu = torch.tensor([0, 3, 5, 12])
+    run = lambda: model.mixer(model.inp(x), cu_seqlens=cu)[0]
+    run()
+    c = on_cpu[0]
+    q, k, v, gk = (c[n] for n in ("q", "k", "v", "gk"))
+    last = int(cu[-2])
+
+    def final(a, st, b):
+        """The state after token b - 1 from ``st``, the state after token a - 1 (None:
+        zero); ``st`` is dropped when the last sequence starts at token a or later."""
+        if st is not None and a <= last < b:  # (0 * st: a graph for autograd, a zero Jacobian)
+            return naive_recurrent_gla(q[:, last:b], k[:, last:b], v[:, last:b], gk[:, last:b], None, True)[1] + 0 * st
+        return naive_recurrent_gla(q[:, a:b], k[:, a:b], v[:, a:b], gk[:, a:b], st, True)[1]
+
+    steps = x.shape[1]
+    jacs = []
+    for j in range(1, steps):
+        state = final(0, None, steps - j)
+        jacs.append(
+            row_jacobian(lambda st, j=j, s=state.shape: final(steps - j, st.reshape(s), steps), state.reshape(1, -1))
+        )
+    holder = nn.Module()
+    holder.inp, holder.mixer = model.inp, model.mixer
+    gains, _ = check(holder, "mixer", run, jacs)
+    assert gains[steps - last - 1] > 0 and (gains[steps - last :] == 0).all()
+
+
 # -- HGRN -----------------------------------------------------------------------------------
-def _hgrn_model():
+def _hgrn_model(**kw):
     from fla.layers import HGRNAttention
 
-    layer = HGRNAttention(hidden_size=6, layer_idx=1)
+    layer = HGRNAttention(hidden_size=6, layer_idx=1, **kw)
     with torch.no_grad():
         layer.f_proj.weight.mul_(3.0)
     return Mixer(3, layer)
 
 
 @pytest.mark.parametrize("captured", [True, False])
-@pytest.mark.parametrize("bounded", [False, True])
-def test_hgrn_against_autograd_on_its_naive_recurrence(on_cpu, monkeypatch, captured, bounded):
+@pytest.mark.parametrize(("bounded", "short_conv"), [(False, False), (True, False), (False, True)])
+def test_hgrn_against_autograd_on_its_naive_recurrence(on_cpu, monkeypatch, captured, bounded, short_conv):
+    """The forget gate as the scan got it: after the short convolution when there is one
+    (captured: the convolution's output; recomputed: f_proj, then the convolution)."""
     from fla.ops.hgrn.naive import naive_recurrent_hgrn
 
-    layer = _hgrn_model().mixer
+    layer = _hgrn_model(use_short_conv=short_conv).mixer
     bound = torch.linspace(0.1, 0.9, 6) if bounded else None  # HGRNModel's lower bound of layer 1
 
     class Model(nn.Module):
@@ -321,7 +369,7 @@ import triton.runtime.autotuner as at
 at.Autotuner.do_bench = property(lambda self: (lambda fn, quantiles=None: [1.0, 1.0, 1.0]))  # no GPU timer
 import torch, test_fla
 torch.manual_seed(0)
-models = [test_fla._gla_model(gate_logit_normalizer=2), test_fla._rwkv6_model(), test_fla._hgrn_model().eval()]
+models = [test_fla._gla_model(gate_logit_normalizer=2), test_fla._rwkv6_model(), test_fla._hgrn_model().eval(), test_fla._hgrn_model(use_short_conv=True).eval()]
 x = torch.randn(3, 12, 3)
 with torch.no_grad():
     out = [m(x) for m in models]
@@ -331,7 +379,7 @@ torch.save((models, x, out), {path!r})
 
 def test_stand_ins_compute_what_flas_triton_kernels_compute(on_cpu, tmp_path):
     """fla's own kernels (the fused_recurrent GLA, RWKV-6 and HGRN, the gated RMS norm, the
-    group norm, the token shift, swiglu) run in Triton's interpreter in a child process (the
+    group norm, the token shift, swiglu, the short convolution) run in Triton's interpreter in a child process (the
     interpreter is chosen at import); the same layers' outputs with the stand-ins must match.
     (HGRN in eval mode: its chunk kernel, used when grad is on, does not run in the
     interpreter of triton 3.9: "mask has unsupported dtype".)"""
