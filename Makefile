@@ -25,6 +25,10 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
 	$(PIP) -e '.[torch,tf,jax,plot,dev,lightning,transformers,modern]'
+	# flash-linear-attention (GLA, HGRN, RWKV-6; tests/torch/test_fla.py): fla imports triton at
+	# import time, so triton comes too (286 MB download, 1 GB installed; no GPU needed: the tests
+	# swap its kernels for fla's torch references). Pinned: the adapters read fla 0.6.0's layers.
+	$(PIP) flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0
 	# recurrentgemma (RG-LRU) without its dependencies: it pins numpy<2.4 and absl-py<2 for
 	# its JAX half, which the tests never import; its torch layers need only jaxtyping.
 	$(PIP) --no-deps recurrentgemma==1.0.1 jaxtyping==0.3.11 wadler-lindig==0.1.8

@@ -1,5 +1,6 @@
 """Diagonal (gated linear) recurrences, exact from their decays: minGRU, minLSTM, Mamba,
-Mamba-2, xLSTM's mLSTM, RG-LRU, and any layer declared with
+Mamba-2, xLSTM's mLSTM, RG-LRU, flash-linear-attention's GLA, HGRN and RWKV-6 (their
+decays in :mod:`._fla`), and any layer declared with
 ``register_recurrence(T, decay=fn)`` (xLSTM's sLSTM, dense, is in :mod:`._slstm`).
 
 For h_t = a_t * h_{t-1} + b_t the state Jacobian product is diag(prod a_k), so propagation
@@ -55,6 +56,7 @@ from torch import Tensor, nn
 
 from gradwatch.through_time.families import GATES, Recurrence
 from gradwatch.through_time.fit import aggregate
+from gradwatch_torch._fla import FLA
 from gradwatch_torch._probing import CleanCopies, Hook, ProbeContext, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
@@ -115,13 +117,17 @@ class DiagonalProbe(Probe):
         self._inner: Tensor | None = None  # probed rows of the captured submodule's output, this call
         self._undo: list[Any] = []
         capture = getattr(spec.decay, "capture", None)
-        sub = getattr(module, capture, None) if capture else None
-        if isinstance(sub, nn.Module):  # read the decay's input from the forward instead of recomputing it
+        names = (capture,) if isinstance(capture, str) else tuple(capture or ())
+        sub = next((m for m in (getattr(module, n, None) for n in names) if isinstance(m, nn.Module)), None)
+        if sub is not None:  # read the decay's input from the forward instead of recomputing it
             handle = sub.register_forward_hook(Hook(self, "inner_hook"))
             self._undo = [handle.remove, CleanCopies.add(sub, [handle.id])]
 
     def inner_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        """The captured submodule's output (its probed rows, detached), for this call's decay."""
+        """The captured submodule's output (its probed rows, detached), for this call's decay;
+        of a tuple, its first tensor (fla's ShortConvolution returns (y, cache))."""
+        if isinstance(output, tuple) and output and isinstance(output[0], Tensor):
+            output = output[0]
         if (
             isinstance(output, Tensor)
             and output.dim() >= 2
@@ -408,4 +414,5 @@ BUILTIN: list[Recurrence] = [
     Recurrence("xlstm.blocks.mlstm.cell.mLSTMCell", decay=mlstm_decay, kind="mlstm", gate="forget"),
     Recurrence("recurrentgemma.torch.layers.RGLRU", decay=rglru_decay, kind="rglru", gate="recurrence"),
     SLSTM,
+    *FLA,
 ]

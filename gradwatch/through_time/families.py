@@ -89,6 +89,9 @@ GATES: dict[str, str] = {
     "mlstm": "forget",
     "slstm": "forget",
     "rglru": "recurrence",
+    "gla": "forget",
+    "hgrn": "forget",
+    "rwkv6": "decay",
     "cell": "state",
     "custom": "decay",
 }
@@ -166,6 +169,44 @@ REMEDIES: dict[str, dict[str, str]] = {
         ),
         "exploding": "a^(c r_t) is at most 1, so the growth comes from outside the recurrence: "
         + _DIAG_EXPLODE,
+    },
+    "gla": {
+        "vanishing": (
+            "the GLA decay exp(logsigmoid(gk_t) / gate_logit_normalizer) forgets within a few steps: "
+            "raise gate_logit_normalizer (fla's default 16 keeps the decay at 0.96-1 at initialisation), "
+            "bias gk_proj's last Linear towards a larger logit, or set clamp_min (the smallest log decay, "
+            "e.g. -0.05 for a decay of at least 0.95) so no key forgets faster than that"
+        ),
+        "exploding": (
+            "the GLA decay exp(logsigmoid(gk_t) / gate_logit_normalizer) is at most 1, so a growing gradient "
+            "comes from the keys and values written into the state (k_t v_t^T), the output gate or the "
+            "layers around the attention: lower the learning rate, clip (policy=\"autoclip\"), and check "
+            "the residual stream's norm"
+        ),
+    },
+    "hgrn": {
+        "vanishing": (
+            "the forget gate sigmoid(f_t) forgets within a few steps: f_proj has no bias, so the gate starts "
+            "near 0.5 where no lower bound holds it (the first layer); keep HGRN's learnable lower bounds "
+            "(use_lower_bound=True, which hold the upper layers' gates near 1), or give the forget "
+            "projection a positive bias (+2 to +4, a decay near 0.9-0.98) in the layers that must remember"
+        ),
+        "exploding": "the HGRN decay sigmoid(f_t) (lifted to its lower bound) is below 1, so the growth "
+        "comes from outside the recurrence (the input projection or the layers around it): " + _DIAG_EXPLODE,
+    },
+    "rwkv6": {
+        "vanishing": (
+            "the RWKV-6 decay exp(-exp(w_t)) forgets within a few steps: w_t is too large. Initialise "
+            "the bias of w_proj's LoRA (RWKV-6's time_decay) lower, spread over channels (RWKV-6's "
+            "-6 to -1 gives decays 0.998-0.69; fla's layer starts it at 0, a decay of 0.37 per step), keep "
+            "the LoRA's scale small, and keep that bias out of weight decay"
+        ),
+        "exploding": (
+            "the RWKV-6 decay exp(-exp(w_t)) is below 1, so a growing gradient comes from the keys and "
+            "values written into the state, the bonus u (the current token's own term) or the layers "
+            "around the attention: lower the learning rate, clip (policy=\"autoclip\"), and check the "
+            "residual stream's norm"
+        ),
     },
     "cell": {
         "vanishing": (
