@@ -13,6 +13,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints-test.txt
 STAMP_DEMO := $(VENV)/.gradwatch-demo
 STAMP_TEST := $(VENV)/.gradwatch-test
+FLA_DIR    := $(VENV)/fla-triton
 
 .PHONY: demo report test bench clean
 
@@ -25,10 +26,14 @@ $(STAMP_DEMO): pyproject.toml constraints-test.txt | $(BIN)/python
 
 $(STAMP_TEST): pyproject.toml constraints-test.txt | $(BIN)/python
 	$(PIP) -e '.[torch,tf,jax,plot,dev,lightning,transformers,modern]'
-	# flash-linear-attention (GLA, HGRN, RWKV-6; tests/torch/test_fla.py): fla imports triton at
-	# import time, so triton comes too (286 MB download, 1 GB installed; no GPU needed: the tests
-	# swap its kernels for fla's torch references). Pinned: the adapters read fla 0.6.0's layers.
-	$(PIP) flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0
+	# flash-linear-attention (GLA, HGRN, RWKV-6; tests/torch/test_fla.py) imports triton at import
+	# time (286 MB download, 1 GB installed; no GPU needed: the tests swap its kernels for fla's
+	# torch references). Installed beside the venv, not in it: triton's LLVM aborts a process that
+	# has loaded TensorFlow's ("Option 'bitcode-mdindex-threshold' registered more than once"),
+	# and torch.optim imports triton whenever it is installed; only the fla suite puts it on its
+	# path (tests/run_suites.py). Pinned: the adapters read fla 0.6.0's layers.
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps --target $(FLA_DIR) \
+		flash-linear-attention==0.6.0 fla-core==0.6.0 triton==3.9.0
 	# recurrentgemma (RG-LRU) without its dependencies: it pins numpy<2.4 and absl-py<2 for
 	# its JAX half, which the tests never import; its torch layers need only jaxtyping.
 	$(PIP) --no-deps recurrentgemma==1.0.1 jaxtyping==0.3.11 wadler-lindig==0.1.8
@@ -53,7 +58,7 @@ KERAS_ANY_BACKEND := tests/tf/test_keras_backends.py tests/tf/test_tf_fit_exits.
 KERAS_CONTRACT_torch := not profiling_schedule
 KERAS_CONTRACT_jax := records_match or close_leaves or bitwise or raise_happens or fixed_equals or header or (float64_reference and (bidirectional or masked))
 test: $(STAMP_TEST)
-	KERAS_ANY_BACKEND="$(KERAS_ANY_BACKEND)" KERAS_CONTRACT_torch="$(KERAS_CONTRACT_torch)" \
+	GRADWATCH_FLA_PATH="$(FLA_DIR)" KERAS_ANY_BACKEND="$(KERAS_ANY_BACKEND)" KERAS_CONTRACT_torch="$(KERAS_CONTRACT_torch)" \
 	KERAS_CONTRACT_jax="$(KERAS_CONTRACT_jax)" $(BIN)/python tests/run_suites.py
 
 bench: $(STAMP_TEST)

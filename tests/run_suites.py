@@ -37,9 +37,17 @@ def _suites() -> list[list[tuple[str, dict[str, str], list[str]]]]:
         ]
 
     tf = {"KERAS_BACKEND": "tensorflow"}
+    # flash-linear-attention and triton live beside the venv (the Makefile says why): only this
+    # suite has them on its path, so tests/torch/test_fla.py skips in the torch suite and runs here.
+    fla = os.environ.get("GRADWATCH_FLA_PATH", "")
+    fla_suite = []
+    if fla:
+        path = os.pathsep.join(p for p in (str(ROOT / fla) if not os.path.isabs(fla) else fla, os.environ.get("PYTHONPATH", "")) if p)
+        fla_suite = [("torch: flash-linear-attention (triton on the path)", {**tf, "PYTHONPATH": path}, ["tests/torch/test_fla.py"])]
     lane_a = [
         ("core (no framework importable)", {"GRADWATCH_BLOCK_FRAMEWORKS": "1"}, ["tests/core"]),
         ("torch", tf, ["tests/torch"]),
+        *fla_suite,
         ("contract, torch", tf, ["tests/contract", "--backend", "torch"]),
         ("cli", tf, ["tests/cli"]),
         ("examples", tf, ["tests/examples"]),

@@ -23,12 +23,16 @@ import warnings
 import pytest
 
 torch = pytest.importorskip("torch", reason="the PyTorch backend needs torch")
-try:  # fla imports triton at import time; both come with `pip install gradwatch[modern]`
+try:  # fla imports triton at import time (the Makefile installs both beside the venv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import fla.layers  # noqa: F401
 except Exception as exc:  # noqa: BLE001 - any import failure means: not testable here
-    pytest.skip(f"flash-linear-attention is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+    pytest.skip(
+        f"flash-linear-attention is not importable here ({type(exc).__name__}: {exc}); `make test` runs this file "
+        "in its own suite with fla and triton on the path (tests/run_suites.py)",
+        allow_module_level=True,
+    )
 
 import torch.nn.functional as F
 from test_modern import _capture, check, row_jacobian
