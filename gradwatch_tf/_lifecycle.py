@@ -96,6 +96,9 @@ class Lifecycle(RingReader):
             except NonFiniteGradientError:
                 pass
         self._closed = True
+        live = getattr(self._monitor, "live", None)
+        if isinstance(live, dict):  # nothing of the model is read after close
+            live.pop("forget_bias", None)
         warn_if_no_step(self._monitor, self._mode)
         if not self._suspended:
             self._leave()

@@ -26,6 +26,7 @@ from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
 from gradwatch_tf._intercept import drop_traced_functions
 from gradwatch_tf._lifecycle import Lifecycle
+from gradwatch_tf._live import forget_bias_reader
 from gradwatch_tf._step import DevicePolicy, GraphContext, build_step, step_layout
 
 logger = logging.getLogger("gradwatch")
@@ -144,6 +145,9 @@ class TFAttachment(Lifecycle):
         meta.setdefault("recurrence_weights", {site.name: _recurrent.recurrence_weights(site) for site in self._sites})
         biases = {site.name: b for site in self._sites if (b := _recurrent.forget_bias(site)) is not None}
         meta.setdefault("forget_bias", biases)  # the remedies read it (Keras starts at 1: unit_forget_bias)
+        live = getattr(self._monitor, "live", None)
+        if isinstance(live, dict) and self._sites:  # ... as it is when an alert is written
+            live["forget_bias"] = forget_bias_reader(self._sites)
         sites, blocks = self._setup_sites()
         policy = self._monitor.policy
         unitwise = policy if getattr(policy, "unitwise", False) else None

@@ -1,0 +1,55 @@
+"""Facts the remedies read when an alert is written (``monitor.live``), for Keras layers.
+
+Why not the attach-time ``meta["forget_bias"]``: training moves the forget-gate bias,
+and an alert at step 120 that quotes the bias of step 0 as "now" teaches users to
+distrust the rest of the message. The reader is called only when an alert about a
+recurrence is written (rare, rate-limited), so its one small host read costs nothing on
+other steps. On JAX inside ``fit`` Keras writes the trained values back into the
+layer's variables when it syncs its state (at the latest at the end of an epoch), so
+there the value read may be up to an epoch old; on TensorFlow and torch it is current.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+__all__ = ["forget_bias_reader"]
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    try:
+        import keras
+
+        return np.asarray(keras.ops.convert_to_numpy(value), np.float64).reshape(-1)
+    except Exception:  # noqa: BLE001 - a tf.Variable outside Keras' converter
+        return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float64).reshape(-1)
+
+
+def forget_bias_reader(sites: Iterable[Any]) -> Callable[[str, str], float | None]:
+    """``read(layer, recurrence)``: the mean forget-gate bias (Keras gate order i, f, c, o)
+    of that direction of an LSTM site now, None for other layers. ``sites`` have ``name``,
+    ``directions`` ([(recurrence, RNN layer)])."""
+    by_name = {s.name: s for s in sites}
+
+    def read(layer: str, recurrence: str) -> float | None:
+        site = by_name.get(layer)
+        if site is None:
+            return None
+        for name, rnn in site.directions:
+            if name != recurrence:
+                continue
+            cell = getattr(rnn, "cell", None)
+            if type(cell).__name__ != "LSTMCell":
+                return None
+            bias = getattr(cell, "bias", None)
+            if bias is None:
+                return 0.0
+            b = _to_numpy(bias.value if hasattr(bias, "value") else bias)
+            units = int(cell.units)
+            return float(b[units : 2 * units].mean())
+        return None
+
+    return read
