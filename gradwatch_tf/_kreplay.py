@@ -42,7 +42,7 @@ from keras import ops
 from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, dominant_starts
 from gradwatch_tf._kcells import KCELLS
 
-__all__ = ["measure", "normal"]
+__all__ = ["measure", "normal", "probed_count", "scan"]
 
 _TINY = 1e-30
 
@@ -79,33 +79,98 @@ def _orthonormal(w: Any) -> Any:
     return ops.transpose(q, (0, 2, 1))
 
 
-def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards: bool, seed: Any) -> tuple[Any, Any]:
+def scan(f: Any, init: Any, xs: Any, reverse: bool = False) -> tuple[Any, Any]:
+    """``ops.scan`` (jax.lax.scan's contract), except on TensorFlow: Keras' TensorFlow
+    ``scan`` stacks the per-step outputs in arrays shaped like the carry, so outputs of
+    another structure fail. There one ``tf.while_loop`` over TensorArrays, its first step
+    peeled to learn the outputs' shapes (the batch may be unknown inside the trace). The
+    steps (``xs``' leading axis) are static."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(f, init, xs, reverse=reverse)  # type: ignore[no-any-return]
+    import tensorflow as tf
+
+    flat = tf.nest.flatten(xs)
+    n = int(flat[0].shape[0])
+    at = n - 1 if reverse else 0
+    carry, y0 = f(init, tf.nest.pack_sequence_as(xs, [x[at] for x in flat]))
+    ys0 = [] if y0 is None else tf.nest.flatten(y0)
+    tas = [tf.TensorArray(y.dtype, size=n, element_shape=y.shape).write(at, y) for y in ys0]
+
+    def body(i: Any, c: Any, arrays: list[Any]) -> Any:
+        c, y = f(c, tf.nest.pack_sequence_as(xs, [x[i] for x in flat]))
+        arrays = [a.write(i, v) for a, v in zip(arrays, [] if y is None else tf.nest.flatten(y))]
+        return (i - 1 if reverse else i + 1), c, arrays
+
+    if n > 1:
+        i0 = tf.constant(n - 2 if reverse else 1)
+        cond = (lambda i, _c, _a: i >= 0) if reverse else (lambda i, _c, _a: i < n)
+        _, carry, tas = tf.while_loop(cond, body, (i0, carry, tas), maximum_iterations=n - 1)
+    stacked = []
+    for a, y in zip(tas, ys0):
+        v = a.stack()
+        v.set_shape(tf.TensorShape([n]).concatenate(y.shape))
+        stacked.append(v)
+    return carry, (None if y0 is None else tf.nest.pack_sequence_as(y0, stacked))
+
+
+def _cut(v: Any) -> Any:
+    """What the call saw, for the probed sequences: float32, cut from any gradient."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_cut(t) for t in v]
+    return ops.cast(ops.stop_gradient(ops.convert_to_tensor(v))[:PROBED], "float32")
+
+
+def probed_count(batch: int | None) -> int:
+    """The probed sequences an estimate's complement probes are sized for: min(B, PROBED)
+    when the batch is known when traced; PROBED when it is not (TensorFlow retraces fit's
+    last, smaller batch with an unknown size): then a batch under PROBED gets the probes
+    per sequence of a full one (as TensorFlow's replay always did)."""
+    return PROBED if batch is None else max(1, min(int(batch), PROBED))
+
+
+def measure(
+    cell: Any,
+    x: Any,
+    mask: Any,
+    states: list[Any] | None,
+    *,
+    backwards: bool,
+    seed: Any,
+    dropout: tuple[Any, Any] | None = None,
+) -> tuple[Any, Any]:
     """Per-sequence logs [2, T, b] (row 0 the RMS gain, row 1 the largest singular value
     of ds_T/ds_{T-j}; j = 0 gives 0) and, for a gated cell, the keep gate's [mean, mean
     over units of sum_t log gate] on the probed sequences (None otherwise).
 
-    ``x`` [B, T, F] as the call saw it, ``mask`` [B, T] (or [B, T, 1]) or None, ``states``
-    the initial state parts or None (zeros), ``seed`` an integer (tensor) for the random
-    directions of an estimate.
+    ``x`` [B, T, F] as the call saw it (B may be unknown inside a TensorFlow trace),
+    ``mask`` [B, T] (or [B, T, 1]) or None, ``states`` the initial state parts or None
+    (zeros), ``seed`` an integer (tensor) for the random directions of an estimate,
+    ``dropout`` the (input, recurrent) masks the cell applied in this call
+    (:func:`gradwatch_tf._kcells.dropout_masks`) or None.
     """
-    model = KCELLS[type(cell).__name__](cell)
+    dp, rdp = (None, None) if dropout is None else dropout
+    model = KCELLS[type(cell).__name__](cell, _cut(dp), _cut(rdp))
     u, parts = model.units, model.parts
     dim = u * parts
-    x = ops.stop_gradient(ops.cast(ops.convert_to_tensor(x), "float32"))[:PROBED]
-    b, steps = int(x.shape[0]), int(x.shape[1])
+    x = _cut(x)
+    steps = int(x.shape[1])
+    b_known = probed_count(x.shape[0])
     xz = ops.transpose(model.project(x), (1, 0, 2))  # time-major [T, b, G*u]
-    m = ops.ones((steps, b, 1), "float32")
+    m = ops.ones_like(xz[..., :1])  # [T, b, 1]
     if mask is not None:
-        m = ops.cast(ops.stop_gradient(ops.convert_to_tensor(mask))[:PROBED], "float32")
+        m = _cut(mask)
         if len(m.shape) == 3:
             m = m[:, :, 0]
         m = ops.transpose(m, (1, 0))[:, :, None]  # [T, b, 1]
     if backwards:
         xz, m = ops.flip(xz, 0), ops.flip(m, 0)
     if states is not None:
-        init = [ops.cast(ops.stop_gradient(ops.convert_to_tensor(s))[:PROBED], "float32") for s in states][:parts]
+        init = _cut(list(states))[:parts]
     else:
-        init = [ops.zeros((b, u), "float32") for _ in range(parts)]
+        init = [ops.zeros_like(xz[0, :, :u]) for _ in range(parts)]
+    b = ops.shape(x)[0]  # an int, or a tensor where the trace does not know it
     exact = dim <= EXACT_DIM
     offsets = dominant_starts(steps) if not exact and steps > 1 else []
     k = len(offsets)
@@ -118,7 +183,7 @@ def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards
         states_c, tng = carry
         t, xt, mt = inp
         new, fac, keep = model.step(xt, states_c)
-        keep_m = ops.zeros((b, u), "float32") if keep is None else keep
+        keep_m = ops.zeros_like(new[0]) if keep is None else keep
         new = [ops.where(mt > 0, n, s) for n, s in zip(new, states_c)]
         if not exact:
             moved = ops.concatenate(model.jvp(_parts(tng, u, parts), [f[:, None, :] for f in fac]), -1)
@@ -126,17 +191,17 @@ def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards
             tng = _unit_rows(ops.where(t >= start, moved, seeds))
         return (new, tng), (ops.stack(fac, 0), keep_m)
 
-    tng0 = seeds if not exact else ops.zeros((b, 1, dim), "float32")
-    (_, tng), (fac, keep) = ops.scan(fwd, (init, tng0), (times, xz, m))  # fac [T, n, b, u]
+    tng0 = seeds if not exact else ops.zeros_like(xz[0, :, None, :1])
+    (_, tng), (fac, keep) = scan(fwd, (init, tng0), (times, xz, m))  # fac [T, n, b, u]
     gate = _gate_stats(keep, m[..., 0]) if gated else None
     if steps < 2:
-        return ops.zeros((2, steps, b), "float32"), gate
+        return ops.zeros_like(ops.stack([m[..., 0], m[..., 0]])), gate
     if exact:
-        rows = ops.tile(ops.eye(dim, dtype="float32")[None], (b, 1, 1))
+        rows = ops.eye(dim, dtype="float32")[None] + ops.zeros_like(xz[0, :, None, :1])
         weights = np.ones(dim, np.float32)
     else:
         q = _orthonormal(_refine_short(model, tng, offsets, fac, m))
-        r = complement_probes(b)
+        r = complement_probes(b_known)
         v = normal((b, r, dim), seed * 2 + 1)
         v = v - ops.matmul(ops.matmul(v, ops.transpose(q, (0, 2, 1))), q)
         rows = ops.concatenate([q, _orthonormal(v)], 1)
@@ -175,8 +240,8 @@ def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) ->
         return _unit_rows(ops.where(ops.logical_and(t >= first, mt[:, :, None] > 0), new, w)), None
 
     def round_trip(_: Any, w: Any) -> Any:  # one loop around both sweeps: each compiled once
-        w, _ys = ops.scan(back, w, xs, reverse=True)
-        return ops.scan(fwd, w, xs)[0]
+        w, _ys = scan(back, w, xs, reverse=True)
+        return scan(fwd, w, xs)[0]
 
     return ops.fori_loop(0, REFINE_ROUNDS, round_trip, tng)
 
@@ -184,7 +249,6 @@ def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) ->
 def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int) -> Any:
     """Rows [b, K, d] at s_T through the VJPs of steps T-1 .. 1: logs [2, T, b]."""
     u, parts = model.units, model.parts
-    b = int(rows.shape[0])
 
     def bwd(carry: Any, inp: Any) -> Any:
         us, acc = carry
@@ -196,8 +260,8 @@ def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int)
         scale = ops.sqrt(ops.maximum(sq, _TINY))
         return (new / scale[:, None, None], acc + ops.log(scale)), (gram, acc)
 
-    acc0 = ops.zeros((b,), "float32")
-    _, (grams, accs) = ops.scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True)
+    acc0 = ops.zeros_like(rows[:, 0, 0])
+    _, (grams, accs) = scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True)
     grams, accs = ops.flip(grams, 0), ops.flip(accs, 0)  # j = 1 .. T-1
     diag = ops.diagonal(grams, axis1=-2, axis2=-1)  # [T-1, b, K]
     log_rms = 0.5 * (ops.log(ops.sum(diag * weights, -1)) - math.log(dim)) + accs
@@ -206,7 +270,7 @@ def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int)
     lam = ops.maximum(ops.max(ops.eigh(safe)[0], axis=-1), 0.0)
     log_top = ops.where(ok, 0.5 * ops.log(lam), float("nan")) + accs
     logs = ops.stack([log_rms, log_top], 0)  # [2, T-1, b]
-    return ops.concatenate([ops.zeros((2, 1, b), "float32"), logs], 1)
+    return ops.concatenate([ops.zeros_like(logs[:, :1]), logs], 1)
 
 
 def _gate_stats(gate: Any, valid: Any) -> Any:
