@@ -45,7 +45,7 @@ How it behaves, and why:
   replayed through each direction's own weights exactly as the layer ran them (its mask,
   initial state and dropout masks) to measure propagation through time, the gains of
   ds_T/ds_{T-j} (exact for states of up to 16 numbers, an unbiased estimate within about
-  1.3x above that: :mod:`gradwatch_tf._replay`), and the LSTM forget / GRU update gate
+  1.5x above that: :mod:`gradwatch_tf._kreplay`, the replay of every Keras backend), and the LSTM forget / GRU update gate
   statistics of the same sequences. A layer whose replay would cost more than 5% of the
   profiled steps' time replays on every n-th profiled step only (n from shapes:
   :func:`gradwatch_tf._propagation.replay_period`). Per-timestep norms of dL/dx

@@ -171,10 +171,10 @@ class KCell:
         if self.rdp is None:
             return ops.matmul(d, self._w[gates][1])
         u = self.units
-        terms = [ops.matmul(d[..., i * u : (i + 1) * u], self.blocks_t[g]) * self._mask(g, d) for i, g in enumerate(gates)]
-        out = terms[0]
-        for t in terms[1:]:
-            out = out + t
+        out = None
+        for i, g in enumerate(gates):
+            term = ops.matmul(d[..., i * u : (i + 1) * u], self.blocks_t[g]) * self._mask(g, d)
+            out = term if out is None else out + term
         return out
 
     def input_bias(self) -> Any:

@@ -7,14 +7,17 @@ and j = 0 .. T-1 steps back from the last *processed* step, the RMS gain
 product; the engine's rule (:func:`gradwatch.through_time.fit.aggregate_logs`: median of
 the first, max of the second over the sequences) makes the contract's two profiles.
 
-How (the method of :mod:`gradwatch_tf._replay` and :mod:`gradwatch_torch._sweeps`, in
-``keras.ops`` so that the same code runs inside ``jax.jit``, on torch and on TensorFlow):
+How (the method of :mod:`gradwatch_torch._sweeps`, in ``keras.ops`` so that the same
+code runs inside ``jax.jit``, on torch, and on TensorFlow traced into the user's step by
+:mod:`gradwatch_tf._propagation`, XLA included; backend code only where keras.ops has no
+common path: :func:`normal`, :func:`scan`, an activation's derivative by autodiff):
 
-* **Forward** (``ops.scan``): the probed sequences run again through the cell's own
-  weights from what the layer's call saw (input, mask, initial state), a masked step
+* **Forward** (:func:`scan`): the probed sequences run again through the cell's own
+  weights from what the layer's call saw (input, mask, initial state, and the cell's
+  dropout masks of the call where the caller captured them), a masked step
   keeping its state (its Jacobian the identity), a reversed direction in its processing
   order. Each step leaves the factors of its Jacobian (:mod:`gradwatch_tf._kcells`).
-* **Backward** (``ops.scan``, reversed): a block of probe rows carried from s_T back to
+* **Backward** (:func:`scan`, reversed): a block of probe rows carried from s_T back to
   s_1 through the closed-form VJPs; at every step the block's Gram matrix (its trace the
   Frobenius norm, its largest eigenvalue the largest singular value, ``ops.eigh`` once
   over all steps). Rows are rescaled every step, the log of the scale accumulated, so a
@@ -27,7 +30,9 @@ How (the method of :mod:`gradwatch_tf._replay` and :mod:`gradwatch_torch._sweeps
   :func:`~gradwatch.through_time.plan.complement_probes` random orthonormal rows of their
   complement, weighted (dim s - k) / r (Hutchinson's estimator, deflated). The largest
   singular value is that of the block: a lower bound, tight because the block holds the
-  dominant directions. Measured error in tests/tf/test_keras_through_time.py.
+  dominant directions. Measured error against the float64 reference in
+  tests/contract/test_contract_through_time.py (every Keras backend) and
+  tests/tf/test_tf_propagation.py (inside fit).
 """
 
 from __future__ import annotations
