@@ -4,8 +4,8 @@
 call belongs to a training step (a gradient tape is recording, or ``training=True``),
 the hook adds, after the layer's own ops, one ``tf.cond`` on the profiling rule
 (:func:`gradwatch.profile_due` on gradwatch's step counter, and only while the watch is
-active; a layer whose replay would cost more than 5% of the profiled steps' time replays
-on every n-th profiled step only, :func:`replay_period`): then it replays each direction
+active; a layer whose replay would cost more than the plan's share of the training time
+replays on every n-th profiled step only, :func:`replay_period`): then it replays each direction
 of the layer
 (:func:`gradwatch_tf._kreplay.measure`, the one ``keras.ops`` replay of every Keras
 backend, here traced into the user's step) and writes the log gains, the gate statistics and
@@ -29,26 +29,29 @@ import tensorflow as tf
 
 from gradwatch import profile_due
 from gradwatch.through_time.fit import aggregate_logs
-from gradwatch.through_time.plan import PROBED, sweep_vectors
+from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING, sweep_vectors
 from gradwatch_tf import _kcells, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
 
 __all__ = ["REPLAY_BUDGET", "SMALL_REPLAY_FLOPS", "ReplayHook", "replay_period"]
 
-#: Replays may cost at most this share of the profiled steps' time ...
-REPLAY_BUDGET = 0.05
+#: Replays may cost at most this share of the profiled steps' time (the plan's, as on
+#: every backend; with spaced profiles ``REPLAY_SHARE_OF_TRAINING`` of all steps when
+#: that allows more) ...
+REPLAY_BUDGET = REPLAY_SHARE
 #: ... unless one is this cheap (floating-point operations, about a millisecond or two):
 #: small layers replay on every profiled step.
-SMALL_REPLAY_FLOPS = 5e7
+SMALL_REPLAY_FLOPS = REPLAY_FREE
 
 
-def replay_period(site: _recurrent.RecurrentSite, x: Any) -> tf.Tensor:
+def replay_period(site: _recurrent.RecurrentSite, x: Any, profile_every: int = 1) -> tf.Tensor:
     """Replay on every n-th profiled step (int64 n >= 1; the first profiled step always).
 
-    n = ceil(replay cost / (REPLAY_BUDGET x the layer's own training cost)), both counted
-    in the multiply-adds of the matmuls with the layer's kernels, from shapes only (the
-    batch size may only be known at run time): training, forward and backward over the
-    batch, about 3 B T (F + u) G u per direction; the replay (:mod:`gradwatch_tf._kreplay`,
+    The plan's rule (:func:`gradwatch.through_time.plan.replay_every`, in graph because
+    the batch size may only be known at run time): n = ceil(replay cost / (share x the
+    layer's own training cost)), share = max(REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING x
+    ``profile_every``), both costs counted in the multiply-adds of the matmuls with the
+    layer's kernels, from shapes only: training, forward and backward over the batch, about 3 B T (F + u) G u per direction; the replay (:mod:`gradwatch_tf._kreplay`,
     the count JAX and torch Keras use too), the probed sequences' input projection, their
     forward pass, and its ``sweep_vectors`` rows carried forward (the dominant tangents),
     back (refinement) and back again (the measured block). Counting only this layer's
@@ -65,8 +68,9 @@ def replay_period(site: _recurrent.RecurrentSite, x: Any) -> tf.Tensor:
         rows = sweep_vectors(u * model.parts, _kreplay.probed_count(x.shape[0]), seq)
         train += 3.0 * batch * seq * (feat + u) * g * u
         replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
-    n = tf.math.ceil(replay / (REPLAY_BUDGET * tf.maximum(train, 1.0)))
-    n = tf.where(2.0 * replay < SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
+    share = max(REPLAY_BUDGET, REPLAY_SHARE_OF_TRAINING * max(int(profile_every), 1))
+    n = tf.math.ceil(replay / (share * tf.maximum(train, 1.0)) - 1e-9)
+    n = tf.where(2.0 * replay <= SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
     return tf.cast(n, tf.int64)
 
 
@@ -161,7 +165,11 @@ class ReplayHook:
             step = step_var.read_value()
             # The k-th profiled step (from 0) replays when k is a multiple of the period.
             k = step - 1 if self._every == 1 else step // self._every
-            period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, call.args.inputs)
+            period = (
+                tf.constant(self._replay_every, tf.int64)
+                if self._replay_every
+                else replay_period(self.site, call.args.inputs, self._every)
+            )
             due = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
             due = tf.logical_and(due, tf.equal(tf.math.floormod(k, period), 0))
             tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))
