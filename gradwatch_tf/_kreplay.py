@@ -84,38 +84,38 @@ def _orthonormal(w: Any) -> Any:
     return ops.transpose(q, (0, 2, 1))
 
 
-def scan(f: Any, init: Any, xs: Any, reverse: bool = False) -> tuple[Any, Any]:
+def scan(f: Any, init: Any, xs: Any, reverse: bool = False, ys: Any = None) -> tuple[Any, Any]:
     """``ops.scan`` (jax.lax.scan's contract), except on TensorFlow: Keras' TensorFlow
     ``scan`` stacks the per-step outputs in arrays shaped like the carry, so outputs of
-    another structure fail. There one ``tf.while_loop`` over TensorArrays, its first step
-    peeled to learn the outputs' shapes (the batch may be unknown inside the trace). The
-    steps (``xs``' leading axis) are static."""
+    another structure fail. There one ``tf.while_loop`` writing TensorArrays whose element
+    shapes ``ys`` gives (a tuple of shapes, one per output of ``f``, which returns a tuple
+    of tensors, the batch None where the trace does not know it; None when ``f`` outputs
+    nothing): declared rather than learnt from a peeled first step, which doubled the
+    graph and its optimisation time in the first fit. The steps (``xs``' leading axis)
+    are static."""
     if keras.backend.backend() != "tensorflow":
         return ops.scan(f, init, xs, reverse=reverse)  # type: ignore[no-any-return]
     import tensorflow as tf
 
     flat = tf.nest.flatten(xs)
     n = int(flat[0].shape[0])
-    at = n - 1 if reverse else 0
-    carry, y0 = f(init, tf.nest.pack_sequence_as(xs, [x[at] for x in flat]))
-    ys0 = [] if y0 is None else tf.nest.flatten(y0)
-    tas = [tf.TensorArray(y.dtype, size=n, element_shape=y.shape).write(at, y) for y in ys0]
+    shapes = [] if ys is None else [tf.TensorShape(s) for s in ys]
+    arrays0 = [tf.TensorArray(tf.float32, size=n, element_shape=s) for s in shapes]
 
     def body(i: Any, c: Any, arrays: list[Any]) -> Any:
         c, y = f(c, tf.nest.pack_sequence_as(xs, [x[i] for x in flat]))
-        arrays = [a.write(i, v) for a, v in zip(arrays, [] if y is None else tf.nest.flatten(y))]
+        arrays = [a.write(i, v) for a, v in zip(arrays, y or ())]
         return (i - 1 if reverse else i + 1), c, arrays
 
-    if n > 1:
-        i0 = tf.constant(n - 2 if reverse else 1)
-        cond = (lambda i, _c, _a: i >= 0) if reverse else (lambda i, _c, _a: i < n)
-        _, carry, tas = tf.while_loop(cond, body, (i0, carry, tas), maximum_iterations=n - 1)
-    stacked = []
-    for a, y in zip(tas, ys0):
-        v = a.stack()
-        v.set_shape(tf.TensorShape([n]).concatenate(y.shape))
-        stacked.append(v)
-    return carry, (None if y0 is None else tf.nest.pack_sequence_as(y0, stacked))
+    i0 = tf.constant(n - 1 if reverse else 0)
+    cond = (lambda i, _c, _a: i >= 0) if reverse else (lambda i, _c, _a: i < n)
+    _, carry, arrays = tf.while_loop(cond, body, (i0, init, arrays0), maximum_iterations=n)
+    if ys is None:
+        return carry, None
+    stacked = [a.stack() for a in arrays]
+    for v, s in zip(stacked, shapes):
+        v.set_shape(tf.TensorShape([n]).concatenate(s))
+    return carry, tuple(stacked)
 
 
 def _cut(v: Any) -> Any:
@@ -197,7 +197,8 @@ def measure(
         return (new, tng), (ops.stack(fac, 0), keep_m)
 
     tng0 = seeds if not exact else ops.zeros_like(xz[0, :, None, :1])
-    (_, tng), (fac, keep) = scan(fwd, (init, tng0), (times, xz, m))  # fac [T, n, b, u]
+    bs = x.shape[0]  # static, or None
+    (_, tng), (fac, keep) = scan(fwd, (init, tng0), (times, xz, m), ys=((model.n_factors, bs, u), (bs, u)))
     gate = _gate_stats(keep, m[..., 0]) if gated else None
     if steps < 2:
         return ops.zeros_like(ops.stack([m[..., 0], m[..., 0]])), gate
@@ -266,7 +267,8 @@ def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int)
         return (new / scale[:, None, None], acc + ops.log(scale)), (gram, acc)
 
     acc0 = ops.zeros_like(rows[:, 0, 0])
-    _, (grams, accs) = scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True)
+    bs, k = rows.shape[0], rows.shape[1]
+    _, (grams, accs) = scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True, ys=((bs, k, k), (bs,)))
     grams, accs = ops.flip(grams, 0), ops.flip(accs, 0)  # j = 1 .. T-1
     diag = ops.diagonal(grams, axis1=-2, axis2=-1)  # [T-1, b, K]
     log_rms = 0.5 * (ops.log(ops.sum(diag * weights, -1)) - math.log(dim)) + accs
