@@ -20,6 +20,9 @@ retrace).
 ``KERAS_BACKEND=jax|torch|tensorflow python -m benchmarks.keras_bench --backend-ratios``:
 on whichever backend, a smaller LSTM's steady step and first fit, defaults against
 unwatched (:func:`backend_ratios`).
+``KERAS_BACKEND=... python -m benchmarks.keras_bench --replay-cost``: CPU time of one
+through-time replay (``gradwatch_tf._kreplay.measure``) of LSTM(256) over 100 steps, 8
+sequences, compiled as the backend's training step would hold it (:func:`replay_cost`).
 """
 
 from __future__ import annotations
@@ -55,7 +58,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--first-batch", action="store_true", help="measure only the first batch of later fits")
     p.add_argument("--fits", type=int, default=5, help="fits per arm with --first-batch (the first is warm-up)")
     p.add_argument("--backend-ratios", action="store_true", help="steady step and first fit on KERAS_BACKEND")
+    p.add_argument("--replay-cost", action="store_true", help="CPU time of one replay of LSTM(256), T=100")
     a = p.parse_args(argv)
+    if a.replay_cost:
+        replay_cost(rounds=a.rounds or 10)
+        return
     if a.backend_ratios:
         backend_ratios(quick=a.quick, rounds=a.rounds or (2 if a.quick else 5))
         return
@@ -292,6 +299,50 @@ def backend_ratios(quick: bool, rounds: int) -> None:
         f"keras-{keras.backend.backend()}: steady step {statistics.median(steady['unwatched']) * 1e3:.1f} ms unwatched, "
         f"defaults / unwatched {s_ratio:.3f} (mean step, profiled ones included: {m_ratio:.3f}); "
         f"first fit {statistics.median(first['unwatched']):.2f} s unwatched, defaults / unwatched {f_ratio:.2f}{bg}"
+    )
+
+
+def replay_cost(rounds: int) -> None:
+    """One replay of LSTM(256) over 100 steps, 8 sequences (the dense estimate: dim 512),
+    on ``KERAS_BACKEND``: inside ``tf.function`` on TensorFlow (one thread, as a replay
+    traced into the step runs beside nothing), ``jax.jit`` on JAX, eager on torch. CPU
+    time (``time.process_time``): the first call (trace, graph optimisation or compile)
+    and the median of ``rounds`` later calls, each with a new seed. Prints one line."""
+    import keras
+
+    from gradwatch_tf._kreplay import measure
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    keras.utils.set_random_seed(0)
+    layer = keras.layers.LSTM(256)
+    x = np.random.default_rng(0).standard_normal((8, 100, 32)).astype("float32")
+    layer(x)
+
+    def run(xs: Any, seed: Any) -> Any:
+        return measure(layer.cell, xs, None, None, backwards=False, seed=seed)[0]
+
+    if backend == "tensorflow":
+        fn = tf.function(run)
+    elif backend == "jax":
+        import jax
+
+        fn = jax.jit(run)
+    else:
+        fn = run
+    cpu = []
+    for i in range(rounds + 1):
+        t0 = time.process_time()
+        np.asarray(keras.ops.convert_to_numpy(fn(x, np.int32(i))))
+        cpu.append(time.process_time() - t0)
+    log(
+        f"keras-{backend}: replay of LSTM(256), T=100, 8 sequences: first call {cpu[0]:.2f} s CPU, "
+        f"then {statistics.median(cpu[1:]) * 1e3:.1f} ms CPU (median of {rounds}); "
+        f"load {os.getloadavg()[0]:.2f}"
     )
 
 

@@ -1,14 +1,20 @@
-"""The recurrences of Keras' own cells in ``keras.ops``, for the portable replay
-(:mod:`gradwatch_tf._kreplay`): every Keras backend (JAX inside ``jit``, torch, TensorFlow).
+"""The recurrences of Keras' own cells in ``keras.ops``, for the replay
+(:mod:`gradwatch_tf._kreplay`): every Keras backend (JAX inside ``jit``, torch, TensorFlow
+in graph and under XLA).
 
-The same equations as :mod:`gradwatch_tf._cells` (written from keras/src/layers/rnn):
-one class per cell (SimpleRNNCell with tanh / sigmoid / relu / linear, LSTMCell, GRUCell
+Written from keras/src/layers/rnn: one class per cell (SimpleRNNCell, LSTMCell, GRUCell
 with ``reset_after`` either way), each giving the forward step with the factors of its
 state Jacobian, and the closed-form vector-Jacobian product (probe rows carried back) and
 Jacobian-vector product (tangents carried forward) built from those factors. Any leading
 shape: a state part is [b, u] in the forward loop, probe rows and tangents [b, k, u]
-against factors [b, 1, u]. Dropout masks are not replayed here (a layer with dropout in
-training is left unmeasured, never measured wrong: :func:`supported`).
+against factors [b, 1, u]. Activations: closed forms for tanh / sigmoid / relu / linear;
+on TensorFlow any other elementwise one, its derivative by autodiff.
+
+Dropout: the cell's own masks of the call (input and recurrent, one per gate where the
+cell draws one per gate, ``implementation=1``) are applied exactly as the cell does, when
+the caller captured them (TensorFlow's forward-pass hook does: :func:`dropout_masks`).
+Without them a layer with dropout in training is left unmeasured, never measured wrong
+(:func:`supported`).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import keras
 from keras import ops
 
-__all__ = ["KCELLS", "KCell", "supported"]
+__all__ = ["KCELLS", "KCell", "dropout_masks", "supported"]
 
 
 def _tanh(z: Any) -> tuple[Any, Any]:
@@ -49,24 +56,62 @@ FORMS: dict[str, Callable[[Any], tuple[Any, Any]]] = {
 
 
 def _form(act: Any) -> Callable[[Any], tuple[Any, Any]] | None:
-    return _linear if act is None else FORMS.get(getattr(act, "__name__", ""))
+    if act is None:
+        return _linear
+    form = FORMS.get(getattr(act, "__name__", ""))
+    if form is None and callable(act) and keras.backend.backend() == "tensorflow":
+        return _autodiff(act)
+    return form
+
+
+def _autodiff(act: Callable[[Any], Any]) -> Callable[[Any], tuple[Any, Any]]:
+    """act(z) and its elementwise derivative by TensorFlow's autodiff (the gradient of
+    sum(act(z))): any activation the cell was given. TensorFlow only: backend code because
+    keras.ops has no derivative, and only there was it supported before."""
+
+    def form(z: Any) -> tuple[Any, Any]:
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            tape.watch(z)
+            y = tf.cast(act(z), tf.float32)
+        g = tape.gradient(y, z)
+        return y, tf.zeros_like(z) if g is None else g
+
+    return form
 
 
 def _weight(v: Any) -> Any:
     return ops.stop_gradient(ops.cast(getattr(v, "value", v), "float32"))
 
 
-def supported(cell: Any, training: bool) -> bool:
-    """The replay knows this cell's Jacobian exactly: one of Keras' own cells, usual
-    activations, and no dropout in a training call (its masks are not replayed here)."""
+def supported(cell: Any, training: bool, *, masks: bool = False) -> bool:
+    """The replay knows this cell's Jacobian exactly: one of Keras' own cells, activations
+    it can differentiate, and, in a training call with dropout, the call's masks
+    (``masks``: the caller captures them)."""
     model = KCELLS.get(type(cell).__name__)
     if model is None:
         return False
     if any(_form(getattr(cell, a, None)) is None for a in ("activation", "recurrent_activation") if hasattr(cell, a)):
         return False
-    return not (
+    return masks or not (
         training and (float(getattr(cell, "dropout", 0.0)) > 0 or float(getattr(cell, "recurrent_dropout", 0.0)) > 0)
     )
+
+
+def dropout_masks(cell: Any, training: bool, input_mask: Any, recurrent_mask: Any) -> tuple[Any, Any]:
+    """The masks the cell's call applied, as (input, recurrent), each None, a tensor or a
+    list of one per gate: the cell's own test (SimpleRNNCell: any mask it drew; LSTM and
+    GRU: 0 < rate < 1) on the masks it handed out during the call."""
+
+    def applies(rate: Any, mask: Any) -> bool:
+        if not training or mask is None:
+            return False
+        return type(cell).__name__ == "SimpleRNNCell" or 0.0 < float(rate) < 1.0
+
+    dp = input_mask if applies(getattr(cell, "dropout", 0.0), input_mask) else None
+    rdp = recurrent_mask if applies(getattr(cell, "recurrent_dropout", 0.0), recurrent_mask) else None
+    return dp, rdp
 
 
 class KCell:
@@ -77,7 +122,10 @@ class KCell:
     gates = 1  # blocks of the kernels
     n_factors = 1  # per-step tensors like a state part
 
-    def __init__(self, cell: Any) -> None:
+    def __init__(self, cell: Any, input_mask: Any = None, recurrent_mask: Any = None) -> None:
+        """``input_mask`` / ``recurrent_mask``: the dropout masks the call applied (see
+        :func:`dropout_masks`), cut to the replayed sequences: [b, F] / [b, u], or a list
+        of one per gate."""
         self.units = int(cell.units)
         self.kernel = _weight(cell.kernel)
         self.recurrent = _weight(cell.recurrent_kernel)
@@ -85,12 +133,49 @@ class KCell:
         self.bias = _weight(cell.bias) if getattr(cell, "bias", None) is not None else None
         self.act = _form(getattr(cell, "activation", None))
         self.ract = _form(getattr(cell, "recurrent_activation", None))
+        self.dp = input_mask
+        rdp = recurrent_mask
+        self.rdp = None if rdp is None else (list(rdp) if isinstance(rdp, (list, tuple)) else [rdp] * self.gates)
+        if self.rdp is not None:  # per gate: h * m_g against U_g (cut here, outside the loops)
+            self.rdp3 = [m[:, None, :] for m in self.rdp]  # against rows [b, k, u]
+            self.blocks = [self.block(g) for g in range(self.gates)]
+            self.blocks_t = [ops.transpose(w) for w in self.blocks]
+        self.all = tuple(range(self.gates))
+        self._w = {self.all: (self.recurrent, self.recurrent_t)}
 
     def project(self, x: Any) -> Any:
-        """The input projection of every step at once: [b, T, F] -> [b, T, G*u]."""
-        z = ops.matmul(x, self.kernel)
+        """The input projection of every step at once: [b, T, F] -> [b, T, G*u], the
+        input dropout masks as the cell applies them."""
+        u, dp = self.units, self.dp
+        if isinstance(dp, (list, tuple)):
+            z = ops.concatenate(
+                [ops.matmul(x * dp[g][:, None, :], self.kernel[:, g * u : (g + 1) * u]) for g in range(self.gates)], -1
+            )
+        else:
+            z = ops.matmul(x if dp is None else x * dp[:, None, :], self.kernel)
         bias = self.input_bias()
         return z if bias is None else z + bias
+
+    def _mask(self, g: int, like: Any) -> Any:
+        return self.rdp[g] if len(like.shape) == 2 else self.rdp3[g]  # type: ignore[index]
+
+    def rec(self, h: Any, gates: tuple[int, ...]) -> Any:
+        """h ([b, u] or rows [b, k, u]) through the recurrent kernel's blocks ``gates``,
+        each gate's recurrent dropout mask first. Linear in h: also its own JVP."""
+        if self.rdp is None:
+            return ops.matmul(h, self._w[gates][0])
+        return ops.concatenate([ops.matmul(h * self._mask(g, h), self.blocks[g]) for g in gates], -1)
+
+    def rec_back(self, d: Any, gates: tuple[int, ...]) -> Any:
+        """The VJP of :meth:`rec`: d [b, k, len(gates) * u] -> [b, k, u]."""
+        if self.rdp is None:
+            return ops.matmul(d, self._w[gates][1])
+        u = self.units
+        out = None
+        for i, g in enumerate(gates):
+            term = ops.matmul(d[..., i * u : (i + 1) * u], self.blocks_t[g]) * self._mask(g, d)
+            out = term if out is None else out + term
+        return out
 
     def input_bias(self) -> Any:
         return self.bias
@@ -115,14 +200,14 @@ class KCell:
 
 class _SimpleRNN(KCell):
     def step(self, xz: Any, states: list[Any]) -> tuple[list[Any], list[Any], Any]:
-        y, dy = self.act(xz + ops.matmul(states[0], self.recurrent))  # type: ignore[misc]
+        y, dy = self.act(xz + self.rec(states[0], self.all))  # type: ignore[misc]
         return [y], [dy], None
 
     def vjp(self, us: list[Any], f: list[Any]) -> list[Any]:
-        return [ops.matmul(us[0] * f[0], self.recurrent_t)]
+        return [self.rec_back(us[0] * f[0], self.all)]
 
     def jvp(self, ts: list[Any], f: list[Any]) -> list[Any]:
-        return [f[0] * ops.matmul(ts[0], self.recurrent)]
+        return [f[0] * self.rec(ts[0], self.all)]
 
 
 class _LSTM(KCell):
@@ -133,7 +218,7 @@ class _LSTM(KCell):
 
     def step(self, xz: Any, states: list[Any]) -> tuple[list[Any], list[Any], Any]:
         h, c = states
-        zi, zf, zg, zo = ops.split(xz + ops.matmul(h, self.recurrent), 4, axis=-1)
+        zi, zf, zg, zo = ops.split(xz + self.rec(h, self.all), 4, axis=-1)
         i, di = self.ract(zi)  # type: ignore[misc]
         f, df = self.ract(zf)  # type: ignore[misc]
         g, dg = self.act(zg)  # type: ignore[misc]
@@ -148,11 +233,11 @@ class _LSTM(KCell):
         uh, uc = us
         dc = uc + uh * f[0]
         dz = ops.concatenate([dc * f[3], dc * f[2], dc * f[4], uh * f[1]], -1)
-        return [ops.matmul(dz, self.recurrent_t), dc * f[5]]
+        return [self.rec_back(dz, self.all), dc * f[5]]
 
     def jvp(self, ts: list[Any], f: list[Any]) -> list[Any]:
         th, tc = ts
-        ti, t_f, tg, to = ops.split(ops.matmul(th, self.recurrent), 4, axis=-1)
+        ti, t_f, tg, to = ops.split(self.rec(th, self.all), 4, axis=-1)
         c = f[5] * tc + f[2] * t_f + f[3] * ti + f[4] * tg
         return [f[1] * to + f[0] * c, c]
 
@@ -161,31 +246,36 @@ class _GRU(KCell):
     gate_name = "update"
     gates = 3
     n_factors = 5
+    ZR, HH = (0, 1), (2,)
 
-    def __init__(self, cell: Any) -> None:
-        super().__init__(cell)
+    def __init__(self, cell: Any, input_mask: Any = None, recurrent_mask: Any = None) -> None:
+        super().__init__(cell, input_mask, recurrent_mask)
         self.reset_after = bool(getattr(cell, "reset_after", True))
         u = self.units
         self.zr = self.recurrent[:, : 2 * u]
-        self.zr_t = ops.transpose(self.zr)
         self.hh = self.block(2)
         self.hh_t = ops.transpose(self.hh)
+        self._w[self.ZR] = (self.zr, ops.transpose(self.zr))
 
     def input_bias(self) -> Any:
         if self.bias is None:
             return None
         return self.bias[0] if self.reset_after else self.bias
 
+    def _hm(self, h: Any) -> Any:
+        """h as the candidate's matmul sees it (reset_after=False): its dropout mask applied."""
+        return h if self.rdp is None else h * self._mask(2, h)
+
     def step(self, xz: Any, states: list[Any]) -> tuple[list[Any], list[Any], Any]:
         h = states[0]
         u = self.units
-        mi = ops.matmul(h, self.recurrent if self.reset_after else self.zr)
+        mi = self.rec(h, self.all if self.reset_after else self.ZR)
         if self.reset_after and self.bias is not None:
             mi = mi + self.bias[1]
         z, dz = self.ract(xz[..., :u] + mi[..., :u])  # type: ignore[misc]
         r, dr = self.ract(xz[..., u : 2 * u] + mi[..., u : 2 * u])  # type: ignore[misc]
-        other = mi[..., 2 * u :] if self.reset_after else h  # what r multiplies
-        ap = xz[..., 2 * u :] + (r * other if self.reset_after else ops.matmul(r * h, self.hh))
+        other = mi[..., 2 * u :] if self.reset_after else self._hm(h)  # what r multiplies
+        ap = xz[..., 2 * u :] + (r * other if self.reset_after else ops.matmul(r * other, self.hh))
         hh, dhh = self.act(ap)  # type: ignore[misc]
         # da = u (1 - z) h~'; dz_pre = u (h_prev - h~) z'; reset_after: dr_pre = da m_h r',
         # d m_h = da r; before: d(r h) = da U_h^T, dr_pre = d(r h) h r', u += d(r h) r.
@@ -197,20 +287,20 @@ class _GRU(KCell):
         da = u * a_fac
         dzp = u * z_fac
         if self.reset_after:
-            return [u * z + ops.matmul(ops.concatenate([dzp, da * r_fac, da * r], -1), self.recurrent_t)]
+            return [u * z + self.rec_back(ops.concatenate([dzp, da * r_fac, da * r], -1), self.all)]
         drh = ops.matmul(da, self.hh_t)
-        return [u * z + drh * r + ops.matmul(ops.concatenate([dzp, drh * r_fac], -1), self.zr_t)]
+        return [u * z + self._hm(drh * r) + self.rec_back(ops.concatenate([dzp, drh * r_fac], -1), self.ZR)]
 
     def jvp(self, ts: list[Any], f: list[Any]) -> list[Any]:
         th = ts[0]
         z, a_fac, z_fac, r_fac, r = f
         u = self.units
         if self.reset_after:
-            tm = ops.matmul(th, self.recurrent)
+            tm = self.rec(th, self.all)
             tap = r * tm[..., 2 * u :] + r_fac * tm[..., u : 2 * u]
         else:
-            tm = ops.matmul(th, self.zr)
-            tap = ops.matmul(r * th + r_fac * tm[..., u : 2 * u], self.hh)
+            tm = self.rec(th, self.ZR)
+            tap = ops.matmul(r * self._hm(th) + r_fac * tm[..., u : 2 * u], self.hh)
         return [z * th + z_fac * tm[..., :u] + a_fac * tap]
 
 

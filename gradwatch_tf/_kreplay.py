@@ -7,14 +7,17 @@ and j = 0 .. T-1 steps back from the last *processed* step, the RMS gain
 product; the engine's rule (:func:`gradwatch.through_time.fit.aggregate_logs`: median of
 the first, max of the second over the sequences) makes the contract's two profiles.
 
-How (the method of :mod:`gradwatch_tf._replay` and :mod:`gradwatch_torch._sweeps`, in
-``keras.ops`` so that the same code runs inside ``jax.jit``, on torch and on TensorFlow):
+How (the method of :mod:`gradwatch_torch._sweeps`, in ``keras.ops`` so that the same
+code runs inside ``jax.jit``, on torch, and on TensorFlow traced into the user's step by
+:mod:`gradwatch_tf._propagation`, XLA included; backend code only where keras.ops has no
+common path: :func:`normal`, :func:`scan`, an activation's derivative by autodiff):
 
-* **Forward** (``ops.scan``): the probed sequences run again through the cell's own
-  weights from what the layer's call saw (input, mask, initial state), a masked step
+* **Forward** (:func:`scan`): the probed sequences run again through the cell's own
+  weights from what the layer's call saw (input, mask, initial state, and the cell's
+  dropout masks of the call where the caller captured them), a masked step
   keeping its state (its Jacobian the identity), a reversed direction in its processing
   order. Each step leaves the factors of its Jacobian (:mod:`gradwatch_tf._kcells`).
-* **Backward** (``ops.scan``, reversed): a block of probe rows carried from s_T back to
+* **Backward** (:func:`scan`, reversed): a block of probe rows carried from s_T back to
   s_1 through the closed-form VJPs; at every step the block's Gram matrix (its trace the
   Frobenius norm, its largest eigenvalue the largest singular value, ``ops.eigh`` once
   over all steps). Rows are rescaled every step, the log of the scale accumulated, so a
@@ -27,7 +30,9 @@ How (the method of :mod:`gradwatch_tf._replay` and :mod:`gradwatch_torch._sweeps
   :func:`~gradwatch.through_time.plan.complement_probes` random orthonormal rows of their
   complement, weighted (dim s - k) / r (Hutchinson's estimator, deflated). The largest
   singular value is that of the block: a lower bound, tight because the block holds the
-  dominant directions. Measured error in tests/tf/test_keras_through_time.py.
+  dominant directions. Measured error against the float64 reference in
+  tests/contract/test_contract_through_time.py (every Keras backend) and
+  tests/tf/test_tf_propagation.py (inside fit).
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from keras import ops
 from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, dominant_starts
 from gradwatch_tf._kcells import KCELLS
 
-__all__ = ["measure", "normal"]
+__all__ = ["measure", "normal", "probed_count", "scan"]
 
 _TINY = 1e-30
 
@@ -79,33 +84,98 @@ def _orthonormal(w: Any) -> Any:
     return ops.transpose(q, (0, 2, 1))
 
 
-def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards: bool, seed: Any) -> tuple[Any, Any]:
+def scan(f: Any, init: Any, xs: Any, reverse: bool = False, ys: Any = None) -> tuple[Any, Any]:
+    """``ops.scan`` (jax.lax.scan's contract), except on TensorFlow: Keras' TensorFlow
+    ``scan`` stacks the per-step outputs in arrays shaped like the carry, so outputs of
+    another structure fail. There one ``tf.while_loop`` writing TensorArrays whose element
+    shapes ``ys`` gives (a tuple of shapes, one per output of ``f``, which returns a tuple
+    of tensors, the batch None where the trace does not know it; None when ``f`` outputs
+    nothing): declared rather than learnt from a peeled first step, which doubled the
+    graph and its optimisation time in the first fit. The steps (``xs``' leading axis)
+    are static."""
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(f, init, xs, reverse=reverse)  # type: ignore[no-any-return]
+    import tensorflow as tf
+
+    flat = tf.nest.flatten(xs)
+    n = int(flat[0].shape[0])
+    shapes = [] if ys is None else [tf.TensorShape(s) for s in ys]
+    arrays0 = [tf.TensorArray(tf.float32, size=n, element_shape=s) for s in shapes]
+
+    def body(i: Any, c: Any, arrays: list[Any]) -> Any:
+        c, y = f(c, tf.nest.pack_sequence_as(xs, [x[i] for x in flat]))
+        arrays = [a.write(i, v) for a, v in zip(arrays, y or ())]
+        return (i - 1 if reverse else i + 1), c, arrays
+
+    i0 = tf.constant(n - 1 if reverse else 0)
+    cond = (lambda i, _c, _a: i >= 0) if reverse else (lambda i, _c, _a: i < n)
+    _, carry, arrays = tf.while_loop(cond, body, (i0, init, arrays0), maximum_iterations=n)
+    if ys is None:
+        return carry, None
+    stacked = [a.stack() for a in arrays]
+    for v, s in zip(stacked, shapes):
+        v.set_shape(tf.TensorShape([n]).concatenate(s))
+    return carry, tuple(stacked)
+
+
+def _cut(v: Any) -> Any:
+    """What the call saw, for the probed sequences: float32, cut from any gradient."""
+    if v is None:
+        return None
+    if isinstance(v, (list, tuple)):
+        return [_cut(t) for t in v]
+    return ops.cast(ops.stop_gradient(ops.convert_to_tensor(v))[:PROBED], "float32")
+
+
+def probed_count(batch: int | None) -> int:
+    """The probed sequences an estimate's complement probes are sized for: min(B, PROBED)
+    when the batch is known when traced; PROBED when it is not (TensorFlow retraces fit's
+    last, smaller batch with an unknown size): then a batch under PROBED gets the probes
+    per sequence of a full one (as TensorFlow's replay always did)."""
+    return PROBED if batch is None else max(1, min(int(batch), PROBED))
+
+
+def measure(
+    cell: Any,
+    x: Any,
+    mask: Any,
+    states: list[Any] | None,
+    *,
+    backwards: bool,
+    seed: Any,
+    dropout: tuple[Any, Any] | None = None,
+) -> tuple[Any, Any]:
     """Per-sequence logs [2, T, b] (row 0 the RMS gain, row 1 the largest singular value
     of ds_T/ds_{T-j}; j = 0 gives 0) and, for a gated cell, the keep gate's [mean, mean
     over units of sum_t log gate] on the probed sequences (None otherwise).
 
-    ``x`` [B, T, F] as the call saw it, ``mask`` [B, T] (or [B, T, 1]) or None, ``states``
-    the initial state parts or None (zeros), ``seed`` an integer (tensor) for the random
-    directions of an estimate.
+    ``x`` [B, T, F] as the call saw it (B may be unknown inside a TensorFlow trace),
+    ``mask`` [B, T] (or [B, T, 1]) or None, ``states`` the initial state parts or None
+    (zeros), ``seed`` an integer (tensor) for the random directions of an estimate,
+    ``dropout`` the (input, recurrent) masks the cell applied in this call
+    (:func:`gradwatch_tf._kcells.dropout_masks`) or None.
     """
-    model = KCELLS[type(cell).__name__](cell)
+    dp, rdp = (None, None) if dropout is None else dropout
+    model = KCELLS[type(cell).__name__](cell, _cut(dp), _cut(rdp))
     u, parts = model.units, model.parts
     dim = u * parts
-    x = ops.stop_gradient(ops.cast(ops.convert_to_tensor(x), "float32"))[:PROBED]
-    b, steps = int(x.shape[0]), int(x.shape[1])
+    x = _cut(x)
+    steps = int(x.shape[1])
+    b_known = probed_count(x.shape[0])
     xz = ops.transpose(model.project(x), (1, 0, 2))  # time-major [T, b, G*u]
-    m = ops.ones((steps, b, 1), "float32")
+    m = ops.ones_like(xz[..., :1])  # [T, b, 1]
     if mask is not None:
-        m = ops.cast(ops.stop_gradient(ops.convert_to_tensor(mask))[:PROBED], "float32")
+        m = _cut(mask)
         if len(m.shape) == 3:
             m = m[:, :, 0]
         m = ops.transpose(m, (1, 0))[:, :, None]  # [T, b, 1]
     if backwards:
         xz, m = ops.flip(xz, 0), ops.flip(m, 0)
     if states is not None:
-        init = [ops.cast(ops.stop_gradient(ops.convert_to_tensor(s))[:PROBED], "float32") for s in states][:parts]
+        init = _cut(list(states))[:parts]
     else:
-        init = [ops.zeros((b, u), "float32") for _ in range(parts)]
+        init = [ops.zeros_like(xz[0, :, :u]) for _ in range(parts)]
+    b = ops.shape(x)[0]  # an int, or a tensor where the trace does not know it
     exact = dim <= EXACT_DIM
     offsets = dominant_starts(steps) if not exact and steps > 1 else []
     k = len(offsets)
@@ -118,7 +188,7 @@ def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards
         states_c, tng = carry
         t, xt, mt = inp
         new, fac, keep = model.step(xt, states_c)
-        keep_m = ops.zeros((b, u), "float32") if keep is None else keep
+        keep_m = ops.zeros_like(new[0]) if keep is None else keep
         new = [ops.where(mt > 0, n, s) for n, s in zip(new, states_c)]
         if not exact:
             moved = ops.concatenate(model.jvp(_parts(tng, u, parts), [f[:, None, :] for f in fac]), -1)
@@ -126,17 +196,18 @@ def measure(cell: Any, x: Any, mask: Any, states: list[Any] | None, *, backwards
             tng = _unit_rows(ops.where(t >= start, moved, seeds))
         return (new, tng), (ops.stack(fac, 0), keep_m)
 
-    tng0 = seeds if not exact else ops.zeros((b, 1, dim), "float32")
-    (_, tng), (fac, keep) = ops.scan(fwd, (init, tng0), (times, xz, m))  # fac [T, n, b, u]
+    tng0 = seeds if not exact else ops.zeros_like(xz[0, :, None, :1])
+    bs = x.shape[0]  # static, or None
+    (_, tng), (fac, keep) = scan(fwd, (init, tng0), (times, xz, m), ys=((model.n_factors, bs, u), (bs, u)))
     gate = _gate_stats(keep, m[..., 0]) if gated else None
     if steps < 2:
-        return ops.zeros((2, steps, b), "float32"), gate
+        return ops.zeros_like(ops.stack([m[..., 0], m[..., 0]])), gate
     if exact:
-        rows = ops.tile(ops.eye(dim, dtype="float32")[None], (b, 1, 1))
+        rows = ops.eye(dim, dtype="float32")[None] + ops.zeros_like(xz[0, :, None, :1])
         weights = np.ones(dim, np.float32)
     else:
         q = _orthonormal(_refine_short(model, tng, offsets, fac, m))
-        r = complement_probes(b)
+        r = complement_probes(b_known)
         v = normal((b, r, dim), seed * 2 + 1)
         v = v - ops.matmul(ops.matmul(v, ops.transpose(q, (0, 2, 1))), q)
         rows = ops.concatenate([q, _orthonormal(v)], 1)
@@ -175,8 +246,8 @@ def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) ->
         return _unit_rows(ops.where(ops.logical_and(t >= first, mt[:, :, None] > 0), new, w)), None
 
     def round_trip(_: Any, w: Any) -> Any:  # one loop around both sweeps: each compiled once
-        w, _ys = ops.scan(back, w, xs, reverse=True)
-        return ops.scan(fwd, w, xs)[0]
+        w, _ys = scan(back, w, xs, reverse=True)
+        return scan(fwd, w, xs)[0]
 
     return ops.fori_loop(0, REFINE_ROUNDS, round_trip, tng)
 
@@ -184,7 +255,6 @@ def _refine_short(model: Any, tng: Any, offsets: list[int], fac: Any, m: Any) ->
 def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int) -> Any:
     """Rows [b, K, d] at s_T through the VJPs of steps T-1 .. 1: logs [2, T, b]."""
     u, parts = model.units, model.parts
-    b = int(rows.shape[0])
 
     def bwd(carry: Any, inp: Any) -> Any:
         us, acc = carry
@@ -196,8 +266,9 @@ def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int)
         scale = ops.sqrt(ops.maximum(sq, _TINY))
         return (new / scale[:, None, None], acc + ops.log(scale)), (gram, acc)
 
-    acc0 = ops.zeros((b,), "float32")
-    _, (grams, accs) = ops.scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True)
+    acc0 = ops.zeros_like(rows[:, 0, 0])
+    bs, k = rows.shape[0], rows.shape[1]
+    _, (grams, accs) = scan(bwd, (rows, acc0), (fac[1:], m[1:]), reverse=True, ys=((bs, k, k), (bs,)))
     grams, accs = ops.flip(grams, 0), ops.flip(accs, 0)  # j = 1 .. T-1
     diag = ops.diagonal(grams, axis1=-2, axis2=-1)  # [T-1, b, K]
     log_rms = 0.5 * (ops.log(ops.sum(diag * weights, -1)) - math.log(dim)) + accs
@@ -206,7 +277,7 @@ def _carry_back(model: Any, fac: Any, m: Any, rows: Any, weights: Any, dim: int)
     lam = ops.maximum(ops.max(ops.eigh(safe)[0], axis=-1), 0.0)
     log_top = ops.where(ok, 0.5 * ops.log(lam), float("nan")) + accs
     logs = ops.stack([log_rms, log_top], 0)  # [2, T-1, b]
-    return ops.concatenate([ops.zeros((2, 1, b), "float32"), logs], 1)
+    return ops.concatenate([ops.zeros_like(logs[:, :1]), logs], 1)
 
 
 def _gate_stats(gate: Any, valid: Any) -> Any:

@@ -4,10 +4,11 @@
 call belongs to a training step (a gradient tape is recording, or ``training=True``),
 the hook adds, after the layer's own ops, one ``tf.cond`` on the profiling rule
 (:func:`gradwatch.profile_due` on gradwatch's step counter, and only while the watch is
-active; a layer whose replay would cost more than 5% of the profiled steps' time replays
-on every n-th profiled step only, :func:`replay_period`): then it replays each direction
+active; a layer whose replay would cost more than the plan's share of the training time
+replays on every n-th profiled step only, :func:`replay_period`): then it replays each direction
 of the layer
-(:func:`gradwatch_tf._replay.measure`) and writes the log gains, the gate statistics and
+(:func:`gradwatch_tf._kreplay.measure`, the one ``keras.ops`` replay of every Keras
+backend, here traced into the user's step) and writes the log gains, the gate statistics and
 the step they belong to into the site's variables; on every other step it does nothing.
 The in-graph step (:mod:`gradwatch_tf._step`) reads them; a replay that did not happen
 for this very step (the layer was not called in it) reads as missing, never as stale.
@@ -28,45 +29,48 @@ import tensorflow as tf
 
 from gradwatch import profile_due
 from gradwatch.through_time.fit import aggregate_logs
-from gradwatch_tf import _recurrent, _replay
+from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING, sweep_vectors
+from gradwatch_tf import _kcells, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
 
 __all__ = ["REPLAY_BUDGET", "SMALL_REPLAY_FLOPS", "ReplayHook", "replay_period"]
 
-#: Replays may cost at most this share of the profiled steps' time ...
-REPLAY_BUDGET = 0.05
+#: Replays may cost at most this share of the profiled steps' time (the plan's, as on
+#: every backend; with spaced profiles ``REPLAY_SHARE_OF_TRAINING`` of all steps when
+#: that allows more) ...
+REPLAY_BUDGET = REPLAY_SHARE
 #: ... unless one is this cheap (floating-point operations, about a millisecond or two):
 #: small layers replay on every profiled step.
-SMALL_REPLAY_FLOPS = 5e7
+SMALL_REPLAY_FLOPS = REPLAY_FREE
 
 
-def replay_period(site: _recurrent.RecurrentSite, x: Any) -> tf.Tensor:
+def replay_period(site: _recurrent.RecurrentSite, x: Any, profile_every: int = 1) -> tf.Tensor:
     """Replay on every n-th profiled step (int64 n >= 1; the first profiled step always).
 
-    n = ceil(replay cost / (REPLAY_BUDGET x the layer's own training cost)), both counted
-    in the multiply-adds of the matmuls with the layer's kernels, from shapes only (the
-    batch size may only be known at run time): training, forward and backward over the
-    batch, about 3 B T (F + u) G u per direction; the replay, the probed sequences' input
-    projection and forward pass with the tangent, and the probe rows backward. Counting
-    only this layer's training (not the rest of the model) errs on the cheap side.
-    Measured on LSTM(256), 100 steps, batch 32: a replay is about 0.3 of a training
-    step, so n = 7, and gradwatch's defaults spend about 0.5% of training on it.
+    The plan's rule (:func:`gradwatch.through_time.plan.replay_every`, in graph because
+    the batch size may only be known at run time): n = ceil(replay cost / (share x the
+    layer's own training cost)), share = max(REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING x
+    ``profile_every``), both costs counted in the multiply-adds of the matmuls with the
+    layer's kernels, from shapes only: training, forward and backward over the batch, about 3 B T (F + u) G u per direction; the replay (:mod:`gradwatch_tf._kreplay`,
+    the count JAX and torch Keras use too), the probed sequences' input projection, their
+    forward pass, and its ``sweep_vectors`` rows carried forward (the dominant tangents),
+    back (refinement) and back again (the measured block). Counting only this layer's
+    training (not the rest of the model) errs on the cheap side.
     """
     seq, feat = int(x.shape[1]), int(x.shape[2])
     batch = tf.cast(tf.shape(x)[0], tf.float64)
-    b = tf.minimum(batch, float(_replay.MAX_SEQUENCES))
+    b = tf.minimum(batch, float(PROBED))
     train = tf.constant(0.0, tf.float64)
     replay = tf.constant(0.0, tf.float64)
     for _, layer in site.directions:
-        model = _replay.CELLS[type(layer.cell).__name__]
+        model = _kcells.KCELLS[type(layer.cell).__name__]
         u, g = int(layer.cell.units), model.gates
-        dim = u * model.parts
-        exact = dim <= _replay.EXACT_DIM
-        rows = b * dim if exact else b * (1 + _replay.random_rows(x.shape[0]))
+        rows = sweep_vectors(u * model.parts, _kreplay.probed_count(x.shape[0]), seq)
         train += 3.0 * batch * seq * (feat + u) * g * u
-        replay += b * seq * feat * g * u + (1.0 if exact else 2.0) * b * seq * u * g * u + rows * seq * g * u * u
-    n = tf.math.ceil(replay / (REPLAY_BUDGET * tf.maximum(train, 1.0)))
-    n = tf.where(2.0 * replay < SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
+        replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
+    share = max(REPLAY_BUDGET, REPLAY_SHARE_OF_TRAINING * max(int(profile_every), 1))
+    n = tf.math.ceil(replay / (share * tf.maximum(train, 1.0)) - 1e-9)
+    n = tf.where(2.0 * replay <= SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
     return tf.cast(n, tf.int64)
 
 
@@ -161,7 +165,11 @@ class ReplayHook:
             step = step_var.read_value()
             # The k-th profiled step (from 0) replays when k is a multiple of the period.
             k = step - 1 if self._every == 1 else step // self._every
-            period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, call.args.inputs)
+            period = (
+                tf.constant(self._replay_every, tf.int64)
+                if self._replay_every
+                else replay_period(self.site, call.args.inputs, self._every)
+            )
             due = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
             due = tf.logical_and(due, tf.equal(tf.math.floormod(k, period), 0))
             tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))
@@ -173,16 +181,17 @@ class ReplayHook:
         logs, gates = [], []
         for i, (_, layer) in enumerate(site.directions):
             masks = site.dropout.get(id(layer.cell), {})
-            traj = _replay.Trajectory(
+            dropout = _kcells.dropout_masks(layer.cell, call.training, masks.get("input"), masks.get("recurrent"))
+            seed = tf.cast(step, tf.int64) * 4099 + (self._salt * 16 + i)  # as the JAX/torch sites draw
+            per_seq, gate = _kreplay.measure(
+                layer.cell,
                 call.args.inputs,
                 call.args.mask,
                 call.states[i],
                 backwards=bool(getattr(layer, "go_backwards", False)),
-                input_mask=masks.get("input"),
-                recurrent_mask=masks.get("recurrent"),
+                seed=seed,
+                dropout=dropout,
             )
-            seed = tf.stack([tf.cast(step, tf.int64), tf.constant(self._salt * 16 + i, tf.int64)])
-            per_seq, gate = _replay.measure(layer.cell, traj, training=call.training, seed=seed)
             # The engine's rule: median over sequences of the RMS gain, max of the top one.
             logs.append(tf.stack(aggregate_logs(per_seq[0], per_seq[1], TF_TENSORS)))  # per_seq: [2, T, b]
             gates.append(gate)

@@ -7,7 +7,7 @@ The layer's ``call`` is wrapped on the instance (restored at close). The wrapper
   fixed-shape variable (static shape: XLA);
 * hands what the call saw (input, mask, initial state, training, the cells' dropout
   masks) to a hook that measures *propagation* on profiled steps
-  (:mod:`gradwatch_tf._propagation`, :mod:`gradwatch_tf._replay`).
+  (:mod:`gradwatch_tf._propagation`, :mod:`gradwatch_tf._kreplay`).
 
 Why the probe reads one of the layer's own trainable variables: Keras asks the tape for
 gradients with respect to the model's trainable variables only, and TensorFlow prunes
@@ -314,10 +314,10 @@ def variable_of(v: Any) -> tf.Variable:
 def replay_feasible(site: RecurrentSite) -> bool:
     """Propagation (and gate statistics) can be measured: every direction runs one of
     Keras' own cells (SimpleRNNCell, LSTMCell, GRUCell), whose Jacobians the replay
-    knows (:mod:`gradwatch_tf._replay`)."""
-    from gradwatch_tf._replay import supported
+    knows (:mod:`gradwatch_tf._kcells`); the hook captures the cells' dropout masks."""
+    from gradwatch_tf._kcells import supported
 
-    return bool(site.directions) and all(supported(layer.cell) for _, layer in site.directions)
+    return bool(site.directions) and all(supported(layer.cell, True, masks=True) for _, layer in site.directions)
 
 
 #: The name ``attach.py`` asks: the replay measures the gates of every gated layer now

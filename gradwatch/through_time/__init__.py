@@ -13,7 +13,7 @@
 
 Backends keep only their kernels: how each step's Jacobian acts, from the layer's own
 weights and the activations of its forward pass (``gradwatch_torch._replay``,
-``gradwatch_tf._replay``), and the :class:`~gradwatch.through_time.ops.TensorOps` of
+``gradwatch_tf._kreplay``), and the :class:`~gradwatch.through_time.ops.TensorOps` of
 their framework, with which the shared rules here run on the device.
 """
 

@@ -241,9 +241,9 @@ def test_large_state_estimate_is_within_1_5x_and_its_rate_within_5_percent(make)
         assert np.max(np.abs(np.log(got / want))) < math.log(1.5)
         assert rate(got) == pytest.approx(rate(want), rel=0.05)
         top = gains_of(rec, top=True)
-        # Keras' estimate of the largest gain uses one dominant direction (the torch kernel
-        # uses tangents started at several offsets): a lower bound, measured within 1.7x.
-        assert np.max(np.abs(np.log(top / want_top))) < math.log(1.7)
+        # The largest gain: that of the block of dominant directions (tangents started at
+        # several offsets, as on every backend), a lower bound within the contract's 1.5x.
+        assert np.max(np.abs(np.log(top / want_top))) < math.log(1.5)
         assert np.all(top <= want_top * (1 + 1e-4))
 
 
@@ -495,14 +495,15 @@ def test_evaluation_and_unprofiled_steps_do_not_replay():
 
 
 def test_a_layer_whose_replay_is_costly_replays_on_every_nth_profiled_step():
-    # LSTM(256) at batch 32: a replay costs about 0.4 of the layer's training step, more
-    # than the 5% budget, so only every n-th profiled step replays (the first always);
-    # the per-timestep norms and spectral norms stay on every profiled step.
-    x, y = data(n=320, t=20, f=8)
+    # LSTM(256) at batch 128: a replay (8 sequences, 20 steps, 6 probe rows, 4 dominant
+    # tangents refined) counts about 0.4 of the layer's training step, more than the 5%
+    # budget, so only every n-th profiled step replays (the first always); the
+    # per-timestep norms and spectral norms stay on every profiled step.
+    x, y = data(n=1280, t=20, f=8)
     model = single(keras.layers.LSTM(256, name="rnn"), t=20, f=8)
     model.compile(keras.optimizers.SGD(0.0), "mse")
     cb = GradWatchCallback(sinks=["memory"], profile_every=1)
-    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
     replayed = [bool(r.temporal["rnn"].recurrences) for r in cb.records]
     assert replayed[0] and not all(replayed)
     n = replayed[1:].index(True) + 1
