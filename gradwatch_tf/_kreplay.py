@@ -47,7 +47,7 @@ from keras import ops
 from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, dominant_starts
 from gradwatch_tf._kcells import KCELLS
 
-__all__ = ["measure", "normal", "probed_count", "scan"]
+__all__ = ["costs", "measure", "normal", "probed_count", "scan"]
 
 _TINY = 1e-30
 
@@ -133,6 +133,35 @@ def probed_count(batch: int | None) -> int:
     last, smaller batch with an unknown size): then a batch under PROBED gets the probes
     per sequence of a full one (as TensorFlow's replay always did)."""
     return PROBED if batch is None else max(1, min(int(batch), PROBED))
+
+
+def costs(directions: list[Any], feat: int, seq: int, probed: int) -> tuple[float, float]:
+    """(one replay, one sequence's training): multiply-adds with the layers' kernels, from
+    shapes, for the cost model of both Keras paths (TensorFlow's in-graph period and
+    JAX/torch's host one). Training: forward and backward, 3 T (F + u) G u per sequence and
+    direction. The replay of ``probed`` sequences, as :func:`measure` runs it: the input
+    projection, the forward pass, and each step's vector products with the recurrent kernel:
+    the k dominant tangents carried forward over all T steps, the k + r rows of the block
+    carried back, and the short tangents' refinement (``REFINE_ROUNDS`` round trips over
+    their last ``REFINE_STEPS`` steps); an exact state carries its dim rows back only.
+    Measured (benchmarks/analysis.md): a TensorFlow LSTM(256) replay over 100 steps costs
+    about 0.35 of a training step of batch 32 while this count says 1.1: the count errs on
+    the expensive side (replays spaced further than the budget needs), never the cheap one."""
+    replay = train = 0.0
+    for layer in directions:
+        model = KCELLS[type(layer.cell).__name__]
+        u, g = int(layer.cell.units), model.gates
+        dim = u * model.parts
+        if dim <= EXACT_DIM or seq < 2:
+            vectors = dim * seq
+        else:
+            offsets = dominant_starts(seq)
+            k, r = len(offsets), complement_probes(probed)
+            refine = 2 * REFINE_ROUNDS * min(max((o for o in offsets if o <= REFINE_STEPS), default=0), seq)
+            vectors = k * seq + (k + r) * seq + k * refine
+        train += 3.0 * seq * (feat + u) * g * u
+        replay += probed * seq * feat * g * u + 2.0 * probed * seq * g * u * u + probed * vectors * g * u * u
+    return replay, train
 
 
 def measure(

@@ -47,7 +47,7 @@ from keras import ops
 
 from gradwatch import Segment, profile_due
 from gradwatch.through_time.fit import aggregate_logs
-from gradwatch.through_time.plan import PROBED, replay_every, sweep_vectors
+from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch_tf import _kcells, _kkept, _kreplay
 from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS
@@ -214,14 +214,8 @@ class PortableThroughTime:
         if self._replay_every:
             return int(self._replay_every)
         batch, feat = int(x.shape[0]), int(x.shape[2])
-        b, seq = min(batch, PROBED), site.length
-        train = replay = 0.0
-        for _, layer in site.directions:
-            model = _kcells.KCELLS[type(layer.cell).__name__]
-            u, g = int(layer.cell.units), model.gates
-            rows = sweep_vectors(u * model.parts, b, seq)
-            train += 3.0 * batch * seq * (feat + u) * g * u
-            replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
+        replay, train = _kreplay.costs([layer for _, layer in site.directions], feat, site.length, min(batch, PROBED))
+        train *= batch
         return replay_every(2.0 * replay, 2.0 * train, self._every)
 
     def parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:

@@ -29,7 +29,7 @@ import tensorflow as tf
 
 from gradwatch import profile_due
 from gradwatch.through_time.fit import aggregate_logs
-from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING, sweep_vectors
+from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING
 from gradwatch_tf import _kcells, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
 
@@ -51,23 +51,18 @@ def replay_period(site: _recurrent.RecurrentSite, x: Any, profile_every: int = 1
     the batch size may only be known at run time): n = ceil(replay cost / (share x the
     layer's own training cost)), share = max(REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING x
     ``profile_every``), both costs counted in the multiply-adds of the matmuls with the
-    layer's kernels, from shapes only: training, forward and backward over the batch, about 3 B T (F + u) G u per direction; the replay (:mod:`gradwatch_tf._kreplay`,
-    the count JAX and torch Keras use too), the probed sequences' input projection, their
-    forward pass, and its ``sweep_vectors`` rows carried forward (the dominant tangents),
-    back (refinement) and back again (the measured block). Counting only this layer's
-    training (not the rest of the model) errs on the cheap side.
+    layer's kernels, from shapes only (:func:`gradwatch_tf._kreplay.costs`, the count JAX
+    and torch Keras use too), the training's batch and the probed sequences known at run
+    time. Counting only this layer's training (not the rest of the model) errs on the
+    cheap side.
     """
     seq, feat = int(x.shape[1]), int(x.shape[2])
     batch = tf.cast(tf.shape(x)[0], tf.float64)
+    probed = _kreplay.probed_count(x.shape[0])
+    flops, per_sequence = _kreplay.costs([layer for _, layer in site.directions], feat, seq, probed)
     b = tf.minimum(batch, float(PROBED))
-    train = tf.constant(0.0, tf.float64)
-    replay = tf.constant(0.0, tf.float64)
-    for _, layer in site.directions:
-        model = _kcells.KCELLS[type(layer.cell).__name__]
-        u, g = int(layer.cell.units), model.gates
-        rows = sweep_vectors(u * model.parts, _kreplay.probed_count(x.shape[0]), seq)
-        train += 3.0 * batch * seq * (feat + u) * g * u
-        replay += b * seq * feat * g * u + 2.0 * b * seq * g * u * u + 3.0 * rows * b * seq * g * u * u
+    replay = tf.constant(flops / probed, tf.float64) * b  # the count is linear in the probed sequences
+    train = tf.constant(per_sequence, tf.float64) * batch
     share = max(REPLAY_BUDGET, REPLAY_SHARE_OF_TRAINING * max(int(profile_every), 1))
     n = tf.math.ceil(replay / (share * tf.maximum(train, 1.0)) - 1e-9)
     n = tf.where(2.0 * replay <= SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
