@@ -276,8 +276,7 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
     measured, temporal, gates, logs = _measure(c, ctx, replicas, grads)
     zero = tf.constant(0.0, F64)
-    sq_each = [_tensors.squared_norm(g) if g is not None else zero for g in measured]
-    fin_each = [_tensors.all_finite(g) if g is not None else tf.constant(True) for g in measured]
+    sq_each, fin_each = _tensors.grad_stats(measured)
     all_ok = tf.reduce_all(tf.stack(fin_each)) if fin_each else tf.constant(True)
     norm = tf.sqrt(tf.add_n(sq_each) if sq_each else zero)
     per_sq: list[tf.Tensor] = [zero] * c.n_params

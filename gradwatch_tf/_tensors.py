@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "power_iteration", "runner_up_start", "scale", "squared_norm", "summed_rows", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
+__all__ = ["FUSE_MAX_NUMEL", "FUSE_MAX_TOTAL", "SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "grad_stats", "power_iteration", "runner_up_start", "scale", "squared_norm", "summed_rows", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
 
 
 def summed_rows(g: tf.IndexedSlices) -> tf.Tensor:
@@ -40,6 +40,50 @@ def squared_norm(g: tf.Tensor) -> tf.Tensor:
     if isinstance(g, tf.IndexedSlices):
         g = summed_rows(g)
     return tf.cast(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))), tf.float64)
+
+
+#: Dense gradients of at most this many elements are measured together (issue 18) ...
+FUSE_MAX_NUMEL = 1 << 16
+#: ... up to this many elements in all (the segment ids are a constant of the graph).
+FUSE_MAX_TOTAL = 1 << 20
+
+
+def _fusable(g: Any) -> bool:
+    if g is None or isinstance(g, tf.IndexedSlices) or not g.dtype.is_floating:
+        return False
+    shape = g.shape
+    return shape.is_fully_defined() and shape.num_elements() <= FUSE_MAX_NUMEL
+
+
+def grad_stats(grads: list[Any]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Squared norm (float64 scalar) and finiteness (bool scalar) of each gradient; a
+    None gradient is 0.0 and finite.
+
+    Why fused: TensorFlow's executor runs a graph op by op, a few µs each, so five ops per
+    gradient are a fixed cost per step that a small model's step (9 ms for an LSTM(64))
+    feels. The small dense gradients are flattened into one buffer and reduced by one
+    segment sum (their squares in float32, as :func:`squared_norm` squares them, summed
+    in float64); finiteness is a second segment sum of the buffer times zero, which is
+    NaN exactly for a segment holding a NaN or an Inf (and cannot overflow). Large or
+    sparse gradients keep their own ops (copying them would cost more than it saves).
+    """
+    sq: list[Any] = [None] * len(grads)
+    fin: list[Any] = [None] * len(grads)
+    small = [j for j, g in enumerate(grads) if _fusable(g)]
+    sizes = [int(grads[j].shape.num_elements()) for j in small]
+    if len(small) >= 2 and sum(sizes) <= FUSE_MAX_TOTAL:
+        k = len(small)
+        flat = tf.concat([tf.reshape(tf.cast(grads[j], tf.float32), [-1]) for j in small], 0)
+        ids = tf.constant(np.repeat(np.arange(k, dtype=np.int32), sizes))
+        sums = tf.math.unsorted_segment_sum(tf.cast(tf.square(flat), tf.float64), ids, k)
+        ok = tf.logical_not(tf.math.is_nan(tf.math.unsorted_segment_sum(flat * 0.0, ids, k)))
+        for j, s, f in zip(small, tf.unstack(sums), tf.unstack(ok)):
+            sq[j], fin[j] = s, f
+    for j, g in enumerate(grads):
+        if sq[j] is None:
+            sq[j] = squared_norm(g) if g is not None else tf.constant(0.0, tf.float64)
+            fin[j] = all_finite(g) if g is not None else tf.constant(True)
+    return sq, fin
 
 
 def all_finite(g: tf.Tensor) -> tf.Tensor:

@@ -140,3 +140,50 @@ def test_no_state_sync_per_batch_on_jax() -> None:
     assert len(cb.records) == 12
     assert watched <= unwatched + 2  # train begin and end may read the model; no batch does
     cb.close()
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow step's fused statistics")
+def test_tf_fused_stats_match_float64_numpy() -> None:
+    """Small dense gradients go through one segment sum; a sparse and a large one keep
+    their own ops; the answers against float64 numpy, NaN, Inf, a large finite gradient,
+    a None, and under ``tf.function`` and XLA."""
+    import tensorflow as tf
+
+    from gradwatch_tf import _tensors
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal((16, 12)).astype("float32"),
+        rng.standard_normal(12).astype("float32") * 1e18,
+        rng.standard_normal((3, 4)).astype("float32"),
+        rng.standard_normal(5).astype("float32"),
+        rng.standard_normal(9).astype("float32") * 1e30,  # finite; its squares are not in float32
+        rng.standard_normal(_tensors.FUSE_MAX_NUMEL + 3).astype("float32"),  # large: not fused
+    ]
+    arrays[2][1, 2] = np.nan
+    arrays[3][0] = -np.inf
+    values = rng.standard_normal((3, 4)).astype("float32")
+    sparse = tf.IndexedSlices(tf.constant(values), tf.constant([2, 0, 2]), tf.constant([5, 4]))
+    dense_sparse = np.zeros((5, 4))
+    for row, i in zip(values, [2, 0, 2]):
+        dense_sparse[i] += row
+    grads = [tf.constant(a) for a in arrays] + [None, sparse]
+    want_sq = [np.sum(np.square(a.astype(np.float64))) for a in arrays] + [0.0, np.sum(np.square(dense_sparse))]
+    want_ok = [bool(np.isfinite(a).all()) for a in arrays] + [True, True]
+
+    def run() -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+        return _tensors.grad_stats(grads)
+
+    for fn in (run, tf.function(run), tf.function(run, jit_compile=True)):
+        sq, ok = fn()
+        got = np.array([float(s) for s in sq])
+        assert [bool(o) for o in ok] == want_ok
+        assert all(s.dtype == tf.float64 for s in sq)
+        assert np.isnan(got[2]) and np.isinf(got[3]) and np.isinf(got[4])  # float32 squares, as before
+        finite = [0, 1, 5, 6, 7]
+        np.testing.assert_allclose(got[finite], np.array(want_sq)[finite], rtol=1e-6)
+    dense = grads[:6]
+    graph = tf.function(lambda: _tensors.grad_stats(dense)).get_concrete_function().graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("UnsortedSegmentSum") == 2  # the five small ones: one buffer, two sums
+    assert types.count("IsFinite") == 1  # the large one, on its own
