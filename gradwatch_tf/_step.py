@@ -206,16 +206,29 @@ def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
         blocks = c.blocks
 
         def compute() -> tf.Tensor:
-            out = []
+            # Blocks of one shape (an LSTM's four gates) share one batched loop.
+            ws = []
             for b in blocks:
                 kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
-                w = tf.convert_to_tensor(kv)[:, b.start : b.stop]
-                sigma = _tensors.power_iteration(w, b.vector, getattr(b, "second", None))
+                ws.append(tf.convert_to_tensor(kv)[:, b.start : b.stop])
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for j, w in enumerate(ws):
+                groups.setdefault((tuple(w.shape), w.dtype), []).append(j)
+            sigmas: list[Any] = [None] * len(blocks)
+            for idx in groups.values():
+                chosen = [blocks[j] for j in idx]
+                if len(idx) == 1:
+                    found = [_tensors.power_iteration(ws[idx[0]], chosen[0].vector, getattr(chosen[0], "second", None))]
+                else:
+                    seconds = [getattr(b, "second", None) for b in chosen]
+                    found = _tensors.power_iterations([ws[j] for j in idx], [b.vector for b in chosen], seconds)
+                for j, sigma in zip(idx, found):
+                    sigmas[j] = sigma
+            for b, sigma in zip(blocks, sigmas):
                 if b.cold is not None:  # the vector has now been iterated to convergence
                     with tf.control_dependencies([sigma]):
                         b.cold.assign(False)
-                out.append(tf.cast(sigma, F64))
-            return tf.stack(out)
+            return tf.stack([tf.cast(sigma, F64) for sigma in sigmas])
 
         return [tf.cond(profiled, compute, lambda: zeros)]
     except Exception as exc:  # noqa: BLE001 - spectral norms are optional

@@ -187,3 +187,49 @@ def test_tf_fused_stats_match_float64_numpy() -> None:
     types = [op.type for op in graph.get_operations()]
     assert types.count("UnsortedSegmentSum") == 2  # the five small ones: one buffer, two sums
     assert types.count("IsFinite") == 1  # the large one, on its own
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="the TensorFlow step's spectral norms")
+def test_batched_power_iterations_match_each_block_alone() -> None:
+    """One batched loop for blocks of one shape (the first fit traces one loop, not four):
+    every block reaches numpy's largest singular value as its own loop does, from warm
+    and cold starts and with blocks that settle after different numbers of iterations,
+    and the vectors kept for the next profile are the ones its own loop keeps."""
+    import tensorflow as tf
+
+    from gradwatch_tf import _tensors
+
+    rng = np.random.default_rng(3)
+    ws, starts, seconds = [], [], []
+    for k in range(4):
+        w = rng.standard_normal((16, 16))
+        if k == 1:  # nearly equal top two: many iterations
+            u, s, vt = np.linalg.svd(w)
+            s[:2] = [2.0, 1.995]
+            w = (u * s) @ vt
+        ws.append(w.astype(np.float32))
+        v = np.linalg.svd(w)[2][0] if k == 2 else rng.standard_normal(16)  # block 2: exact warm start
+        starts.append((v / np.linalg.norm(v)).astype(np.float32))
+        seconds.append(_tensors.runner_up_start(starts[-1]))
+
+    def variables() -> tuple[list[tf.Variable], list[tf.Variable]]:
+        return [tf.Variable(v) for v in starts], [tf.Variable(s) for s in seconds]
+
+    vs, ss = variables()
+    batched = [float(x) for x in _tensors.power_iterations([tf.constant(w) for w in ws], vs, ss)]
+    vs1, ss1 = variables()
+    alone = [float(_tensors.power_iteration(tf.constant(w), v, s)) for w, v, s in zip(ws, vs1, ss1)]
+    exact = [np.linalg.norm(w.astype(np.float64), 2) for w in ws]
+    np.testing.assert_allclose(batched, exact, rtol=1e-5)
+    np.testing.assert_allclose(batched, alone, rtol=1e-6)
+    for a, b in zip(vs + ss, vs1 + ss1):
+        assert abs(float(np.dot(a.numpy(), b.numpy()))) == pytest.approx(1.0, abs=1e-4)
+    # In a graph (as in the train step), under XLA too.
+    for jit in (False, True):
+        vs2, ss2 = variables()
+
+        def run(vs2: list = vs2, ss2: list = ss2) -> list:
+            return _tensors.power_iterations([tf.constant(w) for w in ws], vs2, ss2)
+
+        fn = tf.function(run, jit_compile=jit)
+        np.testing.assert_allclose([float(x) for x in fn()], exact, rtol=1e-5)
