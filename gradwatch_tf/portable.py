@@ -6,7 +6,9 @@ compiled torch), wrapped around ``optimizer.apply`` on the instance (JAX's
 it directly):
 
 1. squared norm and finiteness of each gradient (float32 maths, summed in the widest
-   float the backend has), the global norm;
+   float the backend has), the global norm; on torch these, the row and the ring write
+   are a few torch calls (:mod:`gradwatch_tf._kfast`: ``keras.ops`` dispatch per op was
+   most of the step's overhead there);
 2. the policy's decision: the core's own definitions (:mod:`gradwatch.policies`) run with
    :mod:`gradwatch_tf._kops` on state held in Keras variables (AGC unit-wise likewise);
 3. the optimizer's own ``apply`` on the scaled gradients. With ``on_nonfinite`` "skip" or
