@@ -206,16 +206,29 @@ def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
         blocks = c.blocks
 
         def compute() -> tf.Tensor:
-            out = []
+            # Blocks of one shape (an LSTM's four gates) share one batched loop.
+            ws = []
             for b in blocks:
                 kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
-                w = tf.convert_to_tensor(kv)[:, b.start : b.stop]
-                sigma = _tensors.power_iteration(w, b.vector, getattr(b, "second", None))
+                ws.append(tf.convert_to_tensor(kv)[:, b.start : b.stop])
+            groups: dict[tuple[Any, ...], list[int]] = {}
+            for j, w in enumerate(ws):
+                groups.setdefault((tuple(w.shape), w.dtype), []).append(j)
+            sigmas: list[Any] = [None] * len(blocks)
+            for idx in groups.values():
+                chosen = [blocks[j] for j in idx]
+                if len(idx) == 1:
+                    found = [_tensors.power_iteration(ws[idx[0]], chosen[0].vector, getattr(chosen[0], "second", None))]
+                else:
+                    seconds = [getattr(b, "second", None) for b in chosen]
+                    found = _tensors.power_iterations([ws[j] for j in idx], [b.vector for b in chosen], seconds)
+                for j, sigma in zip(idx, found):
+                    sigmas[j] = sigma
+            for b, sigma in zip(blocks, sigmas):
                 if b.cold is not None:  # the vector has now been iterated to convergence
                     with tf.control_dependencies([sigma]):
                         b.cold.assign(False)
-                out.append(tf.cast(sigma, F64))
-            return tf.stack(out)
+            return tf.stack([tf.cast(sigma, F64) for sigma in sigmas])
 
         return [tf.cond(profiled, compute, lambda: zeros)]
     except Exception as exc:  # noqa: BLE001 - spectral norms are optional
@@ -276,8 +289,7 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
     measured, temporal, gates, logs = _measure(c, ctx, replicas, grads)
     zero = tf.constant(0.0, F64)
-    sq_each = [_tensors.squared_norm(g) if g is not None else zero for g in measured]
-    fin_each = [_tensors.all_finite(g) if g is not None else tf.constant(True) for g in measured]
+    sq_each, fin_each = _tensors.grad_stats(measured)
     all_ok = tf.reduce_all(tf.stack(fin_each)) if fin_each else tf.constant(True)
     norm = tf.sqrt(tf.add_n(sq_each) if sq_each else zero)
     per_sq: list[tf.Tensor] = [zero] * c.n_params

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "power_iteration", "runner_up_start", "scale", "squared_norm", "summed_rows", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
+__all__ = ["FUSE_MAX_NUMEL", "FUSE_MAX_TOTAL", "SPECTRAL_MAX_ITER", "SPECTRAL_TOL", "all_finite", "grad_stats", "power_iteration", "power_iterations", "runner_up_start", "scale", "squared_norm", "summed_rows", "top_right_singular_vector", "unit_axes", "unitwise_norm"]
 
 
 def summed_rows(g: tf.IndexedSlices) -> tf.Tensor:
@@ -40,6 +40,50 @@ def squared_norm(g: tf.Tensor) -> tf.Tensor:
     if isinstance(g, tf.IndexedSlices):
         g = summed_rows(g)
     return tf.cast(tf.reduce_sum(tf.square(tf.cast(g, tf.float32))), tf.float64)
+
+
+#: Dense gradients of at most this many elements are measured together (issue 18) ...
+FUSE_MAX_NUMEL = 1 << 16
+#: ... up to this many elements in all (the segment ids are a constant of the graph).
+FUSE_MAX_TOTAL = 1 << 20
+
+
+def _fusable(g: Any) -> bool:
+    if g is None or isinstance(g, tf.IndexedSlices) or not g.dtype.is_floating:
+        return False
+    shape = g.shape
+    return shape.is_fully_defined() and shape.num_elements() <= FUSE_MAX_NUMEL
+
+
+def grad_stats(grads: list[Any]) -> tuple[list[tf.Tensor], list[tf.Tensor]]:
+    """Squared norm (float64 scalar) and finiteness (bool scalar) of each gradient; a
+    None gradient is 0.0 and finite.
+
+    Why fused: TensorFlow's executor runs a graph op by op, a few µs each, so five ops per
+    gradient are a fixed cost per step that a small model's step (9 ms for an LSTM(64))
+    feels. The small dense gradients are flattened into one buffer and reduced by one
+    segment sum (their squares in float32, as :func:`squared_norm` squares them, summed
+    in float64); finiteness is a second segment sum of the buffer times zero, which is
+    NaN exactly for a segment holding a NaN or an Inf (and cannot overflow). Large or
+    sparse gradients keep their own ops (copying them would cost more than it saves).
+    """
+    sq: list[Any] = [None] * len(grads)
+    fin: list[Any] = [None] * len(grads)
+    small = [j for j, g in enumerate(grads) if _fusable(g)]
+    sizes = [int(grads[j].shape.num_elements()) for j in small]
+    if len(small) >= 2 and sum(sizes) <= FUSE_MAX_TOTAL:
+        k = len(small)
+        flat = tf.concat([tf.reshape(tf.cast(grads[j], tf.float32), [-1]) for j in small], 0)
+        ids = tf.constant(np.repeat(np.arange(k, dtype=np.int32), sizes))
+        sums = tf.math.unsorted_segment_sum(tf.cast(tf.square(flat), tf.float64), ids, k)
+        ok = tf.logical_not(tf.math.is_nan(tf.math.unsorted_segment_sum(flat * 0.0, ids, k)))
+        for j, s, f in zip(small, tf.unstack(sums), tf.unstack(ok)):
+            sq[j], fin[j] = s, f
+    for j, g in enumerate(grads):
+        if sq[j] is None:
+            sq[j] = squared_norm(g) if g is not None else tf.constant(0.0, tf.float64)
+            fin[j] = all_finite(g) if g is not None else tf.constant(True)
+    return sq, fin
 
 
 def all_finite(g: tf.Tensor) -> tf.Tensor:
@@ -135,6 +179,74 @@ def power_iteration(w: tf.Tensor, v: tf.Variable, second: tf.Variable | None = N
         writes.append(second.assign(tf.cast(runner_up, second.dtype)))
     with tf.control_dependencies(writes):
         return tf.identity(tf.cast(tf.sqrt(tf.maximum(lam, 0.0)), tf.float32))
+
+
+def power_iterations(
+    ws: list[tf.Tensor],
+    vs: list[tf.Variable],
+    seconds: list[tf.Variable | None],
+    *,
+    tol: float = SPECTRAL_TOL,
+    max_iter: int = SPECTRAL_MAX_ITER,
+) -> list[tf.Tensor]:
+    """:func:`power_iteration` of several blocks of one shape in ONE batched ``while`` loop.
+
+    Why: an LSTM has four gate blocks, and four loops (QR and a 2 x 2 Rayleigh-Ritz step
+    inside each) are four times the graph to trace and optimise in the first ``fit``
+    (measured: the spectral norms were about 0.85 unwatched first fits of CPU time on
+    TensorFlow). Each block keeps its own stopping rule: a block whose Ritz value has
+    settled (or that reached ``max_iter``) is frozen (``tf.where``) while the others go
+    on, and a frozen block never moves again, so each block's iterates and its count are
+    those of its own :func:`power_iteration`.
+    """
+    w = tf.cast(tf.stack(ws), tf.float64)  # [k, r, n]
+    n = int(w.shape[2])
+    x1 = tf.stack([tf.cast(v.read_value(), tf.float64) for v in vs])
+    x2 = tf.stack(
+        [
+            tf.cast(s.read_value(), tf.float64)
+            if s is not None
+            else tf.random.stateless_normal([n], seed=[20131, 7], dtype=tf.float64)
+            for s in seconds
+        ]
+    )
+    q, _ = tf.linalg.qr(tf.stack([x1, x2], axis=2))  # [k, n, 2] orthonormal columns
+
+    def ritz(q: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        y = tf.matmul(w, q)
+        m = tf.matmul(y, y, transpose_a=True)  # [k, 2, 2], symmetric
+        a, b, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 1]
+        lam = 0.5 * (a + d) + tf.sqrt(tf.square(0.5 * (a - d)) + tf.square(b))
+        e1 = tf.stack([lam - d, b], axis=1)
+        e2 = tf.stack([b, lam - a], axis=1)
+        e = tf.where((tf.norm(e1, axis=1) >= tf.norm(e2, axis=1))[:, None], e1, e2)
+        ne = tf.norm(e, axis=1, keepdims=True)
+        e = tf.where(ne > 0, e / tf.maximum(ne, 1e-300), tf.constant([[1.0, 0.0]], tf.float64))
+        return tf.matmul(w, y, transpose_a=True), lam, e
+
+    def moving(i: tf.Tensor, prev: tf.Tensor, lam: tf.Tensor) -> tf.Tensor:
+        settled = tf.abs(lam - prev) <= tol * tf.abs(lam)
+        return tf.logical_and(i < max_iter, tf.logical_or(i < 2, tf.logical_not(settled)))
+
+    def body(i: tf.Tensor, q: tf.Tensor, prev: tf.Tensor, lam: tf.Tensor) -> Any:
+        go = moving(i, prev, lam)
+        z, new, _ = ritz(q)
+        q_next, _ = tf.linalg.qr(z)
+        return i + 1, tf.where(go[:, None, None], q_next, q), tf.where(go, lam, prev), tf.where(go, new, lam)
+
+    def more(i: tf.Tensor, q: tf.Tensor, prev: tf.Tensor, lam: tf.Tensor) -> tf.Tensor:
+        return tf.reduce_any(moving(i, prev, lam))
+
+    zeros = tf.zeros([len(ws)], tf.float64)
+    _, q, _, _ = tf.while_loop(more, body, (tf.constant(0), q, zeros, zeros), maximum_iterations=max_iter)
+    _, lam, e = ritz(q)
+    top = tf.einsum("kni,ki->kn", q, e)
+    runner_up = tf.einsum("kni,ki->kn", q, tf.stack([-e[:, 1], e[:, 0]], axis=1))
+    writes = [v.assign(tf.cast(top[j], v.dtype)) for j, v in enumerate(vs)]
+    writes += [s.assign(tf.cast(runner_up[j], s.dtype)) for j, s in enumerate(seconds) if s is not None]
+    with tf.control_dependencies(writes):
+        sigma = tf.identity(tf.cast(tf.sqrt(tf.maximum(lam, 0.0)), tf.float32))
+    return tf.unstack(sigma)
 
 
 def runner_up_start(top: np.ndarray) -> np.ndarray:

@@ -6,7 +6,9 @@ compiled torch), wrapped around ``optimizer.apply`` on the instance (JAX's
 it directly):
 
 1. squared norm and finiteness of each gradient (float32 maths, summed in the widest
-   float the backend has), the global norm;
+   float the backend has), the global norm; on torch these, the row and the ring write
+   are a few torch calls (:mod:`gradwatch_tf._kfast`: ``keras.ops`` dispatch per op was
+   most of the step's overhead there);
 2. the policy's decision: the core's own definitions (:mod:`gradwatch.policies`) run with
    :mod:`gradwatch_tf._kops` on state held in Keras variables (AGC unit-wise likewise);
 3. the optimizer's own ``apply`` on the scaled gradients. With ``on_nonfinite`` "skip" or
@@ -49,6 +51,7 @@ from keras import ops
 from gradwatch import HandleGroup, Layout, Segment, infer_layer, profile_due
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
+from gradwatch_tf._kfast import torch_step
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
 from gradwatch_tf._kstate import (
@@ -222,10 +225,16 @@ class PortableAttachment(JaxState, Lifecycle):
         f = widest("float64")
         idx = [g.index.get(id(v), g.path_index.get(str(getattr(v, "path", "")))) for v in tvars]
         zero = ops.zeros((), f)
-        sq_each = [ops.cast(ops.sum(ops.square(ops.cast(x, "float32"))), f) if x is not None else zero for x in grads]
-        fin_each = [ops.all(ops.isfinite(x)) if x is not None else ops.convert_to_tensor(True) for x in grads]
-        all_ok = ops.all(ops.stack(fin_each)) if fin_each else ops.convert_to_tensor(True)
-        norm = ops.sqrt(ops.sum(ops.stack(sq_each))) if sq_each else zero
+        fast = torch_step()  # torch: the same numbers in a few torch calls (_kfast)
+        if fast is not None:
+            per_sq_t, per_nf_t, norm, all_ok = fast.stats(grads, idx, g.n_params)
+        else:
+            sq_each = [
+                ops.cast(ops.sum(ops.square(ops.cast(x, "float32"))), f) if x is not None else zero for x in grads
+            ]
+            fin_each = [ops.all(ops.isfinite(x)) if x is not None else ops.convert_to_tensor(True) for x in grads]
+            all_ok = ops.all(ops.stack(fin_each)) if fin_each else ops.convert_to_tensor(True)
+            norm = ops.sqrt(ops.sum(ops.stack(sq_each))) if sq_each else zero
         active = g.active.value
         thr, scale, new_grads, per_clipped = clip(g, grads, tvars, idx, norm, active)
         step = g.step_var.value
@@ -238,30 +247,41 @@ class PortableAttachment(JaxState, Lifecycle):
             raise _UpdateError() from exc
         if g.on_nonfinite == "raise":
             g.halted.assign(ops.logical_or(g.halted.value, ops.logical_not(all_ok)))
-        per_sq = [zero] * g.n_params
-        per_nf = [zero] * g.n_params
-        for j, pi in enumerate(idx):
-            if pi is not None:
-                per_sq[pi] = sq_each[j]
-                per_nf[pi] = ops.cast(ops.logical_not(fin_each[j]), f)
-        parts: dict[tuple[str, str], Any] = {
-            ("step", ""): ops.cast(step, f),
-            ("skipped", ""): ops.cast(skipped, f),
-            ("profiled", ""): ops.cast(profile_due(step, self._monitor.options.profile_every, KERAS_OPS), f)
-            if through_time
-            else zero,
-            ("sq_norms", ""): ops.stack(per_sq) if per_sq else ops.zeros((0,), f),
-            ("nonfinite", ""): ops.stack(per_nf) if per_nf else ops.zeros((0,), f),
-        }
+        every = self._monitor.options.profile_every
+        if fast is not None:
+            parts: dict[tuple[str, str], Any] = {
+                ("step", ""): step,
+                ("skipped", ""): skipped,
+                ("profiled", ""): fast.profiled(step, every) if through_time else zero,
+                ("sq_norms", ""): per_sq_t,
+                ("nonfinite", ""): per_nf_t,
+            }
+        else:
+            per_sq = [zero] * g.n_params
+            per_nf = [zero] * g.n_params
+            for j, pi in enumerate(idx):
+                if pi is not None:
+                    per_sq[pi] = sq_each[j]
+                    per_nf[pi] = ops.cast(ops.logical_not(fin_each[j]), f)
+            parts = {
+                ("step", ""): ops.cast(step, f),
+                ("skipped", ""): ops.cast(skipped, f),
+                ("profiled", ""): ops.cast(profile_due(step, every, KERAS_OPS), f) if through_time else zero,
+                ("sq_norms", ""): ops.stack(per_sq) if per_sq else ops.zeros((0,), f),
+                ("nonfinite", ""): ops.stack(per_nf) if per_nf else ops.zeros((0,), f),
+            }
         if g.layout.slice("clip") is not None:
             parts[("clip", "")] = ops.stack([ops.cast(thr, f), ops.cast(scale, f)])
         if g.layout.slice("clipped_sq") is not None:
             parts[("clipped_sq", "")] = ops.stack(per_clipped) if per_clipped else ops.zeros((0,), f)
         parts.update(through_time)
-        row = g.layout.pack(parts, lambda ts: ops.concatenate([ops.reshape(ops.cast(t, f), (-1,)) for t in ts], 0))
-        slot = ops.mod(ops.cast(step, "int32") - 1, g.capacity)
-        g.ring.assign(ops.scatter_update(g.ring.value, ops.reshape(slot, (1, 1)), ops.reshape(row, (1, -1))))
-        g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
+        if fast is not None:
+            fast.write(g.ring, g.step_var, step, g.layout.pack(parts, fast.concat), g.capacity)
+        else:
+            row = g.layout.pack(parts, lambda ts: ops.concatenate([ops.reshape(ops.cast(t, f), (-1,)) for t in ts], 0))
+            slot = ops.mod(ops.cast(step, "int32") - 1, g.capacity)
+            g.ring.assign(ops.scatter_update(g.ring.value, ops.reshape(slot, (1, 1)), ops.reshape(row, (1, -1))))
+            g.step_var.assign(step + ops.ones((), keras.backend.standardize_dtype(g.step_var.dtype)))
         if not on_trace:
             self._host_step += 1
         if self._mode == "watch" and not on_trace and self.read_due(1):
