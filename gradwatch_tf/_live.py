@@ -4,9 +4,9 @@ Why not the attach-time ``meta["forget_bias"]``: training moves the forget-gate 
 and an alert at step 120 that quotes the bias of step 0 as "now" teaches users to
 distrust the rest of the message. The reader is called only when an alert about a
 recurrence is written (rare, rate-limited), so its one small host read costs nothing on
-other steps. On JAX inside ``fit`` Keras writes the trained values back into the
-layer's variables when it syncs its state (at the latest at the end of an epoch), so
-there the value read may be up to an epoch old; on TensorFlow and torch it is current.
+other steps. On JAX inside ``fit`` the trained values live in the trainer's state, not
+in the layer's variables (Keras writes them back when it syncs, at the latest at the end
+of an epoch), so the reader takes the bias from that state when the model has one.
 """
 
 from __future__ import annotations
@@ -28,10 +28,24 @@ def _to_numpy(value: Any) -> np.ndarray:
         return np.asarray(value.numpy() if hasattr(value, "numpy") else value, np.float64).reshape(-1)
 
 
-def forget_bias_reader(sites: Iterable[Any]) -> Callable[[str, str], float | None]:
+def _current(variable: Any, model: Any) -> Any:
+    """The variable's value now: on JAX during ``fit`` the trainer's state holds it (the
+    variable itself is stale or purged until Keras syncs)."""
+    state = getattr(model, "_jax_state", None) if model is not None else None
+    if state and not getattr(model, "_jax_state_synced", True):
+        values = state.get("trainable_variables")
+        if values is not None:
+            for v, value in zip(model.trainable_variables, values):
+                if v is variable:
+                    return value
+    return variable.value if hasattr(variable, "value") else variable
+
+
+def forget_bias_reader(sites: Iterable[Any], model_ref: Callable[[], Any] | None = None) -> Callable[[str, str], float | None]:
     """``read(layer, recurrence)``: the mean forget-gate bias (Keras gate order i, f, c, o)
     of that direction of an LSTM site now, None for other layers. ``sites`` have ``name``,
-    ``directions`` ([(recurrence, RNN layer)])."""
+    ``directions`` ([(recurrence, RNN layer)]); ``model_ref`` (a weak reference) lets the
+    JAX trainer's state be read."""
     by_name = {s.name: s for s in sites}
 
     def read(layer: str, recurrence: str) -> float | None:
@@ -47,7 +61,7 @@ def forget_bias_reader(sites: Iterable[Any]) -> Callable[[str, str], float | Non
             bias = getattr(cell, "bias", None)
             if bias is None:
                 return 0.0
-            b = _to_numpy(bias.value if hasattr(bias, "value") else bias)
+            b = _to_numpy(_current(bias, model_ref() if model_ref is not None else None))
             units = int(cell.units)
             return float(b[units : 2 * units].mean())
         return None

@@ -54,6 +54,7 @@ from gradwatch.records import StepRecord
 from gradwatch_tf._kfast import torch_step
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
+from gradwatch_tf._live import forget_bias_reader
 from gradwatch_tf._kstate import (
     DEFAULT_WATCH_CAPACITY,
     Graph,
@@ -153,6 +154,9 @@ class PortableAttachment(JaxState, Lifecycle):
         if self._tt is not None:
             for key, value in self._tt.meta().items():
                 meta.setdefault(key, value)
+            live = getattr(self._monitor, "live", None)
+            if isinstance(live, dict) and self._tt.sites:  # the bias as it is when an alert is written
+                live["forget_bias"] = forget_bias_reader(self._tt.sites, self._model_ref)
             if keras.backend.backend() == "jax" and self._tt.sites:
                 self._tt.buffers(make)
         layout = Layout(segments)
