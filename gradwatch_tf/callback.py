@@ -186,8 +186,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         # ``self._model``, not ``self.model``: on JAX Keras' property syncs the whole model
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
-            self._fill_logs(logs)
-            return
+            return  # nothing read: this batch's logs get no grad_norm rather than an older step's
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
@@ -195,7 +194,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             raise
         if records:
             self._last = records[-1]
-        self._fill_logs(logs)
+            self._fill_logs(logs)  # the step this batch ended with
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
