@@ -144,9 +144,10 @@ def costs(directions: list[Any], feat: int, seq: int, probed: int) -> tuple[floa
     the k dominant tangents carried forward over all T steps, the k + r rows of the block
     carried back, and the short tangents' refinement (``REFINE_ROUNDS`` round trips over
     their last ``REFINE_STEPS`` steps); an exact state carries its dim rows back only.
-    Measured (benchmarks/analysis.md): a TensorFlow LSTM(256) replay over 100 steps costs
-    about 0.35 of a training step of batch 32 while this count says 1.1: the count errs on
-    the expensive side (replays spaced further than the budget needs), never the cheap one."""
+    Measured (benchmarks/analysis.md): a TensorFlow LSTM(256) replay over 100 steps (input
+    64) costs about 0.35 of a training step of batch 32 while this count says 1.34: the
+    count errs on the expensive side (replays spaced further than the budget needs), never
+    the cheap one."""
     replay = train = 0.0
     for layer in directions:
         model = KCELLS[type(layer.cell).__name__]
