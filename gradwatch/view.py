@@ -56,14 +56,6 @@ class MonitorView(Protocol):
         ``recurrent_layers`` (layer -> kind: "rnn_tanh", "rnn_relu", "lstm", "gru")."""
         ...
 
-    @property
-    def live(self) -> Mapping[str, Any]:
-        """Facts the backend reads when asked, because they change as training goes on and
-        an alert must not show an old number as new (read-only mapping of callables):
-        ``forget_bias(layer, recurrence) -> float | None``, the mean forget-gate bias of
-        that recurrence now. May be empty; a missing or failing entry means "unknown"."""
-        ...
-
     def layer_of(self, param: str) -> str | None:
         """The layer a bound parameter belongs to."""
         ...
@@ -125,6 +117,12 @@ class ReadOnlyView:
     layers = property(lambda self: self._m.layers)
     policy_name = property(lambda self: None if self._m.policy is None else self._m.policy.name)
     meta = property(lambda self: MappingProxyType(self._m.meta))
+    #: Facts the backend reads when asked, because they change as training goes on and an
+    #: alert must not show an old number as new (a read-only mapping of callables:
+    #: ``forget_bias(layer, recurrence) -> float | None``, that recurrence's mean
+    #: forget-gate bias now). May be empty; a missing or failing entry means "unknown".
+    #: Not part of the :class:`MonitorView` protocol (read it with ``getattr``), so views
+    #: written before it still satisfy ``isinstance(view, MonitorView)``.
     live = property(lambda self: MappingProxyType(getattr(self._m, "live", {})))
 
     def layer_of(self, param: str) -> str | None:

@@ -169,9 +169,9 @@ class Stateless:
 
 
 def _live(view: MonitorView, name: str, layer: str, recurrence: str, fallback: Any) -> Any:
-    """A fact read now from the backend (``view.live``), else the one it reported at
-    attach: a remedy quotes the forget-gate bias of the alerted recurrence as it is when
-    the alert is written, not as it was at step 0."""
+    """A fact read now from the backend (``view.live``: :class:`~gradwatch.view.ReadOnlyView`),
+    else the one it reported at attach: a remedy quotes the forget-gate bias of the alerted
+    recurrence as it is when the alert is written, not as it was at step 0."""
     fn = (getattr(view, "live", None) or {}).get(name)
     if fn is None:
         return fallback
