@@ -65,7 +65,7 @@ class Monitor:
         self._detectors = build_detectors(self.options, pm)
         #: Free-form facts a backend adds for the run file header (backend, layers, ...).
         self.meta: dict[str, Any] = {}
-        #: Facts read when an alert needs them, not frozen at attach (see MonitorView.live).
+        #: Facts read when an alert needs them, not frozen at attach (see ReadOnlyView.live).
         self.live: dict[str, Any] = {}
         self.view = ReadOnlyView(self)
         self._records: deque[StepRecord] = deque(maxlen=self.options.keep)
