@@ -51,6 +51,7 @@ from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch_tf import _kcells, _kkept, _kreplay
 from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS
+from gradwatch_tf._live import site_forget_bias
 
 __all__ = ["PortableThroughTime"]
 
@@ -152,9 +153,9 @@ class PortableThroughTime:
             kinds[s.name] = {"LSTMCell": "lstm", "GRUCell": "gru"}.get(
                 name
             ) or f"rnn_{getattr(cell.activation, '__name__', 'tanh')}"
-            if name == "LSTMCell" and getattr(cell, "bias", None) is not None:
-                b = np.asarray(ops.convert_to_numpy(cell.bias.value), np.float64)
-                biases[s.name] = float(b[cell.units : 2 * cell.units].mean())
+            bias = site_forget_bias(s)
+            if bias is not None:
+                biases[s.name] = bias
         return {"recurrent_layers": kinds, "forget_bias": biases}
 
     # ------------------------------------------------------------ the layers' calls

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["forget_bias_reader"]
+__all__ = ["cell_forget_bias", "forget_bias_reader", "site_forget_bias"]
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -41,29 +41,44 @@ def _current(variable: Any, model: Any) -> Any:
     return variable.value if hasattr(variable, "value") else variable
 
 
+def cell_forget_bias(cell: Any, model: Any = None) -> float | None:
+    """The mean forget-gate bias (Keras gate order i, f, c, o) of an ``LSTMCell`` now (0
+    without a bias: the gate starts at sigmoid(0)); None for other cells. Raises where the
+    value cannot be read (a variable still being built inside a trace)."""
+    if type(cell).__name__ != "LSTMCell":
+        return None
+    bias = getattr(cell, "bias", None)
+    if bias is None:
+        return 0.0
+    b = _to_numpy(_current(bias, model))
+    units = int(cell.units)
+    return float(b[units : 2 * units].mean())
+
+
+def site_forget_bias(site: Any) -> float | None:
+    """The smallest mean forget-gate bias over a recurrent site's directions, for the run
+    file's header and the remedies' fallback; None unless every direction is an LSTM whose
+    bias can be read now."""
+    try:
+        means = [cell_forget_bias(getattr(layer, "cell", None)) for _, layer in site.directions]
+    except Exception:  # noqa: BLE001 - still being initialised inside a trace
+        return None
+    if not means or any(m is None for m in means):
+        return None
+    return min(m for m in means if m is not None)
+
+
 def forget_bias_reader(sites: Iterable[Any], model_ref: Callable[[], Any] | None = None) -> Callable[[str, str], float | None]:
-    """``read(layer, recurrence)``: the mean forget-gate bias (Keras gate order i, f, c, o)
-    of that direction of an LSTM site now, None for other layers. ``sites`` have ``name``,
-    ``directions`` ([(recurrence, RNN layer)]); ``model_ref`` (a weak reference) lets the
-    JAX trainer's state be read."""
+    """``read(layer, recurrence)``: :func:`cell_forget_bias` of that direction of a site,
+    None for other layers. ``sites`` have ``name`` and ``directions`` ([(recurrence, RNN
+    layer)]); ``model_ref`` (a weak reference) lets the JAX trainer's state be read."""
     by_name = {s.name: s for s in sites}
 
     def read(layer: str, recurrence: str) -> float | None:
         site = by_name.get(layer)
-        if site is None:
-            return None
-        for name, rnn in site.directions:
-            if name != recurrence:
-                continue
-            cell = getattr(rnn, "cell", None)
-            if type(cell).__name__ != "LSTMCell":
-                return None
-            bias = getattr(cell, "bias", None)
-            if bias is None:
-                return 0.0
-            b = _to_numpy(_current(bias, model_ref() if model_ref is not None else None))
-            units = int(cell.units)
-            return float(b[units : 2 * units].mean())
+        for name, rnn in site.directions if site is not None else ():
+            if name == recurrence:
+                return cell_forget_bias(getattr(rnn, "cell", None), model_ref() if model_ref is not None else None)
         return None
 
     return read

@@ -206,27 +206,6 @@ def ensure_site_variables(site: RecurrentSite, make: Callable[..., tf.Variable],
                 site.gate_stats = make(np.zeros([2], np.float32), tf.float32, "gradwatch_gates")
 
 
-def forget_bias(site: RecurrentSite) -> float | None:
-    """The smallest mean forget-gate bias over an LSTM site's directions (Keras gate order
-    i, f, c, o), as the remedies need it; None for other layers or an unreadable bias."""
-    means = []
-    for _, layer in site.directions:
-        cell = getattr(layer, "cell", None)
-        if _class_name(cell) != "LSTMCell":
-            return None
-        bias = getattr(cell, "bias", None)
-        if bias is None:
-            means.append(0.0)
-            continue
-        try:
-            b = np.asarray(bias.numpy(), dtype=np.float64).reshape(-1)
-        except Exception:  # noqa: BLE001 - still being initialised inside a trace
-            return None
-        u = b.shape[0] // 4
-        means.append(float(b[u : 2 * u].mean()))
-    return min(means) if means else None
-
-
 def recurrence_weights(site: RecurrentSite) -> dict[str, list[str]]:
     """Recurrence name -> the paths of its recurrent kernel (the prefix of its spectral
     names), so an alert about "l0_reverse" quotes that direction's singular value."""

@@ -26,7 +26,7 @@ from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
 from gradwatch_tf._intercept import drop_traced_functions
 from gradwatch_tf._lifecycle import Lifecycle
-from gradwatch_tf._live import forget_bias_reader
+from gradwatch_tf._live import forget_bias_reader, site_forget_bias
 from gradwatch_tf._step import DevicePolicy, GraphContext, build_step, step_layout
 
 logger = logging.getLogger("gradwatch")
@@ -143,7 +143,7 @@ class TFAttachment(Lifecycle):
         meta.setdefault("tensorflow", tf.__version__)
         meta.setdefault("recurrent_layers", {site.name: _recurrent.kind_of(site) for site in self._sites})
         meta.setdefault("recurrence_weights", {site.name: _recurrent.recurrence_weights(site) for site in self._sites})
-        biases = {site.name: b for site in self._sites if (b := _recurrent.forget_bias(site)) is not None}
+        biases = {site.name: b for site in self._sites if (b := site_forget_bias(site)) is not None}
         meta.setdefault("forget_bias", biases)  # the remedies read it (Keras starts at 1: unit_forget_bias)
         live = getattr(self._monitor, "live", None)
         if isinstance(live, dict) and self._sites:  # ... as it is when an alert is written

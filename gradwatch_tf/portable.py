@@ -54,7 +54,6 @@ from gradwatch.records import StepRecord
 from gradwatch_tf._kfast import torch_step
 from gradwatch_tf._kops import KERAS_OPS, widest
 from gradwatch_tf._ksites import PortableThroughTime
-from gradwatch_tf._live import forget_bias_reader
 from gradwatch_tf._kstate import (
     DEFAULT_WATCH_CAPACITY,
     Graph,
@@ -66,6 +65,7 @@ from gradwatch_tf._kstate import (
     traced,
 )
 from gradwatch_tf._lifecycle import Lifecycle
+from gradwatch_tf._live import forget_bias_reader
 
 __all__ = ["PortableAttachment", "attach"]
 
