@@ -216,7 +216,8 @@ class ProbeSet:
 def forget_bias_of(module: nn.Module, recurrence: str) -> float | None:
     """The mean forget-gate bias (b_ih + b_hh of the f block) of one recurrence of an
     LSTM ("l1", "l0_reverse"; an ``nn.LSTMCell`` has "l0"), read now; None for other
-    layers or recurrences. One small host read: called only when an alert is written."""
+    layers or recurrences. One small host read: called at attach (:func:`forget_bias`) and
+    when an alert is written, never on the training step."""
     if not isinstance(module, (nn.LSTM, nn.LSTMCell)):
         return None
     suffix = "" if isinstance(module, nn.LSTMCell) else f"_{recurrence}"
@@ -234,20 +235,12 @@ def forget_bias_of(module: nn.Module, recurrence: str) -> float | None:
 
 
 def forget_bias(module: nn.Module) -> float | None:
-    """The smallest mean forget-gate bias (b_ih + b_hh of the f block) over an LSTM's
-    recurrences, as the remedies need it (None for other layers)."""
-    if not isinstance(module, (nn.LSTM, nn.LSTMCell)):
+    """The smallest mean forget-gate bias over an LSTM's recurrences (:func:`forget_bias_of`
+    of each), for the run file's header and the remedies' fallback (None for other layers)."""
+    if isinstance(module, nn.LSTMCell):
+        return forget_bias_of(module, "l0")
+    if not isinstance(module, nn.LSTM):
         return None
-    hidden = module.hidden_size
-    names = [n for n, _ in module.named_parameters() if n.startswith("bias_ih")]
-    if not names:
-        return 0.0  # bias=False: no bias, the gate starts at sigmoid(0)
-    with torch.no_grad():
-        means = []
-        for n in names:
-            b = getattr(module, n).detach()[hidden : 2 * hidden].float()
-            other = getattr(module, n.replace("bias_ih", "bias_hh"), None)
-            if other is not None:
-                b = b + other.detach()[hidden : 2 * hidden].float()
-            means.append(float(b.mean()))
-    return min(means)
+    suffixes = ("", "_reverse") if module.bidirectional else ("",)
+    means = [forget_bias_of(module, f"l{k}{s}") for k in range(module.num_layers) for s in suffixes]
+    return min((m for m in means if m is not None), default=None)
