@@ -73,6 +73,7 @@ __all__ = [
     "minlstm_decay",
     "mlstm_decay",
     "rglru_decay",
+    "stabilised_log_forget",
 ]
 
 
@@ -376,6 +377,21 @@ def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Ten
     return log_a
 
 
+def stabilised_log_forget(log_f: Tensor, i: Tensor, m0: Tensor | None, dim: int) -> Tensor:
+    """xLSTM's stabilised forget gate in log, log f'_t = log f_t + m_{t-1} - m_t, along
+    ``dim``, for the mLSTM and the sLSTM: the stabiliser m_t = max(i_t, log f_t + m_{t-1})
+    in closed form, m_t = F_t + max(m_0, max_{s<=t} (i_s - F_s)) with F the cumulative sum
+    of log f: parallel over time. ``m0`` (the shape of one step of ``log_f``) is the
+    initial stabiliser, None for -inf (the first step's m is i_1)."""
+    cum = torch.cumsum(log_f, dim)
+    best = torch.cummax(i - cum, dim).values
+    first = torch.full_like(cum.narrow(dim, 0, 1), -math.inf) if m0 is None else m0
+    if m0 is not None:
+        best = torch.maximum(best, m0)
+    m = cum + best
+    return log_f + torch.cat([first, m.narrow(dim, 0, m.shape[dim] - 1)], dim) - m
+
+
 def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     """xLSTM mLSTM cell: stabilised decay per head, exp(log sigmoid(f) + m_{t-1} - m_t);
     (B, T, NH)."""
@@ -383,11 +399,7 @@ def mlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:
     qkv = torch.cat([q, k, v], dim=-1)
     log_f = F.logsigmoid(module.fgate(qkv).float())  # (B, T, NH)
     i = module.igate(qkv).float()
-    # m_t = max(log f_t + m_{t-1}, i_t), m_0 = 0  <=>  m_t = F_t + max(0, max_{s<=t} (i_s - F_s))
-    cum = torch.cumsum(log_f, dim=1)
-    m = cum + torch.clamp(torch.cummax(i - cum, dim=1).values, min=0.0)
-    prev = torch.cat([torch.zeros_like(m[:, :1]), m[:, :-1]], dim=1)
-    return log_f + prev - m
+    return stabilised_log_forget(log_f, i, torch.zeros_like(log_f[:, :1]), 1)  # m_0 = 0
 
 
 def rglru_decay(module: Any, args: tuple, kwargs: dict, output: Any) -> Tensor:

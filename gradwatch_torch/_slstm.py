@@ -45,7 +45,7 @@ from gradwatch.through_time.families import Recurrence
 from gradwatch.through_time.fit import aggregate
 from gradwatch.through_time.plan import SMALL_MATMUL_PENALTY, replay_every
 from gradwatch_torch._loops import LOOP_EXACT_DIM, log_products
-from gradwatch_torch._modern import SLSTM, DiagonalProbe, _plain
+from gradwatch_torch._modern import SLSTM, DiagonalProbe, _plain, stabilised_log_forget
 from gradwatch_torch._probing import ProbeContext, outside_backward, tolerance
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._trajectory import PROBED
@@ -194,14 +194,8 @@ def forget_path(module: nn.Module, x: Tensor, state: Tensor | None, output: Any,
     raw = x.reshape(steps, probed, -1, hidden)[:, :, :2] + ry + bias
     raw = raw.permute(1, 2, 3, 0).contiguous()  # (P, 2, H, T): time innermost (CPU scans 2-5x faster)
     i_raw, log_sig_f = raw[:, 0], torch.nn.functional.logsigmoid(raw[:, 1])
-    # m_t = max(i~_t, log f_t + m_{t-1}); a zero state starts with m_1 = i~_1 (the package's
-    # n == 0 branch), i.e. m_0 = -inf.  Closed form: m_t = F_t + max(m_0, cummax_s<=t (i~_s - F_s)).
-    cum = torch.cumsum(log_sig_f, -1)
-    best = torch.cummax(i_raw - cum, -1).values
-    m0 = torch.full_like(cum[..., :1], -math.inf) if s0 is None else s0[3][..., None]
-    if s0 is not None and bool((s0[2] != 0).any()):
-        best = torch.maximum(best, m0)
-    m = cum + best
-    log_f = torch.clamp(log_sig_f + torch.cat([m0, m[..., :-1]], -1) - m, max=0.0)
+    # a zero state (n == 0) starts with m_1 = i~_1 (the package's n == 0 branch): m_0 = -inf
+    m0 = s0[3][..., None] if s0 is not None and bool((s0[2] != 0).any()) else None
+    log_f = torch.clamp(stabilised_log_forget(log_sig_f, i_raw, m0, -1), max=0.0)
     log_f[..., 0] = 0.0  # the first step's decay multiplies the initial state, never a product of j <= T - 1
     return log_f.transpose(1, 2)
