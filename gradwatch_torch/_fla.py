@@ -49,19 +49,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from gradwatch.through_time.families import Recurrence
+from gradwatch_torch._probing import capturing
 
 __all__ = ["FLA", "gla_decay", "hgrn_decay", "rwkv6_decay"]
-
-
-def _capturing(*submodules: str) -> Any:
-    """Mark a decay as reading the output of the first of ``submodules`` the layer has
-    (see :class:`gradwatch_torch._modern.DiagonalProbe`)."""
-
-    def mark(fn: Any) -> Any:
-        fn.capture = submodules
-        return fn
-
-    return mark
 
 
 def _get(args: tuple, kwargs: dict, i: int, name: str) -> Any:
@@ -92,7 +82,7 @@ def _cached(module: Any, args: tuple, kwargs: dict) -> bool:
     return _get(args, kwargs, 2, "past_key_values") is not None
 
 
-@_capturing("gk_proj")
+@capturing("gk_proj")
 def gla_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """GLA: logsigmoid(gk) / gate_logit_normalizer (at least ``clamp_min``); (B, T, K)
     with K the key dims of one key/value group's heads."""
@@ -106,7 +96,7 @@ def gla_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor
     return _boundaries(log_a, cu, mask if cu is None else None)
 
 
-@_capturing("f_conv1d", "f_proj")
+@capturing("f_conv1d", "f_proj")
 def hgrn_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor | None:
     """HGRN: log a = logsigmoid(f), lifted to the lower bound b when the model passes one
     (layers above the first): log(b + (1 - b) sigmoid(f)); (B, T, D)."""
@@ -131,7 +121,7 @@ def hgrn_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tenso
     return _boundaries(log_a, cu)
 
 
-@_capturing("w_proj")
+@capturing("w_proj")
 def rwkv6_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor | None:
     """RWKV-6: log a = w = -exp(w_proj(x, w_mix, shift)); (B, T, K)."""
     cu = _get(args, kwargs, 5, "cu_seqlens")

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from gradwatch.through_time.families import GATES, Recurrence
 from gradwatch.through_time.fit import aggregate
 from gradwatch_torch._fla import FLA
-from gradwatch_torch._probing import CleanCopies, Hook, ProbeContext, outside_backward, probe_input
+from gradwatch_torch._probing import CleanCopies, Hook, ProbeContext, capturing, outside_backward, probe_input
 from gradwatch_torch._recurrent import Probe, add_profiles
 from gradwatch_torch._tensor_ops import TORCH_TENSORS
 from gradwatch_torch._tensors import timestep_sq_norms
@@ -117,8 +117,7 @@ class DiagonalProbe(Probe):
         self._measured = False  # propagation measured on this step already
         self._inner: Tensor | None = None  # probed rows of the captured submodule's output, this call
         self._undo: list[Any] = []
-        capture = getattr(spec.decay, "capture", None)
-        names = (capture,) if isinstance(capture, str) else tuple(capture or ())
+        names = tuple(getattr(spec.decay, "capture", ()))
         sub = next((m for m in (getattr(module, n, None) for n in names) if isinstance(m, nn.Module)), None)
         if sub is not None:  # read the decay's input from the forward instead of recomputing it
             handle = sub.register_forward_hook(Hook(self, "inner_hook"))
@@ -216,17 +215,6 @@ def _matching(inner: Tensor | None, x: Tensor, probed: int) -> Tensor | None:
     return inner if inner is not None and inner.shape[0] == probed and inner.shape[1:-1] == x.shape[1:-1] else None
 
 
-def _capturing(submodule: str) -> Any:
-    """Mark a built-in decay as reading ``submodule``'s output when the forward called it
-    (as ``inner=``: its probed rows), instead of recomputing it from the layer's input."""
-
-    def mark(fn: Any) -> Any:
-        fn.capture = submodule
-        return fn
-
-    return mark
-
-
 #: The RMS over the state sums exp(2 log a - 2 max) over every entry: computed as
 #: 2^(x * _TWO_LOG2E) with the exponent floored at _FLOOR. Every term is at most 1 (the
 #: largest is 2^0), so one below 2^-115 (2.4e-35) changes the sum by nothing float32 or the
@@ -303,7 +291,7 @@ def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
     return F.linear(x, linear.weight[rows], bias)
 
 
-@_capturing("to_hidden_and_gate")
+@capturing("to_hidden_and_gate")
 def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
     if inner is not None:
@@ -312,7 +300,7 @@ def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Ten
     return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
 
 
-@_capturing("to_hidden_and_f_i_gate")
+@capturing("to_hidden_and_f_i_gate")
 def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minLSTM: log f' = -softplus(softplus(-f) - softplus(-i)); (B, T, D)."""
     if inner is not None:
@@ -325,7 +313,7 @@ def minlstm_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Te
     return -F.softplus(F.softplus(-f) - F.softplus(-i))
 
 
-@_capturing("x_proj")
+@capturing("x_proj")
 def mamba_decay(
     module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -348,7 +336,7 @@ def mamba_decay(
     return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
 
 
-@_capturing("in_proj")
+@capturing("in_proj")
 def mamba2_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor | None:
     """Mamba-2 (SSD): one scalar A per head, so log a_t = Δ_t A is one number per head for
     the head's whole (P, N) state, read from the last ``nheads`` columns of ``in_proj``

@@ -23,6 +23,7 @@ __all__ = [
     "CleanCopies",
     "Hook",
     "ProbeContext",
+    "capturing",
     "dense_parameter_count",
     "one_thread",
     "outside_backward",
@@ -42,6 +43,18 @@ from gradwatch.through_time.plan import REPLAY_FREE, REPLAY_SHARE
 #: (dropout masks not those the layer drew, say) by 0.1 to 1.
 TOLERANCE_FULL = 1e-3
 TOLERANCE_LOW = 0.05
+
+
+def capturing(*submodules: str) -> Callable[[Any], Any]:
+    """Mark a decay as reading the output of the first of ``submodules`` the layer has,
+    when the forward called it (as ``inner=``: its probed rows), instead of recomputing it
+    from the layer's input (:class:`gradwatch_torch._modern.DiagonalProbe`)."""
+
+    def mark(fn: Any) -> Any:
+        fn.capture = submodules
+        return fn
+
+    return mark
 
 
 def tolerance(out_dtype: torch.dtype, device_type: str) -> float:
