@@ -33,15 +33,7 @@ from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLA
 from gradwatch_tf import _kcells, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
 
-__all__ = ["REPLAY_BUDGET", "SMALL_REPLAY_FLOPS", "ReplayHook", "replay_period"]
-
-#: Replays may cost at most this share of the profiled steps' time (the plan's, as on
-#: every backend; with spaced profiles ``REPLAY_SHARE_OF_TRAINING`` of all steps when
-#: that allows more) ...
-REPLAY_BUDGET = REPLAY_SHARE
-#: ... unless one is this cheap (floating-point operations, about a millisecond or two):
-#: small layers replay on every profiled step.
-SMALL_REPLAY_FLOPS = REPLAY_FREE
+__all__ = ["ReplayHook", "replay_period"]
 
 
 def replay_period(site: _recurrent.RecurrentSite, x: Any, profile_every: int = 1) -> tf.Tensor:
@@ -63,9 +55,9 @@ def replay_period(site: _recurrent.RecurrentSite, x: Any, profile_every: int = 1
     b = tf.minimum(batch, float(PROBED))
     replay = tf.constant(flops / probed, tf.float64) * b  # the count is linear in the probed sequences
     train = tf.constant(per_sequence, tf.float64) * batch
-    share = max(REPLAY_BUDGET, REPLAY_SHARE_OF_TRAINING * max(int(profile_every), 1))
+    share = max(REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING * max(int(profile_every), 1))
     n = tf.math.ceil(replay / (share * tf.maximum(train, 1.0)) - 1e-9)
-    n = tf.where(2.0 * replay <= SMALL_REPLAY_FLOPS, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))
+    n = tf.where(2.0 * replay <= REPLAY_FREE, tf.constant(1.0, tf.float64), tf.maximum(n, 1.0))  # the plan's free replays
     return tf.cast(n, tf.int64)
 
 
