@@ -164,6 +164,13 @@ class FitFunctions:
         self._model_ref = weakref.ref(model)
         self._ours: dict[str, Any] = {}
         self._users: dict[str, Any] | None = None
+        self._lean: Any = None  # the lean train function (see lean_function), kept like _ours
+        #: Seconds of the first call of the full train function (its trace, and one step):
+        #: what tracing the lean one is reckoned to cost (it traces less: an upper bound).
+        self.trace_cost: float | None = None
+        #: Seconds reckoned lost so far by running the full function where the lean one would
+        #: do (``LEAN_SAVING`` of each such call's time).
+        self.forgone = 0.0
 
     @property
     def entered(self) -> bool:
@@ -203,6 +210,31 @@ class FitFunctions:
             except Exception as exc:  # noqa: BLE001 - a read-only attribute: leave it
                 logger.debug("gradwatch: could not restore %s: %r", a, exc)
 
+    def lean_worth_it(self) -> bool:
+        """Trace the lean function once the time it would have saved has paid for its
+        trace (the rent-or-buy rule: never more than twice the better choice's cost in
+        hindsight). A short fit, where a second trace would cost more than it saves, keeps
+        the one full function; a long one switches after a number of steps that is a few
+        times the first call over the step time."""
+        return self._lean is not None or (self.trace_cost is not None and self.forgone >= self.trace_cost)
+
+    def lean_function(self) -> Any:
+        """A second train function of the model, made by Keras like the first and traced
+        at its first call: the callback runs it, with the attachment's ``lean`` switch on
+        while it traces, for executions without a profiled step. Made once and kept with
+        the others; the model's own ``train_function`` is left as it was."""
+        model = self._model_ref()
+        if self._lean is None and model is not None:
+            current = model.train_function
+            try:
+                model.train_function = None
+                model.make_train_function()
+                self._lean = model.train_function
+            finally:
+                model.train_function = current
+        return self._lean
+
     def forget(self) -> None:
         """Drop the kept traces (and with them gradwatch's graph state)."""
         self._ours.clear()
+        self._lean, self.trace_cost, self.forgone = None, None, 0.0

@@ -133,14 +133,22 @@ class GraphContext:
     #: Called once while the first step is traced (layers whose sequence length only the
     #: traced step shows join the layout); None when there is nothing to wait for.
     relayout: Callable[[], None] | None = None
+    #: Read while a step is traced: True for the *lean* train function the callback runs
+    #: when none of an execution's steps is profiled (:meth:`TFAttachment.lean_due`). Its
+    #: trace holds no profile at all: no spectral loop, no reads of the probes, the row's
+    #: ``profiled`` flag a constant 0 (the host then reads none of the per-layer segments).
+    lean: bool = False
 
 
-def _measure(c: GraphContext, ctx: Any, replicas: int, grads: list[Any]) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
+def _measure(
+    c: GraphContext, ctx: Any, replicas: int, grads: list[Any], lean: bool = False
+) -> tuple[list[Any], list[Any], list[Any], list[Any]]:
     """The gradients to measure (all-reduced across replicas), the probe sums, the gate
-    statistics and the log propagation gains of the forward hooks."""
-    temporal = [site.sq.read_value() for site in c.sites if site.sq is not None]
-    gates = [site.gate_stats.read_value() for site in c.sites if site.gate_stats is not None]
-    logs = [site.prop.read_value() for site in c.sites if site.prop is not None]
+    statistics and the log propagation gains of the forward hooks (none when ``lean``)."""
+    sites = [] if lean else c.sites
+    temporal = [site.sq.read_value() for site in sites if site.sq is not None]
+    gates = [site.gate_stats.read_value() for site in sites if site.gate_stats is not None]
+    logs = [site.prop.read_value() for site in sites if site.prop is not None]
     measured = list(grads)
     if replicas > 1:
         present = [i for i, g in enumerate(grads) if g is not None]
@@ -287,7 +295,8 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
     idx = [c.index.get(id(v), c.path_index.get(str(getattr(v, "path", "")))) for v in tvars]
     ctx = tf.distribute.get_replica_context()
     replicas = ctx.num_replicas_in_sync if ctx is not None else 1
-    measured, temporal, gates, logs = _measure(c, ctx, replicas, grads)
+    lean = c.lean
+    measured, temporal, gates, logs = _measure(c, ctx, replicas, grads, lean)
     zero = tf.constant(0.0, F64)
     sq_each, fin_each = _tensors.grad_stats(measured)
     all_ok = tf.reduce_all(tf.stack(fin_each)) if fin_each else tf.constant(True)
@@ -301,9 +310,15 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
     active = c.active.read_value()
     thr, scale, new_grads, per_clipped = _clip(c, grads, measured, tvars, idx, norm, active)
     step = c.step_var.read_value()
-    profiled = profile_due(step, c.profile_every, TF) if (c.sites or c.blocks) else tf.constant(False)
-    spectral = _spectral(c, profiled)
-    gates, gains = _replayed(c, step, gates, logs)
+    profiled = profile_due(step, c.profile_every, TF) if (c.sites or c.blocks) and not lean else tf.constant(False)
+    if lean:  # zeros of the per-layer segments' shapes: the host reads none (profiled is 0)
+        spectral = [tf.zeros([len(c.blocks)], F64)] if c.blocks else []
+        temporal = [tf.zeros(site.sq.shape, tf.float32) for site in c.sites if site.sq is not None]
+        gates = [tf.zeros([2], F64) for site in c.sites if site.gate_stats is not None]
+        gains = [tf.zeros(site.prop.shape, F64) for site in c.sites if site.prop is not None]
+    else:
+        spectral = _spectral(c, profiled)
+        gates, gains = _replayed(c, step, gates, logs)
     # The update itself. Everything that could fail is built above this point, so a
     # failure never leaves a half-built step that applies the gradients twice.
     skipped = _apply(c, ctx, replicas, all_ok, active, new_grads, tvars, original)

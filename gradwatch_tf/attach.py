@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch import HandleGroup, infer_layer
+from gradwatch import HandleGroup, infer_layer, profile_due
 from gradwatch.records import StepRecord
 from gradwatch_tf import _recurrent, _tensors
 from gradwatch_tf._intercept import drop_traced_functions
@@ -84,6 +84,11 @@ class TFAttachment(Lifecycle):
         #: installed for (that fit ended where no hook could see it); it has then already
         #: restored everything and flushed the sinks, and the wrapper delegates.
         self.outside_fit: Callable[[], bool] | None = None
+        #: Read while Keras traces a train function: True for the callback's *lean* one
+        #: (:meth:`lean_due`), whose trace leaves the recurrent layers' calls as they are
+        #: (no sensitivity probe, no replay) and records no profile.
+        self.lean = False
+        self._full_traced = False  # a trace with everything has been built (it makes the variables)
         if optimizer is not None or getattr(model, "optimizer", None) is not None:
             self._install()
 
@@ -287,7 +292,31 @@ class TFAttachment(Lifecycle):
 
     # ------------------------------------------------------------ self-healing
     def _live(self) -> bool:
-        return not self._stale()
+        return not self.lean and not self._stale()
+
+    def lean_due(self, steps: int) -> bool:
+        """Whether the callback may run the next ``steps`` optimizer steps (one Keras
+        execution) with its lean train function: none of them is profiled, by the host's
+        count, which is exact because every row up to now has been read (the callback reads
+        the ring at each batch end), and there is something a lean trace leaves out (a
+        recurrent layer or a spectral block).
+
+        Why two traced functions: TensorFlow's graph is fixed when traced, so a profile
+        decided in graph costs on every step: the sensitivity probe's gradient with respect
+        to a recurrent layer's input is computed on every step (about a fifth of an LSTM's
+        step) and the replay's and spectral loop's conditionals stay in the step. The lean
+        function has none of it; the full one (traced first: it creates the probe variables)
+        runs every execution that holds a profiled step, with the in-graph schedule as before.
+        """
+        if not (self._ready and self._full_traced) or self._closed or self._suspended:
+            return False
+        if not (self._graph.sites or self._graph.blocks):
+            return False  # a lean trace would be the same step traced twice
+        first = self._monitor.next_step
+        if self._last_step != first - 1:
+            return False  # a row not read yet: the device counter may be ahead of ours
+        every = self._monitor.options.profile_every
+        return not any(profile_due(s, every) for s in range(first, first + max(int(steps), 1)))
 
     # ------------------------------------------------------------ in-graph step
     def _apply(self, grads: Any, trainable_variables: Any, original: Any) -> Any:
@@ -303,6 +332,8 @@ class TFAttachment(Lifecycle):
                 self._fail("gradient measuring", exc)
                 return original(grads, trainable_variables)
         self._graph.reached_update = False
+        self._graph.lean = self.lean
+        self._full_traced = self._full_traced or not self.lean
         try:
             build_step(self._graph, grads, tvars, original, self._after_row())
         except Exception as exc:

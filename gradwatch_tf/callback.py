@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
+import time
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -51,6 +52,12 @@ from gradwatch_tf._ring import RingReader
 logger = logging.getLogger("gradwatch")
 
 __all__ = ["GradWatchCallback"]
+
+#: The share of a full TensorFlow step the lean train function is reckoned to save where
+#: a recurrent layer is watched: the sensitivity probe's input gradient and the profile's
+#: conditionals, measured at 0.15-0.25 of a small LSTM model's step
+#: (``benchmarks/keras_bench.py --backend-ratios``). It only paces the switch.
+LEAN_SAVING = 0.15
 
 
 def _end_of_data() -> tuple[type[BaseException], ...]:
@@ -227,7 +234,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                     fn = model.train_function
                 return fn(*args, **kwargs)
             try:
-                return train_function(*args, **kwargs)
+                return self._run(train_function, args, kwargs)
             except end_of_data:
                 raise
             except BaseException:
@@ -236,6 +243,36 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
 
         guarded.__gradwatch_guarded__ = train_function  # type: ignore[attr-defined]
         return guarded
+
+    def _run(self, train_function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One Keras execution: the full train function, or the lean one when none of its
+        steps is profiled (TensorFlow: :meth:`gradwatch_tf.attach.TFAttachment.lean_due`)
+        and a second trace is worth it (:meth:`gradwatch_tf._intercept.FitFunctions.lean_worth_it`)."""
+        att = self.watch.attachment
+        due = getattr(att, "lean_due", None)
+        functions = self._functions
+        if due is None or functions is None:
+            return train_function(*args, **kwargs)
+        lean = None
+        try:
+            if due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
+                lean = functions.lean_function() if functions.lean_worth_it() else False
+        except Exception as exc:  # noqa: BLE001 - the full function measures the same steps
+            logger.debug("gradwatch: no lean train function: %r", exc)
+        if lean:
+            att.lean = True  # read while Keras traces it (its first call)
+            try:
+                return lean(*args, **kwargs)
+            finally:
+                att.lean = False
+        start = time.perf_counter()
+        out = train_function(*args, **kwargs)
+        spent = time.perf_counter() - start
+        if functions.trace_cost is None:
+            functions.trace_cost = spent
+        elif lean is False:  # a lean call would have done: count what it would have saved
+            functions.forgone += LEAN_SAVING * spent
+        return out
 
     # ------------------------------------------------------------------ every way out
     def _guard_fit(self, frame: Any, model: Any) -> None:
