@@ -6,8 +6,9 @@ here); the two public names load them on first use. On TensorFlow the step below
 TensorFlow (``gradwatch_tf.attach``), through-time diagnosis included; on JAX and torch
 the same records, policies, skip/raise, run files and TensorBoard come from a step written
 in ``keras.ops`` (:mod:`gradwatch_tf.portable`), and the propagation through time of
-recurrent layers from a ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`); per-timestep
-sensitivity and spectral norms are TensorFlow's only.
+recurrent layers from a ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`), the spectral
+norms of their gate blocks from the host (:mod:`gradwatch.through_time.spectral`);
+per-timestep sensitivity is TensorFlow's only.
 
 On TensorFlow:
 

@@ -64,8 +64,10 @@ class Kept:
     """What the host replay of a due step needs, kept on the device by the jitted step
     (Keras variables in the optimizer's state, like the ring): the first ``PROBED``
     sequences of the input [P, T, F] and mask [P, T] (padded; ``n`` of them valid), the
-    initial state parts [P, u] (zeros when the call had none: the replay's own default),
-    the cells' weights before the update, and the step they belong to (0: none)."""
+    initial state parts [P, u] (zeros when the call had none: the replay's own default)
+    and the step they belong to (0: none), and the cells' weights before the update of the
+    last profiled step (``wstep``; the spectral norms, and the replay's weights when
+    ``step`` is that step too)."""
 
     x: Any
     mask: Any
@@ -73,6 +75,7 @@ class Kept:
     weights: list[Any]
     n: Any
     step: Any
+    wstep: Any  # the step whose weights ``weights`` hold (kept on every profiled step)
 
     @staticmethod
     def make(salt: int, length: int, directions: list[tuple[str, Any]], make: Callable[[Any, str, str], Any]) -> Kept:
@@ -97,4 +100,5 @@ class Kept:
             weights=weights,
             n=make(0, "int32", f"{tag}_n"),
             step=make(0, "int32", f"{tag}_step"),
+            wstep=make(0, "int32", f"{tag}_wstep"),
         )

@@ -48,14 +48,43 @@ from keras import ops
 from gradwatch import Segment, profile_due
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every
+from gradwatch.through_time.spectral import HostSpectral
 from gradwatch_tf import _kcells, _kkept, _kreplay
 from gradwatch_tf._kkept import Kept
-from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS
+from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
 
 __all__ = ["PortableThroughTime"]
 
 _GATES = {"LSTMCell": "forget", "GRUCell": "update"}
+#: Keras' gate order in the columns of ``recurrent_kernel`` (units, k * units).
+_BLOCKS = {"LSTMCell": ("i", "f", "c", "o"), "GRUCell": ("z", "r", "h"), "SimpleRNNCell": ("",)}
+
+
+@dataclass
+class _Block:
+    """One gate block of a recurrent kernel: columns ``start:stop``, named as TensorFlow
+    names it (``<kernel path>[f]``; a SimpleRNN's kernel without a suffix)."""
+
+    name: str
+    kernel: Any
+    start: int
+    stop: int
+
+
+def _blocks(directions: list[tuple[str, Any]]) -> list[_Block]:
+    out = []
+    for _, layer in directions:
+        cell = layer.cell
+        kernel, gates = getattr(cell, "recurrent_kernel", None), _BLOCKS.get(type(cell).__name__)
+        if kernel is None or gates is None or len(kernel.shape) != 2:
+            continue
+        units = int(kernel.shape[0])
+        if int(kernel.shape[1]) != units * len(gates):
+            continue
+        for i, gate in enumerate(gates):
+            out.append(_Block(kernel.path + (f"[{gate}]" if gate else ""), kernel, i * units, (i + 1) * units))
+    return out
 
 
 @dataclass
@@ -67,6 +96,7 @@ class _Site:
     salt: int
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
     kept: Kept | None = None  # JAX: the device buffers of the last due step
+    blocks: list[_Block] = field(default_factory=list)  # the recurrent kernels' gate blocks
 
     @property
     def weights(self) -> list[Any]:
@@ -116,7 +146,9 @@ def find_sites(model: Any) -> list[_Site]:
     for layer, directions in sites:
         n = _length(layer)
         if n is not None and n >= 1:
-            out.append(_Site(layer, layer.path, n, directions, zlib.crc32(str(layer.name).encode()) & 0xFFFF))
+            site = _Site(layer, layer.path, n, directions, zlib.crc32(str(layer.name).encode()) & 0xFFFF)
+            site.blocks = _blocks(directions)
+            out.append(site)
     return out
 
 
@@ -144,6 +176,8 @@ class PortableThroughTime:
         self.broken = False
         self._jitted: dict[str, tuple[list[Any], Any]] = {}
         self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
+        self._spectral = HostSpectral()  # sigma_max of the kernels' gate blocks, on the host
+        self.spectral_broken = False
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -156,7 +190,11 @@ class PortableThroughTime:
             bias = site_forget_bias(s)
             if bias is not None:
                 biases[s.name] = bias
-        return {"recurrent_layers": kinds, "forget_bias": biases}
+        weights = {
+            s.name: {rec: [layer.cell.recurrent_kernel.path] for rec, layer in s.directions if s.blocks}
+            for s in self.sites
+        }
+        return {"recurrent_layers": kinds, "forget_bias": biases, "recurrence_weights": weights}
 
     # ------------------------------------------------------------ the layers' calls
     def install(self) -> Callable[[], None]:
@@ -201,7 +239,8 @@ class PortableThroughTime:
 
     # ------------------------------------------------------------ the row
     def segments(self) -> list[Segment]:
-        out = [Segment("gates", 2, key=s.name, labels=(s.gate_name,)) for s in self.sites if s.gate_name is not None]
+        out = [Segment("spectral", 1, key=b.name, labels=(b.name,)) for s in self.sites for b in s.blocks]
+        out += [Segment("gates", 2, key=s.name, labels=(s.gate_name,)) for s in self.sites if s.gate_name is not None]
         for kind in ("propagation", "max_gains"):
             out += [
                 Segment(kind, len(s.directions) * s.length, key=s.name, labels=tuple(n for n, _ in s.directions))
@@ -223,6 +262,7 @@ class PortableThroughTime:
         """Row entries of every site for this step; ``host_step`` is the step number when
         the host knows it (torch: nothing runs on a step that is not due)."""
         out: dict[tuple[str, str], Any] = {}
+        out.update(self._spectral_parts(step, host_step, active))
         for site in self.sites:
             call, site.call = site.call, {}
             nan = self._nan(site)
@@ -248,6 +288,79 @@ class PortableThroughTime:
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
+
+    # ------------------------------------------------------------ spectral norms
+    def _spectral_parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
+        """sigma_max of every gate block, on profiled steps, of the kernel *before* the
+        update (what this step's forward used, as on TensorFlow and PyTorch): computed on
+        the host (:class:`gradwatch.through_time.spectral.HostSpectral`). On torch the host
+        knows the step, so a profiled one reads the kernels now (one copy to the host on
+        profiled steps only); on JAX the jitted step keeps them on profiled steps
+        (:meth:`_keep_weights`) and :meth:`fill` computes from those. NaN where nothing
+        is measured (the host leaves those out)."""
+        blocks = [b for site in self.sites for b in site.blocks]
+        if not blocks:
+            return {}
+        f = widest("float64")
+        nan = ops.full((), math.nan, f)
+        out: dict[tuple[str, str], Any] = {("spectral", b.name): nan for b in blocks}
+        if host_step is None:
+            due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
+            for site in self.sites:
+                self._keep_weights(site, step, due)
+            return out
+        if self.spectral_broken or not profile_due(host_step, self._every):
+            return out
+        try:
+            kernels = {id(b.kernel): b.kernel for b in blocks}  # each copied to the host once
+            host = {k: ops.convert_to_numpy(v.value) for k, v in kernels.items()}
+            sigmas = [self._sigma(b, host[id(b.kernel)]) for b in blocks]
+        except Exception as exc:  # noqa: BLE001 - measuring is optional
+            self.spectral_broken = True
+            self._fail("spectral norms", exc)
+            return out
+        values = ops.convert_to_tensor(np.asarray(sigmas, np.float64), f)
+        return {("spectral", b.name): values[k] for k, b in enumerate(blocks)}
+
+    def _sigma(self, block: _Block, kernel: Any) -> float:
+        return self._spectral(block.name, np.asarray(kernel)[:, block.start : block.stop])
+
+    def _keep_weights(self, site: _Site, step: Any, due: Any) -> None:
+        """In the jitted step: on a profiled step, the cells' weights before the update
+        and that step's number into the site's buffers (``ops.where``: no branch)."""
+        kept = site.kept
+        if kept is None:
+            return
+        pairs = [(buf, v.value) for buf, v in zip(kept.weights, site.weights)]
+        pairs.append((kept.wstep, ops.cast(step, "int32")))
+        for buf, value in pairs:
+            buf.assign(ops.where(due, ops.cast(value, buf.dtype), buf.value))
+
+    def _fill_spectral(self, layout: Any, row: np.ndarray, step: int, read: Callable[[Any], Any]) -> np.ndarray:
+        """JAX, on the host: sigma_max of the blocks whose kept weights are this step's."""
+        if self.spectral_broken:
+            return row
+        for site in self.sites:
+            kept = site.kept
+            if kept is None or not site.blocks:
+                continue
+            try:
+                if int(np.asarray(read(kept.wstep))) != step:
+                    continue
+                values = {}
+                for b in site.blocks:
+                    j = next(i for i, v in enumerate(site.weights) if v is b.kernel)
+                    values[b.name] = self._sigma(b, np.asarray(read(kept.weights[j])))
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                self.spectral_broken = True
+                self._fail("spectral norms", exc)
+                return row
+            row = np.array(row, dtype=np.float64)
+            for name, sigma in values.items():
+                sl = layout.slice("spectral", name)
+                if sl is not None:
+                    row[sl] = sigma
+        return row
 
     # ------------------------------------------------------------ JAX: kept, replayed on the host
     def buffers(self, make: Callable[[Any, str, str], Any]) -> None:
@@ -281,7 +394,7 @@ class PortableThroughTime:
 
         pairs = [(kept.x, pad(x)), (kept.mask, pad(mask))]
         pairs += [(buf, pad(v)) for buf, v in zip(kept.states, flat)]
-        pairs += [(buf, v.value) for buf, v in zip(kept.weights, site.weights)]
+        # (the weights: kept on every profiled step by _keep_weights, a superset of these)
         pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
         for buf, value in pairs:
             buf.assign(ops.where(due, ops.cast(value, buf.dtype), buf.value))
@@ -294,16 +407,19 @@ class PortableThroughTime:
         step not due for it, or a due step overwritten by a later one before the host read:
         several profiled steps in one ``steps_per_execution``) stays NaN: not measured."""
         step_sl = layout.slice("step")
-        if step_sl is None or self.broken:
+        if step_sl is None:
             return row
         step = int(row[step_sl][0])
+        row = self._fill_spectral(layout, row, step, read)
+        if self.broken:
+            return row
         for site in self.sites:
             kept = site.kept
             if kept is None:
                 continue
             try:
-                if int(np.asarray(read(kept.step))) != step:
-                    continue
+                if int(np.asarray(read(kept.step))) != step or int(np.asarray(read(kept.wstep))) != step:
+                    continue  # (the weights of a later profiled step: not this replay's)
                 n = int(np.asarray(read(kept.n)))
                 flat = [read(v)[:n] for v in kept.states]
                 call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}

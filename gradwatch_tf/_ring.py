@@ -36,6 +36,9 @@ class RingReader:
     _ready: bool
     _capacity: int
     _last_step: int
+    #: A NaN spectral norm in a row means "not measured" (JAX/torch Keras: computed on the
+    #: host, NaN where it was not): left out of the record.
+    spectral_nan_unmeasured = False
     _step_slice: Any
     _errors_logged: set[str]
     _model_ref: Any
@@ -122,6 +125,8 @@ class RingReader:
             stats = _replayed_only(stats)
         if not self._graph.profile_ok:
             stats = _without(stats, "spectral")
+        elif self.spectral_nan_unmeasured and stats.spectral:
+            stats = dataclasses.replace(stats, spectral={k: v for k, v in stats.spectral.items() if not np.isnan(v)})
         try:
             record = self._monitor.process(stats)
         except NonFiniteGradientError:

@@ -32,9 +32,11 @@ Through time (propagation gains, max gains, rate, horizon, gate statistics) come
 the ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`, :mod:`gradwatch_tf._kreplay`) on
 the recurrent layers' kept call inputs and the weights before the update: in this hook on
 torch and eager JAX, on the host at the read of the row under a JAX ``fit`` (the jitted
-step only keeps what it needs in buffers, so its compile holds none of the replay). Per-timestep
-sensitivity and spectral norms stay TensorFlow-only: records carry no ``spectral`` and
-no per-timestep norms on these backends.
+step only keeps what it needs in buffers, so its compile holds none of the replay). The
+spectral norms of the recurrent kernels' gate blocks are computed on the host from the
+kernels before the update, on profiled steps (:class:`gradwatch.through_time.spectral.HostSpectral`:
+exact up to 64 units, Lanczos from the last profile's vector above). Per-timestep
+sensitivity stays TensorFlow-only: records carry no per-timestep norms on these backends.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class PortableAttachment(JaxState, Lifecycle):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
 
     backend = "keras"
+    spectral_nan_unmeasured = True
 
     def __init__(
         self, model: Any, optimizer: Any | None, monitor: Any, *, mode: str = "watch", capacity: int | None = None

@@ -9,7 +9,9 @@
 * :mod:`~gradwatch.through_time.judge` — vanishing and exploding through time, with
   remedies that fit the layer and what the model already has;
 * :mod:`~gradwatch.through_time.reference` — the float64 reference every backend is
-  tested against.
+  tested against;
+* :mod:`~gradwatch.through_time.spectral` — the largest singular value of recurrent gate
+  blocks on the host (Keras on JAX and torch), tracked across profiled steps.
 
 Backends keep only their kernels: how each step's Jacobian acts, from the layer's own
 weights and the activations of its forward pass (``gradwatch_torch._replay``,
