@@ -346,10 +346,13 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
             parts[("propagation", site.name)] = v[0]
             parts[("max_gains", site.name)] = v[1]
         row = c.layout.pack(parts, lambda ts: tf.concat([tf.reshape(tf.cast(t, F64), [-1]) for t in ts], 0))
-        slot = tf.math.floormod(step - 1, c.capacity)
-        # assign of a whole (small) ring rather than scatter: sync-on-read variables
-        # (distribution strategies) implement assign only.
-        c.ring.assign(tf.tensor_scatter_nd_update(c.ring.read_value(), tf.reshape(slot, [1, 1]), tf.reshape(row, [1, -1])))
+        slot = tf.reshape(tf.math.floormod(step - 1, c.capacity), [1, 1])
+        if replicas > 1:
+            # assign of the whole ring rather than scatter: sync-on-read variables
+            # (distribution strategies) implement assign only.
+            c.ring.assign(tf.tensor_scatter_nd_update(c.ring.read_value(), slot, tf.reshape(row, [1, -1])))
+        else:  # one row in place: the ring holds log_every rows in a fit
+            c.ring.scatter_nd_update(slot, tf.reshape(row, [1, -1]))
         c.step_var.assign_add(1)
         if after is not None:
             after(row)

@@ -53,7 +53,9 @@ class TFAttachment(Lifecycle):
     ``mode="watch"`` (``gradwatch.watch``): in eager mode the host reads each step right
     after it; in a ``tf.function`` without XLA a ``tf.py_function`` hands each step's row
     to the host; under XLA the ring keeps ``capacity`` steps until the next read.
-    ``mode="callback"``: the callback reads the ring at each batch end.
+    ``mode="callback"``: the callback reads the ring at the end of a batch that flushes
+    (``log_every``) or profiles, when the ring is full, and at every batch with
+    ``on_nonfinite="raise"`` (:meth:`read_due`); the other batches cost no host transfer.
     """
 
     backend = "tf"
@@ -64,7 +66,12 @@ class TFAttachment(Lifecycle):
         self._model_ref = weakref.ref(model)
         self._monitor = monitor
         self._mode = mode
-        self._capacity = int(capacity) if capacity else (1 if mode == "callback" else DEFAULT_WATCH_CAPACITY)
+        if mode == "callback":  # room for the steps between two reads (read_due)
+            wanted = min(max(int(monitor.options.log_every), 1), DEFAULT_WATCH_CAPACITY)
+            self._capacity = max(int(capacity or 1), wanted)
+        else:
+            self._capacity = int(capacity) if capacity else DEFAULT_WATCH_CAPACITY
+        self._unread = 0  # steps run since the last read of the ring (callback mode)
         self._handles = HandleGroup()
         #: What ``_install`` put on Python objects, as functions that put it there again
         #: and return its undo: :meth:`resume` re-applies them after :meth:`suspend`.
@@ -290,6 +297,24 @@ class TFAttachment(Lifecycle):
             replay_every=self._monitor.options.replay_every,
         )
 
+    def read_due(self, steps: int) -> bool:
+        """Count ``steps`` optimizer steps run since the last read; True when the callback
+        must read the ring now: a flush (``log_every``) or profiled step among them, a full
+        ring, or ``on_nonfinite="raise"`` (which stops at once). TensorFlow decides skips
+        and clips in graph, so no other step needs the host."""
+        self._unread += max(int(steps), 1)
+        opts = self._monitor.options
+        if opts.on_nonfinite == "raise" or self._unread >= self._capacity:
+            return True
+        every = max(int(opts.log_every), 1)
+        profiling = bool(self._ready and (self._graph.sites or self._graph.blocks))
+        steps_now = range(self._last_step + 1, self._last_step + self._unread + 1)
+        return any(s % every == 0 or (profiling and profile_due(s, opts.profile_every)) for s in steps_now)
+
+    def sync_records(self) -> list[StepRecord]:
+        self._unread = 0
+        return super().sync_records()
+
     # ------------------------------------------------------------ self-healing
     def _live(self) -> bool:
         return not self.lean and not self._stale()
@@ -312,9 +337,9 @@ class TFAttachment(Lifecycle):
             return False
         if not (self._graph.sites or self._graph.blocks):
             return False  # a lean trace would be the same step traced twice
-        first = self._monitor.next_step
-        if self._last_step != first - 1:
-            return False  # a row not read yet: the device counter may be ahead of ours
+        if self._last_step != self._monitor.next_step - 1:
+            return False  # a row read but not recorded: the counts disagree
+        first = self._last_step + self._unread + 1  # the device's next step, by the host's count
         every = self._monitor.options.profile_every
         return not any(profile_due(s, every) for s in range(first, first + max(int(steps), 1)))
 

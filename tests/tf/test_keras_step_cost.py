@@ -84,7 +84,6 @@ def test_torch_stats_match_float64_numpy() -> None:
     assert float(norm) == pytest.approx(want, rel=1e-6)
 
 
-@pytest.mark.skipif(BACKEND == "tensorflow", reason="TensorFlow's callback reads the ring at every batch end")
 def test_no_host_read_on_batches_not_due() -> None:
     """profile_every=10, log_every=50, 25 steps: the ring is read at steps 1, 10 and 20
     (profiled; the LSTM is replayed there) and at the epoch's end, never elsewhere, and
