@@ -322,9 +322,8 @@ class TFAttachment(Lifecycle):
     def lean_due(self, steps: int) -> bool:
         """Whether the callback may run the next ``steps`` optimizer steps (one Keras
         execution) with its lean train function: none of them is profiled, by the host's
-        count, which is exact because every row up to now has been read (the callback reads
-        the ring at each batch end), and there is something a lean trace leaves out (a
-        recurrent layer or a spectral block).
+        count (the last step read plus the steps run since, :meth:`read_due`), and there is
+        something a lean trace leaves out (a recurrent layer or a spectral block).
 
         Why two traced functions: TensorFlow's graph is fixed when traced, so a profile
         decided in graph costs on every step: the sensitivity probe's gradient with respect

@@ -4,7 +4,8 @@ Keras' ``fit`` owns the training loop, so there is no place for a hook around
 ``optimizer.apply`` other than the optimizer itself: at train begin the callback gives
 its :class:`~gradwatch.Watch` a :class:`~gradwatch_tf.attach.TFAttachment` (which wraps
 ``apply`` on the optimizer instance); the gradients are measured and clipped inside the
-traced step, and the callback reads the per-step ring buffer once per batch end.
+traced step, and the callback reads the per-step ring buffer at the end of the batches
+that need the host (flush and profiled steps: ``read_due``).
 
 Why a second ``fit`` costs no retrace: at train end the attachment is *suspended*, not
 closed. The optimizer and the layers get their own methods back, the model gets back the
@@ -120,8 +121,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
 
     The options are validated here (a bad one raises ``gradwatch.ConfigError`` before
     training starts). ``logs["grad_norm"]`` (and ``logs["clip_threshold"]`` with a
-    policy) is set at each batch end, so it shows in the progress bar and in
-    ``History``; at epoch end the last step's values are reported. ``records``,
+    policy) is set at the end of each batch whose step gradwatch read (profiled and flush
+    steps), so it shows in the progress bar and in ``History``; at epoch end the last
+    step's values are reported. ``records``,
     ``events``, ``state_dict()``, ``load_state_dict()`` and ``close()`` are the watch's.
 
     Pass the same callback to every ``fit`` of a run: steps count on, and later fits of
