@@ -8,7 +8,7 @@ the same records, policies, skip/raise, run files and TensorBoard come from a st
 in ``keras.ops`` (:mod:`gradwatch_tf.portable`), and the propagation through time of
 recurrent layers from a ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`), the spectral
 norms of their gate blocks from the host (:mod:`gradwatch.through_time.spectral`);
-per-timestep sensitivity is TensorFlow's only.
+per-timestep sensitivity on TensorFlow and torch (not yet on JAX).
 
 On TensorFlow:
 

@@ -97,6 +97,7 @@ class _Site:
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
     kept: Kept | None = None  # JAX: the device buffers of the last due step
     blocks: list[_Block] = field(default_factory=list)  # the recurrent kernels' gate blocks
+    sq: Any = None  # torch: per-timestep sums of squares of dL/dx of this step (sensitivity)
 
     @property
     def weights(self) -> list[Any]:
@@ -178,6 +179,10 @@ class PortableThroughTime:
         self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
         self._spectral = HostSpectral()  # sigma_max of the kernels' gate blocks, on the host
         self.spectral_broken = False
+        #: torch: the step the next forward belongs to (the attachment's count), so a
+        #: profiled one probes the layers' inputs (:meth:`_probe`); None elsewhere.
+        self.next_step: Callable[[], int | None] = lambda: None
+        self.sensitivity = keras.backend.backend() == "torch"
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -224,6 +229,7 @@ class PortableThroughTime:
                         "mask": _primal(mask),
                         "states": _primal(named.get("initial_state")),
                     }
+                    inputs = self._probe(site, inputs)
             except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
                 self._fail("propagation replay", exc)
             return original(inputs, *args, **kwargs)
@@ -237,9 +243,44 @@ class PortableThroughTime:
 
         return restore
 
+    def _probe(self, site: _Site, x: Any) -> Any:
+        """torch, on a profiled step: ``x`` as a tensor whose gradient hook adds the
+        per-timestep sums of squares of dL/dx (over batch and features) to ``site.sq``, the
+        sensitivity of :class:`gradwatch.profiles.TemporalProfile`. An input that needs no
+        gradient (data) is detached and made to need one: autograd then computes dL/dx on
+        this step only. Other steps and backends: ``x`` itself."""
+        if not self.sensitivity or self.broken_sensitivity:
+            return x
+        step = self.next_step()
+        if step is None or not profile_due(step, self._every):
+            return x
+        import torch
+
+        if not (torch.is_tensor(x) and x.dim() == 3 and x.is_floating_point() and int(x.shape[1]) == site.length):
+            return x
+        if not torch.is_grad_enabled():
+            return x
+        y = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+
+        def hook(g: Any) -> None:
+            try:
+                with torch.no_grad():
+                    sq = g.float().square().sum(dim=(0, 2)).double()
+                    site.sq = sq if site.sq is None else site.sq + sq
+            except Exception as exc:  # noqa: BLE001 - never break the backward pass
+                self.broken_sensitivity = True
+                self._fail("temporal probe", exc)
+
+        y.register_hook(hook)
+        return y
+
+    broken_sensitivity = False
+
     # ------------------------------------------------------------ the row
     def segments(self) -> list[Segment]:
         out = [Segment("spectral", 1, key=b.name, labels=(b.name,)) for s in self.sites for b in s.blocks]
+        if self.sensitivity:
+            out += [Segment("temporal", s.length, key=s.name) for s in self.sites]
         out += [Segment("gates", 2, key=s.name, labels=(s.gate_name,)) for s in self.sites if s.gate_name is not None]
         for kind in ("propagation", "max_gains"):
             out += [
@@ -263,6 +304,12 @@ class PortableThroughTime:
         the host knows it (torch: nothing runs on a step that is not due)."""
         out: dict[tuple[str, str], Any] = {}
         out.update(self._spectral_parts(step, host_step, active))
+        if self.sensitivity:  # what the probe's hooks summed in this step's backward, else NaN
+            for site in self.sites:
+                sq, site.sq = site.sq, None
+                out[("temporal", site.name)] = (
+                    sq if sq is not None and not self.broken_sensitivity else ops.full((site.length,), math.nan, "float64")
+                )
         for site in self.sites:
             call, site.call = site.call, {}
             nan = self._nan(site)

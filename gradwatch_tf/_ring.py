@@ -36,8 +36,8 @@ class RingReader:
     _ready: bool
     _capacity: int
     _last_step: int
-    #: A NaN spectral norm in a row means "not measured" (JAX/torch Keras: computed on the
-    #: host, NaN where it was not): left out of the record.
+    #: A NaN spectral norm or per-timestep profile in a row means "not measured" (JAX/torch
+    #: Keras: NaN where it was not): left out of the record.
     spectral_nan_unmeasured = False
     _step_slice: Any
     _errors_logged: set[str]
@@ -127,6 +127,8 @@ class RingReader:
             stats = _without(stats, "spectral")
         elif self.spectral_nan_unmeasured and stats.spectral:
             stats = dataclasses.replace(stats, spectral={k: v for k, v in stats.spectral.items() if not np.isnan(v)})
+        if self.spectral_nan_unmeasured and stats.temporal:  # (a layer not probed this step)
+            stats = dataclasses.replace(stats, temporal={k: v for k, v in stats.temporal.items() if not np.isnan(v).all()})
         try:
             record = self._monitor.process(stats)
         except NonFiniteGradientError:

@@ -36,7 +36,10 @@ step only keeps what it needs in buffers, so its compile holds none of the repla
 spectral norms of the recurrent kernels' gate blocks are computed on the host from the
 kernels before the update, on profiled steps (:class:`gradwatch.through_time.spectral.HostSpectral`:
 exact up to 64 units, Lanczos from the last profile's vector above). Per-timestep
-sensitivity stays TensorFlow-only: records carry no per-timestep norms on these backends.
+sensitivity on torch comes from a gradient hook on the recurrent layers' inputs of profiled
+steps (:meth:`gradwatch_tf._ksites.PortableThroughTime._probe`: the host knows which steps
+those are, so no other step computes dL/dx); JAX records none (its jitted backward keeps
+nothing for the host).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class PortableAttachment(JaxState, Lifecycle):
             else None
         )
         if self._tt is not None and self._tt.sites:
+            self._tt.next_step = lambda: self._host_step if self._ready else None
             self._hold(self._tt.install)
         variables = list(getattr(model, "trainable_variables", []) or [])
         if variables:
