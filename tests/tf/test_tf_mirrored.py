@@ -42,16 +42,30 @@ SCRIPT = textwrap.dedent(
     before = [w.copy() for w in model.get_weights()]
     model.fit(x[:6], y[:6], batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
     recs = cb.records
+    iterations = int(model.optimizer.iterations.numpy())
+    restored = "apply" not in vars(model.optimizer)
+    unchanged = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    # The lean train function (steps not profiled) under the strategy: steps 2, 4 and 5.
+    import gradwatch_tf.callback as callback_module
+    callback_module.LEAN_SAVING = 1e9
+    lean_cb = GradWatchCallback(sinks=["memory"], profile_every=3)
+    xs, ys = np.concatenate([x[:4]] * 3), np.concatenate([y[:4]] * 3)
+    model.fit(xs, ys, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[lean_cb])
+    lean = lean_cb.records
     print(json.dumps({
+        "lean_traced": lean_cb._functions._lean is not None,
+        "lean_norms": [r.global_norm for r in lean],
+        "lean_profiled": [r.step for r in lean if r.temporal],
+        "lean_temporal": list(lean[2].temporal["rnn"].norms),
         "replicas": strategy.num_replicas_in_sync,
         "norms": [r.global_norm for r in recs],
         "truth": [t[1] for t in truth],
         "temporal": [list(recs[i].temporal["rnn"].norms) for i in (0, 1)],
         "truth_temporal": [list(t[2]) for t in truth],
         "skipped": [r.skipped for r in recs],
-        "iterations": int(model.optimizer.iterations.numpy()),
-        "restored": "apply" not in vars(model.optimizer),
-        "unchanged": all(np.array_equal(a, b) for a, b in zip(before, model.get_weights())),
+        "iterations": iterations,
+        "restored": restored,
+        "unchanged": unchanged,
     }))
     """
 )
@@ -75,6 +89,9 @@ def test_mirrored_strategy_reports_the_global_norm(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
+    assert out["lean_traced"] and out["lean_profiled"] == [1, 3, 6]
+    assert out["lean_norms"] == pytest.approx([out["truth"][i % 2] for i in range(6)], rel=1e-4)
+    assert out["lean_temporal"] == pytest.approx(out["truth_temporal"][0], rel=1e-3)
     assert out["norms"][:2] == pytest.approx(out["truth"], rel=1e-4)
     for got, want in zip(out["temporal"], out["truth_temporal"]):
         assert got == pytest.approx(want, rel=1e-3)
