@@ -171,6 +171,8 @@ class FitFunctions:
         #: Seconds reckoned lost so far by running the full function where the lean one would
         #: do (``LEAN_SAVING`` of each such call's time).
         self.forgone = 0.0
+        self.lean_ran = False  # the lean function has run once (its trace succeeded)
+        self.lean_broken = False  # its trace failed: the full function runs every step
 
     @property
     def entered(self) -> bool:
@@ -216,6 +218,8 @@ class FitFunctions:
         hindsight). A short fit, where a second trace would cost more than it saves, keeps
         the one full function; a long one switches after a number of steps that is a few
         times the first call over the step time."""
+        if self.lean_broken:
+            return False
         return self._lean is not None or (self.trace_cost is not None and self.forgone >= self.trace_cost)
 
     def lean_function(self) -> Any:
@@ -238,3 +242,4 @@ class FitFunctions:
         """Drop the kept traces (and with them gradwatch's graph state)."""
         self._ours.clear()
         self._lean, self.trace_cost, self.forgone = None, None, 0.0
+        self.lean_ran = self.lean_broken = False

@@ -61,6 +61,16 @@ __all__ = ["GradWatchCallback"]
 LEAN_SAVING = 0.15
 
 
+def _execution_error(exc: BaseException) -> bool:
+    """An error raised while a traced function ran (TensorFlow's ``OpError``: the end of
+    the data, a failed check in the user's model), not while it was traced."""
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    return isinstance(exc, tf.errors.OpError)
+
+
 def _end_of_data() -> tuple[type[BaseException], ...]:
     """Exceptions that end an epoch inside ``fit`` (caught by Keras' epoch iterator), not fit."""
     if keras.backend.backend() == "tensorflow":
@@ -264,7 +274,15 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         if lean:
             att.lean = True  # read while Keras traces it (its first call)
             try:
-                return lean(*args, **kwargs)
+                out = lean(*args, **kwargs)
+                functions.lean_ran = True
+                return out
+            except Exception as exc:
+                if functions.lean_ran or _execution_error(exc) or isinstance(exc, _end_of_data()):
+                    raise  # the step's own error (or the end of the data), as the full function's
+                # Its trace failed (nothing ran yet): this fit's full function runs every step.
+                logger.warning("gradwatch: the lean train function could not be traced (%r); the full one runs every step.", exc)
+                functions.lean_broken = True
             finally:
                 att.lean = False
         start = time.perf_counter()

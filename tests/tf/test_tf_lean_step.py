@@ -125,3 +125,34 @@ def test_no_recurrent_layer_no_second_trace(monkeypatch):
         assert len(cb.records) == 10
     finally:
         cb.close()
+
+
+def test_a_lean_trace_that_fails_leaves_the_full_function(monkeypatch, caplog):
+    """Nothing of the step ran when a trace fails: the full function runs that execution
+    and every later one, the fit goes on and every step is recorded."""
+    from gradwatch_tf import _intercept
+
+    monkeypatch.setattr(callback_module, "LEAN_SAVING", 1e9)
+    calls = []
+
+    def broken(self):  # type: ignore[no-untyped-def]
+        def fn(*args, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            raise TypeError("cannot trace this model twice")
+
+        return fn
+
+    monkeypatch.setattr(_intercept.FitFunctions, "lean_function", broken)
+    model = make_model("LSTM")
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    x, y = _data(48)
+    cb = GradWatchCallback(sinks=["memory"], profile_every=5)
+    try:
+        with caplog.at_level("WARNING", logger="gradwatch"):
+            model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        assert calls == [1]
+        assert cb._functions.lean_broken
+        assert [r.step for r in cb.records] == list(range(1, 13))
+        assert "could not be traced" in caplog.text
+    finally:
+        cb.close()
