@@ -25,7 +25,30 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["KCELLS", "KCell", "dropout_masks", "supported"]
+__all__ = ["GATE_ORDER", "KCELLS", "KCell", "dropout_masks", "gate_blocks", "supported"]
+
+#: Keras' gate order in the columns of ``recurrent_kernel`` (units, k * units).
+GATE_ORDER: dict[str, tuple[str, ...]] = {
+    "LSTMCell": ("i", "f", "c", "o"),
+    "GRUCell": ("z", "r", "h"),
+    "SimpleRNNCell": ("",),
+}
+
+
+def gate_blocks(cells: list[Any]) -> list[tuple[str, Any, int, int]]:
+    """(name, recurrent kernel, first column, end column) of every gate block of the
+    cells' recurrent kernels, named ``<kernel path>[f]`` (a SimpleRNN's without a suffix):
+    the blocks whose largest singular values the spectral norms are, on every backend."""
+    out = []
+    for cell in cells:
+        kernel, gates = getattr(cell, "recurrent_kernel", None), GATE_ORDER.get(type(cell).__name__)
+        if kernel is None or gates is None or len(kernel.shape) != 2:
+            continue
+        units = int(kernel.shape[0])
+        if int(kernel.shape[1]) != units * len(gates):
+            continue
+        out += [(kernel.path + (f"[{g}]" if g else ""), kernel, i * units, (i + 1) * units) for i, g in enumerate(gates)]
+    return out
 
 
 def _tanh(z: Any) -> tuple[Any, Any]:

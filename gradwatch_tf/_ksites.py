@@ -57,8 +57,6 @@ from gradwatch_tf._live import site_forget_bias
 __all__ = ["PortableThroughTime"]
 
 _GATES = {"LSTMCell": "forget", "GRUCell": "update"}
-#: Keras' gate order in the columns of ``recurrent_kernel`` (units, k * units).
-_BLOCKS = {"LSTMCell": ("i", "f", "c", "o"), "GRUCell": ("z", "r", "h"), "SimpleRNNCell": ("",)}
 
 
 @dataclass
@@ -73,18 +71,7 @@ class _Block:
 
 
 def _blocks(directions: list[tuple[str, Any]]) -> list[_Block]:
-    out = []
-    for _, layer in directions:
-        cell = layer.cell
-        kernel, gates = getattr(cell, "recurrent_kernel", None), _BLOCKS.get(type(cell).__name__)
-        if kernel is None or gates is None or len(kernel.shape) != 2:
-            continue
-        units = int(kernel.shape[0])
-        if int(kernel.shape[1]) != units * len(gates):
-            continue
-        for i, gate in enumerate(gates):
-            out.append(_Block(kernel.path + (f"[{gate}]" if gate else ""), kernel, i * units, (i + 1) * units))
-    return out
+    return [_Block(*block) for block in _kcells.gate_blocks([layer.cell for _, layer in directions])]
 
 
 @dataclass
@@ -179,6 +166,7 @@ class PortableThroughTime:
         self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
         self._spectral = HostSpectral()  # sigma_max of the kernels' gate blocks, on the host
         self.spectral_broken = False
+        self._nan_cache: dict[tuple[Any, str], Any] = {}
         #: torch: the step the next forward belongs to (the attachment's count), so a
         #: profiled one probes the layers' inputs (:meth:`_probe`); None elsewhere.
         self.next_step: Callable[[], int | None] = lambda: None
@@ -308,7 +296,7 @@ class PortableThroughTime:
             for site in self.sites:
                 sq, site.sq = site.sq, None
                 out[("temporal", site.name)] = (
-                    sq if sq is not None and not self.broken_sensitivity else ops.full((site.length,), math.nan, "float64")
+                    sq if sq is not None and not self.broken_sensitivity else self._nans((site.length,), "float64")
                 )
         for site in self.sites:
             call, site.call = site.call, {}
@@ -349,7 +337,7 @@ class PortableThroughTime:
         if not blocks:
             return {}
         f = widest("float64")
-        nan = ops.full((), math.nan, f)
+        nan = self._nans((), f)
         out: dict[tuple[str, str], Any] = {("spectral", b.name): nan for b in blocks}
         if host_step is None:
             due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
@@ -516,9 +504,18 @@ class PortableThroughTime:
         return fn([v.value for v in weights] if values is None else values, call, step)  # type: ignore[no-any-return]
 
     def _nan(self, site: _Site) -> tuple[Any, Any]:
-        return ops.full((2, len(site.directions), site.length), math.nan, "float32"), ops.full(
-            (2,), math.nan, "float32"
-        )
+        return self._nans((2, len(site.directions), site.length), "float32"), self._nans((2,), "float32")
+
+    def _nans(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """A NaN tensor of ``shape``: on torch (eager) made once and reused, since each
+        ``keras.ops`` call costs tens of µs a step there; elsewhere made here (a JAX trace
+        must not keep a traced constant for the next one)."""
+        if keras.backend.backend() != "torch":
+            return ops.full(shape, math.nan, dtype)
+        key = (shape, dtype)
+        if key not in self._nan_cache:
+            self._nan_cache[key] = ops.full(shape, math.nan, dtype)
+        return self._nan_cache[key]
 
     def _measure(self, site: _Site, call: dict[str, Any], step: Any) -> tuple[Any, Any]:
         logs, gates = [], []

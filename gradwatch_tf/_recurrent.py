@@ -30,14 +30,12 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from gradwatch_tf._kcells import GATE_ORDER, gate_blocks
+
 logger = logging.getLogger("gradwatch")
 
 #: Keras gate order in the columns of ``recurrent_kernel`` (units, k * units).
-GATES: dict[str, tuple[str, ...]] = {
-    "LSTMCell": ("i", "f", "c", "o"),
-    "GRUCell": ("z", "r", "h"),
-    "SimpleRNNCell": ("",),
-}
+GATES = GATE_ORDER
 RNN_LAYERS = ("SimpleRNN", "LSTM", "GRU")
 
 
@@ -218,19 +216,7 @@ def recurrence_weights(site: RecurrentSite) -> dict[str, list[str]]:
 
 
 def spectral_blocks(site: RecurrentSite) -> list[SpectralBlock]:
-    blocks = []
-    for cell in site.cells:
-        kernel = getattr(cell, "recurrent_kernel", None)
-        gates = GATES.get(_class_name(cell))
-        if kernel is None or gates is None or len(kernel.shape) != 2:
-            continue
-        units = int(kernel.shape[0])
-        if int(kernel.shape[1]) != units * len(gates):
-            continue
-        for i, gate in enumerate(gates):
-            name = kernel.path + (f"[{gate}]" if gate else "")
-            blocks.append(SpectralBlock(name, kernel, i * units, (i + 1) * units))
-    return blocks
+    return [SpectralBlock(*block) for block in gate_blocks(site.cells)]
 
 
 def make_probe(
