@@ -171,6 +171,7 @@ class PortableThroughTime:
         #: profiled one probes the layers' inputs (:meth:`_probe`); None elsewhere.
         self.next_step: Callable[[], int | None] = lambda: None
         self.sensitivity = keras.backend.backend() == "torch"
+        self.broken_sensitivity = False
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -246,8 +247,8 @@ class PortableThroughTime:
 
         if not (torch.is_tensor(x) and x.dim() == 3 and x.is_floating_point() and int(x.shape[1]) == site.length):
             return x
-        if not torch.is_grad_enabled():
-            return x
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return x  # (a compiled step: the host does not know its steps)
         y = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
 
         def hook(g: Any) -> None:
@@ -261,8 +262,6 @@ class PortableThroughTime:
 
         y.register_hook(hook)
         return y
-
-    broken_sensitivity = False
 
     # ------------------------------------------------------------ the row
     def segments(self) -> list[Segment]:
