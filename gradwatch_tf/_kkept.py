@@ -1,5 +1,6 @@
 """On JAX, what a jitted ``fit`` step keeps for the host's through-time replay, and how
-the host compiles that replay (:mod:`gradwatch_tf._ksites`, which says why: the replay's
+the host compiles that replay (the pool and the switch serve TensorFlow's ``fit`` too:
+:mod:`gradwatch_tf._tfhost`) (:mod:`gradwatch_tf._ksites`, which says why: the replay's
 scans are kept out of the train step's compile)."""
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from gradwatch_tf import _kcells
 
 __all__ = ["BACKGROUND_COMPILE", "Kept", "compiles_done", "run"]
 
-#: On JAX, compile the host replay in a background thread (one per process, idle when
-#: done): the first ``fit`` is not held for it; profiled steps read before it is ready are
-#: recorded without propagation (not measured). False: compile at the first profiled
-#: step, waiting for it.
+#: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay and spectral
+#: functions in a background thread (one per process, idle when done): the first ``fit``
+#: is not held for it; profiled steps read before it is ready are recorded without
+#: propagation (not measured). False: compile at the first profiled step, waiting for it.
 BACKGROUND_COMPILE = True
 _POOL: ThreadPoolExecutor | None = None
 

@@ -13,6 +13,11 @@ the step they belong to into the site's variables; on every other step it does n
 The in-graph step (:mod:`gradwatch_tf._step`) reads them; a replay that did not happen
 for this very step (the layer was not called in it) reads as missing, never as stale.
 
+In ``fit`` (the callback) the hook only *keeps* what the replay needs on profiled steps,
+and the host replays it beside the step (:mod:`gradwatch_tf._tfhost`): a replay traced
+into Keras' train function was most of a watched first ``fit``'s extra time. A custom
+loop (``gradwatch.watch``) replays in graph, as described here.
+
 Why in the forward pass: everything the replay needs (the input, mask, initial state and
 dropout masks of this call) exists there, in the same traced function, with no tensor
 kept across graphs; and the step counter exists from the first trace on, even for a model
@@ -93,8 +98,12 @@ class ReplayHook:
         fail: Callable[[BaseException], None],
         disabled: Callable[[], bool],
         replay_every: int | None = None,
+        host: Any = None,
     ) -> None:
         self.site = site
+        #: ``fit``: a :class:`gradwatch_tf._tfhost.HostProfile`; the step keeps, the host replays.
+        self._host = host
+        self._keeper: Any = None  # the keep's own tf.function (:meth:`_keep`)
         self._replay_every = replay_every  # the option; None: the cost model (replay_period)
         self._make = make_var
         self._counters = counters
@@ -146,49 +155,92 @@ class ReplayHook:
         return out
 
     def after(self, call: _Call) -> None:
-        """Add the profiled-step replay (inside ``tf.cond``) after the layer's ops."""
+        """Add the profiled-step replay (inside ``tf.cond``) after the layer's ops; in
+        ``fit``, what the host's replay needs instead (:mod:`gradwatch_tf._tfhost`)."""
         try:
-            step_var, active = self._counters()
-            step = step_var.read_value()
-            # The k-th profiled step (from 0) replays when k is a multiple of the period.
-            k = step - 1 if self._every == 1 else step // self._every
-            period = (
-                tf.constant(self._replay_every, tf.int64)
-                if self._replay_every
-                else replay_period(self.site, call.args.inputs, self._every)
-            )
-            due = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
-            due = tf.logical_and(due, tf.equal(tf.math.floormod(k, period), 0))
+            if self._host is not None:  # fit: keep what the host's replay needs, every profiled step
+                self._keep(call)
+                return
+            step, profiled, replay_due, _ = self._schedule(call.args.inputs)
+            due = tf.logical_and(profiled, replay_due)
             tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))
         except Exception as exc:  # noqa: BLE001 - measuring is optional
             self._fail(exc)
 
+    def _schedule(self, x: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(step, profiled, replay due, k): the k-th profiled step (from 0) replays when k
+        is a multiple of the period."""
+        step_var, active = self._counters()
+        step = step_var.read_value()
+        k = step - 1 if self._every == 1 else step // self._every
+        period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, x, self._every)
+        profiled = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
+        return step, profiled, tf.equal(tf.math.floormod(k, period), 0), k
+
+    def _keep(self, call: _Call) -> None:
+        """On profiled steps, the call's first sequences, states and dropout masks and the
+        cells' weights into the host's buffers. Built as a ``tf.function`` of its own,
+        traced once and called from each trace of the step: Keras traces its train step
+        twice in the first ``fit``, and this is a good part of gradwatch's share of it."""
+        site, host = self.site, self._host
+        drops = []
+        for _, layer in site.directions:
+            masks = site.dropout.get(id(layer.cell), {})
+            drops.append(_kcells.dropout_masks(layer.cell, call.training, masks.get("input"), masks.get("recurrent")))
+        if self._keeper is None:
+
+            def keep(x: Any, mask: Any, states: Any, drops: Any) -> tf.Tensor:
+                step, profiled, replay_due, k = self._schedule(x)
+                return tf.cond(
+                    profiled,
+                    lambda: host.keep(site, x, mask, states, drops, step, host.slot(k), replay_due, self._salt),
+                    lambda: tf.constant(False),
+                )
+
+            self._keeper = tf.function(keep, autograph=False)
+        self._keeper(call.args.inputs, call.args.mask, call.states, drops)
+
     def _measure(self, call: _Call, step: tf.Tensor) -> tf.Tensor:
         site = self.site
-        logs, gates = [], []
-        for i, (_, layer) in enumerate(site.directions):
+        drops = []
+        for _, layer in site.directions:
             masks = site.dropout.get(id(layer.cell), {})
-            dropout = _kcells.dropout_masks(layer.cell, call.training, masks.get("input"), masks.get("recurrent"))
-            seed = tf.cast(step, tf.int64) * 4099 + (self._salt * 16 + i)  # as the JAX/torch sites draw
-            per_seq, gate = _kreplay.measure(
-                layer.cell,
-                call.args.inputs,
-                call.args.mask,
-                call.states[i],
-                backwards=bool(getattr(layer, "go_backwards", False)),
-                seed=seed,
-                dropout=dropout,
-            )
-            # The engine's rule: median over sequences of the RMS gain, max of the top one.
-            logs.append(tf.stack(aggregate_logs(per_seq[0], per_seq[1], TF_TENSORS)))  # per_seq: [2, T, b]
-            gates.append(gate)
+            drops.append(_kcells.dropout_masks(layer.cell, call.training, masks.get("input"), masks.get("recurrent")))
+        logs, gate = site_logs(site, call.args.inputs, call.args.mask, call.states, drops, step, self._salt)
         assert site.prop is not None and site.prop_step is not None
-        # [2, R, T]: row 0 log gains, row 1 log max gains
-        writes = [site.prop.assign(tf.transpose(tf.stack(logs), [1, 0, 2])), site.prop_step.assign(tf.cast(step, tf.int64))]
-        if site.gate_stats is not None and all(g is not None for g in gates):
-            # Several directions: the one whose memory path closes most (lowest log path
-            # gain), the one a vanishing alert is about (gradwatch.GateStats).
-            per = tf.stack(gates)  # [R, 2]
-            writes.append(site.gate_stats.assign(tf.gather(per, tf.argmin(per[:, 1]))))
+        writes = [site.prop.assign(logs), site.prop_step.assign(tf.cast(step, tf.int64))]
+        if site.gate_stats is not None and gate is not None:
+            writes.append(site.gate_stats.assign(gate))
         with tf.control_dependencies(writes):
             return tf.constant(True)
+
+
+def site_logs(
+    site: _recurrent.RecurrentSite, x: Any, mask: Any, states: list[Any], drops: list[Any], step: Any, salt: int
+) -> tuple[tf.Tensor, tf.Tensor | None]:
+    """The replay of every direction of ``site`` on what a call saw: log gains and log max
+    gains [2, R, T] (the engine's rule: median over sequences of the RMS gain, max of the
+    top one) and the gate statistics of the direction whose memory path closes most
+    (lowest log path gain, the one a vanishing alert is about; None for a cell without a
+    keep gate). ``states`` and ``drops`` per direction (None: zeros, no dropout). Traced
+    into the step (a custom loop) or into the host's replay function (``fit``:
+    :mod:`gradwatch_tf._tfhost`)."""
+    logs, gates = [], []
+    for i, (_, layer) in enumerate(site.directions):
+        seed = tf.cast(step, tf.int64) * 4099 + (int(salt) * 16 + i)  # as the JAX/torch sites draw
+        per_seq, gate = _kreplay.measure(
+            layer.cell,
+            x,
+            mask,
+            states[i],
+            backwards=bool(getattr(layer, "go_backwards", False)),
+            seed=seed,
+            dropout=drops[i],
+        )
+        logs.append(tf.stack(aggregate_logs(per_seq[0], per_seq[1], TF_TENSORS)))  # per_seq: [2, T, b]
+        gates.append(gate)
+    out = tf.transpose(tf.stack(logs), [1, 0, 2])  # [2, R, T]
+    if site.gate_stats is None or any(g is None for g in gates):
+        return out, None
+    per = tf.stack(gates)  # [R, 2]
+    return out, tf.gather(per, tf.argmin(per[:, 1]))

@@ -14,7 +14,9 @@ How a step flows (all of it inside the user's ``tf.function``, under XLA too):
    (:func:`gradwatch_tf._tensors.power_iteration`, iterated to a tolerance), and what the
    recurrent layers' forward hooks measured in this step's forward pass (propagation and
    gate statistics, :mod:`gradwatch_tf._propagation`); a layer the step did not replay
-   sends NaN, which the host leaves out.
+   sends NaN, which the host leaves out. In ``fit`` both are measured beside the step
+   instead, from what profiled steps keep (:mod:`gradwatch_tf._tfhost`): the row carries
+   NaN there and the host fills it in when it reads the row.
 4. One float64 row in the core's statistics layout (:class:`gradwatch.Layout`) goes into
    a ring buffer of ``capacity`` rows, indexed by gradwatch's own step counter, so
    ``steps_per_execution = k`` loses no step; the host reads it (``attach.py``).
@@ -138,6 +140,9 @@ class GraphContext:
     #: trace holds no profile at all: no spectral loop, no reads of the probes, the row's
     #: ``profiled`` flag a constant 0 (the host then reads none of the per-layer segments).
     lean: bool = False
+    #: ``fit``: a :class:`gradwatch_tf._tfhost.HostProfile`. Profiled steps keep what the
+    #: profile needs; the host measures it when it reads the row (None: in graph).
+    host: Any = None
 
 
 def _measure(
@@ -202,9 +207,11 @@ def _clip(c: GraphContext, grads: list[Any], measured: list[Any], tvars: list[An
     return tf.constant(np.nan, F64), tf.constant(1.0, F64), grads, []
 
 
-def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
+def _spectral(c: GraphContext, profiled: tf.Tensor, step: tf.Tensor) -> list[tf.Tensor]:
     """Largest singular value of each gate block, on profiled steps (zeros otherwise),
-    iterated to a tolerance (:func:`gradwatch_tf._tensors.power_iteration`)."""
+    iterated to a tolerance (:func:`spectral_sigmas`). In ``fit`` (``c.host``) the step
+    only keeps the kernels on profiled steps and sends NaN: the host measures them
+    (:mod:`gradwatch_tf._tfhost`)."""
     if not c.blocks:
         return []
     zeros = tf.zeros([len(c.blocks)], F64)
@@ -212,37 +219,45 @@ def _spectral(c: GraphContext, profiled: tf.Tensor) -> list[tf.Tensor]:
         return [zeros]
     try:
         blocks = c.blocks
+        if c.host is not None:
+            host = c.host
+            k = step - 1 if c.profile_every == 1 else step // max(c.profile_every, 1)  # the profiled ordinal
+            tf.cond(profiled, lambda: host.keep_kernels(blocks, step, host.slot(k)), lambda: tf.constant(False))
+            return [tf.fill([len(blocks)], tf.constant(np.nan, F64))]
 
         def compute() -> tf.Tensor:
-            # Blocks of one shape (an LSTM's four gates) share one batched loop.
-            ws = []
-            for b in blocks:
-                kv = b.kernel.value if hasattr(b.kernel, "value") else b.kernel
-                ws.append(tf.convert_to_tensor(kv)[:, b.start : b.stop])
-            groups: dict[tuple[Any, ...], list[int]] = {}
-            for j, w in enumerate(ws):
-                groups.setdefault((tuple(w.shape), w.dtype), []).append(j)
-            sigmas: list[Any] = [None] * len(blocks)
-            for idx in groups.values():
-                chosen = [blocks[j] for j in idx]
-                if len(idx) == 1:
-                    found = [_tensors.power_iteration(ws[idx[0]], chosen[0].vector, getattr(chosen[0], "second", None))]
-                else:
-                    seconds = [getattr(b, "second", None) for b in chosen]
-                    found = _tensors.power_iterations([ws[j] for j in idx], [b.vector for b in chosen], seconds)
-                for j, sigma in zip(idx, found):
-                    sigmas[j] = sigma
-            for b, sigma in zip(blocks, sigmas):
-                if b.cold is not None:  # the vector has now been iterated to convergence
-                    with tf.control_dependencies([sigma]):
-                        b.cold.assign(False)
-            return tf.stack([tf.cast(sigma, F64) for sigma in sigmas])
+            return spectral_sigmas(blocks, lambda b: tf.convert_to_tensor(b.kernel.value if hasattr(b.kernel, "value") else b.kernel))
 
         return [tf.cond(profiled, compute, lambda: zeros)]
     except Exception as exc:  # noqa: BLE001 - spectral norms are optional
         c.fail("spectral norms", exc)
         c.profile_ok = False
         return [zeros]
+
+
+def spectral_sigmas(blocks: list[Any], kernel_of: Callable[[Any], tf.Tensor]) -> tf.Tensor:
+    """sigma_max of each block (float64 [len(blocks)]) of the kernels ``kernel_of(block)``
+    gives, warm-started from and writing back each block's vectors. Blocks of one shape
+    (an LSTM's four gates) share one batched loop."""
+    ws = [kernel_of(b)[:, b.start : b.stop] for b in blocks]
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for j, w in enumerate(ws):
+        groups.setdefault((tuple(w.shape), w.dtype), []).append(j)
+    sigmas: list[Any] = [None] * len(blocks)
+    for idx in groups.values():
+        chosen = [blocks[j] for j in idx]
+        if len(idx) == 1:
+            found = [_tensors.power_iteration(ws[idx[0]], chosen[0].vector, getattr(chosen[0], "second", None))]
+        else:
+            seconds = [getattr(b, "second", None) for b in chosen]
+            found = _tensors.power_iterations([ws[j] for j in idx], [b.vector for b in chosen], seconds)
+        for j, sigma in zip(idx, found):
+            sigmas[j] = sigma
+    for b, sigma in zip(blocks, sigmas):
+        if b.cold is not None:  # the vector has now been iterated to convergence
+            with tf.control_dependencies([sigma]):
+                b.cold.assign(False)
+    return tf.stack([tf.cast(sigma, F64) for sigma in sigmas])
 
 
 def _replayed(c: GraphContext, step: tf.Tensor, gates: list[Any], logs: list[Any]) -> tuple[list[Any], list[Any]]:
@@ -317,7 +332,7 @@ def build_step(c: GraphContext, grads: list[Any], tvars: list[Any], original: Ca
         gates = [tf.zeros([2], F64) for site in c.sites if site.gate_stats is not None]
         gains = [tf.zeros(site.prop.shape, F64) for site in c.sites if site.prop is not None]
     else:
-        spectral = _spectral(c, profiled)
+        spectral = _spectral(c, profiled, step)
         gates, gains = _replayed(c, step, gates, logs)
     # The update itself. Everything that could fail is built above this point, so a
     # failure never leaves a half-built step that applies the gradients twice.

@@ -96,6 +96,16 @@ class TFAttachment(Lifecycle):
         #: (no sensitivity probe, no replay) and records no profile.
         self.lean = False
         self._full_traced = False  # a trace with everything has been built (it makes the variables)
+        #: ``fit``: the profile is measured beside the train step, when the host reads a
+        #: profiled row (:mod:`gradwatch_tf._tfhost`); a custom loop measures it in graph.
+        self._host: Any = None
+        if mode == "callback":
+            from gradwatch_tf._tfhost import HostProfile
+
+            every = max(int(monitor.options.profile_every), 1)
+            spe = max(int(capacity or 1), 1)  # steps_per_execution
+            self._host = HostProfile(self._make_var, self._fail, slots=min(spe, spe // every + 1))
+            self.spectral_nan_unmeasured = True  # NaN: not measured (not ready, or not kept for that step)
         if optimizer is not None or getattr(model, "optimizer", None) is not None:
             self._install()
 
@@ -193,6 +203,7 @@ class TFAttachment(Lifecycle):
             blocks=blocks,
             fail=self._fail,
             relayout=self._relayout if self.__dict__.get("_waiting_sites") else None,
+            host=self._host,
         )
         self._step_slice = layout.slice("step")
         self._last_step = self._monitor.next_step - 1
@@ -264,6 +275,11 @@ class TFAttachment(Lifecycle):
                 site.frozen = True
         self._sites = sites
         self.__dict__["_waiting_sites"] = waiting
+        if self._host is not None:
+            try:
+                self._host.prepare(sites, blocks)
+            except Exception as exc:  # noqa: BLE001 - profiling is optional
+                self._fail("recurrent-layer profiling setup", exc)
         return sites, blocks
 
     def _gate_hook(self, site: _recurrent.RecurrentSite) -> Any:
@@ -295,6 +311,7 @@ class TFAttachment(Lifecycle):
             fail=lambda exc: self._fail("propagation replay", exc),
             disabled=lambda: self._closed or "propagation replay" in self._errors_logged,
             replay_every=self._monitor.options.replay_every,
+            host=self._host,
         )
 
     def read_due(self, steps: int) -> bool:
@@ -314,6 +331,14 @@ class TFAttachment(Lifecycle):
     def sync_records(self) -> list[StepRecord]:
         self._unread = 0
         return super().sync_records()
+
+    def _process_row(self, row: np.ndarray) -> StepRecord | None:
+        host = self._host
+        if host is not None:  # fit: a profiled row gets the profile measured for its step now
+            profiled = self._graph.layout.slice("profiled")
+            if profiled is not None and row[profiled][0] > 0:
+                row = host.fill(self._graph.layout, row, self._graph.sites, self._graph.blocks)
+        return super()._process_row(row)
 
     # ------------------------------------------------------------ self-healing
     def _live(self) -> bool:

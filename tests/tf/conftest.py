@@ -21,3 +21,15 @@ def _seed():
     keras.backend.clear_session()
     keras.utils.set_random_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _profile_at_once(monkeypatch):
+    """TensorFlow's ``fit`` traces its profile functions in the background by default
+    (gradwatch_tf._tfhost): the tests read each profiled step's profile, so they trace at
+    once (a test of the background itself sets it back)."""
+    if keras.backend.backend() == "tensorflow":
+        from gradwatch_tf import _kkept
+
+        monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", False)
+    yield

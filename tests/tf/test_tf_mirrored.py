@@ -38,10 +38,27 @@ SCRIPT = textwrap.dedent(
     with strategy.scope():
         model = make_model("LSTM")
         model.compile(keras.optimizers.SGD(0.0), "mse")
+    from gradwatch_tf import _kkept
+    _kkept.BACKGROUND_COMPILE = False  # the profile of step 1 is read at once
     cb = GradWatchCallback(on_nonfinite="skip", sinks=["memory"], profile_every=1)
     before = [w.copy() for w in model.get_weights()]
     model.fit(x[:6], y[:6], batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
     recs = cb.records
+    # Through time, measured beside the step from what it kept (gradwatch_tf._tfhost):
+    # the first replica's shard (the first sequence of each batch of two), against the
+    # float64 reference; the gate blocks' largest singular values against numpy's SVD.
+    from gradwatch.through_time.reference import propagation_from_jacobians
+    from tests.contract.adapters import KerasAdapter, Recurrence
+    from tests.contract.test_contract_through_time import _run
+    cell = model.get_layer("rnn").cell
+    ref = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(cell))
+    want_gains = [
+        list(propagation_from_jacobians(np.stack([_run(ref, x[i].astype(np.float64), np.ones(6, bool))[0]]))[0])
+        for i in (0, 2)
+    ]
+    rk = cell.recurrent_kernel.numpy()
+    u = rk.shape[0]
+    want_sigma = sorted(float(np.linalg.norm(rk[:, g * u:(g + 1) * u], 2)) for g in range(4))
     iterations = int(model.optimizer.iterations.numpy())
     restored = "apply" not in vars(model.optimizer)
     unchanged = all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
@@ -63,6 +80,10 @@ SCRIPT = textwrap.dedent(
         "temporal": [list(recs[i].temporal["rnn"].norms) for i in (0, 1)],
         "truth_temporal": [list(t[2]) for t in truth],
         "skipped": [r.skipped for r in recs],
+        "gains": [list(recs[i].temporal["rnn"].recurrences["l0"].gains) for i in (0, 1)],
+        "want_gains": want_gains,
+        "sigma": [sorted(recs[i].spectral.values()) for i in (0, 1)],
+        "want_sigma": want_sigma,
         "iterations": iterations,
         "restored": restored,
         "unchanged": unchanged,
@@ -95,6 +116,10 @@ def test_mirrored_strategy_reports_the_global_norm(tmp_path):
     assert out["norms"][:2] == pytest.approx(out["truth"], rel=1e-4)
     for got, want in zip(out["temporal"], out["truth_temporal"]):
         assert got == pytest.approx(want, rel=1e-3)
+    for got, want in zip(out["gains"], out["want_gains"]):
+        assert got == pytest.approx(want, rel=1e-4)
+    for got in out["sigma"]:
+        assert got == pytest.approx(out["want_sigma"], rel=1e-3)
     assert out["skipped"] == [False, False, True]
     assert out["iterations"] == 2
     assert out["restored"]

@@ -1,0 +1,388 @@
+"""TensorFlow ``fit``: the through-time profile computed beside the train step, not in it.
+
+Why: a ``tf.function`` is fixed when traced, and Keras traces its train step twice in the
+first ``fit``; the replay's scans and the spectral power iterations traced into it made
+the first fit of a small LSTM about 2.9x the unwatched one (1.0 s of replay and 0.4 s of
+spectral trace and graph optimisation, out of 0.9 s unwatched). Here the train step only
+*keeps*, on profiled steps, what the profile needs (a few assigns in a ``tf.cond``): the
+first ``PROBED`` sequences of each recurrent layer's input, mask, initial states and
+dropout masks, the cells' weights before the update, and the step they belong to. The
+profile itself (:func:`gradwatch_tf._propagation.site_logs`, the same ``keras.ops`` replay,
+and :func:`gradwatch_tf._step.spectral_sigmas`, the same power iterations) runs in two
+``tf.function``\\ s of its own, traced once, which the host calls when it reads a profiled
+step's row (:meth:`HostProfile.fill`), so that step's record carries them with its own
+step number, as in the graph before. The first trace of those functions runs in the
+background (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`, as JAX's compile): the first
+``fit`` is not held for it, and profiled steps read before it is ready are recorded
+without propagation and spectral norms (not measured, never a stale value).
+
+Used by the callback (``mode="callback"``), where the host reads every profiled step
+(``read_due``). A custom loop (``gradwatch.watch``) keeps the in-graph replay: there a
+traced step hands its row to the host from inside the graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from gradwatch.through_time.plan import PROBED
+from gradwatch_tf import _kcells, _kkept
+
+__all__ = ["HostProfile"]
+
+logger = logging.getLogger("gradwatch")
+
+
+@dataclass
+class _SiteKept:
+    """What the replay of one recurrent layer needs, kept by the train step; every
+    buffer has one slot per profiled step an execution can hold (leading axis K)."""
+
+    x: tf.Variable  # [K, P, T, F]
+    mask: tf.Variable  # [K, P, T]
+    n: tf.Variable  # [K] the valid rows (the batch may be under P)
+    step: tf.Variable  # [K] the step the inputs belong to (0: none)
+    wstep: tf.Variable  # [K] the step the weights belong to
+    states: list[list[tf.Variable]]  # per direction, its state parts [K, P, u]
+    weights: list[list[tf.Variable]]  # per direction, the cell's weights [K, ...]
+    #: Per direction: (input, recurrent) dropout masks, each None, a variable or a list
+    #: of one per gate (the structure the call had: made at the first trace).
+    drops: list[list[Any]] = field(default_factory=list)
+    salt: int = 0  # the site's share of the replay's seeds (as in graph)
+    #: Every dropout buffer made, by (direction, input 0 / recurrent 1, mask shapes).
+    made: dict[tuple[Any, ...], list[tf.Variable]] = field(default_factory=dict)
+
+
+class HostProfile:
+    """Keeps in graph, replays and measures beside it (see the module docstring)."""
+
+    def __init__(
+        self, make: Callable[..., tf.Variable], fail: Callable[[str, BaseException], None], slots: int = 1
+    ) -> None:
+        """``slots``: the profiled steps one Keras execution (``steps_per_execution``) can
+        hold; the host reads after each execution that has one, so each keeps its own."""
+        self._make = make
+        self._fail = fail
+        self.slots = max(int(slots), 1)
+        self._kept: dict[int, _SiteKept] = {}  # id(site) -> buffers
+        self._kernels: dict[int, tf.Variable] = {}  # id(block kernel) -> kept copy
+        self._kernel_step: tf.Variable | None = None
+        self._functions: dict[Any, Any] = {}  # key -> tf.function
+        self._compiled: dict[Any, Any] = {}  # key -> concrete function, or its Future
+        self.broken: set[str] = set()
+
+    # ------------------------------------------------------------ in the train step
+    def prepare(self, sites: list[Any], blocks: list[Any]) -> None:
+        """Make every buffer whose shape is known now, outside any trace (a distribution
+        strategy's replica context cannot make variables): each site's, a single dropout
+        mask per direction where its cell has a dropout rate, and the kept kernels."""
+        for site in sites:
+            kept = self.ensure(site) if site.prop is not None else None
+            if kept is None:
+                continue
+            for i, (_, layer) in enumerate(site.directions):
+                cell = layer.cell
+                feat, units = int(cell.kernel.shape[0]), int(cell.units)
+                for kind, (rate, width) in enumerate(
+                    ((getattr(cell, "dropout", 0.0), feat), (getattr(cell, "recurrent_dropout", 0.0), units))
+                ):
+                    if 0.0 < float(rate or 0.0) < 1.0:
+                        with tf.init_scope():
+                            buf = self._make(
+                                np.ones([self.slots, PROBED, width], np.float32), tf.float32, "gradwatch_kept_dropout"
+                            )
+                        kept.made[(i, kind, ((width,),))] = [buf]
+        if blocks:
+            self._kernel_buffers(blocks)
+
+    def _kernel_buffers(self, blocks: list[Any]) -> None:
+        with tf.init_scope():
+            for b in blocks:
+                if id(b.kernel) not in self._kernels:
+                    shape = [self.slots, *[int(d) for d in b.kernel.shape]]
+                    self._kernels[id(b.kernel)] = self._make(
+                        np.zeros(shape, np.float32), tf.float32, "gradwatch_kept_kernel"
+                    )
+            if self._kernel_step is None:
+                self._kernel_step = self._make(np.zeros([self.slots], np.int64), tf.int64, "gradwatch_kept_kernel_step")
+
+    def ensure(self, site: Any) -> _SiteKept | None:
+        """The site's buffers, made once (outside any trace)."""
+        kept = self._kept.get(id(site))
+        if kept is not None or site.length is None or not site.directions:
+            return kept
+        k, tag = self.slots, f"gradwatch_kept_{site.name.replace('/', '_')}"
+
+        def make(initial: Any, dtype: Any, name: str) -> tf.Variable:
+            return self._make(np.zeros([k, *np.shape(initial)], np.asarray(initial).dtype), dtype, name)
+
+        cell = site.directions[0][1].cell
+        feat = int(cell.kernel.shape[0])
+        with tf.init_scope():
+            states = []
+            for _, layer in site.directions:
+                parts = _kcells.KCELLS[type(layer.cell).__name__](layer.cell).parts
+                units = int(layer.cell.units)
+                states.append(
+                    [make(np.zeros([PROBED, units], np.float32), tf.float32, f"{tag}_s") for _ in range(parts)]
+                )
+            weights = [
+                [make(np.zeros(v.shape, np.float32), tf.float32, f"{tag}_w") for v in layer.cell.weights]
+                for _, layer in site.directions
+            ]
+            kept = _SiteKept(
+                x=make(np.zeros([PROBED, site.length, feat], np.float32), tf.float32, f"{tag}_x"),
+                mask=make(np.zeros([PROBED, site.length], np.float32), tf.float32, f"{tag}_mask"),
+                n=make(np.int32(0), tf.int32, f"{tag}_n"),
+                step=make(np.int64(0), tf.int64, f"{tag}_step"),
+                wstep=make(np.int64(0), tf.int64, f"{tag}_wstep"),
+                states=states,
+                weights=weights,
+                drops=[[None, None] for _ in site.directions],
+            )
+        self._kept[id(site)] = kept
+        return kept
+
+    def slot(self, ordinal: tf.Tensor) -> tf.Tensor:
+        """The slot of the ``ordinal``-th profiled step (from 0): consecutive profiled
+        steps, as many as one execution holds, get distinct slots."""
+        return tf.cast(tf.math.floormod(tf.cast(ordinal, tf.int64), self.slots), tf.int32)
+
+    def keep(
+        self,
+        site: Any,
+        x: Any,
+        mask: Any,
+        states: list[Any],
+        drops: list[Any],
+        step: tf.Tensor,
+        slot: tf.Tensor,
+        replay_due: tf.Tensor,
+        salt: int,
+    ) -> tf.Tensor:
+        """In the traced forward pass of a profiled step: the call's first sequences (its
+        input ``x``, ``mask``, initial ``states`` and dropout masks ``drops`` per
+        direction) and the cells' weights into the site's buffers at ``slot``; ``step`` is
+        recorded as the replay's only when ``replay_due`` (else 0, so an older step is
+        never replayed on these)."""
+        kept = self.ensure(site)
+        if kept is None:
+            return tf.constant(False)
+        kept.salt = int(salt)
+        x = tf.cast(tf.stop_gradient(x), tf.float32)[:PROBED]
+        b = tf.shape(x)[0]
+
+        def pad(v: Any) -> Any:
+            return tf.pad(v, [[0, PROBED - b]] + [[0, 0]] * (len(v.shape) - 1))
+
+        if mask is None:
+            m = tf.ones(tf.shape(x)[:2], tf.float32)
+        else:
+            m = tf.cast(tf.stop_gradient(mask), tf.float32)
+            if len(m.shape) == 3:
+                m = m[:, :, 0]
+            m = m[:PROBED]
+        put = functools.partial(_put, slot=slot)
+        writes = [put(kept.x, pad(x)), put(kept.mask, pad(m)), put(kept.n, b)]
+        ok = True
+        for i, (_, layer) in enumerate(site.directions):
+            given = states[i]
+            bufs = kept.states[i]
+            if given is not None and len(given) != len(bufs):
+                ok = False  # a state layout the buffers do not hold: not measured
+                continue
+            for j, buf in enumerate(bufs):
+                value = (
+                    tf.zeros([b, int(buf.shape[-1])], tf.float32)
+                    if given is None
+                    else tf.cast(tf.stop_gradient(given[j]), tf.float32)[:PROBED]
+                )
+                writes.append(put(buf, pad(value)))
+            for buf, w in zip(kept.weights[i], layer.cell.weights):
+                writes.append(put(buf, tf.cast(tf.convert_to_tensor(getattr(w, "value", w)), tf.float32)))
+            for kind, d in enumerate(drops[i]):
+                made = self._drop_buffers(kept, i, kind, d)
+                if made is None:
+                    ok = ok and d is None  # a mask the buffers cannot hold: not measured
+                    continue
+                for buf, value in zip(made, d if isinstance(d, (list, tuple)) else [d]):
+                    writes.append(put(buf, pad(tf.cast(tf.stop_gradient(value), tf.float32)[:PROBED])))
+        step = tf.cast(step, tf.int64)
+        writes.append(put(kept.wstep, step))
+        writes.append(put(kept.step, tf.where(tf.logical_and(replay_due, ok), step, tf.zeros_like(step))))
+        with tf.control_dependencies(writes):
+            return tf.constant(True)
+
+    def _drop_buffers(self, kept: _SiteKept, i: int, kind: int, d: Any) -> list[tf.Variable] | None:
+        """The buffers of one dropout mask of this call (None: it has none, or they
+        cannot be made here), and the structure the host's replay reads (``kept.drops``)."""
+        if d is None:
+            kept.drops[i][kind] = None
+            return None
+        values = list(d) if isinstance(d, (list, tuple)) else [d]
+        shapes = tuple(tuple(int(x) for x in v.shape[1:]) for v in values)
+        flat = kept.made.get((i, kind, shapes))
+        if flat is None:
+            replica = tf.distribute.get_replica_context()
+            if replica is not None and replica.num_replicas_in_sync > 1:
+                return None  # masks of a shape not made in advance: no variables here
+            with tf.init_scope():
+                flat = [
+                    self._make(np.ones([self.slots, PROBED, *shape], np.float32), tf.float32, "gradwatch_kept_dropout")
+                    for shape in shapes
+                ]
+            kept.made[(i, kind, shapes)] = flat
+        kept.drops[i][kind] = flat if isinstance(d, (list, tuple)) else flat[0]
+        return flat
+
+    def keep_kernels(self, blocks: list[Any], step: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
+        """In the traced step of a profiled step: the recurrent kernels of the spectral
+        blocks, before the update, and the step they belong to, at ``slot``."""
+        kernels = {id(b.kernel): b.kernel for b in blocks}
+        self._kernel_buffers(blocks)  # (made by prepare: a no-op)
+        value = {key: tf.cast(tf.convert_to_tensor(getattr(k, "value", k)), tf.float32) for key, k in kernels.items()}
+        writes = [_put(self._kernels[key], v, slot) for key, v in value.items()]
+        writes.append(_put(self._kernel_step, tf.cast(step, tf.int64), slot))
+        with tf.control_dependencies(writes):
+            return tf.constant(True)
+
+    # ------------------------------------------------------------ on the host
+    def fill(self, layout: Any, row: np.ndarray, sites: list[Any], blocks: list[Any]) -> np.ndarray:
+        """At the read of a profiled step's row: the spectral norms of the kernels kept for
+        this very step, and the replay of each site whose buffers hold this very step,
+        written into the row (gains exponentiated, as the ring holds them). Anything not
+        ready or not kept for this step stays NaN: not measured."""
+        step_sl = layout.slice("step")
+        if step_sl is None:
+            return row
+        step = int(row[step_sl][0])
+        row = np.array(row, dtype=np.float64)
+        if blocks and "spectral" not in self.broken and self._kernel_step is not None:
+            try:
+                slot = _slot_of(self._kernel_step, step)
+                sigmas = None if slot is None else self._call("spectral", lambda: self._spectral_function(blocks), slot)
+                if sigmas is not None:
+                    for b, sigma in zip(blocks, np.asarray(sigmas, np.float64)):
+                        sl = layout.slice("spectral", b.name)
+                        if sl is not None:
+                            row[sl] = sigma
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                self.broken.add("spectral")
+                self._fail("spectral norms", exc)
+        if "replay" in self.broken:
+            return row
+        for site in sites:
+            kept = self._kept.get(id(site))
+            if kept is None or site.prop is None:
+                continue
+            try:
+                slot = _slot_of(kept.step, step)
+                if slot is None or int(kept.wstep.numpy()[slot]) != step:
+                    continue
+                out = self._call(("replay", id(site)), lambda s=site, k=kept: self._replay_function(s, k), slot)
+                if out is None:
+                    continue
+                logs, gate = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
+            except Exception as exc:  # noqa: BLE001 - measuring is optional
+                self.broken.add("replay")
+                self._fail("propagation replay", exc)
+                return row
+            for kind, value in (("propagation", np.exp(logs[0])), ("max_gains", np.exp(logs[1])), ("gates", gate)):
+                sl = layout.slice(kind, site.name)
+                if sl is not None:
+                    row[sl] = value.reshape(-1)
+        return row
+
+    def _call(self, key: Any, build: Callable[[], Any], slot: int) -> Any:
+        """The function of ``key`` run on ``slot`` now; its first trace (and first run,
+        where TensorFlow optimises the graph) in the background with
+        :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`: None until it is ready."""
+        at = tf.constant(slot, tf.int32)
+        if key not in self._compiled:
+            fn = build()
+            if _kkept.BACKGROUND_COMPILE:
+
+                def warm() -> Any:
+                    fn(at)  # trace and optimise; the result is not this step's to keep
+                    return fn
+
+                self._compiled[key] = _kkept._pool().submit(warm)
+            else:
+                self._compiled[key] = fn
+        entry = self._compiled[key]
+        if isinstance(entry, Future):
+            if not entry.done():
+                return None
+            entry = self._compiled[key] = entry.result()
+        return entry(at)
+
+    def _replay_function(self, site: Any, kept: _SiteKept) -> Any:
+        from gradwatch_tf._propagation import site_logs
+
+        cells = [layer.cell for _, layer in site.directions]
+
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.int32)])
+        def replay(slot: tf.Tensor) -> Any:
+            n = kept.n.read_value()[slot]
+
+            def at(v: tf.Variable) -> tf.Tensor:
+                return v.read_value()[slot][:n]
+
+            mapping = [
+                (w, v.read_value()[slot]) for cell, bufs in zip(cells, kept.weights) for w, v in zip(cell.weights, bufs)
+            ]
+            states = [[at(v) for v in bufs] for bufs in kept.states]
+            drops = [tuple(_kept_rows(d, at) for d in pair) for pair in kept.drops]
+            with keras.StatelessScope(state_mapping=mapping):
+                logs, gate = site_logs(
+                    site, at(kept.x), at(kept.mask), states, drops, kept.step.read_value()[slot], kept.salt
+                )
+            if gate is None:
+                gate = tf.fill([2], np.float32(np.nan))
+            return logs, gate
+
+        return replay
+
+    def _spectral_function(self, blocks: list[Any]) -> Any:
+        from gradwatch_tf._step import spectral_sigmas
+
+        kernels = self._kernels
+
+        @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.int32)])
+        def spectral(slot: tf.Tensor) -> Any:
+            return spectral_sigmas(blocks, lambda b: kernels[id(b.kernel)].read_value()[slot])
+
+        return spectral
+
+
+def _put(var: tf.Variable, value: Any, slot: Any) -> Any:
+    """``var[slot] = value`` as one assign of the whole buffer (a distribution strategy's
+    sync-on-read variables implement ``assign`` only)."""
+    if int(var.shape[0]) == 1:
+        return var.assign(tf.cast(value, var.dtype)[None])
+    return var.assign(
+        tf.tensor_scatter_nd_update(var.read_value(), tf.reshape(slot, [1, 1]), tf.cast(value, var.dtype)[None])
+    )
+
+
+def _slot_of(steps: tf.Variable, step: int) -> int | None:
+    """The slot holding ``step`` (None: none does)."""
+    found = np.flatnonzero(np.asarray(steps.numpy()) == step)
+    return int(found[0]) if found.size else None
+
+
+def _kept_rows(d: Any, at: Callable[[tf.Variable], tf.Tensor]) -> Any:
+    if d is None:
+        return None
+    if isinstance(d, list):
+        return [at(v) for v in d]
+    return at(d)
