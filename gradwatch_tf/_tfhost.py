@@ -51,6 +51,7 @@ class _SiteKept:
     mask: tf.Variable  # [K, P, T]
     n: tf.Variable  # [K] the valid rows (the batch may be under P)
     step: tf.Variable  # [K] the step the inputs belong to (0: none)
+    due: tf.Variable  # [K] whether that step's replay is due by the cost model's period
     wstep: tf.Variable  # [K] the step the weights belong to
     states: list[list[tf.Variable]]  # per direction, its state parts [K, P, u]
     weights: list[list[tf.Variable]]  # per direction, the cell's weights [K, ...]
@@ -79,6 +80,10 @@ class HostProfile:
         self._functions: dict[Any, Any] = {}  # key -> tf.function
         self._compiled: dict[Any, Any] = {}  # key -> concrete function, or its Future
         self.broken: set[str] = set()
+        #: Sites whose last due replay could not run (its function was not ready): the
+        #: next profiled step is replayed, so a run's first propagation is not a whole
+        #: replay period late.
+        self._owed: set[int] = set()
 
     # ------------------------------------------------------------ in the train step
     def prepare(self, sites: list[Any], blocks: list[Any]) -> None:
@@ -144,6 +149,7 @@ class HostProfile:
                 mask=make(np.zeros([PROBED, site.length], np.float32), tf.float32, f"{tag}_mask"),
                 n=make(np.int32(0), tf.int32, f"{tag}_n"),
                 step=make(np.int64(0), tf.int64, f"{tag}_step"),
+                due=make(np.int32(0), tf.int32, f"{tag}_due"),
                 wstep=make(np.int64(0), tf.int64, f"{tag}_wstep"),
                 states=states,
                 weights=weights,
@@ -171,9 +177,9 @@ class HostProfile:
     ) -> tf.Tensor:
         """In the traced forward pass of a profiled step: the call's first sequences (its
         input ``x``, ``mask``, initial ``states`` and dropout masks ``drops`` per
-        direction) and the cells' weights into the site's buffers at ``slot``; ``step`` is
-        recorded as the replay's only when ``replay_due`` (else 0, so an older step is
-        never replayed on these)."""
+        direction) and the cells' weights into the site's buffers at ``slot``, with
+        ``replay_due`` (the cost model's period; the host may replay a step not due when
+        the last due one could not be: :meth:`fill`)."""
         kept = self.ensure(site)
         if kept is None:
             return tf.constant(False)
@@ -218,7 +224,8 @@ class HostProfile:
                     writes.append(put(buf, pad(tf.cast(tf.stop_gradient(value), tf.float32)[:PROBED])))
         step = tf.cast(step, tf.int64)
         writes.append(put(kept.wstep, step))
-        writes.append(put(kept.step, tf.where(tf.logical_and(replay_due, ok), step, tf.zeros_like(step))))
+        writes.append(put(kept.due, tf.cast(replay_due, tf.int32)))
+        writes.append(put(kept.step, step if ok else tf.zeros_like(step)))  # 0: never replayed
         with tf.control_dependencies(writes):
             return tf.constant(True)
 
@@ -288,9 +295,14 @@ class HostProfile:
                 slot = _slot_of(kept.step, step)
                 if slot is None or int(kept.wstep.numpy()[slot]) != step:
                     continue
-                out = self._call(("replay", id(site)), lambda s=site, k=kept: self._replay_function(s, k), slot)
-                if out is None:
+                owed = id(site) in self._owed
+                if not (owed or int(kept.due.numpy()[slot])):
                     continue
+                out = self._call(("replay", id(site)), lambda s=site, k=kept: self._replay_function(s, k), slot)
+                if out is None:  # not compiled yet: the next profiled step replays, due or not
+                    self._owed.add(id(site))
+                    continue
+                self._owed.discard(id(site))
                 logs, gate = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.broken.add("replay")

@@ -610,3 +610,24 @@ def test_the_remedy_knows_keras_already_sets_the_forget_bias_to_1():
     (event,) = [e for e in cb.events if e.layer == "lstm"]
     assert event.kind == "vanishing" and "forget-gate bias is already 1" in event.message
     assert "(1 to 3)" not in event.message
+
+
+def test_fit_replays_the_next_step_when_a_due_replay_found_its_function_not_ready(monkeypatch):
+    """In ``fit`` the host replays beside the step with a function traced in the
+    background (gradwatch_tf._tfhost): step 1 is due but read before that function is
+    ready, so it is not measured, and the next profiled step is replayed although the
+    period (``replay_every=3``) does not make it due; then the period again (step 4)."""
+    from gradwatch_tf import _kkept
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
+    x, y = data(n=2)
+    model = single(keras.layers.LSTM(4, name="rnn"))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    cb = GradWatchCallback(sinks=["memory"], profile_every=1, replay_every=3)
+    for _ in range(5):  # one step a fit; the background trace done between fits
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        _kkept.compiles_done()
+    assert [r.step for r in cb.records] == [1, 2, 3, 4, 5]
+    replayed = [r.step for r in cb.records if r.temporal.get("rnn") and r.temporal["rnn"].recurrences]
+    assert replayed == [2, 4]
+    assert all(np.isfinite(r.temporal["rnn"].recurrences["l0"].gains).all() for r in cb.records if r.step in (2, 4))
