@@ -12,9 +12,10 @@ and :func:`gradwatch_tf._step.spectral_sigmas`, the same power iterations) runs 
 ``tf.function``\\ s of its own, traced once, which the host calls when it reads a profiled
 step's row (:meth:`HostProfile.fill`), so that step's record carries them with its own
 step number, as in the graph before. The first trace of those functions runs in the
-background (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`, as JAX's compile): the first
-``fit`` is not held for it, and profiled steps read before it is ready are recorded
-without propagation and spectral norms (not measured, never a stale value).
+background (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`, as JAX's compile) when the
+fit is long enough (:data:`BACKGROUND_MIN_STEPS`): that fit is not held for it, and
+profiled steps read before it is ready are recorded without propagation and spectral
+norms (not measured, never a stale value); the next profiled step then replays.
 
 Used by the callback (``mode="callback"``), where the host reads every profiled step
 (``read_due``). A custom loop (``gradwatch.watch``) keeps the in-graph replay: there a
@@ -24,7 +25,6 @@ traced step hands its row to the host from inside the graph.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,9 +37,13 @@ import tensorflow as tf
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells, _kkept
 
-__all__ = ["HostProfile"]
+__all__ = ["BACKGROUND_MIN_STEPS", "HostProfile"]
 
-logger = logging.getLogger("gradwatch")
+#: A ``fit`` with fewer steps left than this when its first profile is due traces the
+#: profile's functions at once rather than in the background: the background trace takes
+#: 0.5-1.5 s, longer than such a fit may last, and a short run (a demonstration, a quick
+#: experiment) would end without any propagation measured.
+BACKGROUND_MIN_STEPS = 100
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _SiteKept:
     #: of one per gate (the structure the call had: made at the first trace).
     drops: list[list[Any]] = field(default_factory=list)
     salt: int = 0  # the site's share of the replay's seeds (as in graph)
+    key: int = 0  # id of the site
     #: Every dropout buffer made, by (direction, input 0 / recurrent 1, mask shapes).
     made: dict[tuple[Any, ...], list[tf.Variable]] = field(default_factory=dict)
 
@@ -77,13 +82,15 @@ class HostProfile:
         self._kept: dict[int, _SiteKept] = {}  # id(site) -> buffers
         self._kernels: dict[int, tf.Variable] = {}  # id(block kernel) -> kept copy
         self._kernel_step: tf.Variable | None = None
-        self._functions: dict[Any, Any] = {}  # key -> tf.function
         self._compiled: dict[Any, Any] = {}  # key -> concrete function, or its Future
         self.broken: set[str] = set()
         #: Sites whose last due replay could not run (its function was not ready): the
         #: next profiled step is replayed, so a run's first propagation is not a whole
         #: replay period late.
         self._owed: set[int] = set()
+        #: Set by the callback before each read: the steps this ``fit`` has left after the
+        #: one read (None: unknown, e.g. a dataset of unknown length).
+        self.steps_left: int | None = None
 
     # ------------------------------------------------------------ in the train step
     def prepare(self, sites: list[Any], blocks: list[Any]) -> None:
@@ -106,6 +113,7 @@ class HostProfile:
                                 np.ones([self.slots, PROBED, width], np.float32), tf.float32, "gradwatch_kept_dropout"
                             )
                         kept.made[(i, kind, ((width,),))] = [buf]
+                        kept.drops[i][kind] = buf  # the structure Keras' cells hand out
         if blocks:
             self._kernel_buffers(blocks)
 
@@ -154,6 +162,7 @@ class HostProfile:
                 states=states,
                 weights=weights,
                 drops=[[None, None] for _ in site.directions],
+                key=id(site),
             )
         self._kept[id(site)] = kept
         return kept
@@ -233,7 +242,7 @@ class HostProfile:
         """The buffers of one dropout mask of this call (None: it has none, or they
         cannot be made here), and the structure the host's replay reads (``kept.drops``)."""
         if d is None:
-            kept.drops[i][kind] = None
+            self._structure(kept, i, kind, None)
             return None
         values = list(d) if isinstance(d, (list, tuple)) else [d]
         shapes = tuple(tuple(int(x) for x in v.shape[1:]) for v in values)
@@ -248,8 +257,16 @@ class HostProfile:
                     for shape in shapes
                 ]
             kept.made[(i, kind, shapes)] = flat
-        kept.drops[i][kind] = flat if isinstance(d, (list, tuple)) else flat[0]
+        self._structure(kept, i, kind, flat if isinstance(d, (list, tuple)) else flat[0])
         return flat
+
+    def _structure(self, kept: _SiteKept, i: int, kind: int, value: Any) -> None:
+        """Set the dropout structure the replay reads; a replay function traced for
+        another one (at setup: :meth:`warm_up`) is traced again."""
+        if kept.drops[i][kind] is not value:
+            kept.drops[i][kind] = value
+            for key in [k for k in self._compiled if k == ("replay", kept.key)]:
+                del self._compiled[key]
 
     def keep_kernels(self, blocks: list[Any], step: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
         """In the traced step of a profiled step: the recurrent kernels of the spectral
@@ -315,27 +332,62 @@ class HostProfile:
         return row
 
     def _call(self, key: Any, build: Callable[[], Any], slot: int) -> Any:
-        """The function of ``key`` run on ``slot`` now; its first trace (and first run,
-        where TensorFlow optimises the graph) in the background with
-        :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`: None until it is ready."""
+        """The function of ``key`` run on ``slot`` now, or None while its first trace
+        runs in the background (:meth:`_start`). A fit with fewer than
+        :data:`BACKGROUND_MIN_STEPS` steps left waits for it instead (it would end before
+        the trace does and record no profile)."""
         at = tf.constant(slot, tf.int32)
         if key not in self._compiled:
-            fn = build()
-            if _kkept.BACKGROUND_COMPILE:
-
-                def warm() -> Any:
-                    fn(at)  # trace and optimise; the result is not this step's to keep
-                    return fn
-
-                self._compiled[key] = _kkept._pool().submit(warm)
-            else:
-                self._compiled[key] = fn
+            left = self.steps_left
+            self._start(key, build(), background=left is None or left >= BACKGROUND_MIN_STEPS)
         entry = self._compiled[key]
         if isinstance(entry, Future):
-            if not entry.done():
+            left = self.steps_left
+            if not entry.done() and (left is None or left >= BACKGROUND_MIN_STEPS):
                 return None
             entry = self._compiled[key] = entry.result()
         return entry(at)
+
+    def _start(self, key: Any, fn: Any, *, background: bool, slot: int = 0) -> None:
+        """Trace ``fn`` (and run it once on ``slot``: TensorFlow optimises a graph at its
+        first run) in the background thread with :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`
+        and ``background``; else it is traced at its first call."""
+        if not (_kkept.BACKGROUND_COMPILE and background):
+            self._compiled[key] = fn
+            return
+        at = tf.constant(slot, tf.int32)
+
+        def warm() -> Any:
+            fn(at)  # the result is not a step's to keep
+            return fn
+
+        self._compiled[key] = _kkept._pool().submit(warm)
+
+    def warm_up(self, sites: list[Any], blocks: list[Any]) -> None:
+        """Start tracing the profile's functions now, at setup, in the background (with
+        :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`): much of a first run is TensorFlow
+        optimising the graph, which releases the interpreter, so it overlaps with Keras
+        tracing the train step, and even a short first ``fit`` finds them ready, or nearly
+        (measured: 8 steps of an LSTM(64), 2.8x the unwatched first fit without this).
+        The first slot is filled with the current weights and one zero sequence, so the
+        warm-up runs on real shapes and leaves the power iteration's vectors warm."""
+        if not _kkept.BACKGROUND_COMPILE:
+            return
+        if blocks and "spectral" not in self._compiled and self._kernel_step is not None:
+            for b in blocks:
+                value = tf.cast(tf.convert_to_tensor(getattr(b.kernel, "value", b.kernel)), tf.float32)
+                _put(self._kernels[id(b.kernel)], value, tf.constant(0))
+            self._start("spectral", self._spectral_function(blocks), background=True)
+        for site in sites:
+            kept = self._kept.get(id(site))
+            key = ("replay", id(site))
+            if kept is None or site.prop is None or key in self._compiled:
+                continue
+            for bufs, (_, layer) in zip(kept.weights, site.directions):
+                for buf, w in zip(bufs, layer.cell.weights):
+                    _put(buf, tf.cast(tf.convert_to_tensor(getattr(w, "value", w)), tf.float32), tf.constant(0))
+            _put(kept.n, tf.constant(1, tf.int32), tf.constant(0))
+            self._start(key, self._replay_function(site, kept), background=True)
 
     def _replay_function(self, site: Any, kept: _SiteKept) -> Any:
         from gradwatch_tf._propagation import site_logs

@@ -278,6 +278,7 @@ class TFAttachment(Lifecycle):
         if self._host is not None:
             try:
                 self._host.prepare(sites, blocks)
+                self._host.warm_up(sites, blocks)  # (in the background: the first fit overlaps it)
             except Exception as exc:  # noqa: BLE001 - profiling is optional
                 self._fail("recurrent-layer profiling setup", exc)
         return sites, blocks

@@ -155,6 +155,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         self._fit_token: Callable[[], Any] | None = None
         #: Undo functions of the guards put on the fit's objects (callback list, ...).
         self._fit_guards: list[Callable[[], None]] = []
+        self._epoch = 0  # the fit's current epoch (Keras' index)
 
     # ------------------------------------------------------------------ fit hooks
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -197,6 +198,18 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         except Exception as exc:  # noqa: BLE001 - the wrappers heal themselves anyway
             logger.debug("gradwatch: could not guard the fit loop: %r", exc)
 
+    def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._epoch = int(epoch)
+
+    def _steps_left(self, batch: int) -> int | None:
+        """The steps this fit has left after batch ``batch`` of the current epoch (None:
+        unknown, e.g. a dataset without a length)."""
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        if not isinstance(steps, int) or not isinstance(epochs, int):
+            return None
+        return max((epochs - self._epoch - 1) * steps + (steps - int(batch) - 1), 0)
+
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
         if not isinstance(att, RingReader):
@@ -206,6 +219,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
             return  # nothing read: this batch's logs get no grad_norm rather than an older step's
+        host = getattr(att, "_host", None)
+        if host is not None:  # TensorFlow: a short fit traces its profile at once (gradwatch_tf._tfhost)
+            host.steps_left = self._steps_left(batch)
         try:
             records = att.sync_records()
         except NonFiniteGradientError:

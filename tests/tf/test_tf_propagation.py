@@ -5,7 +5,9 @@ per-step Jacobians of each Keras cell from the layer's weights, multiplied out i
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -612,22 +614,63 @@ def test_the_remedy_knows_keras_already_sets_the_forget_bias_to_1():
     assert "(1 to 3)" not in event.message
 
 
+@contextlib.contextmanager
+def _pool_held(hold=True):
+    """While held, the background thread (one worker) is busy: a trace started meanwhile,
+    at setup or at a read, is not ready until the block ends."""
+    from gradwatch_tf import _kkept
+
+    gate = threading.Event()
+    if hold:
+        _kkept._pool().submit(gate.wait)
+    try:
+        yield
+    finally:
+        gate.set()
+
+
 def test_fit_replays_the_next_step_when_a_due_replay_found_its_function_not_ready(monkeypatch):
     """In ``fit`` the host replays beside the step with a function traced in the
     background (gradwatch_tf._tfhost): step 1 is due but read before that function is
     ready, so it is not measured, and the next profiled step is replayed although the
     period (``replay_every=3``) does not make it due; then the period again (step 4)."""
-    from gradwatch_tf import _kkept
+    from gradwatch_tf import _kkept, _tfhost
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
+    monkeypatch.setattr(_tfhost, "BACKGROUND_MIN_STEPS", 0)  # these one-step fits count as long ones
     x, y = data(n=2)
     model = single(keras.layers.LSTM(4, name="rnn"))
     model.compile(keras.optimizers.SGD(0.0), "mse")
     cb = GradWatchCallback(sinks=["memory"], profile_every=1, replay_every=3)
-    for _ in range(5):  # one step a fit; the background trace done between fits
-        model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    for i in range(5):  # one step a fit; the background trace done between fits
+        with _pool_held(i == 0):  # the first fit reads step 1 before the trace is done
+            model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
         _kkept.compiles_done()
     assert [r.step for r in cb.records] == [1, 2, 3, 4, 5]
     replayed = [r.step for r in cb.records if r.temporal.get("rnn") and r.temporal["rnn"].recurrences]
     assert replayed == [2, 4]
     assert all(np.isfinite(r.temporal["rnn"].recurrences["l0"].gains).all() for r in cb.records if r.step in (2, 4))
+
+
+def test_a_fit_too_short_for_the_background_trace_measures_its_first_step(monkeypatch):
+    """By default the host's replay and spectral functions are traced in the background,
+    but a fit with fewer steps left than BACKGROUND_MIN_STEPS would end before that trace:
+    it waits for that trace (started at setup), so a short run (the demo's 20 steps) gets
+    its profile at step 1; one with more steps left does not wait (step 1 is then not
+    measured if the trace is not done yet: here the background thread is held busy)."""
+    from gradwatch_tf import _kkept, _tfhost
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
+    monkeypatch.setattr(_tfhost, "BACKGROUND_MIN_STEPS", 4)
+    x, y = data(n=6)
+    runs = {}
+    for steps in (3, 6):  # 2 then 5 steps left after step 1
+        model = single(keras.layers.LSTM(4, name="rnn"))
+        model.compile(keras.optimizers.SGD(0.0), "mse")
+        cb = GradWatchCallback(sinks=["memory"], profile_every=100)
+        with _pool_held(steps == 6):  # (the short fit waits for the trace: it must run)
+            model.fit(x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        _kkept.compiles_done()
+        runs[steps] = cb.records[0]
+    assert runs[3].temporal["rnn"].recurrences and runs[3].spectral
+    assert not runs[6].temporal["rnn"].recurrences and not runs[6].spectral
