@@ -338,7 +338,11 @@ class TFAttachment(Lifecycle):
         if host is not None:  # fit: a profiled row gets the profile measured for its step now
             profiled = self._graph.layout.slice("profiled")
             if profiled is not None and row[profiled][0] > 0:
-                row = host.fill(self._graph.layout, row, self._graph.sites, self._graph.blocks)
+                try:
+                    row = host.fill(self._graph.layout, row, self._graph.sites, self._graph.blocks)
+                except Exception as exc:  # noqa: BLE001 - the step's record goes on without it
+                    host.broken.update(("replay", "spectral"))
+                    self._fail("propagation replay", exc)
         return super()._process_row(row)
 
     # ------------------------------------------------------------ self-healing
