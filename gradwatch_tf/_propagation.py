@@ -37,6 +37,7 @@ from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING
 from gradwatch_tf import _kcells, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
+from gradwatch_tf._tfhost import profiled_ordinal
 
 __all__ = ["ReplayHook", "replay_period"]
 
@@ -161,21 +162,21 @@ class ReplayHook:
             if self._host is not None:  # fit: keep what the host's replay needs, every profiled step
                 self._keep(call)
                 return
-            step, profiled, replay_due, _ = self._schedule(call.args.inputs)
+            step, profiled, replay_due = self._schedule(call.args.inputs)
             due = tf.logical_and(profiled, replay_due)
             tf.cond(due, lambda: self._measure(call, step), lambda: tf.constant(False))
         except Exception as exc:  # noqa: BLE001 - measuring is optional
             self._fail(exc)
 
-    def _schedule(self, x: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
-        """(step, profiled, replay due, k): the k-th profiled step (from 0) replays when k
+    def _schedule(self, x: Any) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """(step, profiled, replay due): the k-th profiled step (from 0) replays when k
         is a multiple of the period."""
         step_var, active = self._counters()
         step = step_var.read_value()
-        k = step - 1 if self._every == 1 else step // self._every
+        k = profiled_ordinal(step, self._every)
         period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, x, self._every)
         profiled = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
-        return step, profiled, tf.equal(tf.math.floormod(k, period), 0), k
+        return step, profiled, tf.equal(tf.math.floormod(k, period), 0)
 
     def _keep(self, call: _Call) -> None:
         """On profiled steps, the call's first sequences, states and dropout masks and the
@@ -190,10 +191,11 @@ class ReplayHook:
         if self._keeper is None:
 
             def keep(x: Any, mask: Any, states: Any, drops: Any) -> tf.Tensor:
-                step, profiled, replay_due, k = self._schedule(x)
+                step, profiled, replay_due = self._schedule(x)
+                slot = host.slot(step, self._every)
                 return tf.cond(
                     profiled,
-                    lambda: host.keep(site, x, mask, states, drops, step, host.slot(k), replay_due, self._salt),
+                    lambda: host.keep(site, x, mask, states, drops, step, slot, replay_due, self._salt),
                     lambda: tf.constant(False),
                 )
 

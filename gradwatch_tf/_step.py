@@ -221,8 +221,8 @@ def _spectral(c: GraphContext, profiled: tf.Tensor, step: tf.Tensor) -> list[tf.
         blocks = c.blocks
         if c.host is not None:
             host = c.host
-            k = step - 1 if c.profile_every == 1 else step // max(c.profile_every, 1)  # the profiled ordinal
-            tf.cond(profiled, lambda: host.keep_kernels(blocks, step, host.slot(k)), lambda: tf.constant(False))
+            slot = host.slot(step, c.profile_every)
+            tf.cond(profiled, lambda: host.keep_kernels(blocks, step, slot), lambda: tf.constant(False))
             return [tf.fill([len(blocks)], tf.constant(np.nan, F64))]
 
         def compute() -> tf.Tensor:

@@ -143,7 +143,7 @@ class HostProfile:
         with tf.init_scope():
             states = []
             for _, layer in site.directions:
-                parts = _kcells.KCELLS[type(layer.cell).__name__](layer.cell).parts
+                parts = _kcells.KCELLS[type(layer.cell).__name__].parts
                 units = int(layer.cell.units)
                 states.append(
                     [make(np.zeros([PROBED, units], np.float32), tf.float32, f"{tag}_s") for _ in range(parts)]
@@ -167,10 +167,11 @@ class HostProfile:
         self._kept[id(site)] = kept
         return kept
 
-    def slot(self, ordinal: tf.Tensor) -> tf.Tensor:
-        """The slot of the ``ordinal``-th profiled step (from 0): consecutive profiled
-        steps, as many as one execution holds, get distinct slots."""
-        return tf.cast(tf.math.floormod(tf.cast(ordinal, tf.int64), self.slots), tf.int32)
+    def slot(self, step: tf.Tensor, every: int) -> tf.Tensor:
+        """The slot of profiled step ``step`` (:func:`profiled_ordinal` modulo the
+        slots): consecutive profiled steps, as many as one execution holds, get distinct
+        slots."""
+        return tf.cast(tf.math.floormod(tf.cast(profiled_ordinal(step, every), tf.int64), self.slots), tf.int32)
 
     def keep(
         self,
@@ -223,7 +224,7 @@ class HostProfile:
                 )
                 writes.append(put(buf, pad(value)))
             for buf, w in zip(kept.weights[i], layer.cell.weights):
-                writes.append(put(buf, tf.cast(tf.convert_to_tensor(getattr(w, "value", w)), tf.float32)))
+                writes.append(put(buf, _kcells._weight(w)))
             for kind, d in enumerate(drops[i]):
                 made = self._drop_buffers(kept, i, kind, d)
                 if made is None:
@@ -265,16 +266,14 @@ class HostProfile:
         another one (at setup: :meth:`warm_up`) is traced again."""
         if kept.drops[i][kind] is not value:
             kept.drops[i][kind] = value
-            for key in [k for k in self._compiled if k == ("replay", kept.key)]:
-                del self._compiled[key]
+            self._compiled.pop(("replay", kept.key), None)
 
     def keep_kernels(self, blocks: list[Any], step: tf.Tensor, slot: tf.Tensor) -> tf.Tensor:
         """In the traced step of a profiled step: the recurrent kernels of the spectral
         blocks, before the update, and the step they belong to, at ``slot``."""
         kernels = {id(b.kernel): b.kernel for b in blocks}
         self._kernel_buffers(blocks)  # (made by prepare: a no-op)
-        value = {key: tf.cast(tf.convert_to_tensor(getattr(k, "value", k)), tf.float32) for key, k in kernels.items()}
-        writes = [_put(self._kernels[key], v, slot) for key, v in value.items()]
+        writes = [_put(self._kernels[key], _kcells._weight(k), slot) for key, k in kernels.items()]
         writes.append(_put(self._kernel_step, tf.cast(step, tf.int64), slot))
         with tf.control_dependencies(writes):
             return tf.constant(True)
@@ -337,13 +336,12 @@ class HostProfile:
         :data:`BACKGROUND_MIN_STEPS` steps left waits for it instead (it would end before
         the trace does and record no profile)."""
         at = tf.constant(slot, tf.int32)
+        long_fit = self.steps_left is None or self.steps_left >= BACKGROUND_MIN_STEPS
         if key not in self._compiled:
-            left = self.steps_left
-            self._start(key, build(), background=left is None or left >= BACKGROUND_MIN_STEPS)
+            self._start(key, build(), background=long_fit)
         entry = self._compiled[key]
         if isinstance(entry, Future):
-            left = self.steps_left
-            if not entry.done() and (left is None or left >= BACKGROUND_MIN_STEPS):
+            if not entry.done() and long_fit:
                 return None
             entry = self._compiled[key] = entry.result()
         return entry(at)
@@ -375,8 +373,7 @@ class HostProfile:
             return
         if blocks and "spectral" not in self._compiled and self._kernel_step is not None:
             for b in blocks:
-                value = tf.cast(tf.convert_to_tensor(getattr(b.kernel, "value", b.kernel)), tf.float32)
-                _put(self._kernels[id(b.kernel)], value, tf.constant(0))
+                _put(self._kernels[id(b.kernel)], _kcells._weight(b.kernel), tf.constant(0))
             self._start("spectral", self._spectral_function(blocks), background=True)
         for site in sites:
             kept = self._kept.get(id(site))
@@ -385,7 +382,7 @@ class HostProfile:
                 continue
             for bufs, (_, layer) in zip(kept.weights, site.directions):
                 for buf, w in zip(bufs, layer.cell.weights):
-                    _put(buf, tf.cast(tf.convert_to_tensor(getattr(w, "value", w)), tf.float32), tf.constant(0))
+                    _put(buf, _kcells._weight(w), tf.constant(0))
             _put(kept.n, tf.constant(1, tf.int32), tf.constant(0))
             self._start(key, self._replay_function(site, kept), background=True)
 
@@ -426,6 +423,12 @@ class HostProfile:
             return spectral_sigmas(blocks, lambda b: kernels[id(b.kernel)].read_value()[slot])
 
         return spectral
+
+
+def profiled_ordinal(step: Any, every: int) -> Any:
+    """k for the k-th profiled step (from 0) under :func:`gradwatch.profile_due`: step 1
+    is the first, then every ``every``-th step."""
+    return step - 1 if every <= 1 else step // every
 
 
 def _put(var: tf.Variable, value: Any, slot: Any) -> Any:
