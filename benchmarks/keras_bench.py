@@ -287,9 +287,10 @@ def backend_ratios(quick: bool, rounds: int) -> None:
         if compiles_done is not None:
             compiles_done()
     lean = ""
-    if keras.backend.backend() == "tensorflow":
-        # TensorFlow traces its lean train function once the time it would have saved pays
-        # for the trace (gradwatch_tf.callback.LEAN_SAVING): warm up until it has, as a long fit does.
+    if keras.backend.backend() in ("tensorflow", "jax"):
+        # TensorFlow and JAX trace a lean train function once the time it would have saved
+        # pays for the trace (gradwatch_tf.callback.LEAN_SAVING, LEAN_SAVING_JAX): warm up
+        # until it has, as a long fit does.
         watch = cbs["defaults"][0]
         before = watch.watch.monitor.next_step
         for epochs in (50, 100, 200, 400):
@@ -298,7 +299,10 @@ def backend_ratios(quick: bool, rounds: int) -> None:
             fit(models["defaults"], cbs["defaults"], epochs)
             fit(models["unwatched"], cbs["unwatched"], epochs)
         took = watch.watch.monitor.next_step - before
-        lean = f" (TensorFlow's lean train function in use after a warm-up of {took} steps)"
+        if getattr(watch._functions, "_lean", None) is not None:
+            lean = f" (the lean train function in use after a warm-up of {took} steps)"
+        else:
+            lean = f" (no lean train function after a warm-up of {took} steps)"
     for i in range(rounds * 3):
         for name in ("unwatched", "defaults") if i % 2 == 0 else ("defaults", "unwatched"):
             fit(models[name], cbs[name])

@@ -8,7 +8,7 @@ the same records, policies, skip/raise, run files and TensorBoard come from a st
 in ``keras.ops`` (:mod:`gradwatch_tf.portable`), and the propagation through time of
 recurrent layers from a ``keras.ops`` replay (:mod:`gradwatch_tf._ksites`), the spectral
 norms of their gate blocks from the host (:mod:`gradwatch.through_time.spectral`);
-per-timestep sensitivity on TensorFlow and torch (not yet on JAX).
+per-timestep sensitivity on all three (on JAX from the jitted step's own backward).
 
 On TensorFlow:
 

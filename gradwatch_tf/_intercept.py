@@ -172,6 +172,9 @@ class FitFunctions:
         #: do (``LEAN_SAVING`` of each such call's time).
         self.forgone = 0.0
         self.lean_ran = False  # the lean function has run once (its trace succeeded)
+        #: JAX: when the last full call of this fit started (its dispatch returns before the
+        #: step has run; the interval is the step's time). None at each fit's start.
+        self.last_start: float | None = None
         self.lean_broken = False  # its trace failed: the full function runs every step
 
     @property
@@ -184,6 +187,7 @@ class FitFunctions:
         model = self._model_ref()
         if model is None or self._users is not None:
             return
+        self.last_start = None
         self._users = {a: getattr(model, a, None) for a in FUNCTIONS}
         for a, fn in self._ours.items():
             setattr(model, a, fn)

@@ -26,6 +26,10 @@ on the weights the gradients belong to (before the update):
   the host knows the step count, so an unprofiled step runs nothing of it (no device read
   to decide), a due one replays in the hook before the update.
 
+Sensitivity (dL/dx of each site's input, summed in squares per timestep): on torch a hook on
+profiled steps' inputs; on JAX an identity whose backward leaves its sums in the site, read
+into the row by the optimizer step traced after it (:meth:`PortableThroughTime._tap`).
+
 Each site's row entries are the log gains [2, R, T] (the host takes ``exp`` in float64:
 a vanished gain stays representable in float32) and, for gated cells, the keep gate's
 statistics; NaN where the site was not replayed for this step, which the host leaves out.
@@ -84,7 +88,8 @@ class _Site:
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
     kept: Kept | None = None  # JAX: the device buffers of the last due step
     blocks: list[_Block] = field(default_factory=list)  # the recurrent kernels' gate blocks
-    sq: Any = None  # torch: per-timestep sums of squares of dL/dx of this step (sensitivity)
+    sq: Any = None  # per-timestep sums of squares of dL/dx of this step (sensitivity; torch, JAX)
+    tap: Any = None  # JAX: the identity whose backward hands dL/dx's sums of squares to ``sq``
 
     @property
     def weights(self) -> list[Any]:
@@ -153,6 +158,63 @@ def _primal(x: Any) -> Any:
     return x.detach() if hasattr(x, "detach") and keras.backend.backend() == "torch" else x
 
 
+def _has_tangent(x: Any) -> bool:
+    """True for a JAX tensor the gradient transform differentiates (a linearize / JVP
+    tracer, which carries its ``primal``); False for data."""
+    return hasattr(x, "primal") and type(x).__module__.startswith("jax")
+
+
+def _trace_of(x: Any) -> Any:
+    """The JAX trace a tracer belongs to (None for an array or another backend)."""
+    return getattr(x, "_trace", None) if type(x).__module__.startswith("jax") else None
+
+
+@functools.cache
+def _torch_tap() -> Any:
+    """``Tap.apply(x, anchor) -> x`` (torch), an ``autograd.Function`` whose backward
+    passes dL/dx on and gives the anchor (a weight) no gradient at all (None: nothing is
+    accumulated into it)."""
+    import torch
+
+    class Tap(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: Any, x: Any, anchor: Any) -> Any:  # the anchor only ties x to the graph
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx: Any, g: Any) -> tuple[Any, None]:
+            return g, None
+
+    return Tap
+
+
+def _jax_tap(site: _Site) -> Any:
+    """The identity ``tap(x, anchor) -> x`` of :meth:`PortableThroughTime._tap`, whose
+    backward adds ``sum over batch and features of (dL/dx)^2`` (float32, one number per
+    timestep) to ``site.sq`` and returns ``dL/dx`` unchanged and no cotangent for the
+    anchor (a symbolic zero: the anchor's gradient is untouched, bitwise)."""
+    import jax
+    import jax.numpy as jnp
+
+    @jax.custom_vjp
+    def tap(x: Any, anchor: Any) -> Any:
+        return x
+
+    def fwd(x: Any, anchor: Any) -> tuple[Any, None]:
+        return x, None
+
+    def bwd(_: None, g: Any) -> tuple[Any, None]:
+        sq = jnp.sum(jnp.square(g.astype(jnp.float32)), axis=(0, 2))
+        held = site.sq
+        # a layer called twice in one step adds up, as on torch; a stale one (another
+        # trace) is replaced
+        site.sq = sq if held is None or _trace_of(held) is not _trace_of(sq) else held + sq
+        return g, None
+
+    tap.defvjp(fwd, bwd)
+    return tap
+
+
 class PortableThroughTime:
     """The propagation of a model's recurrent layers in the portable step (see module)."""
 
@@ -170,8 +232,14 @@ class PortableThroughTime:
         #: torch: the step the next forward belongs to (the attachment's count), so a
         #: profiled one probes the layers' inputs (:meth:`_probe`); None elsewhere.
         self.next_step: Callable[[], int | None] = lambda: None
-        self.sensitivity = keras.backend.backend() == "torch"
+        self.sensitivity = keras.backend.backend() in ("torch", "jax")
         self.broken_sensitivity = False
+        #: JAX: a site's probe tied a data input to a weight (its backward computes dL/dx
+        #: on every step of that trace), so a lean train function saves that.
+        self.anchored = False
+        #: JAX: the trace under way is the callback's lean train function: no probe, no kept
+        #: buffers (every step it runs is unprofiled); set by the attachment.
+        self.lean = False
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -236,10 +304,15 @@ class PortableThroughTime:
         """torch, on a profiled step: ``x`` as a tensor whose gradient hook adds the
         per-timestep sums of squares of dL/dx (over batch and features) to ``site.sq``, the
         sensitivity of :class:`gradwatch.profiles.TemporalProfile`. An input that needs no
-        gradient (data) is detached and made to need one: autograd then computes dL/dx on
-        this step only. Other steps and backends: ``x`` itself."""
+        gradient (data) goes through an identity that also takes one of the layer's
+        weights and gives it no gradient (:func:`_torch_tap`): autograd then computes dL/dx
+        on this step only, in ``loss.backward()`` and in ``torch.autograd.grad(loss,
+        weights)`` alike (a detached leaf is reached by the first only). JAX:
+        :meth:`_tap`. Other steps and backends: ``x`` itself."""
         if not self.sensitivity or self.broken_sensitivity:
             return x
+        if keras.backend.backend() == "jax":
+            return x if self.lean else self._tap(site, x)
         step = self.next_step()
         if step is None or not profile_due(step, self._every):
             return x
@@ -249,7 +322,11 @@ class PortableThroughTime:
             return x
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             return x  # (a compiled step: the host does not know its steps)
-        y = x.view_as(x) if x.requires_grad else x.detach().requires_grad_(True)
+        if x.requires_grad:
+            y = x.view_as(x)
+        else:  # data: through an identity tied to a weight, so any backward reaches it
+            anchors = [v.value for v in site.weights if getattr(v, "trainable", False)]
+            y = _torch_tap().apply(x, anchors[0]) if anchors else x.detach().requires_grad_(True)
 
         def hook(g: Any) -> None:
             try:
@@ -262,6 +339,32 @@ class PortableThroughTime:
 
         y.register_hook(hook)
         return y
+
+    def _tap(self, site: _Site, x: Any) -> Any:
+        """JAX: ``x`` through an identity (``jax.custom_vjp``) whose backward computes the
+        per-timestep sums of squares of dL/dx and leaves them in ``site.sq``. A jitted
+        step's backward is traced in the same trace as the optimizer step that follows
+        it, so :meth:`parts` puts them into that step's row (the ring: no host callback,
+        whose effect would take every step off JAX's fast dispatch path); an eager
+        ``jax.grad`` leaves arrays there the same way. When ``x`` is data (no gradient
+        of its own) the identity also takes one of the layer's trainable weights, whose
+        cotangent it leaves a symbolic zero: the backward then computes dL/dx (a
+        matmul per timestep the step did not need) and no gradient changes. Every step
+        computes it (a jitted step cannot branch its backward on the step number); the
+        row keeps it on profiled steps only."""
+        import jax
+
+        if not (hasattr(x, "shape") and len(x.shape) == 3 and x.shape[1] == site.length):
+            return x
+        if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+            return x
+        anchors = [v for v in site.weights if getattr(v, "trainable", False)]
+        if site.tap is None:
+            site.tap = _jax_tap(site)
+        anchor = anchors[0].value if anchors else jax.numpy.zeros((), "float32")
+        if anchors and not _has_tangent(x):
+            self.anchored = True  # data: the backward computes dL/dx for the probe alone
+        return site.tap(x, anchor)
 
     # ------------------------------------------------------------ the row
     def segments(self) -> list[Segment]:
@@ -294,9 +397,13 @@ class PortableThroughTime:
         if self.sensitivity:  # what the probe's hooks summed in this step's backward, else NaN
             for site in self.sites:
                 sq, site.sq = site.sq, None
-                out[("temporal", site.name)] = (
-                    sq if sq is not None and not self.broken_sensitivity else self._nans((site.length,), "float64")
-                )
+                nan = self._nans((site.length,), widest("float64"))
+                if sq is None or self.broken_sensitivity or (self.lean and host_step is None):
+                    out[("temporal", site.name)] = nan
+                elif keras.backend.backend() != "jax":
+                    out[("temporal", site.name)] = sq
+                else:  # computed on every step (see _tap): kept on profiled ones
+                    out[("temporal", site.name)] = self._jax_sensitivity(sq, nan, step, host_step, active)
         for site in self.sites:
             call, site.call = site.call, {}
             nan = self._nan(site)
@@ -315,13 +422,26 @@ class PortableThroughTime:
                     k = step - 1 if every == 1 else step // every
                     due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
                     due = ops.logical_and(due, ops.equal(ops.mod(k, period), 0))
-                    self._keep(site, call, step, due)
+                    if not self.lean:  # (a lean function runs unprofiled steps only)
+                        self._keep(site, call, step, due)
                     logs, gates = nan  # the host replays the kept buffers (:meth:`fill`)
             if site.gate_name is not None:
                 out[("gates", site.name)] = gates
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
+
+    def _jax_sensitivity(self, sq: Any, nan: Any, step: Any, host_step: int | None, active: Any) -> Any:
+        """This step's sums of squares (JAX) on a profiled step, else NaN. ``sq`` must
+        come from this very trace (a backward traced for another function, say a user's
+        own ``jax.grad``, is not this step's): otherwise NaN."""
+        if _trace_of(sq) is not _trace_of(step):
+            return nan
+        f = widest("float64")
+        if host_step is not None:
+            return ops.cast(sq, f) if profile_due(host_step, self._every) else nan
+        due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
+        return ops.where(due, ops.cast(sq, f), nan)
 
     # ------------------------------------------------------------ spectral norms
     def _spectral_parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
@@ -340,7 +460,7 @@ class PortableThroughTime:
         out: dict[tuple[str, str], Any] = {("spectral", b.name): nan for b in blocks}
         if host_step is None:
             due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
-            for site in self.sites:
+            for site in self.sites if not self.lean else ():
                 self._keep_weights(site, step, due)
             return out
         if self.spectral_broken or not profile_due(host_step, self._every):

@@ -38,8 +38,11 @@ kernels before the update, on profiled steps (:class:`gradwatch.through_time.spe
 exact up to 64 units, Lanczos from the last profile's vector above). Per-timestep
 sensitivity on torch comes from a gradient hook on the recurrent layers' inputs of profiled
 steps (:meth:`gradwatch_tf._ksites.PortableThroughTime._probe`: the host knows which steps
-those are, so no other step computes dL/dx); JAX records none (its jitted backward keeps
-nothing for the host).
+those are, so no other step computes dL/dx); on JAX from an identity on those inputs whose
+backward, traced in the same jitted step, hands its sums of squares to this step's row
+(:meth:`gradwatch_tf._ksites.PortableThroughTime._tap`). That backward runs on every step; a
+long ``fit`` runs the unprofiled ones with a lean train function without it
+(:meth:`PortableAttachment.lean_due`).
 """
 
 from __future__ import annotations
@@ -112,6 +115,8 @@ class PortableAttachment(JaxState, Lifecycle):
         self._tt: PortableThroughTime | None = None
         self._host_step = 0
         self._unread = 0
+        self._lean = False
+        self._full_traced = False
         self.last_record: StepRecord | None = None
         self._last_step = 0
         self.outside_fit: Callable[[], bool] | None = None
@@ -250,6 +255,8 @@ class PortableAttachment(JaxState, Lifecycle):
         thr, scale, new_grads, per_clipped = clip(g, grads, tvars, idx, norm, active)
         step = g.step_var.value
         on_trace = traced(norm)
+        if on_trace:
+            self._full_traced = self._full_traced or not self._lean
         through_time = self._through_time(step, None if on_trace else self._host_step, active)
         # The update itself (everything that could fail in gradwatch's own maths is above).
         try:
@@ -297,6 +304,36 @@ class PortableAttachment(JaxState, Lifecycle):
             self._host_step += 1
         if self._mode == "watch" and not on_trace and self.read_due(1):
             self.sync()
+
+    @property
+    def lean(self) -> bool:
+        """True while the callback traces or runs its lean train function (JAX; see
+        :meth:`lean_due`): the through-time sites then trace none of the profile."""
+        return self._lean
+
+    @lean.setter
+    def lean(self, value: bool) -> None:
+        self._lean = bool(value)
+        if self._tt is not None:
+            self._tt.lean = self._lean
+
+    def lean_due(self, steps: int) -> bool:
+        """Whether the callback may run the next ``steps`` optimizer steps (one Keras
+        execution) with a lean train function: on JAX only, none of them profiled by the
+        host's count, and the full trace had a recurrent layer reading data, whose
+        sensitivity probe made the backward compute dL/dx on every step (a jitted step
+        cannot branch its backward on the step number: :meth:`PortableThroughTime._tap`).
+        The lean function has no probe and keeps nothing for the replay; its rows are the
+        full one's on unprofiled steps. torch (eager) probes profiled steps only."""
+        if keras.backend.backend() != "jax" or not (self._ready and self._full_traced):
+            return False
+        if self._closed or self._suspended or self._tt is None or not self._tt.anchored:
+            return False
+        if self._last_step != self._monitor.next_step - 1:
+            return False  # a row read but not recorded: the counts disagree
+        first = self._last_step + self._unread + 1  # the device's next step, by the host's count
+        every = self._monitor.options.profile_every
+        return not any(profile_due(s, every) for s in range(first, first + max(int(steps), 1)))
 
     def read_due(self, steps: int) -> bool:
         """Count ``steps`` optimizer steps taken since the last read; True when the host

@@ -303,8 +303,9 @@ def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch):
 
 def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
     """On JAX the step keeps one due step's inputs: with ``steps_per_execution=2`` the
-    host reads after step 2, so step 1 is not measured (left out, never another step's
-    numbers) and step 2 is, against the float64 reference; the replay compiled at once."""
+    host reads after step 2, so step 1's propagation is not measured (left out, never
+    another step's numbers; its sensitivity, written into its own row, is there) and
+    step 2's is, against the float64 reference; the replay compiled at once."""
     if BACKEND != "jax":
         pytest.skip("the kept buffers are JAX's")
     from gradwatch.through_time.reference import propagation_from_jacobians
@@ -319,7 +320,9 @@ def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
     cb = GradWatchCallback(profile_every=1, sinks=["memory"])
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[cb])
     assert [r.step for r in cb.records] == [1, 2]
-    assert cb.records[0].temporal == {}
+    first = cb.records[0].temporal["rnn"]
+    assert first.recurrences == {} and first.horizon is None and math.isnan(first.gain)
+    assert len(first.norms) == 6 and all(n > 0 for n in first.norms)
     r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(model.get_layer("rnn").cell))
     runs = [_run(r, x[8 + p].astype(np.float64), np.ones(6, bool)) for p in range(8)]
     want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
