@@ -150,6 +150,9 @@ class FitSignature:
     __hash__ = None  # type: ignore[assignment]
 
 
+_MISSING = object()
+
+
 class FitFunctions:
     """Keras' step functions traced during watched fits, kept apart from the user's.
 
@@ -234,11 +237,28 @@ class FitFunctions:
         model = self._model_ref()
         if self._lean is None and model is not None:
             current = model.train_function
+            own = model.__dict__.get("train_step", _MISSING)
             try:
+                import keras
+
+                if keras.backend.backend() == "jax":
+                    # Keras jits the bound method ``model.train_step``, and jax.jit caches
+                    # traces by function: the lean function would reuse the full trace.
+                    # A function of its own gets a trace of its own.
+                    step = model.train_step
+
+                    def lean_step(state: Any, data: Any) -> Any:
+                        return step(state, data)
+
+                    object.__setattr__(model, "train_step", lean_step)
                 model.train_function = None
                 model.make_train_function()
                 self._lean = model.train_function
             finally:
+                if own is _MISSING:
+                    model.__dict__.pop("train_step", None)
+                else:
+                    object.__setattr__(model, "train_step", own)
                 model.train_function = current
         return self._lean
 

@@ -158,16 +158,21 @@ def _lean_fit(lean: bool, monkeypatch, steps: int = 17, spe: int = 1):  # type: 
     from gradwatch_tf._ksites import PortableThroughTime
     from gradwatch_tf.portable import PortableAttachment
 
-    taps = []
-    tap = PortableThroughTime._tap
+    taps, traces = [], []
+    tap, parts = PortableThroughTime._tap, PortableThroughTime.parts
 
     def counted(self, site, x):  # type: ignore[no-untyped-def]
         taps.append(site.name)  # once per trace that holds the probe
         return tap(self, site, x)
 
+    def traced(self, step, host_step, active):  # type: ignore[no-untyped-def]
+        traces.append(self.lean)  # once per trace of a train function
+        return parts(self, step, host_step, active)
+
     with monkeypatch.context() as m:
         m.setattr(_kkept, "BACKGROUND_COMPILE", False)  # every profiled step replayed: comparable
         m.setattr(PortableThroughTime, "_tap", counted)
+        m.setattr(PortableThroughTime, "parts", traced)
         if lean:
             m.setattr(callback_module, "LEAN_SAVING_JAX", 1e9)  # worth it at once
         else:
@@ -181,7 +186,7 @@ def _lean_fit(lean: bool, monkeypatch, steps: int = 17, spe: int = 1):  # type: 
         y = rng.standard_normal((4 * steps, 1)).astype("float32")
         cb = GradWatchCallback(sinks=["memory"], profile_every=5)
         model.fit(x, y, batch_size=4, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
-        cb.taps = taps
+        cb.taps, cb.traces = taps, traces
         return model, cb
 
 
@@ -197,7 +202,10 @@ def test_jax_lean_steps_change_no_record_and_no_weight(monkeypatch, spe):
     try:
         assert lean_cb._functions._lean is not None and lean_cb._functions.lean_ran
         assert full_cb._functions._lean is None
-        assert lean_cb.taps == full_cb.taps == ["rnn"]  # traced into the full function only
+        # two traces (JAX caches traces by function: the lean one needs its own), the
+        # probe in the full one only
+        assert lean_cb.traces == [False, True] and full_cb.traces == [False]
+        assert lean_cb.taps == full_cb.taps == ["rnn"]
         assert [r.to_dict() for r in lean_cb.records] == [r.to_dict() for r in full_cb.records]
         assert all(np.array_equal(a, b) for a, b in zip(lean_model.get_weights(), full_model.get_weights()))
         profiled = [r.step for r in lean_cb.records if r.temporal]
