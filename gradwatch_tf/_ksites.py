@@ -234,9 +234,10 @@ class PortableThroughTime:
         self.next_step: Callable[[], int | None] = lambda: None
         self.sensitivity = keras.backend.backend() in ("torch", "jax")
         self.broken_sensitivity = False
-        #: JAX: a site's probe tied a data input to a weight (its backward computes dL/dx
-        #: on every step of that trace), so a lean train function saves that.
-        self.anchored = False
+        #: JAX: sites whose probe tied a data input to a weight (the backward computes
+        #: dL/dx on every step of that trace, for the probe alone), with the share of the
+        #: layer's training work that costs (:meth:`lean_saving`).
+        self.anchored: dict[str, float] = {}
         #: JAX: the trace under way is the callback's lean train function: no probe, no kept
         #: buffers (every step it runs is unprofiled); set by the attachment.
         self.lean = False
@@ -362,8 +363,13 @@ class PortableThroughTime:
         if site.tap is None:
             site.tap = _jax_tap(site)
         anchor = anchors[0].value if anchors else jax.numpy.zeros((), "float32")
-        if anchors and not _has_tangent(x):
-            self.anchored = True  # data: the backward computes dL/dx for the probe alone
+        if anchors and not _has_tangent(x):  # data: the backward computes dL/dx for the probe alone
+            feat = int(x.shape[2])
+            # dL/dx is one matmul of the gates' width by F per timestep and direction; the
+            # layer's training, three of (F + units) (forward, and both gradients backward)
+            self.anchored[site.name] = sum(
+                feat / (3.0 * (feat + int(getattr(layer.cell, "units", feat)))) for _, layer in site.directions
+            )
         return site.tap(x, anchor)
 
     # ------------------------------------------------------------ the row
@@ -430,6 +436,12 @@ class PortableThroughTime:
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
+
+    def lean_saving(self) -> float:
+        """JAX: the share of a training step a lean train function saves, from shapes: the
+        probes' dL/dx of data inputs against their layers' own training matmuls (an upper
+        bound: the rest of the model dilutes it). 0 when no probe computes one."""
+        return min(sum(self.anchored.values()), 0.5)
 
     def _jax_sensitivity(self, sq: Any, nan: Any, step: Any, host_step: int | None, active: Any) -> Any:
         """This step's sums of squares (JAX) on a profiled step, else NaN. ``sq`` must

@@ -59,11 +59,13 @@ __all__ = ["GradWatchCallback"]
 #: conditionals, measured at 0.15-0.25 of a small LSTM model's step
 #: (``benchmarks/keras_bench.py --backend-ratios``). It only paces the switch.
 LEAN_SAVING = 0.15
-#: The same on JAX, where the lean function leaves out the sensitivity probe's dL/dx of a
-#: recurrent layer that reads data (computed on every step of the full function: a jitted
-#: backward cannot branch on the step number), measured at 0.04-0.06 of a small LSTM
-#: model's step (LSTM(64) over 50 steps of 16 features, batch 32).
-LEAN_SAVING_JAX = 0.05
+#: The least share counted on JAX, where the lean function leaves out the sensitivity
+#: probe's dL/dx of a recurrent layer that reads data (computed on every step of the full
+#: function: a jitted backward cannot branch on the step number). The share itself comes
+#: from the layers' shapes (:meth:`gradwatch_tf.portable.PortableAttachment.lean_saving`,
+#: F / (3 (F + units)) per direction): 0.07 for LSTM(64) over 16 features, where 0.03-0.06
+#: of the step was measured, 0.27 over 256 features, where 0.33 was.
+LEAN_SAVING_JAX = 0.02
 
 
 def _execution_error(exc: BaseException) -> bool:
@@ -320,7 +322,10 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         if functions.trace_cost is None:
             functions.trace_cost = spent
         elif lean is False:  # a lean call would have done: count what it would have saved
-            functions.forgone += (LEAN_SAVING_JAX if keras.backend.backend() == "jax" else LEAN_SAVING) * spent
+            if keras.backend.backend() == "jax":
+                functions.forgone += max(LEAN_SAVING_JAX, float(getattr(att, "lean_saving", lambda: 0.0)())) * spent
+            else:
+                functions.forgone += LEAN_SAVING * spent
         return out
 
     # ------------------------------------------------------------------ every way out

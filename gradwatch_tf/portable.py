@@ -335,6 +335,11 @@ class PortableAttachment(JaxState, Lifecycle):
         every = self._monitor.options.profile_every
         return not any(profile_due(s, every) for s in range(first, first + max(int(steps), 1)))
 
+    def lean_saving(self) -> float:
+        """The share of a step the lean train function is reckoned to save (JAX, from the
+        probed layers' shapes: :meth:`PortableThroughTime.lean_saving`)."""
+        return self._tt.lean_saving() if self._tt is not None else 0.0
+
     def read_due(self, steps: int) -> bool:
         """Count ``steps`` optimizer steps taken since the last read; True when the host
         must read the ring now: a flush (``log_every``) or profiled step among them, a
