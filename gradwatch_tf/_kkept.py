@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -77,6 +77,9 @@ class Kept:
     n: Any
     step: Any
     wstep: Any  # the step whose weights ``weights`` hold (kept on every profiled step)
+    #: Per direction: (input, recurrent) dropout masks [P, F] / [P, u] of the call, each
+    #: None (no such dropout), a variable, or a list of one per gate (``dropout_mask_count``)
+    drops: list[tuple[Any, Any]] = field(default_factory=list)
 
     @staticmethod
     def make(salt: int, length: int, directions: list[tuple[str, Any]], make: Callable[[Any, str, str], Any]) -> Kept:
@@ -94,7 +97,24 @@ class Kept:
             make(np.zeros(tuple(v.shape)), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
             for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
         ]
+        drops = []
+        for i, (_, layer) in enumerate(directions):
+            c = layer.cell
+            count = getattr(c, "dropout_mask_count", None)
+            pair = []
+            for kind, (rate, width) in enumerate(
+                ((getattr(c, "dropout", 0.0), feat), (getattr(c, "recurrent_dropout", 0.0), int(c.units)))
+            ):
+                if not float(rate or 0.0) > 0:
+                    pair.append(None)
+                    continue
+                one = lambda g, kind=kind, width=width, i=i: make(
+                    np.ones((PROBED, width)), "float32", f"{tag}_d{i}_{kind}_{g}"
+                )
+                pair.append(one(0) if count is None else [one(g) for g in range(int(count))])
+            drops.append((pair[0], pair[1]))
         return Kept(
+            drops=drops,
             x=make(np.zeros((PROBED, length, feat)), "float32", f"{tag}_x"),
             mask=make(np.zeros((PROBED, length)), "float32", f"{tag}_mask"),
             states=states,

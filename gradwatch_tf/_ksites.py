@@ -158,6 +158,47 @@ def _primal(x: Any) -> Any:
     return x.detach() if hasattr(x, "detach") and keras.backend.backend() == "torch" else x
 
 
+def _has_dropout(site: _Site) -> bool:
+    """A direction's cell draws dropout masks in training."""
+    return any(
+        float(getattr(layer.cell, "dropout", 0.0) or 0.0) > 0 or float(getattr(layer.cell, "recurrent_dropout", 0.0) or 0.0) > 0
+        for _, layer in site.directions
+    )
+
+
+def _capture_dropout(site: _Site, drawn: list[dict[str, Any]]) -> Callable[[], None]:
+    """Record the dropout masks each direction's cell hands out during one call (the
+    first of each kind: Keras draws them once per call, before its loop, and reuses them
+    at every step), so the replay applies the very masks the layer used. The returned
+    function restores the cells."""
+    undo: list[Callable[[], None]] = []
+    for slot, (_, layer) in zip(drawn, site.directions):
+        cell = layer.cell
+        for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
+            original = getattr(cell, attr, None)
+            if original is None or attr in vars(cell):
+                continue
+
+            def get(step_input: Any, _original: Any = original, _key: str = key, _slot: Any = slot) -> Any:
+                mask = _original(step_input)
+                _slot.setdefault(_key, mask)
+                return mask
+
+            object.__setattr__(cell, attr, get)
+
+            def restore(_cell: Any = cell, _attr: str = attr, _get: Any = get) -> None:
+                if vars(_cell).get(_attr) is _get:
+                    object.__delattr__(_cell, _attr)
+
+            undo.append(restore)
+
+    def restore_all() -> None:
+        for fn in reversed(undo):
+            fn()
+
+    return restore_all
+
+
 def _has_tangent(x: Any) -> bool:
     """True for a JAX tensor the gradient transform differentiates (a linearize / JVP
     tracer, which carries its ``primal``); False for data."""
@@ -277,6 +318,8 @@ class PortableThroughTime:
 
         @functools.wraps(original)
         def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            drawn: list[dict[str, Any]] = []
+            undo: Callable[[], None] | None = None
             try:
                 named = signature.bind(inputs, *args, **kwargs).arguments
                 if named.get("training") and not self.broken:
@@ -288,9 +331,24 @@ class PortableThroughTime:
                         "states": _primal(named.get("initial_state")),
                     }
                     inputs = self._probe(site, inputs)
+                    if _has_dropout(site):
+                        drawn = [{} for _ in site.directions]
+                        undo = _capture_dropout(site, drawn)
             except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
                 self._fail("propagation replay", exc)
-            return original(inputs, *args, **kwargs)
+            if undo is None:
+                return original(inputs, *args, **kwargs)
+            try:
+                return original(inputs, *args, **kwargs)
+            finally:
+                undo()
+                try:
+                    site.call["dropout"] = [
+                        _kcells.dropout_masks(layer.cell, True, _primal(d.get("input")), _primal(d.get("recurrent")))
+                        for d, (_, layer) in zip(drawn, site.directions)
+                    ]
+                except Exception as exc:  # noqa: BLE001 - measuring is optional
+                    self._fail("propagation replay", exc)
 
         object.__setattr__(layer, "call", call)
 
@@ -414,7 +472,10 @@ class PortableThroughTime:
             call, site.call = site.call, {}
             nan = self._nan(site)
             measurable = bool(call) and not self.broken and int(call["x"].shape[1]) == site.length
-            measurable = measurable and all(_kcells.supported(layer.cell, True) for _, layer in site.directions)
+            masks = "dropout" in call  # the call's own dropout masks (:func:`_capture_dropout`)
+            measurable = measurable and all(
+                _kcells.supported(layer.cell, True, masks=masks) for _, layer in site.directions
+            )
             if not measurable:
                 logs, gates = nan
             else:
@@ -560,6 +621,21 @@ class PortableThroughTime:
 
         pairs = [(kept.x, pad(x)), (kept.mask, pad(mask))]
         pairs += [(buf, pad(v)) for buf, v in zip(kept.states, flat)]
+        if any(d is not None for pair in kept.drops for d in pair):  # the call's own dropout masks
+            drops = call.get("dropout")
+            if drops is None or len(drops) != len(kept.drops):
+                return
+            for bufs, masks in zip(kept.drops, drops):
+                for buf, m in zip(bufs, masks):
+                    if (buf is None) != (m is None) or isinstance(buf, list) != isinstance(m, (list, tuple)):
+                        return  # masks the buffers do not hold: not measured (NaN)
+                    if buf is None:
+                        continue
+                    ms = list(m) if isinstance(buf, list) else [m]
+                    bs = buf if isinstance(buf, list) else [buf]
+                    if len(ms) != len(bs):
+                        return
+                    pairs += [(bv, pad(ops.cast(mv, "float32")[:PROBED])) for bv, mv in zip(bs, ms)]
         # (the weights: kept on every profiled step by _keep_weights, a superset of these)
         pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
         for buf, value in pairs:
@@ -589,6 +665,14 @@ class PortableThroughTime:
                 n = int(np.asarray(read(kept.n)))
                 flat = [read(v)[:n] for v in kept.states]
                 call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}
+                if any(d is not None for pair in kept.drops for d in pair):
+
+                    def rows(buf: Any, n: int = n) -> Any:
+                        if buf is None:
+                            return None
+                        return [read(v)[:n] for v in buf] if isinstance(buf, list) else read(buf)[:n]
+
+                    call["dropout"] = [(rows(a), rows(b)) for a, b in kept.drops]
                 out = self._host_replay(site, call, np.int32(step), [read(v) for v in kept.weights])
                 if out is None:
                     continue  # its compile is not ready yet: not measured (NaN)
@@ -656,8 +740,15 @@ class PortableThroughTime:
         for i, (_, layer) in enumerate(site.directions):
             seed = ops.cast(step, "int32") * 4099 + (site.salt * 16 + i)
             own = None if per is None else flat[i * per : (i + 1) * per]
+            drops = call.get("dropout")
             per_seq, gate = _kreplay.measure(
-                layer.cell, call["x"], call["mask"], own, backwards=bool(layer.go_backwards), seed=seed
+                layer.cell,
+                call["x"],
+                call["mask"],
+                own,
+                backwards=bool(layer.go_backwards),
+                seed=seed,
+                dropout=None if drops is None else drops[i],
             )
             logs.append(ops.stack(aggregate_logs(per_seq[0], per_seq[1], KERAS_TENSORS)))  # the engine's rule
             gates.append(gate)
