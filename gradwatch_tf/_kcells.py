@@ -25,7 +25,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["GATE_ORDER", "KCELLS", "KCell", "dropout_masks", "gate_blocks", "supported"]
+__all__ = ["GATE_ORDER", "KCELLS", "KCell", "capture_dropout", "dropout_masks", "gate_blocks", "supported"]
 
 #: Keras' gate order in the columns of ``recurrent_kernel`` (units, k * units).
 GATE_ORDER: dict[str, tuple[str, ...]] = {
@@ -135,6 +135,38 @@ def dropout_masks(cell: Any, training: bool, input_mask: Any, recurrent_mask: An
     dp = input_mask if applies(getattr(cell, "dropout", 0.0), input_mask) else None
     rdp = recurrent_mask if applies(getattr(cell, "recurrent_dropout", 0.0), recurrent_mask) else None
     return dp, rdp
+
+
+def capture_dropout(cell: Any, slot: dict[str, Any]) -> Callable[[], None]:
+    """Record in ``slot`` ("input", "recurrent") the dropout masks ``cell`` hands out
+    during a call (the first of each kind: Keras draws them once per call, before its
+    loop, and reuses them at every step), so a replay applies the very masks the layer
+    used; the cell's methods are wrapped on the instance. Returns the function that
+    restores them."""
+    undo: list[Callable[[], None]] = []
+    for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
+        original = getattr(cell, attr, None)
+        if original is None or attr in vars(cell):
+            continue
+
+        def get(step_input: Any, _original: Any = original, _key: str = key) -> Any:
+            mask = _original(step_input)
+            slot.setdefault(_key, mask)
+            return mask
+
+        object.__setattr__(cell, attr, get)
+
+        def restore(_attr: str = attr, _get: Any = get) -> None:
+            if vars(cell).get(_attr) is _get:
+                object.__delattr__(cell, _attr)
+
+        undo.append(restore)
+
+    def restore_all() -> None:
+        for fn in reversed(undo):
+            fn()
+
+    return restore_all
 
 
 class KCell:

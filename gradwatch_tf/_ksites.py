@@ -167,30 +167,10 @@ def _has_dropout(site: _Site) -> bool:
 
 
 def _capture_dropout(site: _Site, drawn: list[dict[str, Any]]) -> Callable[[], None]:
-    """Record the dropout masks each direction's cell hands out during one call (the
-    first of each kind: Keras draws them once per call, before its loop, and reuses them
-    at every step), so the replay applies the very masks the layer used. The returned
-    function restores the cells."""
-    undo: list[Callable[[], None]] = []
-    for slot, (_, layer) in zip(drawn, site.directions):
-        cell = layer.cell
-        for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
-            original = getattr(cell, attr, None)
-            if original is None or attr in vars(cell):
-                continue
-
-            def get(step_input: Any, _original: Any = original, _key: str = key, _slot: Any = slot) -> Any:
-                mask = _original(step_input)
-                _slot.setdefault(_key, mask)
-                return mask
-
-            object.__setattr__(cell, attr, get)
-
-            def restore(_cell: Any = cell, _attr: str = attr, _get: Any = get) -> None:
-                if vars(_cell).get(_attr) is _get:
-                    object.__delattr__(_cell, _attr)
-
-            undo.append(restore)
+    """Record the dropout masks each direction's cell hands out during one call into
+    ``drawn`` (:func:`gradwatch_tf._kcells.capture_dropout`); restored by the returned
+    function."""
+    undo = [_kcells.capture_dropout(layer.cell, slot) for slot, (_, layer) in zip(drawn, site.directions)]
 
     def restore_all() -> None:
         for fn in reversed(undo):

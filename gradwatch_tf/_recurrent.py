@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from gradwatch_tf._kcells import GATE_ORDER, gate_blocks
+from gradwatch_tf._kcells import GATE_ORDER, capture_dropout, gate_blocks
 
 logger = logging.getLogger("gradwatch")
 
@@ -314,34 +314,9 @@ def _bind(signature: inspect.Signature | None, inputs: Any, args: tuple[Any, ...
 
 
 def _capture_dropout(site: RecurrentSite, cell: Any) -> Callable[[], None]:
-    """Record the dropout masks ``cell`` hands out during a call (the first of each kind:
-    Keras makes them once per call and reuses them at every step), so the replay applies
-    the very masks the layer used. Restored by the returned function."""
-    slot = site.dropout.setdefault(id(cell), {})
-    undo: list[Callable[[], None]] = []
-    for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
-        original = getattr(cell, attr, None)
-        if original is None or attr in vars(cell):
-            continue
-
-        def get(step_input: Any, _original: Any = original, _key: str = key) -> Any:
-            mask = _original(step_input)
-            slot.setdefault(_key, mask)
-            return mask
-
-        object.__setattr__(cell, attr, get)
-
-        def restore(_attr: str = attr, _get: Any = get) -> None:
-            if vars(cell).get(_attr) is _get:
-                object.__delattr__(cell, _attr)
-
-        undo.append(restore)
-
-    def restore_all() -> None:
-        for fn in reversed(undo):
-            fn()
-
-    return restore_all
+    """Record the dropout masks ``cell`` hands out during a call into the site
+    (:func:`gradwatch_tf._kcells.capture_dropout`); restored by the returned function."""
+    return capture_dropout(cell, site.dropout.setdefault(id(cell), {}))
 
 
 def wrap_call(
