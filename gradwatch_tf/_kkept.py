@@ -16,13 +16,18 @@ import numpy as np
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells
 
-__all__ = ["BACKGROUND_COMPILE", "Kept", "compiles_done", "run"]
+__all__ = ["BACKGROUND_COMPILE", "BACKGROUND_MIN_STEPS", "Kept", "compiles_done", "run"]
 
 #: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay and spectral
 #: functions in a background thread (one per process, idle when done): the first ``fit``
 #: is not held for it; profiled steps read before it is ready are recorded without
 #: propagation (not measured). False: compile at the first profiled step, waiting for it.
 BACKGROUND_COMPILE = True
+#: A JAX ``fit`` with fewer steps left than this when a profiled step is read waits for the
+#: host replay's compile rather than leaving that step unmeasured: the compile takes 1-2 s,
+#: longer than such a fit may last, and a short run (a demonstration, a quick experiment)
+#: would end without any propagation measured. (TensorFlow's: ``_tfhost.BACKGROUND_MIN_STEPS``.)
+BACKGROUND_MIN_STEPS = 100
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -39,12 +44,13 @@ def compiles_done() -> None:
     _pool().submit(lambda: None).result()
 
 
-def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...]) -> Any:
+def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...], *, wait: bool = False) -> Any:
     """``fn(*args)`` (a ``jax.jit`` function) through its executable compiled once per
     ``key`` and kept in ``compiled``; with :data:`BACKGROUND_COMPILE` the compile runs in
-    the pool's thread and this returns None until it is ready (a failed compile raises)."""
+    the pool's thread and this returns None until it is ready (a failed compile raises),
+    unless ``wait`` (a short fit): then it compiles now, or waits for the compile under way."""
     if key not in compiled:
-        if BACKGROUND_COMPILE:
+        if BACKGROUND_COMPILE and not wait:
             import jax
 
             # Shapes only: the arrays themselves may be donated to the next train step.
@@ -54,7 +60,7 @@ def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...]) -> A
             compiled[key] = fn.lower(*args).compile()
     entry = compiled[key]
     if isinstance(entry, Future):
-        if not entry.done():
+        if not entry.done() and not wait:
             return None
         entry = compiled[key] = entry.result()
     return entry(*args)

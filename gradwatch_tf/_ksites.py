@@ -17,7 +17,9 @@ on the weights the gradients belong to (before the update):
   the row, so the record carries them with its own step number. That function is compiled
   once per site and probed batch size, in a background thread started at the first
   profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
-  steps read before it is ready are recorded without propagation (not measured). The
+  steps read before it is ready are recorded without propagation (not measured), unless
+  the fit has fewer than ``_kkept.BACKGROUND_MIN_STEPS`` steps left (the callback's count,
+  ``steps_left``): a short fit waits for the compile rather than measure nothing. The
   host waits for the replay itself (a few small scans over 8 sequences, on profiled
   steps only); it is not left to land at a later read. A due step overwritten before the
   host read it (several profiled steps in one ``steps_per_execution``, or a ``watch``
@@ -262,6 +264,9 @@ class PortableThroughTime:
         #: JAX: the trace under way is the callback's lean train function: no probe, no kept
         #: buffers (every step it runs is unprofiled); set by the attachment.
         self.lean = False
+        #: JAX ``fit``: the steps left when the host read the last rows (the callback's
+        #: count; None: unknown). A short fit waits for the replay's compile (:meth:`fill`).
+        self.steps_left: int | None = None
 
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
@@ -671,8 +676,13 @@ class PortableThroughTime:
     def _host_replay(self, site: _Site, call: dict[str, Any], step: Any, values: list[Any]) -> tuple[Any, Any] | None:
         """The host replay of kept buffers (JAX): :func:`gradwatch_tf._kkept.run`."""
         self._eager(site, call, step, values, lower=True)
+        wait = self.steps_left is not None and self.steps_left < _kkept.BACKGROUND_MIN_STEPS
         return _kkept.run(
-            self._compiled, (site.name, int(call["x"].shape[0])), self._jitted[site.name][1], (values, call, step)
+            self._compiled,
+            (site.name, int(call["x"].shape[0])),
+            self._jitted[site.name][1],
+            (values, call, step),
+            wait=wait,
         )
 
     def _eager(

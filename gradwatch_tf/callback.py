@@ -231,6 +231,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         host = getattr(att, "_host", None)
         if host is not None:  # TensorFlow: a short fit traces its profile at once (gradwatch_tf._tfhost)
             host.steps_left = self._steps_left(batch)
+        tt = getattr(att, "_tt", None)
+        if tt is not None and hasattr(tt, "steps_left"):  # JAX: a short fit waits for the replay's compile
+            tt.steps_left = self._steps_left(batch)
         try:
             records = att.sync_records()
         except NonFiniteGradientError:

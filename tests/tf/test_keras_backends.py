@@ -331,6 +331,46 @@ def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
     np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
 
 
+def test_jax_short_fit_waits_for_the_replay_compile(monkeypatch):
+    """On JAX the host's replay compiles in a background thread; a fit with fewer steps
+    left than BACKGROUND_MIN_STEPS at its first profiled read would end before it and
+    record no propagation, so it waits (step 1 measured); one with more steps left does not
+    (step 1 not measured while the thread is held busy)."""
+    if BACKEND != "jax":
+        pytest.skip("the host replay's compile is JAX's")
+    import threading
+
+    from gradwatch_tf import _kkept
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
+    monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 4)
+    x, y = _data(6)
+    first = {}
+    for steps in (3, 6):  # 2 then 5 steps left after step 1
+        model = _model()
+        model.compile(keras.optimizers.SGD(0.01), "mse")
+        cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+        gate = threading.Event()
+        if steps == 6:
+            _kkept._pool().submit(gate.wait)  # the background thread busy until step 1 is read
+
+        class Release(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
+                gate.set()  # (after the watch's callback, listed first, read step 1)
+
+        try:
+            model.fit(
+                x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False, callbacks=[cb, Release()]
+            )
+        finally:
+            gate.set()
+        _kkept.compiles_done()
+        first[steps] = cb.records[0].temporal["rnn"]
+        cb.close()
+    assert first[3].recurrences and np.isfinite(first[3].recurrences["l0"].gains).all()
+    assert first[6].recurrences == {}
+
+
 def test_fit_reads_the_device_only_on_flush_and_profiled_steps(monkeypatch):
     """On JAX and torch the host reads gradwatch's ring on flush (log_every) and profiled
     steps and at epoch end only; every step still gets its record."""
