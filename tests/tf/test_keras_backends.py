@@ -355,12 +355,16 @@ def test_jax_short_fit_waits_for_the_replay_compile(monkeypatch):
             _kkept._pool().submit(gate.wait)  # the background thread busy until step 1 is read
 
         class Release(keras.callbacks.Callback):
+            def __init__(self, gate):  # type: ignore[no-untyped-def]
+                super().__init__()
+                self.gate = gate
+
             def on_train_batch_end(self, batch, logs=None):  # type: ignore[no-untyped-def]
-                gate.set()  # (after the watch's callback, listed first, read step 1)
+                self.gate.set()  # (after the watch's callback, listed first, read step 1)
 
         try:
             model.fit(
-                x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False, callbacks=[cb, Release()]
+                x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False, callbacks=[cb, Release(gate)]
             )
         finally:
             gate.set()
