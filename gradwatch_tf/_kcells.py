@@ -25,7 +25,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["GATE_ORDER", "KCELLS", "KCell", "capture_dropout", "dropout_masks", "gate_blocks", "supported"]
+__all__ = ["GATE_ORDER", "KCELLS", "KCell", "capture_dropout", "dropout_masks", "gate_blocks", "has_dropout", "supported"]
 
 #: Keras' gate order in the columns of ``recurrent_kernel`` (units, k * units).
 GATE_ORDER: dict[str, tuple[str, ...]] = {
@@ -117,9 +117,12 @@ def supported(cell: Any, training: bool, *, masks: bool = False) -> bool:
         return False
     if any(_form(getattr(cell, a, None)) is None for a in ("activation", "recurrent_activation") if hasattr(cell, a)):
         return False
-    return masks or not (
-        training and (float(getattr(cell, "dropout", 0.0)) > 0 or float(getattr(cell, "recurrent_dropout", 0.0)) > 0)
-    )
+    return masks or not (training and has_dropout(cell))
+
+
+def has_dropout(cell: Any) -> bool:
+    """The cell draws dropout masks in training (an input or a recurrent dropout rate)."""
+    return float(getattr(cell, "dropout", 0.0) or 0.0) > 0 or float(getattr(cell, "recurrent_dropout", 0.0) or 0.0) > 0
 
 
 def dropout_masks(cell: Any, training: bool, input_mask: Any, recurrent_mask: Any) -> tuple[Any, Any]:

@@ -23,10 +23,10 @@ __all__ = ["BACKGROUND_COMPILE", "BACKGROUND_MIN_STEPS", "Kept", "compiles_done"
 #: is not held for it; profiled steps read before it is ready are recorded without
 #: propagation (not measured). False: compile at the first profiled step, waiting for it.
 BACKGROUND_COMPILE = True
-#: A JAX ``fit`` with fewer steps left than this when a profiled step is read waits for the
-#: host replay's compile rather than leaving that step unmeasured: the compile takes 1-2 s,
-#: longer than such a fit may last, and a short run (a demonstration, a quick experiment)
-#: would end without any propagation measured. (TensorFlow's: ``_tfhost.BACKGROUND_MIN_STEPS``.)
+#: A ``fit`` (JAX or TensorFlow) with fewer steps left than this when a profiled step is
+#: read waits for the host profile's compile (trace) rather than leaving that step
+#: unmeasured: it takes 0.5-2 s, longer than such a fit may last, and a short run (a
+#: demonstration, a quick experiment) would end without any propagation measured.
 BACKGROUND_MIN_STEPS = 100
 _POOL: ThreadPoolExecutor | None = None
 
@@ -103,22 +103,23 @@ class Kept:
             make(np.zeros(tuple(v.shape)), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
             for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
         ]
-        drops = []
-        for i, (_, layer) in enumerate(directions):
-            c = layer.cell
-            count = getattr(c, "dropout_mask_count", None)
-            pair = []
-            for kind, (rate, width) in enumerate(
-                ((getattr(c, "dropout", 0.0), feat), (getattr(c, "recurrent_dropout", 0.0), int(c.units)))
-            ):
-                if not float(rate or 0.0) > 0:
-                    pair.append(None)
-                    continue
-                one = lambda g, kind=kind, width=width, i=i: make(
-                    np.ones((PROBED, width)), "float32", f"{tag}_d{i}_{kind}_{g}"
-                )
-                pair.append(one(0) if count is None else [one(g) for g in range(int(count))])
-            drops.append((pair[0], pair[1]))
+
+        def masks(cell: Any, rate: Any, width: int, name: str) -> Any:
+            """The buffers of one kind of dropout mask, as the cell hands them out: one,
+            or one per gate (``dropout_mask_count``); None without that dropout."""
+            if not float(rate or 0.0) > 0:
+                return None
+            count = getattr(cell, "dropout_mask_count", None)
+            made = [make(np.ones((PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
+            return made if count is not None else made[0]
+
+        drops = [
+            (
+                masks(layer.cell, getattr(layer.cell, "dropout", 0.0), feat, f"{tag}_d{i}_0"),
+                masks(layer.cell, getattr(layer.cell, "recurrent_dropout", 0.0), int(layer.cell.units), f"{tag}_d{i}_1"),
+            )
+            for i, (_, layer) in enumerate(directions)
+        ]
         return Kept(
             drops=drops,
             x=make(np.zeros((PROBED, length, feat)), "float32", f"{tag}_x"),

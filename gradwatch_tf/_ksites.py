@@ -160,14 +160,6 @@ def _primal(x: Any) -> Any:
     return x.detach() if hasattr(x, "detach") and keras.backend.backend() == "torch" else x
 
 
-def _has_dropout(site: _Site) -> bool:
-    """A direction's cell draws dropout masks in training."""
-    return any(
-        float(getattr(layer.cell, "dropout", 0.0) or 0.0) > 0 or float(getattr(layer.cell, "recurrent_dropout", 0.0) or 0.0) > 0
-        for _, layer in site.directions
-    )
-
-
 def _capture_dropout(site: _Site, drawn: list[dict[str, Any]]) -> Callable[[], None]:
     """Record the dropout masks each direction's cell hands out during one call into
     ``drawn`` (:func:`gradwatch_tf._kcells.capture_dropout`); restored by the returned
@@ -179,6 +171,11 @@ def _capture_dropout(site: _Site, drawn: list[dict[str, Any]]) -> Callable[[], N
             fn()
 
     return restore_all
+
+
+def _as_list(v: Any) -> list[Any]:
+    """A dropout mask (or its buffer) as a list: [] for none, one per gate, or [it]."""
+    return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
 
 
 def _has_tangent(x: Any) -> bool:
@@ -316,7 +313,7 @@ class PortableThroughTime:
                         "states": _primal(named.get("initial_state")),
                     }
                     inputs = self._probe(site, inputs)
-                    if _has_dropout(site):
+                    if any(_kcells.has_dropout(layer.cell) for _, layer in site.directions):
                         drawn = [{} for _ in site.directions]
                         undo = _capture_dropout(site, drawn)
             except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
@@ -610,17 +607,11 @@ class PortableThroughTime:
             drops = call.get("dropout")
             if drops is None or len(drops) != len(kept.drops):
                 return
-            for bufs, masks in zip(kept.drops, drops):
-                for buf, m in zip(bufs, masks):
-                    if (buf is None) != (m is None) or isinstance(buf, list) != isinstance(m, (list, tuple)):
-                        return  # masks the buffers do not hold: not measured (NaN)
-                    if buf is None:
-                        continue
-                    ms = list(m) if isinstance(buf, list) else [m]
-                    bs = buf if isinstance(buf, list) else [buf]
-                    if len(ms) != len(bs):
-                        return
-                    pairs += [(bv, pad(ops.cast(mv, "float32")[:PROBED])) for bv, mv in zip(bs, ms)]
+            for buf, m in ((b, m) for bufs, ms in zip(kept.drops, drops) for b, m in zip(bufs, ms)):
+                bs, ms = _as_list(buf), _as_list(m)
+                if isinstance(buf, list) != isinstance(m, (list, tuple)) or len(bs) != len(ms):
+                    return  # masks the buffers do not hold (one per gate, or none): not measured (NaN)
+                pairs += [(bv, pad(ops.cast(mv, "float32")[:PROBED])) for bv, mv in zip(bs, ms)]
         # (the weights: kept on every profiled step by _keep_weights, a superset of these)
         pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
         for buf, value in pairs:

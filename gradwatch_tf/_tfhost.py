@@ -13,7 +13,7 @@ and :func:`gradwatch_tf._step.spectral_sigmas`, the same power iterations) runs 
 step's row (:meth:`HostProfile.fill`), so that step's record carries them with its own
 step number, as in the graph before. The first trace of those functions runs in the
 background (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`, as JAX's compile) when the
-fit is long enough (:data:`BACKGROUND_MIN_STEPS`): that fit is not held for it, and
+fit is long enough (:data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`): that fit is not held for it, and
 profiled steps read before it is ready are recorded without propagation and spectral
 norms (not measured, never a stale value); the next profiled step then replays.
 
@@ -37,13 +37,7 @@ import tensorflow as tf
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells, _kkept
 
-__all__ = ["BACKGROUND_MIN_STEPS", "HostProfile"]
-
-#: A ``fit`` with fewer steps left than this when its first profile is due traces the
-#: profile's functions at once rather than in the background: the background trace takes
-#: 0.5-1.5 s, longer than such a fit may last, and a short run (a demonstration, a quick
-#: experiment) would end without any propagation measured.
-BACKGROUND_MIN_STEPS = 100
+__all__ = ["HostProfile"]
 
 
 @dataclass
@@ -333,10 +327,10 @@ class HostProfile:
     def _call(self, key: Any, build: Callable[[], Any], slot: int) -> Any:
         """The function of ``key`` run on ``slot`` now, or None while its first trace
         runs in the background (:meth:`_start`). A fit with fewer than
-        :data:`BACKGROUND_MIN_STEPS` steps left waits for it instead (it would end before
+        :data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS` steps left waits for it instead (it would end before
         the trace does and record no profile)."""
         at = tf.constant(slot, tf.int32)
-        long_fit = self.steps_left is None or self.steps_left >= BACKGROUND_MIN_STEPS
+        long_fit = self.steps_left is None or self.steps_left >= _kkept.BACKGROUND_MIN_STEPS
         if key not in self._compiled:
             self._start(key, build(), background=long_fit)
         entry = self._compiled[key]

@@ -228,12 +228,11 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
             return  # nothing read: this batch's logs get no grad_norm rather than an older step's
-        host = getattr(att, "_host", None)
-        if host is not None:  # TensorFlow: a short fit traces its profile at once (gradwatch_tf._tfhost)
-            host.steps_left = self._steps_left(batch)
-        tt = getattr(att, "_tt", None)
-        if tt is not None and hasattr(tt, "steps_left"):  # JAX: a short fit waits for the replay's compile
-            tt.steps_left = self._steps_left(batch)
+        # a short fit waits for the host profile's compile (gradwatch_tf._kkept.BACKGROUND_MIN_STEPS):
+        # TensorFlow's host profile, JAX's through-time sites
+        for profile in (getattr(att, "_host", None), getattr(att, "_tt", None)):
+            if profile is not None and hasattr(profile, "steps_left"):
+                profile.steps_left = self._steps_left(batch)
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
@@ -317,7 +316,8 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         start = time.perf_counter()
         out = train_function(*args, **kwargs)
         spent = time.perf_counter() - start
-        if keras.backend.backend() == "jax":
+        on_jax = keras.backend.backend() == "jax"
+        if on_jax:
             # JAX returns at dispatch, before the step has run: the time since the previous
             # full call of this fit is the step's (the first call's compile is synchronous)
             previous, functions.last_start = functions.last_start, start
@@ -325,10 +325,8 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         if functions.trace_cost is None:
             functions.trace_cost = spent
         elif lean is False:  # a lean call would have done: count what it would have saved
-            if keras.backend.backend() == "jax":
-                functions.forgone += max(LEAN_SAVING_JAX, float(getattr(att, "lean_saving", lambda: 0.0)())) * spent
-            else:
-                functions.forgone += LEAN_SAVING * spent
+            saving = max(LEAN_SAVING_JAX, float(att.lean_saving())) if on_jax else LEAN_SAVING
+            functions.forgone += saving * spent
         return out
 
     # ------------------------------------------------------------------ every way out

@@ -264,7 +264,7 @@ def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch):
     LSTM, on steps of a large learning rate, each against the weights its gradients
     belonged to (before that step's update). The host's replay compiles (traces) in the
     background, as by default, but only for fits with many steps left
-    (``_kkept.BACKGROUND_MIN_STEPS`` on JAX, ``_tfhost.BACKGROUND_MIN_STEPS`` on TensorFlow):
+    (``_kkept.BACKGROUND_MIN_STEPS``, on JAX and TensorFlow):
     these one-step fits wait for it and step 1 is measured, as a short run needs (a long
     fit's unmeasured steps: test_jax_short_fit_waits_for_the_replay_compile)."""
     from gradwatch_tf import _kkept

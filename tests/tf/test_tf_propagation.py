@@ -513,10 +513,10 @@ def test_fit_replays_the_next_step_when_a_due_replay_found_its_function_not_read
     background (gradwatch_tf._tfhost): step 1 is due but read before that function is
     ready, so it is not measured, and the next profiled step is replayed although the
     period (``replay_every=3``) does not make it due; then the period again (step 4)."""
-    from gradwatch_tf import _kkept, _tfhost
+    from gradwatch_tf import _kkept
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
-    monkeypatch.setattr(_tfhost, "BACKGROUND_MIN_STEPS", 0)  # these one-step fits count as long ones
+    monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 0)  # these one-step fits count as long ones
     x, y = data(n=2)
     model = single(keras.layers.LSTM(4, name="rnn"))
     model.compile(keras.optimizers.SGD(0.0), "mse")
@@ -537,10 +537,10 @@ def test_a_fit_too_short_for_the_background_trace_measures_its_first_step(monkey
     it waits for that trace (started at setup), so a short run (the demo's 20 steps) gets
     its profile at step 1; one with more steps left does not wait (step 1 is then not
     measured if the trace is not done yet: here the background thread is held busy)."""
-    from gradwatch_tf import _kkept, _tfhost
+    from gradwatch_tf import _kkept
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
-    monkeypatch.setattr(_tfhost, "BACKGROUND_MIN_STEPS", 4)
+    monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 4)
     x, y = data(n=6)
     runs = {}
     for steps in (3, 6):  # 2 then 5 steps left after step 1
