@@ -22,8 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import keras
-from keras import ops
+from gradwatch_tf._knumpy import backend, ops
 
 __all__ = ["GATE_ORDER", "KCELLS", "KCell", "capture_dropout", "dropout_masks", "gate_blocks", "has_dropout", "supported"]
 
@@ -82,7 +81,7 @@ def _form(act: Any) -> Callable[[Any], tuple[Any, Any]] | None:
     if act is None:
         return _linear
     form = FORMS.get(getattr(act, "__name__", ""))
-    if form is None and callable(act) and keras.backend.backend() == "tensorflow":
+    if form is None and callable(act) and backend() == "tensorflow":
         return _autodiff(act)
     return form
 

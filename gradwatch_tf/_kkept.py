@@ -5,6 +5,7 @@ scans are kept out of the train step's compile)."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,18 +17,34 @@ import numpy as np
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells
 
-__all__ = ["BACKGROUND_COMPILE", "BACKGROUND_MIN_STEPS", "Kept", "compiles_done", "run"]
+__all__ = [
+    "BACKGROUND_COMPILE",
+    "BACKGROUND_MIN_STEPS",
+    "NUMPY_RENT_S",
+    "Kept",
+    "compiles_done",
+    "host_run",
+    "run",
+    "short_fit",
+]
 
-#: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay and spectral
-#: functions in a background thread (one per process, idle when done): the first ``fit``
-#: is not held for it; profiled steps read before it is ready are recorded without
-#: propagation (not measured). False: compile at the first profiled step, waiting for it.
+#: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay function in a
+#: background thread (one per process, idle when done): the fit is not held for it, and
+#: profiled steps read before it is ready are replayed on numpy (:mod:`gradwatch_tf._knumpy`;
+#: a cell numpy cannot replay: not measured). False: compile at the first profiled step,
+#: waiting for it, and never replay on numpy.
 BACKGROUND_COMPILE = True
 #: A ``fit`` (JAX or TensorFlow) with fewer steps left than this when a profiled step is
-#: read waits for the host profile's compile (trace) rather than leaving that step
-#: unmeasured: it takes 0.5-2 s, longer than such a fit may last, and a short run (a
-#: demonstration, a quick experiment) would end without any propagation measured.
+#: read compiles nothing: it replays on numpy (the compile takes 0.5-2 s of CPU, more
+#: than such a fit may last: a demonstration, a quick experiment, a first fit); a cell
+#: numpy cannot replay waits for the compile instead, rather than end the fit without any
+#: propagation measured. A longer fit starts the compile in the background.
 BACKGROUND_MIN_STEPS = 100
+#: Rent or buy: short fits that have spent this long (seconds) replaying one layer on numpy
+#: start its compile in the background anyway (about what the compile costs; many short
+#: fits in a row, a tuner or a loop of ``fit`` calls, would otherwise replay on numpy for
+#: ever, a few times slower per replay than compiled).
+NUMPY_RENT_S = 1.0
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -44,26 +61,88 @@ def compiles_done() -> None:
     _pool().submit(lambda: None).result()
 
 
-def run(compiled: dict[Any, Any], key: Any, fn: Any, args: tuple[Any, ...], *, wait: bool = False) -> Any:
-    """``fn(*args)`` (a ``jax.jit`` function) through its executable compiled once per
-    ``key`` and kept in ``compiled``; with :data:`BACKGROUND_COMPILE` the compile runs in
-    the pool's thread and this returns None until it is ready (a failed compile raises),
-    unless ``wait`` (a short fit): then it compiles now, or waits for the compile under way."""
-    if key not in compiled:
-        if BACKGROUND_COMPILE and not wait:
-            import jax
+def short_fit(steps_left: int | None) -> bool:
+    """A fit with this many steps left (None: unknown) is too short to compile for."""
+    return steps_left is not None and steps_left < BACKGROUND_MIN_STEPS
 
-            # Shapes only: the arrays themselves may be donated to the next train step.
-            specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
-            compiled[key] = _pool().submit(lambda: fn.lower(*specs).compile())
+
+def host_run(
+    compiled: dict[Any, Any],
+    key: Any,
+    *,
+    compile_now: Callable[[], Any],
+    compile_later: Callable[[], Callable[[], Any]],
+    call: Callable[[Any], Any],
+    steps_left: int | None,
+    fallback: Callable[[], Any] | None,
+    rent: dict[Any, float],
+) -> Any:
+    """The host's replay of a profiled step: ``call(executable)`` through the executable
+    compiled once per ``key`` (kept in ``compiled``) when it is ready, else ``fallback()``
+    (the numpy replay; None where it cannot run), else None (not measured).
+
+    ``compile_now()`` compiles in this thread; ``compile_later()`` returns the function the
+    background thread runs to compile (made here: it may capture the arguments' shapes).
+    With :data:`BACKGROUND_COMPILE` a fit of at least :data:`BACKGROUND_MIN_STEPS` steps
+    left starts the compile in the background and replays on numpy meanwhile; a shorter fit
+    compiles nothing and replays on numpy (until ``rent[key]``, the seconds its numpy
+    replays took, reaches :data:`NUMPY_RENT_S`), or, with no fallback, waits for the compile.
+    """
+    short = short_fit(steps_left)
+    if key not in compiled:
+        if not BACKGROUND_COMPILE:
+            compiled[key] = compile_now()
+        elif short and fallback is not None and rent.get(key, 0.0) < NUMPY_RENT_S:
+            t0 = time.perf_counter()
+            try:
+                return fallback()
+            finally:
+                rent[key] = rent.get(key, 0.0) + time.perf_counter() - t0
+        elif short and fallback is None:
+            compiled[key] = compile_now()
         else:
-            compiled[key] = fn.lower(*args).compile()
+            compiled[key] = _pool().submit(compile_later())
     entry = compiled[key]
     if isinstance(entry, Future):
-        if not entry.done() and not wait:
-            return None
+        if not entry.done():
+            if fallback is not None:
+                return fallback()
+            if not short:
+                return None
         entry = compiled[key] = entry.result()
-    return entry(*args)
+    return call(entry)
+
+
+def run(
+    compiled: dict[Any, Any],
+    key: Any,
+    fn: Any,
+    args: tuple[Any, ...],
+    *,
+    steps_left: int | None = None,
+    fallback: Callable[[], Any] | None = None,
+    rent: dict[Any, float] | None = None,
+) -> Any:
+    """``fn(*args)`` (a ``jax.jit`` function) through its executable compiled once per
+    ``key`` (:func:`host_run`: in the background, numpy's ``fallback`` meanwhile)."""
+
+    def later() -> Callable[[], Any]:
+        import jax
+
+        # Shapes only: the arrays themselves may be donated to the next train step.
+        specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), args)
+        return lambda: fn.lower(*specs).compile()
+
+    return host_run(
+        compiled,
+        key,
+        compile_now=lambda: fn.lower(*args).compile(),
+        compile_later=later,
+        call=lambda executable: executable(*args),
+        steps_left=steps_left,
+        fallback=fallback,
+        rent={} if rent is None else rent,
+    )
 
 
 @dataclass
@@ -116,7 +195,9 @@ class Kept:
         drops = [
             (
                 masks(layer.cell, getattr(layer.cell, "dropout", 0.0), feat, f"{tag}_d{i}_0"),
-                masks(layer.cell, getattr(layer.cell, "recurrent_dropout", 0.0), int(layer.cell.units), f"{tag}_d{i}_1"),
+                masks(
+                    layer.cell, getattr(layer.cell, "recurrent_dropout", 0.0), int(layer.cell.units), f"{tag}_d{i}_1"
+                ),
             )
             for i, (_, layer) in enumerate(directions)
         ]

@@ -40,12 +40,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import keras
 import numpy as np
-from keras import ops
 
 from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, dominant_starts
 from gradwatch_tf._kcells import KCELLS
+from gradwatch_tf._knumpy import backend, ops
 
 __all__ = ["costs", "measure", "normal", "probed_count", "scan"]
 
@@ -56,12 +55,12 @@ def normal(shape: tuple[int, ...], seed: Any) -> Any:
     """Standard normal float32 draws from an integer ``seed`` (a Python int or an int
     tensor, traced under ``jax.jit``): the user's random state is never touched.
     Backend code here only because ``keras.random`` takes no traced seed."""
-    backend = keras.backend.backend()
-    if backend == "jax":
+    where = backend()
+    if where == "jax":
         import jax
 
         return jax.random.normal(jax.random.PRNGKey(ops.cast(seed, "int32")), shape, "float32")
-    if backend == "tensorflow":
+    if where == "tensorflow":
         import tensorflow as tf
 
         s = tf.cast(seed, tf.int64)
@@ -93,7 +92,7 @@ def scan(f: Any, init: Any, xs: Any, reverse: bool = False, ys: Any = None) -> t
     nothing): declared rather than learnt from a peeled first step, which doubled the
     graph and its optimisation time in the first fit. The steps (``xs``' leading axis)
     are static."""
-    if keras.backend.backend() != "tensorflow":
+    if backend() != "tensorflow":
         return ops.scan(f, init, xs, reverse=reverse)  # type: ignore[no-any-return]
     import tensorflow as tf
 

@@ -17,9 +17,9 @@ on the weights the gradients belong to (before the update):
   the row, so the record carries them with its own step number. That function is compiled
   once per site and probed batch size, in a background thread started at the first
   profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
-  steps read before it is ready are recorded without propagation (not measured), unless
-  the fit has fewer than ``_kkept.BACKGROUND_MIN_STEPS`` steps left (the callback's count,
-  ``steps_left``): a short fit waits for the compile rather than measure nothing. The
+  steps read before it is ready are replayed on numpy (:mod:`gradwatch_tf._knumpy`, the
+  same replay code); a fit with fewer than ``_kkept.BACKGROUND_MIN_STEPS`` steps left (the
+  callback's count, ``steps_left``) compiles nothing and replays on numpy. The
   host waits for the replay itself (a few small scans over 8 sequences, on profiled
   steps only); it is not left to land at a later read. A due step overwritten before the
   host read it (several profiled steps in one ``steps_per_execution``, or a ``watch``
@@ -55,7 +55,7 @@ from gradwatch import Segment, profile_due
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch.through_time.spectral import HostSpectral
-from gradwatch_tf import _kcells, _kkept, _kreplay
+from gradwatch_tf import _kcells, _kkept, _knumpy, _kreplay
 from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
@@ -96,6 +96,11 @@ class _Site:
     @property
     def weights(self) -> list[Any]:
         return [v for _, layer in self.directions for v in layer.cell.weights]
+
+    @property
+    def numpy_ok(self) -> bool:
+        """Its host replay can run on numpy (:func:`gradwatch_tf._knumpy.replayable`)."""
+        return _knumpy.replayable(self.directions)
 
     @property
     def gate_name(self) -> str | None:
@@ -246,6 +251,7 @@ class PortableThroughTime:
         self.broken = False
         self._jitted: dict[str, tuple[list[Any], Any]] = {}
         self._compiled: dict[tuple[str, int], Any] = {}  # JAX host replays: compiled, or a Future
+        self._rent: dict[Any, float] = {}  # key -> seconds of numpy replays (_kkept.NUMPY_RENT_S)
         self._spectral = HostSpectral()  # sigma_max of the kernels' gate blocks, on the host
         self.spectral_broken = False
         self._nan_cache: dict[tuple[Any, str], Any] = {}
@@ -262,7 +268,7 @@ class PortableThroughTime:
         #: buffers (every step it runs is unprofiled); set by the attachment.
         self.lean = False
         #: JAX ``fit``: the steps left when the host read the last rows (the callback's
-        #: count; None: unknown). A short fit waits for the replay's compile (:meth:`fill`).
+        #: count; None: unknown). A short fit compiles no replay: it replays on numpy (:meth:`fill`).
         self.steps_left: int | None = None
 
     def meta(self) -> dict[str, Any]:
@@ -665,16 +671,38 @@ class PortableThroughTime:
         return row
 
     def _host_replay(self, site: _Site, call: dict[str, Any], step: Any, values: list[Any]) -> tuple[Any, Any] | None:
-        """The host replay of kept buffers (JAX): :func:`gradwatch_tf._kkept.run`."""
+        """The host replay of kept buffers (JAX): compiled once per site and probed batch
+        size (:func:`gradwatch_tf._kkept.run`), on numpy while that compile is not ready
+        or in a fit too short to compile for (:mod:`gradwatch_tf._knumpy`)."""
         self._eager(site, call, step, values, lower=True)
-        wait = self.steps_left is not None and self.steps_left < _kkept.BACKGROUND_MIN_STEPS
         return _kkept.run(
             self._compiled,
             (site.name, int(call["x"].shape[0])),
             self._jitted[site.name][1],
             (values, call, step),
-            wait=wait,
+            steps_left=self.steps_left,
+            fallback=functools.partial(self._numpy_replay, site, call, int(step), values) if site.numpy_ok else None,
+            rent=self._rent,
         )
+
+    def _numpy_replay(self, site: _Site, call: dict[str, Any], step: int, values: list[Any]) -> tuple[Any, Any]:
+        """:func:`gradwatch_tf._knumpy.replay` of kept buffers read to the host."""
+        flat = [np.asarray(v) for v in _as_list(call["states"])]
+        per = len(flat) // len(site.directions)
+        states = [flat[i * per : (i + 1) * per] or None for i in range(len(site.directions))]
+        drops = call.get("dropout") or [None] * len(site.directions)
+        weights = [v for _, layer in site.directions for v in layer.cell.weights]
+        logs, gate = _knumpy.replay(
+            site.directions,
+            np.asarray(call["x"]),
+            np.asarray(call["mask"]),
+            states,
+            drops,  # (device arrays: read to the host as the replay cuts them)
+            list(zip(weights, values)),
+            step=step,
+            salt=site.salt,
+        )
+        return logs, np.full(2, np.nan) if gate is None else gate
 
     def _eager(
         self, site: _Site, call: dict[str, Any], step: Any, values: list[Any] | None = None, *, lower: bool = False

@@ -7,15 +7,19 @@ spectral trace and graph optimisation, out of 0.9 s unwatched). Here the train s
 *keeps*, on profiled steps, what the profile needs (a few assigns in a ``tf.cond``): the
 first ``PROBED`` sequences of each recurrent layer's input, mask, initial states and
 dropout masks, the cells' weights before the update, and the step they belong to. The
-profile itself (:func:`gradwatch_tf._propagation.site_logs`, the same ``keras.ops`` replay,
-and :func:`gradwatch_tf._step.spectral_sigmas`, the same power iterations) runs in two
-``tf.function``\\ s of its own, traced once, which the host calls when it reads a profiled
-step's row (:meth:`HostProfile.fill`), so that step's record carries them with its own
-step number, as in the graph before. The first trace of those functions runs in the
-background (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`, as JAX's compile) when the
-fit is long enough (:data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`): that fit is not held for it, and
-profiled steps read before it is ready are recorded without propagation and spectral
-norms (not measured, never a stale value); the next profiled step then replays.
+host measures when it reads a profiled step's row (:meth:`HostProfile.fill`), so that
+step's record carries the profile with its own step number, as in the graph before:
+
+* the spectral norms from the kept recurrent kernels, on numpy
+  (:class:`gradwatch.through_time.spectral.HostSpectral`, as on JAX): nothing to trace;
+* the replay (:func:`gradwatch_tf._propagation.site_logs`, the same ``keras.ops`` replay)
+  in a ``tf.function`` of its own per layer, traced once in the background
+  (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`) when the fit is long enough
+  (:data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`); until it is ready, and in a fit too
+  short to trace it for, the same replay runs on numpy (:mod:`gradwatch_tf._knumpy`; a
+  cell numpy cannot replay, with an activation only TensorFlow differentiates, waits
+  for the trace in a short fit and goes unmeasured meanwhile in a long one, the next
+  profiled step then replayed).
 
 Used by the callback (``mode="callback"``), where the host reads every profiled step
 (``read_due``). A custom loop (``gradwatch.watch``) keeps the in-graph replay: there a
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch.through_time.plan import PROBED
-from gradwatch_tf import _kcells, _kkept
+from gradwatch.through_time.spectral import HostSpectral
+from gradwatch_tf import _kcells, _kkept, _knumpy
 
 __all__ = ["HostProfile"]
 
@@ -78,6 +82,12 @@ class HostProfile:
         self._kernel_step: tf.Variable | None = None
         self._compiled: dict[Any, Any] = {}  # key -> concrete function, or its Future
         self.broken: set[str] = set()
+        self._sites: list[Any] = []  # the sites :meth:`prepare` made buffers for
+        self._numpy_ok: dict[int, bool] = {}  # id(site) -> its replay can run on numpy
+        self._rent: dict[Any, float] = {}  # key -> seconds of numpy replays (_kkept.NUMPY_RENT_S)
+        #: The spectral norms, on the host from the kernels kept for the step (as on JAX):
+        #: nothing to compile, and exact or within the contract's 1% (Lanczos, warm).
+        self._spectral = HostSpectral()
         #: Sites whose last due replay could not run (its function was not ready): the
         #: next profiled step is replayed, so a run's first propagation is not a whole
         #: replay period late.
@@ -91,6 +101,7 @@ class HostProfile:
         """Make every buffer whose shape is known now, outside any trace (a distribution
         strategy's replica context cannot make variables): each site's, a single dropout
         mask per direction where its cell has a dropout rate, and the kept kernels."""
+        self._sites = list(sites)
         for site in sites:
             kept = self.ensure(site) if site.prop is not None else None
             if kept is None:
@@ -286,12 +297,12 @@ class HostProfile:
         if blocks and "spectral" not in self.broken and self._kernel_step is not None:
             try:
                 slot = _slot_of(self._kernel_step, step)
-                sigmas = None if slot is None else self._call("spectral", lambda: self._spectral_function(blocks), slot)
-                if sigmas is not None:
-                    for b, sigma in zip(blocks, np.asarray(sigmas, np.float64)):
+                if slot is not None:
+                    kernels = {key: np.asarray(v.numpy()[slot]) for key, v in self._kernels.items()}
+                    for b in blocks:
                         sl = layout.slice("spectral", b.name)
                         if sl is not None:
-                            row[sl] = sigma
+                            row[sl] = self._spectral(b.name, kernels[id(b.kernel)][:, b.start : b.stop])
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.broken.add("spectral")
                 self._fail("spectral norms", exc)
@@ -308,7 +319,7 @@ class HostProfile:
                 owed = id(site) in self._owed
                 if not (owed or int(kept.due.numpy()[slot])):
                     continue
-                out = self._call(("replay", id(site)), lambda s=site, k=kept: self._replay_function(s, k), slot)
+                out = self._replay(site, kept, slot)
                 if out is None:  # not compiled yet: the next profiled step replays, due or not
                     self._owed.add(id(site))
                     continue
@@ -324,52 +335,49 @@ class HostProfile:
                     row[sl] = value.reshape(-1)
         return row
 
-    def _call(self, key: Any, build: Callable[[], Any], slot: int) -> Any:
-        """The function of ``key`` run on ``slot`` now, or None while its first trace
-        runs in the background (:meth:`_start`). A fit with fewer than
-        :data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS` steps left waits for it instead (it would end before
-        the trace does and record no profile)."""
-        at = tf.constant(slot, tf.int32)
-        long_fit = self.steps_left is None or self.steps_left >= _kkept.BACKGROUND_MIN_STEPS
-        if key not in self._compiled:
-            self._start(key, build(), background=long_fit)
-        entry = self._compiled[key]
-        if isinstance(entry, Future):
-            if not entry.done() and long_fit:
-                return None
-            entry = self._compiled[key] = entry.result()
-        return entry(at)
+    def _replay(self, site: Any, kept: _SiteKept, slot: int) -> Any:
+        """The replay of ``slot`` (:func:`gradwatch_tf._kkept.host_run`): the site's
+        compiled function when it is ready, else on numpy (:mod:`gradwatch_tf._knumpy`),
+        else None; a short fit compiles nothing."""
+        key = ("replay", id(site))
+        numpy_ok = self._numpy_ok.get(id(site))
+        if numpy_ok is None:
+            numpy_ok = self._numpy_ok[id(site)] = _knumpy.replayable(site.directions)
+        return _kkept.host_run(
+            self._compiled,
+            key,
+            compile_now=lambda: self._replay_function(site, kept),
+            compile_later=lambda: self._warm(self._replay_function(site, kept)),
+            call=lambda fn: fn(tf.constant(slot, tf.int32)),
+            steps_left=self.steps_left,
+            fallback=functools.partial(self._numpy_replay, site, kept, slot) if numpy_ok else None,
+            rent=self._rent,
+        )
 
-    def _start(self, key: Any, fn: Any, *, background: bool, slot: int = 0) -> None:
-        """Trace ``fn`` (and run it once on ``slot``: TensorFlow optimises a graph at its
-        first run) in the background thread with :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`
-        and ``background``; else it is traced at its first call."""
-        if not (_kkept.BACKGROUND_COMPILE and background):
-            self._compiled[key] = fn
-            return
+    @staticmethod
+    def _warm(fn: Any, slot: int = 0) -> Callable[[], Any]:
+        """What the background thread runs: trace ``fn`` and run it once on ``slot``
+        (TensorFlow optimises a graph at its first run; the result is not a step's)."""
         at = tf.constant(slot, tf.int32)
 
         def warm() -> Any:
-            fn(at)  # the result is not a step's to keep
+            fn(at)
             return fn
 
-        self._compiled[key] = _kkept._pool().submit(warm)
+        return warm
 
-    def warm_up(self, sites: list[Any], blocks: list[Any]) -> None:
-        """Start tracing the profile's functions now, at setup, in the background (with
-        :data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`): much of a first run is TensorFlow
-        optimising the graph, which releases the interpreter, so it overlaps with Keras
-        tracing the train step, and even a short first ``fit`` finds them ready, or nearly
-        (measured: 8 steps of an LSTM(64), 2.8x the unwatched first fit without this).
+    def warm_up(self) -> None:
+        """Start tracing the replay functions of the prepared sites now, in the background,
+        for a fit long enough to compile for (:data:`gradwatch_tf._kkept.BACKGROUND_COMPILE`,
+        :data:`~gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`; the callback calls this at the
+        start of each ``fit``, once it has set :attr:`steps_left`): much of a first run is
+        TensorFlow optimising the graph, which releases the interpreter, so it overlaps
+        with Keras tracing the train step, and fewer profiled steps are replayed on numpy.
         The first slot is filled with the current weights and one zero sequence, so the
-        warm-up runs on real shapes and leaves the power iteration's vectors warm."""
-        if not _kkept.BACKGROUND_COMPILE:
+        warm-up runs on real shapes."""
+        if not _kkept.BACKGROUND_COMPILE or _kkept.short_fit(self.steps_left):
             return
-        if blocks and "spectral" not in self._compiled and self._kernel_step is not None:
-            for b in blocks:
-                _put(self._kernels[id(b.kernel)], _kcells._weight(b.kernel), tf.constant(0))
-            self._start("spectral", self._spectral_function(blocks), background=True)
-        for site in sites:
+        for site in self._sites:
             kept = self._kept.get(id(site))
             key = ("replay", id(site))
             if kept is None or site.prop is None or key in self._compiled:
@@ -378,7 +386,31 @@ class HostProfile:
                 for buf, w in zip(bufs, layer.cell.weights):
                     _put(buf, _kcells._weight(w), tf.constant(0))
             _put(kept.n, tf.constant(1, tf.int32), tf.constant(0))
-            self._start(key, self._replay_function(site, kept), background=True)
+            self._compiled[key] = _kkept._pool().submit(self._warm(self._replay_function(site, kept)))
+
+    def _numpy_replay(self, site: Any, kept: _SiteKept, slot: int) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`gradwatch_tf._knumpy.replay` of ``slot``'s buffers, read to the host."""
+        n = int(kept.n.numpy()[slot])
+
+        def at(v: tf.Variable) -> np.ndarray:
+            return np.asarray(v.numpy()[slot][:n])
+
+        weights = [
+            (w, np.asarray(v.numpy()[slot]))
+            for (_, layer), bufs in zip(site.directions, kept.weights)
+            for w, v in zip(layer.cell.weights, bufs)
+        ]
+        logs, gate = _knumpy.replay(
+            site.directions,
+            at(kept.x),
+            at(kept.mask),
+            [[at(v) for v in bufs] for bufs in kept.states],
+            [tuple(_kept_rows(d, at) for d in pair) for pair in kept.drops],
+            weights,
+            step=int(kept.step.numpy()[slot]),
+            salt=kept.salt,
+        )
+        return logs, np.full(2, np.nan) if gate is None else gate
 
     def _replay_function(self, site: Any, kept: _SiteKept) -> Any:
         from gradwatch_tf._propagation import site_logs
@@ -406,17 +438,6 @@ class HostProfile:
             return logs, gate
 
         return replay
-
-    def _spectral_function(self, blocks: list[Any]) -> Any:
-        from gradwatch_tf._step import spectral_sigmas
-
-        kernels = self._kernels
-
-        @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.int32)])
-        def spectral(slot: tf.Tensor) -> Any:
-            return spectral_sigmas(blocks, lambda b: kernels[id(b.kernel)].read_value()[slot])
-
-        return spectral
 
 
 def profiled_ordinal(step: Any, every: int) -> Any:

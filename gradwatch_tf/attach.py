@@ -277,8 +277,7 @@ class TFAttachment(Lifecycle):
         self.__dict__["_waiting_sites"] = waiting
         if self._host is not None:
             try:
-                self._host.prepare(sites, blocks)
-                self._host.warm_up(sites, blocks)  # (in the background: the first fit overlaps it)
+                self._host.prepare(sites, blocks)  # (the callback starts the trace: HostProfile.warm_up)
             except Exception as exc:  # noqa: BLE001 - profiling is optional
                 self._fail("recurrent-layer profiling setup", exc)
         return sites, blocks

@@ -87,6 +87,25 @@ def _end_of_data() -> tuple[type[BaseException], ...]:
     return (StopIteration,)
 
 
+def _tell_steps_left(att: Any, steps_left: int | None) -> None:
+    """Tell the host profile (TensorFlow's, JAX's through-time sites) how many steps this
+    fit has left: a short fit compiles no replay (:data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`)."""
+    for profile in (getattr(att, "_host", None), getattr(att, "_tt", None)):
+        if profile is not None and hasattr(profile, "steps_left"):
+            profile.steps_left = steps_left
+
+
+def _warm_up(att: Any) -> None:
+    """Start the background trace of TensorFlow's host replay for a long fit (a no-op
+    otherwise: :meth:`gradwatch_tf._tfhost.HostProfile.warm_up`)."""
+    host = getattr(att, "_host", None)
+    if host is not None:
+        try:
+            host.warm_up()
+        except Exception as exc:  # noqa: BLE001 - profiling is optional; the host compiles later
+            logger.debug("gradwatch: could not start the profile's trace: %r", exc)
+
+
 def _attachment(model: Any, monitor: Any, capacity: int) -> RingReader:
     """The backend's attachment: the TensorFlow step (through-time included) on
     TensorFlow, the ``keras.ops`` step (:mod:`gradwatch_tf.portable`) on JAX and torch."""
@@ -175,12 +194,17 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             self._forget()
             att = None
         self._kept, self._signature = None, signature
+        params = self.params or {}
+        steps, epochs = params.get("steps"), params.get("epochs")
+        total = steps * epochs if isinstance(steps, int) and isinstance(epochs, int) else None
         if att is None:
             capacity = int(getattr(model, "steps_per_execution", 1) or 1)
             att = _attachment(model, self.monitor, capacity)
             self._functions = FitFunctions(model)
+            _tell_steps_left(att, total)
             self.watch.attach(att)
         else:
+            _tell_steps_left(att, total)
             self.watch.attach(att)  # hands it the watch's backend state (a no-op if unchanged)
             try:
                 att.resume()
@@ -189,6 +213,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 self._kept = att  # still suspended: kept for a later fit, closed by close()
                 raise
         self._in_fit = True
+        _warm_up(att)  # a long fit's replay traced in the background from now
         enter = getattr(att, "enter_optimizer", None)
         if enter is not None:  # JAX: gradwatch's state travels with the optimizer's
             enter()
@@ -228,11 +253,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
             return  # nothing read: this batch's logs get no grad_norm rather than an older step's
-        # a short fit waits for the host profile's compile (gradwatch_tf._kkept.BACKGROUND_MIN_STEPS):
-        # TensorFlow's host profile, JAX's through-time sites
-        for profile in (getattr(att, "_host", None), getattr(att, "_tt", None)):
-            if profile is not None and hasattr(profile, "steps_left"):
-                profile.steps_left = self._steps_left(batch)
+        _tell_steps_left(att, self._steps_left(batch))
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
@@ -309,7 +330,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 if functions.lean_ran or _execution_error(exc) or isinstance(exc, _end_of_data()):
                     raise  # the step's own error (or the end of the data), as the full function's
                 # Its trace failed (nothing ran yet): this fit's full function runs every step.
-                logger.warning("gradwatch: the lean train function could not be traced (%r); the full one runs every step.", exc)
+                logger.warning(
+                    "gradwatch: the lean train function could not be traced (%r); the full one runs every step.", exc
+                )
                 functions.lean_broken = True
             finally:
                 att.lean = False

@@ -257,20 +257,19 @@ def _propagation_reference(model: keras.Model, x: np.ndarray) -> dict[tuple[str,
     return want
 
 
-def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch):
+@pytest.mark.parametrize("host", ["compiled", "numpy"])
+def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch, host):
     """Through time in ``fit`` (jit on JAX, ``tf.function`` on TensorFlow: the step keeps
     the inputs and the weights, the host replays them), against the core's float64
     reference: the gains and max gains of a GRU and of both directions of a Bidirectional
     LSTM, on steps of a large learning rate, each against the weights its gradients
-    belonged to (before that step's update). The host's replay compiles (traces) in the
-    background, as by default, but only for fits with many steps left
-    (``_kkept.BACKGROUND_MIN_STEPS``, on JAX and TensorFlow):
-    these one-step fits wait for it and step 1 is measured, as a short run needs (a long
-    fit's unmeasured steps: test_jax_short_fit_waits_for_the_replay_compile)."""
+    belonged to (before that step's update). The host's replay either compiled at the
+    first profiled step (``compiled``) or, as by default in a fit this short
+    (``_kkept.BACKGROUND_MIN_STEPS``), run on numpy (gradwatch_tf._knumpy) with nothing
+    compiled; on torch there is no host replay (each step replays in its hook)."""
     from gradwatch_tf import _kkept
 
-    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)  # (tests/tf/conftest.py turns it off on TensorFlow)
-
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", host == "numpy")  # (tests/tf/conftest.py: off on TensorFlow)
     keras.utils.set_random_seed(3)
     inp = keras.Input((6, 3))
     bi = keras.layers.Bidirectional(keras.layers.LSTM(3, return_sequences=True), name="bi")
@@ -284,7 +283,10 @@ def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch):
     for _ in range(3):  # one step per fit: the weights before each step are readable between fits
         wants.append(_propagation_reference(model, x))
         model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[cb])
-        _kkept.compiles_done()
+        if BACKEND != "torch":
+            profile = (cb._kept or cb.watch.attachment)
+            profile = getattr(profile, "_host", None) or profile._tt
+            assert bool(profile._compiled) == (host == "compiled")
     assert [r.step for r in cb.records] == [1, 2, 3]
     moved = wants[2][("gru", "l0")][0] / wants[1][("gru", "l0")][0]
     assert np.max(np.abs(moved - 1.0)) > 1e-2  # the update moved the gains: a stale version fails
@@ -325,24 +327,27 @@ def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
     np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
 
 
-def test_jax_short_fit_waits_for_the_replay_compile(monkeypatch):
+def test_jax_fit_replays_on_numpy_until_the_compile_is_ready(monkeypatch):
     """On JAX the host's replay compiles in a background thread; a fit with fewer steps
-    left than BACKGROUND_MIN_STEPS at its first profiled read would end before it and
-    record no propagation, so it waits (step 1 measured); one with more steps left does not
-    (step 1 not measured while the thread is held busy)."""
+    left than BACKGROUND_MIN_STEPS compiles nothing and replays on numpy; one with more
+    starts the compile and replays on numpy until it is ready (here the background thread
+    is held busy past step 1). Step 1 measured in both, against the float64 reference."""
     if BACKEND != "jax":
         pytest.skip("the host replay's compile is JAX's")
     import threading
 
+    from gradwatch.through_time.reference import propagation_from_jacobians
     from gradwatch_tf import _kkept
+    from tests.contract.adapters import KerasAdapter, Recurrence
+    from tests.contract.test_contract_through_time import _run
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
     monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 4)
     x, y = _data(6)
-    first = {}
+    first, compiled = {}, {}
     for steps in (3, 6):  # 2 then 5 steps left after step 1
         model = _model()
-        model.compile(keras.optimizers.SGD(0.01), "mse")
+        model.compile(keras.optimizers.SGD(0.0), "mse")
         cb = GradWatchCallback(profile_every=1, sinks=["memory"])
         gate = threading.Event()
         if steps == 6:
@@ -364,9 +369,41 @@ def test_jax_short_fit_waits_for_the_replay_compile(monkeypatch):
             gate.set()
         _kkept.compiles_done()
         first[steps] = cb.records[0].temporal["rnn"]
+        compiled[steps] = bool((cb._kept or cb.watch.attachment)._tt._compiled)
+        r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(model.get_layer("rnn").cell))
         cb.close()
-    assert first[3].recurrences and np.isfinite(first[3].recurrences["l0"].gains).all()
-    assert first[6].recurrences == {}
+    assert compiled == {3: False, 6: True}
+    want = propagation_from_jacobians(np.stack([_run(r, x[0].astype(np.float64), np.ones(6, bool))[0]]))
+    for got in first.values():
+        np.testing.assert_allclose(got.recurrences["l0"].gains, want[0], rtol=1e-4)
+        np.testing.assert_allclose(got.recurrences["l0"].max_gains, want[1], rtol=1e-4)
+
+
+def test_short_fits_compile_the_replay_once_numpy_replays_have_cost_as_much(monkeypatch):
+    """Rent or buy (``_kkept.NUMPY_RENT_S``): short fits replay on numpy and compile
+    nothing, until their numpy replays of a layer have taken as long as a compile would;
+    then the compile starts (in the background) and later steps use it. Every step
+    measured throughout."""
+    if BACKEND == "torch":
+        pytest.skip("torch Keras replays in its hook: no host replay")
+    from gradwatch_tf import _kkept
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
+    monkeypatch.setattr(_kkept, "NUMPY_RENT_S", 1e-9)  # one numpy replay pays for the compile
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    x, y = _data(2)
+    cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+    compiled = []
+    for _ in range(3):  # one-step fits: far shorter than BACKGROUND_MIN_STEPS
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+        att = cb._kept or cb.watch.attachment
+        compiled.append(bool((getattr(att, "_host", None) or att._tt)._compiled))
+        _kkept.compiles_done()
+    assert compiled == [False, True, True]
+    assert all(r.temporal["rnn"].recurrences for r in cb.records)
+    gains = [np.asarray(r.temporal["rnn"].recurrences["l0"].gains) for r in cb.records]
+    np.testing.assert_allclose(gains[2], gains[0], rtol=1e-4)  # compiled (step 3) = numpy (step 1)
 
 
 def test_fit_reads_the_device_only_on_flush_and_profiled_steps(monkeypatch):

@@ -508,17 +508,21 @@ def _pool_held(hold=True):
         gate.set()
 
 
-def test_fit_replays_the_next_step_when_a_due_replay_found_its_function_not_ready(monkeypatch):
+@pytest.mark.parametrize("activation, replayed", [("tanh", [1, 4]), ("softsign", [2, 4])])
+def test_a_due_step_read_before_the_background_trace_is_replayed_on_numpy(monkeypatch, activation, replayed):
     """In ``fit`` the host replays beside the step with a function traced in the
-    background (gradwatch_tf._tfhost): step 1 is due but read before that function is
-    ready, so it is not measured, and the next profiled step is replayed although the
-    period (``replay_every=3``) does not make it due; then the period again (step 4)."""
+    background (gradwatch_tf._tfhost); step 1 is due but read before that function is
+    ready (the background thread held busy). A tanh LSTM is replayed on numpy then
+    (gradwatch_tf._knumpy), so step 1 is measured and the period (``replay_every=3``) goes
+    on: step 4. An activation numpy cannot differentiate (softsign: TensorFlow's autodiff)
+    leaves step 1 unmeasured, and the next profiled step is replayed although the period
+    does not make it due; then the period again (step 4)."""
     from gradwatch_tf import _kkept
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
     monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 0)  # these one-step fits count as long ones
     x, y = data(n=2)
-    model = single(keras.layers.LSTM(4, name="rnn"))
+    model = single(keras.layers.LSTM(4, activation=activation, name="rnn"))
     model.compile(keras.optimizers.SGD(0.0), "mse")
     cb = GradWatchCallback(sinks=["memory"], profile_every=1, replay_every=3)
     for i in range(5):  # one step a fit; the background trace done between fits
@@ -526,30 +530,45 @@ def test_fit_replays_the_next_step_when_a_due_replay_found_its_function_not_read
             model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
         _kkept.compiles_done()
     assert [r.step for r in cb.records] == [1, 2, 3, 4, 5]
-    replayed = [r.step for r in cb.records if r.temporal.get("rnn") and r.temporal["rnn"].recurrences]
-    assert replayed == [2, 4]
-    assert all(np.isfinite(r.temporal["rnn"].recurrences["l0"].gains).all() for r in cb.records if r.step in (2, 4))
+    done = [r.step for r in cb.records if r.temporal.get("rnn") and r.temporal["rnn"].recurrences]
+    assert done == replayed
+    want = exact(cell_params(model.get_layer("rnn")), x)[0]  # SGD(0): every step's weights
+    for r in cb.records:
+        if r.step in done:
+            np.testing.assert_allclose(gains_of(r), want, rtol=1e-4)
 
 
-def test_a_fit_too_short_for_the_background_trace_measures_its_first_step(monkeypatch):
-    """By default the host's replay and spectral functions are traced in the background,
-    but a fit with fewer steps left than BACKGROUND_MIN_STEPS would end before that trace:
-    it waits for that trace (started at setup), so a short run (the demo's 20 steps) gets
-    its profile at step 1; one with more steps left does not wait (step 1 is then not
-    measured if the trace is not done yet: here the background thread is held busy)."""
+def _host(cb):
+    att = cb._kept if cb._kept is not None else cb.watch.attachment
+    return att._host
+
+
+def test_a_fit_too_short_for_the_background_trace_replays_on_numpy(monkeypatch):
+    """By default the host's replay function is traced in the background, but a fit with
+    fewer steps left than BACKGROUND_MIN_STEPS would end before that trace: it traces
+    nothing and replays on numpy, so a short run (the demo's 20 steps) gets its profile
+    at step 1 without paying for a trace. A fit with more steps left starts the trace and
+    replays on numpy until it is ready (here the background thread is held busy: step 1
+    measured all the same). The spectral norms come from the host in both."""
     from gradwatch_tf import _kkept
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", True)
     monkeypatch.setattr(_kkept, "BACKGROUND_MIN_STEPS", 4)
     x, y = data(n=6)
-    runs = {}
-    for steps in (3, 6):  # 2 then 5 steps left after step 1
+    runs, traced = {}, {}
+    for steps in (3, 6):  # 3 then 6 steps in the fit
         model = single(keras.layers.LSTM(4, name="rnn"))
         model.compile(keras.optimizers.SGD(0.0), "mse")
         cb = GradWatchCallback(sinks=["memory"], profile_every=100)
-        with _pool_held(steps == 6):  # (the short fit waits for the trace: it must run)
+        with _pool_held(steps == 6):
             model.fit(x[:steps], y[:steps], batch_size=1, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+            traced[steps] = bool(_host(cb)._compiled)
         _kkept.compiles_done()
-        runs[steps] = cb.records[0]
-    assert runs[3].temporal["rnn"].recurrences and runs[3].spectral
-    assert not runs[6].temporal["rnn"].recurrences and not runs[6].spectral
+        runs[steps] = (cb.records[0], model)
+    assert not traced[3] and traced[6]
+    for rec, model in runs.values():
+        layer = model.get_layer("rnn")
+        np.testing.assert_allclose(gains_of(rec), exact(cell_params(layer), x[:1])[0], rtol=1e-4)
+        kernel = layer.cell.recurrent_kernel.numpy()
+        sigma = np.linalg.norm(kernel[:, 4:8].astype(np.float64), 2)
+        assert rec.spectral[f"{layer.cell.recurrent_kernel.path}[f]"] == pytest.approx(sigma, rel=1e-2)
