@@ -121,6 +121,16 @@ class Watch:
         steps carry it (``profile_every``), so ``records[-1].temporal`` is often ``{}``."""
         return _latest_profile(self.records)
 
+    @property
+    def latest_propagation(self) -> StepRecord | None:
+        """The newest record with a propagation measurement (some layer's ``temporal``
+        has ``recurrences``), or None. Not always :attr:`latest_profile`: the replay of a
+        large layer is spaced over several profiled steps by its cost (and a step read
+        while none could run has none), so a profiled step may carry the sensitivity
+        (``norms``) with ``recurrences == {}``, ``horizon`` None; this is the step whose
+        gains, rate and horizon are the newest."""
+        return next((r for r in reversed(self.records) if any(t.recurrences for t in r.temporal.values())), None)
+
     def step(self) -> StepRecord | None:
         """Measure now: call after ``backward()`` and before ``optimizer.step()`` when no
         optimizer was given to :func:`watch`."""
@@ -264,6 +274,12 @@ class WatchFront:
     def latest_profile(self) -> StepRecord | None:
         """The newest record with through-time data, or None (see :attr:`Watch.latest_profile`)."""
         return self.watch.latest_profile
+
+    @property
+    def latest_propagation(self) -> StepRecord | None:
+        """The newest record with a propagation measurement, or None (see
+        :attr:`Watch.latest_propagation`)."""
+        return self.watch.latest_propagation
 
     def _repr_html_(self) -> str:
         return self.watch._repr_html_()

@@ -106,3 +106,35 @@ def test_latest_profile_is_the_newest_record_with_temporal_data():
 
     assert Front(w).latest_profile is w.latest_profile
     w.close()
+
+
+def test_latest_propagation_skips_a_profiled_step_without_a_replay():
+    """A profiled step whose replay the cost model spaced out carries the sensitivity but
+    no propagation: latest_profile is that step, latest_propagation the one before with
+    gains (its horizon, not None)."""
+    from gradwatch import StepStats, TemporalProfile
+    from gradwatch.watch import Watch, WatchFront
+
+    m = gradwatch.Monitor(sinks=[], profile_every=2, log_every=1)
+    m.bind(["rnn.w"])
+    w = Watch(m)
+    assert w.latest_propagation is None
+    gains = np.array([1.0, 0.5, 0.25, 0.125])
+    for step in range(1, 5):
+        temporal = {}
+        if step == 2:  # replayed
+            temporal = {"rnn": TemporalProfile.build(norms=[1.0, 0.5, 0.2, 0.1], recurrences={"l0": gains}, max_gains={"l0": gains})}
+        elif step == 4:  # profiled, not replayed: sensitivity only
+            temporal = {"rnn": TemporalProfile.build(norms=[1.0, 0.4, 0.2, 0.1])}
+        m.process(StepStats(np.array([1.0]), temporal=temporal))
+    assert w.latest_profile.step == 4 and w.latest_profile.temporal["rnn"].horizon is None
+    got = w.latest_propagation
+    assert got is not None and got.step == 2
+    assert got.temporal["rnn"].horizon == 4 and got.temporal["rnn"].recurrences["l0"].rate == pytest.approx(0.5)
+
+    class Front(WatchFront):
+        def __init__(self, watch: Watch) -> None:
+            self.watch = watch
+
+    assert Front(w).latest_propagation is got
+    w.close()
