@@ -39,7 +39,9 @@ SCRIPT = textwrap.dedent(
         model = make_model("LSTM")
         model.compile(keras.optimizers.SGD(0.0), "mse")
     from gradwatch_tf import _kkept
-    _kkept.BACKGROUND_COMPILE = False  # the profile of step 1 is read at once
+    # "compiled": the host's replay traced at step 1's read; "numpy": a short fit's default,
+    # the same replay on numpy (gradwatch_tf._knumpy), nothing traced
+    _kkept.BACKGROUND_COMPILE = sys.argv[2] == "numpy"
     cb = GradWatchCallback(on_nonfinite="skip", sinks=["memory"], profile_every=1)
     before = [w.copy() for w in model.get_weights()]
     model.fit(x[:6], y[:6], batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
@@ -92,14 +94,15 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_mirrored_strategy_reports_the_global_norm(tmp_path):
+@pytest.mark.parametrize("host", ["compiled", "numpy"])
+def test_mirrored_strategy_reports_the_global_norm(tmp_path, host):
     script = tmp_path / "mirrored.py"
     script.write_text(SCRIPT)
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, str(script), str(Path(__file__).parent)],
+        [sys.executable, str(script), str(Path(__file__).parent), host],
         check=False,
         capture_output=True,
         text=True,
