@@ -9,8 +9,10 @@ the first, max of the second over the sequences) makes the contract's two profil
 
 How (the method of :mod:`gradwatch_torch._sweeps`, in ``keras.ops`` so that the same
 code runs inside ``jax.jit``, on torch, and on TensorFlow traced into the user's step by
-:mod:`gradwatch_tf._propagation`, XLA included; backend code only where keras.ops has no
-common path: :func:`normal`, :func:`scan`, an activation's derivative by autodiff):
+:mod:`gradwatch_tf._propagation`, XLA included, and on numpy on the host while no compiled
+replay is ready (:mod:`gradwatch_tf._knumpy`: ``ops`` here is ``keras.ops`` or numpy's);
+backend code only where keras.ops has no common path: :func:`normal`, :func:`scan`, an
+activation's derivative by autodiff):
 
 * **Forward** (:func:`scan`): the probed sequences run again through the cell's own
   weights from what the layer's call saw (input, mask, initial state, and the cell's
