@@ -25,7 +25,7 @@ depend on which draws).
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -73,6 +73,8 @@ def _tree_map(f: Callable[..., Any], *trees: Any) -> Any:
 class NumpyOps:
     """The ``keras.ops`` functions the replay calls, on numpy arrays, same signatures."""
 
+    # numpy's own functions take the arguments the replay passes (keras.ops' names and
+    # order: axis / axes / keepdims as keywords or in place)
     matmul = staticmethod(np.matmul)
     zeros_like = staticmethod(np.zeros_like)
     ones_like = staticmethod(np.ones_like)
@@ -83,42 +85,15 @@ class NumpyOps:
     tanh = staticmethod(np.tanh)
     sqrt = staticmethod(np.sqrt)
     diagonal = staticmethod(np.diagonal)
-
-    @staticmethod
-    def transpose(x: Any, axes: Any = None) -> np.ndarray:
-        return np.transpose(x, axes)
-
-    @staticmethod
-    def concatenate(xs: Sequence[Any], axis: int = 0) -> np.ndarray:
-        return np.concatenate(xs, axis=axis)
-
-    @staticmethod
-    def stack(xs: Sequence[Any], axis: int = 0) -> np.ndarray:
-        return np.stack(xs, axis=axis)
-
-    @staticmethod
-    def split(x: Any, sections: Any, axis: int = 0) -> list[np.ndarray]:
-        return np.split(x, sections, axis=axis)
-
-    @staticmethod
-    def sum(x: Any, axis: Any = None, keepdims: bool = False) -> np.ndarray:
-        return np.sum(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def mean(x: Any, axis: Any = None, keepdims: bool = False) -> np.ndarray:
-        return np.mean(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def max(x: Any, axis: Any = None, keepdims: bool = False) -> np.ndarray:
-        return np.max(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def all(x: Any, axis: Any = None, keepdims: bool = False) -> np.ndarray:
-        return np.all(x, axis=axis, keepdims=keepdims)
-
-    @staticmethod
-    def flip(x: Any, axis: Any = None) -> np.ndarray:
-        return np.flip(x, axis=axis)
+    transpose = staticmethod(np.transpose)
+    concatenate = staticmethod(np.concatenate)
+    stack = staticmethod(np.stack)
+    split = staticmethod(np.split)
+    sum = staticmethod(np.sum)
+    mean = staticmethod(np.mean)
+    max = staticmethod(np.max)
+    all = staticmethod(np.all)
+    flip = staticmethod(np.flip)
 
     @staticmethod
     def log(x: Any) -> np.ndarray:
