@@ -19,7 +19,7 @@ Without them a layer with dropout in training is left unmeasured, never measured
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gradwatch_tf._knumpy import backend, ops
@@ -139,30 +139,31 @@ def dropout_masks(cell: Any, training: bool, input_mask: Any, recurrent_mask: An
     return dp, rdp
 
 
-def capture_dropout(cell: Any, slot: dict[str, Any]) -> Callable[[], None]:
-    """Record in ``slot`` ("input", "recurrent") the dropout masks ``cell`` hands out
-    during a call (the first of each kind: Keras draws them once per call, before its
-    loop, and reuses them at every step), so a replay applies the very masks the layer
-    used; the cell's methods are wrapped on the instance. Returns the function that
-    restores them."""
+def capture_dropout(cells: Iterable[tuple[Any, dict[str, Any]]]) -> Callable[[], None]:
+    """For each (cell, slot): record in ``slot`` ("input", "recurrent") the dropout masks
+    the cell hands out during a call (the first of each kind: Keras draws them once per
+    call, before its loop, and reuses them at every step), so a replay applies the very
+    masks the layer used; the cells' methods are wrapped on the instance. Returns the
+    function that restores them all."""
     undo: list[Callable[[], None]] = []
-    for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
-        original = getattr(cell, attr, None)
-        if original is None or attr in vars(cell):
-            continue
+    for cell, slot in cells:
+        for attr, key in (("get_dropout_mask", "input"), ("get_recurrent_dropout_mask", "recurrent")):
+            original = getattr(cell, attr, None)
+            if original is None or attr in vars(cell):
+                continue
 
-        def get(step_input: Any, _original: Any = original, _key: str = key) -> Any:
-            mask = _original(step_input)
-            slot.setdefault(_key, mask)
-            return mask
+            def get(step_input: Any, _original: Any = original, _key: str = key, _slot: Any = slot) -> Any:
+                mask = _original(step_input)
+                _slot.setdefault(_key, mask)
+                return mask
 
-        object.__setattr__(cell, attr, get)
+            object.__setattr__(cell, attr, get)
 
-        def restore(_attr: str = attr, _get: Any = get) -> None:
-            if vars(cell).get(_attr) is _get:
-                object.__delattr__(cell, _attr)
+            def restore(_cell: Any = cell, _attr: str = attr, _get: Any = get) -> None:
+                if vars(_cell).get(_attr) is _get:
+                    object.__delattr__(_cell, _attr)
 
-        undo.append(restore)
+            undo.append(restore)
 
     def restore_all() -> None:
         for fn in reversed(undo):

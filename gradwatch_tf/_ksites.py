@@ -165,19 +165,6 @@ def _primal(x: Any) -> Any:
     return x.detach() if hasattr(x, "detach") and keras.backend.backend() == "torch" else x
 
 
-def _capture_dropout(site: _Site, drawn: list[dict[str, Any]]) -> Callable[[], None]:
-    """Record the dropout masks each direction's cell hands out during one call into
-    ``drawn`` (:func:`gradwatch_tf._kcells.capture_dropout`); restored by the returned
-    function."""
-    undo = [_kcells.capture_dropout(layer.cell, slot) for slot, (_, layer) in zip(drawn, site.directions)]
-
-    def restore_all() -> None:
-        for fn in reversed(undo):
-            fn()
-
-    return restore_all
-
-
 def _as_list(v: Any) -> list[Any]:
     """A dropout mask (or its buffer) as a list: [] for none, one per gate, or [it]."""
     return [] if v is None else list(v) if isinstance(v, (list, tuple)) else [v]
@@ -321,7 +308,7 @@ class PortableThroughTime:
                     inputs = self._probe(site, inputs)
                     if any(_kcells.has_dropout(layer.cell) for _, layer in site.directions):
                         drawn = [{} for _ in site.directions]
-                        undo = _capture_dropout(site, drawn)
+                        undo = _kcells.capture_dropout((layer.cell, d) for d, (_, layer) in zip(drawn, site.directions))
             except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
                 self._fail("propagation replay", exc)
             if undo is None:
@@ -460,7 +447,7 @@ class PortableThroughTime:
             call, site.call = site.call, {}
             nan = self._nan(site)
             measurable = bool(call) and not self.broken and int(call["x"].shape[1]) == site.length
-            masks = "dropout" in call  # the call's own dropout masks (:func:`_capture_dropout`)
+            masks = "dropout" in call  # the call's own dropout masks (:meth:`_wrap`)
             measurable = measurable and all(
                 _kcells.supported(layer.cell, True, masks=masks) for _, layer in site.directions
             )
@@ -691,14 +678,13 @@ class PortableThroughTime:
         per = len(flat) // len(site.directions)
         states = [flat[i * per : (i + 1) * per] or None for i in range(len(site.directions))]
         drops = call.get("dropout") or [None] * len(site.directions)
-        weights = [v for _, layer in site.directions for v in layer.cell.weights]
         logs, gate = _knumpy.replay(
             site.directions,
             np.asarray(call["x"]),
             np.asarray(call["mask"]),
             states,
             drops,  # (device arrays: read to the host as the replay cuts them)
-            list(zip(weights, values)),
+            list(zip(site.weights, values)),
             step=step,
             salt=site.salt,
         )
@@ -715,7 +701,7 @@ class PortableThroughTime:
         if site.name not in self._jitted:
             import jax
 
-            weights = [v for _, layer in site.directions for v in layer.cell.weights]
+            weights = site.weights
 
             def pure(values: list[Any], kept: dict[str, Any], at: Any) -> tuple[Any, Any]:
                 with keras.StatelessScope(state_mapping=list(zip(weights, values))):

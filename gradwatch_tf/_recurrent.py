@@ -313,12 +313,6 @@ def _bind(signature: inspect.Signature | None, inputs: Any, args: tuple[Any, ...
     return CallArgs(inputs, named.get("initial_state"), mask, named.get("training"))
 
 
-def _capture_dropout(site: RecurrentSite, cell: Any) -> Callable[[], None]:
-    """Record the dropout masks ``cell`` hands out during a call into the site
-    (:func:`gradwatch_tf._kcells.capture_dropout`); restored by the returned function."""
-    return capture_dropout(cell, site.dropout.setdefault(id(cell), {}))
-
-
 def wrap_call(
     site: RecurrentSite, probe: Callable[[Any], Any], hook: Any = None, live: Callable[[], bool] | None = None
 ) -> Callable[[], None]:
@@ -341,7 +335,8 @@ def wrap_call(
         signature: inspect.Signature | None = inspect.signature(original)
     except (TypeError, ValueError):
         signature = None
-    undo = [_capture_dropout(site, cell) for cell in site.cells] if hook is not None else []
+    # the cells' dropout masks of each call, into the site (restored with the layer)
+    undo = [capture_dropout((cell, site.dropout.setdefault(id(cell), {})) for cell in site.cells)] if hook else []
 
     @functools.wraps(original)
     def call(inputs: Any, *args: Any, **kwargs: Any) -> Any:

@@ -83,7 +83,6 @@ class HostProfile:
         self._compiled: dict[Any, Any] = {}  # key -> concrete function, or its Future
         self.broken: set[str] = set()
         self._sites: list[Any] = []  # the sites :meth:`prepare` made buffers for
-        self._numpy_ok: dict[int, bool] = {}  # id(site) -> its replay can run on numpy
         self._rent: dict[Any, float] = {}  # key -> seconds of numpy replays (_kkept.NUMPY_RENT_S)
         #: The spectral norms, on the host from the kernels kept for the step (as on JAX):
         #: nothing to compile, and exact or within the contract's 1% (Lanczos, warm).
@@ -339,13 +338,10 @@ class HostProfile:
         """The replay of ``slot`` (:func:`gradwatch_tf._kkept.host_run`): the site's
         compiled function when it is ready, else on numpy (:mod:`gradwatch_tf._knumpy`),
         else None; a short fit compiles nothing."""
-        key = ("replay", id(site))
-        numpy_ok = self._numpy_ok.get(id(site))
-        if numpy_ok is None:
-            numpy_ok = self._numpy_ok[id(site)] = _knumpy.replayable(site.directions)
+        numpy_ok = _knumpy.replayable(site.directions)
         return _kkept.host_run(
             self._compiled,
-            key,
+            ("replay", id(site)),
             compile_now=lambda: self._replay_function(site, kept),
             compile_later=lambda: self._warm(self._replay_function(site, kept)),
             call=lambda fn: fn(tf.constant(slot, tf.int32)),
@@ -391,48 +387,25 @@ class HostProfile:
     def _numpy_replay(self, site: Any, kept: _SiteKept, slot: int) -> tuple[np.ndarray, np.ndarray]:
         """:func:`gradwatch_tf._knumpy.replay` of ``slot``'s buffers, read to the host."""
         n = int(kept.n.numpy()[slot])
-
-        def at(v: tf.Variable) -> np.ndarray:
-            return np.asarray(v.numpy()[slot][:n])
-
-        weights = [
-            (w, np.asarray(v.numpy()[slot]))
-            for (_, layer), bufs in zip(site.directions, kept.weights)
-            for w, v in zip(layer.cell.weights, bufs)
-        ]
+        x, mask, states, drops, weights = _slot_inputs(
+            site, kept, lambda v: np.asarray(v.numpy()[slot][:n]), lambda v: np.asarray(v.numpy()[slot])
+        )
         logs, gate = _knumpy.replay(
-            site.directions,
-            at(kept.x),
-            at(kept.mask),
-            [[at(v) for v in bufs] for bufs in kept.states],
-            [tuple(_kept_rows(d, at) for d in pair) for pair in kept.drops],
-            weights,
-            step=int(kept.step.numpy()[slot]),
-            salt=kept.salt,
+            site.directions, x, mask, states, drops, weights, step=int(kept.step.numpy()[slot]), salt=kept.salt
         )
         return logs, np.full(2, np.nan) if gate is None else gate
 
     def _replay_function(self, site: Any, kept: _SiteKept) -> Any:
         from gradwatch_tf._propagation import site_logs
 
-        cells = [layer.cell for _, layer in site.directions]
-
         @tf.function(autograph=False, input_signature=[tf.TensorSpec([], tf.int32)])
         def replay(slot: tf.Tensor) -> Any:
             n = kept.n.read_value()[slot]
-
-            def at(v: tf.Variable) -> tf.Tensor:
-                return v.read_value()[slot][:n]
-
-            mapping = [
-                (w, v.read_value()[slot]) for cell, bufs in zip(cells, kept.weights) for w, v in zip(cell.weights, bufs)
-            ]
-            states = [[at(v) for v in bufs] for bufs in kept.states]
-            drops = [tuple(_kept_rows(d, at) for d in pair) for pair in kept.drops]
+            x, mask, states, drops, mapping = _slot_inputs(
+                site, kept, lambda v: v.read_value()[slot][:n], lambda v: v.read_value()[slot]
+            )
             with keras.StatelessScope(state_mapping=mapping):
-                logs, gate = site_logs(
-                    site, at(kept.x), at(kept.mask), states, drops, kept.step.read_value()[slot], kept.salt
-                )
+                logs, gate = site_logs(site, x, mask, states, drops, kept.step.read_value()[slot], kept.salt)
             if gate is None:
                 gate = tf.fill([2], np.float32(np.nan))
             return logs, gate
@@ -460,6 +433,21 @@ def _slot_of(steps: tf.Variable, step: int) -> int | None:
     """The slot holding ``step`` (None: none does)."""
     found = np.flatnonzero(np.asarray(steps.numpy()) == step)
     return int(found[0]) if found.size else None
+
+
+def _slot_inputs(
+    site: Any, kept: _SiteKept, at: Callable[[tf.Variable], Any], whole: Callable[[tf.Variable], Any]
+) -> tuple[Any, Any, list[list[Any]], list[tuple[Any, Any]], list[tuple[Any, Any]]]:
+    """What a replay of one slot reads from the site's buffers, for the compiled replay
+    (in graph) and the numpy one (on the host) alike: (x, mask, states per direction,
+    dropout masks per direction, (cell weight, kept value) pairs). ``at(v)``: a buffer's
+    valid rows at the slot; ``whole(v)``: its whole slot (the weights)."""
+    weights = [
+        (w, whole(v)) for (_, layer), bufs in zip(site.directions, kept.weights) for w, v in zip(layer.cell.weights, bufs)
+    ]
+    states = [[at(v) for v in bufs] for bufs in kept.states]
+    drops = [tuple(_kept_rows(d, at) for d in pair) for pair in kept.drops]
+    return at(kept.x), at(kept.mask), states, drops, weights
 
 
 def _kept_rows(d: Any, at: Callable[[tf.Variable], tf.Tensor]) -> Any:

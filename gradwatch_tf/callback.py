@@ -201,10 +201,8 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             capacity = int(getattr(model, "steps_per_execution", 1) or 1)
             att = _attachment(model, self.monitor, capacity)
             self._functions = FitFunctions(model)
-            _tell_steps_left(att, total)
             self.watch.attach(att)
         else:
-            _tell_steps_left(att, total)
             self.watch.attach(att)  # hands it the watch's backend state (a no-op if unchanged)
             try:
                 att.resume()
@@ -213,6 +211,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 self._kept = att  # still suspended: kept for a later fit, closed by close()
                 raise
         self._in_fit = True
+        _tell_steps_left(att, total)
         _warm_up(att)  # a long fit's replay traced in the background from now
         enter = getattr(att, "enter_optimizer", None)
         if enter is not None:  # JAX: gradwatch's state travels with the optimizer's
