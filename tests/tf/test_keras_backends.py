@@ -38,6 +38,13 @@ def _data(n: int = 8, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((n, 6, 3)).astype("float32"), rng.standard_normal((n, 1)).astype("float32")
 
 
+def _host_compiled(cb: GradWatchCallback) -> bool:
+    """The callback's host replay (TensorFlow's host profile, JAX's sites) has compiled,
+    or started compiling, a replay function (False: only numpy replays so far)."""
+    att = cb._kept or cb.watch.attachment
+    return bool((getattr(att, "_host", None) or att._tt)._compiled)
+
+
 def _twin(model: keras.Model) -> keras.Model:
     other = keras.models.clone_model(model)
     other.set_weights(model.get_weights())
@@ -286,9 +293,7 @@ def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch, host):
         wants.append(_propagation_reference(model, x))
         model.fit(x, y, batch_size=10, shuffle=False, verbose=0, callbacks=[cb])
         if BACKEND != "torch":
-            profile = (cb._kept or cb.watch.attachment)
-            profile = getattr(profile, "_host", None) or profile._tt
-            assert bool(profile._compiled) == (host == "compiled")
+            assert _host_compiled(cb) == (host == "compiled")
     assert [r.step for r in cb.records] == [1, 2, 3]
     moved = wants[2][("gru", "l0")][0] / wants[1][("gru", "l0")][0]
     assert np.max(np.abs(moved - 1.0)) > 1e-2  # the update moved the gains: a stale version fails
@@ -371,7 +376,7 @@ def test_jax_fit_replays_on_numpy_until_the_compile_is_ready(monkeypatch):
             gate.set()
         _kkept.compiles_done()
         first[steps] = cb.records[0].temporal["rnn"]
-        compiled[steps] = bool((cb._kept or cb.watch.attachment)._tt._compiled)
+        compiled[steps] = _host_compiled(cb)
         r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(model.get_layer("rnn").cell))
         cb.close()
     assert compiled == {3: False, 6: True}
@@ -399,8 +404,7 @@ def test_short_fits_compile_the_replay_once_numpy_replays_have_cost_as_much(monk
     compiled = []
     for _ in range(3):  # one-step fits: far shorter than BACKGROUND_MIN_STEPS
         model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
-        att = cb._kept or cb.watch.attachment
-        compiled.append(bool((getattr(att, "_host", None) or att._tt)._compiled))
+        compiled.append(_host_compiled(cb))
         _kkept.compiles_done()
     assert compiled == [False, True, True]
     assert all(r.temporal["rnn"].recurrences for r in cb.records)
