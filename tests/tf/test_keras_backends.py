@@ -242,6 +242,58 @@ def test_watch_in_a_custom_loop_matches_the_callback():
     assert len(opt.variables) == len(ref_opt.variables)
 
 
+def test_nonfinite_flags_name_exactly_the_parameters_with_inf_or_nan():
+    """Per-parameter non-finite flags against numpy's ``isfinite`` on gradients made to
+    hold +inf, NaN and -inf in three parameters and, in a fourth, finite values whose
+    squares overflow float32 (finite: not flagged, the step not skipped for it)."""
+    model = _model()
+    x, y = _data()
+    opt = keras.optimizers.SGD(0.0)
+    names = [v.path for v in model.trainable_variables]
+    with gradwatch.watch(model, opt, on_nonfinite="skip", sinks=["memory"]) as watch:
+        for poison in ({0: np.inf, 2: np.nan, 3: -np.inf, 1: 1e30}, {1: 1e30}):
+            grads = [g.copy() for g in _custom_loop_grads(model, x[:2], y[:2])]
+            for j, value in poison.items():
+                if value == 1e30:
+                    grads[j][...] = value
+                else:
+                    grads[j].reshape(-1)[-1] = value
+            opt.apply([keras.ops.convert_to_tensor(g) for g in grads], model.trainable_variables)
+            want = tuple(n for n, g in zip(names, grads) if not np.isfinite(g).all())
+            rec = watch.records[-1]
+            assert sorted(rec.nonfinite) == sorted(want)
+            assert rec.skipped == bool(want)
+    assert len(watch.records) == 2 and watch.records[-1].nonfinite == ()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX arithmetic of the compiled step")
+def test_jax_square_sums_and_finiteness_inside_jit():
+    """The compiled step's per-gradient arithmetic under ``jax.jit`` against numpy: the
+    float64 sum of squares, and ``isfinite`` element by element (bfloat16, empty, huge)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradwatch_tf.portable import _sq_and_finite
+
+    rng = np.random.default_rng(0)
+    cases = [rng.standard_normal((33, 65)).astype("float32"), np.zeros((0, 4), "float32"), np.full(7, 1e30, "float32")]
+    for value in (np.inf, -np.inf, np.nan):
+        bad = rng.standard_normal(300).astype("float32")
+        bad[123] = value
+        cases.append(bad)
+    f = jax.jit(_sq_and_finite)
+    for a in cases:
+        sq, ok = f(jnp.asarray(a))
+        assert bool(ok) == bool(np.isfinite(a).all())
+        if np.isfinite(a).all():
+            want = float(np.sum(a.astype(np.float64) ** 2))
+            assert float(sq) == pytest.approx(want, rel=1e-6) if want < 3e38 else math.isinf(float(sq))
+    half = rng.standard_normal(1000).astype("float32")
+    sq, ok = f(jnp.asarray(half, jnp.bfloat16))
+    exact = np.asarray(jnp.asarray(half, jnp.bfloat16)).astype(np.float64)
+    assert bool(ok) and float(sq) == pytest.approx(float(np.sum(exact**2)), rel=1e-5)
+
+
 def _propagation_reference(model: keras.Model, x: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     """The core's float64 reference (gains, max gains) of the model of
     :func:`test_fit_measures_propagation_inside_the_compiled_step` at its current weights."""
