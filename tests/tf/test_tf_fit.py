@@ -297,3 +297,53 @@ def test_models_built_inside_the_first_step_are_watched_fully(kind):
     # forward hook, which exists from the first traced step on.
     assert {g.gate for g in rec.gates.values()} == {"forget" if kind == "sequential" else "update"}
     assert list(profile.recurrences) == ["l0"] and profile.propagation[0] == 1.0
+
+
+def test_first_fit_traces_the_step_once_and_trains_bitwise_as_unwatched(monkeypatch):
+    """Keras on TensorFlow creates Adam's slots inside the first trace of its train step,
+    and a ``tf.function`` that created variables is traced again. The callback builds the
+    optimizer before the fit: the watched step is traced once, and the weights and the
+    optimizer's variables (names and values) are bitwise the unwatched twin's."""
+    traces: list[int] = []
+    own = keras.Model.train_step
+
+    def counted(self, data):
+        traces.append(id(self))
+        return own(self, data)
+
+    monkeypatch.setattr(keras.Model, "train_step", counted)
+    model = make_model("LSTM")
+    plain = twin(model)
+    x, y = data()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    plain.compile(keras.optimizers.Adam(0.01), "mse")
+    model.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False, callbacks=[GradWatchCallback(sinks=["memory"])])
+    plain.fit(x, y, batch_size=2, epochs=2, verbose=0, shuffle=False)
+    assert traces.count(id(model)) == 1 and traces.count(id(plain)) >= 1
+    assert weights_equal(model, plain)
+    mine, theirs = model.optimizer.variables, plain.optimizer.variables
+    assert [v.path.split("/", 1)[1] for v in mine] == [v.path.split("/", 1)[1] for v in theirs]  # (adam, adam_1)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, theirs))
+
+
+def test_a_custom_train_step_builds_its_optimizer_itself():
+    """A model with its own ``train_step`` may apply the optimizer to fewer variables than
+    the model's: the callback leaves the optimizer unbuilt for Keras to build."""
+
+    class Own(keras.Model):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    inp = keras.Input((6, 3))
+    model = Own(inp, keras.layers.Dense(1)(keras.layers.LSTM(4)(inp)))
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    seen: list[bool] = []
+
+    class Look(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            seen.append(self.model.optimizer.built)
+
+    x, y = data()
+    cb = GradWatchCallback(sinks=["memory"])
+    model.fit(x, y, batch_size=2, epochs=1, verbose=0, callbacks=[cb, Look()])
+    assert seen == [False] and model.optimizer.built and len(cb.records) == 4
