@@ -112,7 +112,7 @@ def _build_optimizer(model: Any) -> None:
     a distribution strategy, which builds it before the fit) creates the optimizer's
     variables inside the first trace of the train step, and a ``tf.function`` that
     created variables is traced a second time: the whole step, gradwatch's share included
-    (about a third of a small model's first ``fit``). Built before, it is traced once. The
+    (a third to a half of a small model's first ``fit``). Built before, it is traced once. The
     same variables with the same initial values: training is bitwise unchanged. Only
     for the default train step (a custom one may apply the optimizer to fewer variables)
     and a model whose layers are all built."""

@@ -80,7 +80,6 @@ __all__ = ["PortableAttachment", "attach"]
 logger = logging.getLogger("gradwatch")
 
 
-
 def _sq_and_finite(x: Any) -> tuple[Any, Any]:
     """The sum of squares of ``x`` (float32) and whether every element is finite, both
     exact. On JAX the squares are one dot product (BLAS: no kernel of its own to
@@ -98,6 +97,7 @@ def _sq_and_finite(x: Any) -> tuple[Any, Any]:
         sq = jnp.dot(flat, flat, preferred_element_type=jnp.float32)
         return sq, jnp.logical_not(jnp.isnan(jnp.sum(flat * jnp.zeros((), flat.dtype))))
     return ops.sum(ops.square(ops.cast(x, "float32"))), ops.all(ops.isfinite(x))
+
 
 class PortableAttachment(JaxState, Lifecycle):
     """gradwatch's live connection to a Keras model on JAX or PyTorch (see the module)."""
