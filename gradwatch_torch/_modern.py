@@ -228,10 +228,17 @@ _BLOCK = 1 << 18  # numbers per block of the factored RMS on the CPU
 
 
 def _reverse_cumsum(x: Tensor) -> Tensor:
-    """(P, T, ...) -> (T, P, ...): row j = sum of the last j entries along T (row 0 = 0)."""
+    """(P, T, ...) -> (T - 1, P, ...): row j - 1 = the sum of the last j entries along T
+    (j = 1 .. T - 1; row j = 0, the identity, is left to :func:`_with_identity`)."""
+    steps = int(x.shape[1])
     back = torch.cumsum(torch.flip(x, (1,)), 1)  # along T with P outermost: fast on CPU
-    shift = [0, 0] * (x.dim() - 2) + [1, -1]  # one step down along T, row 0 = 0: one op
-    return F.pad(back, shift).transpose(0, 1)
+    return back[:, : steps - 1].transpose(0, 1)
+
+
+def _with_identity(log_rms: Tensor, top: Tensor) -> tuple[Tensor, Tensor]:
+    """Prepend j = 0 (no step back: the identity, both logs 0) to (T - 1, P) logs."""
+    zero = top.new_zeros(1, int(top.shape[1]))
+    return torch.cat([zero, log_rms], 0), torch.cat([zero, top], 0)
 
 
 def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
@@ -242,12 +249,13 @@ def _plain(log_a: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
     if steps < 2:
         return None
     wide = torch.float64 if log_a.dtype == torch.float64 else torch.float32
-    sums = _reverse_cumsum(log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1))  # (T, P, S)
-    top = sums.amax(2)  # (T, P)
+    sums = _reverse_cumsum(log_a[:probed].to(wide).reshape(min(probed, log_a.shape[0]), steps, -1))  # (T-1, P, S)
+    top = sums.amax(2)  # (T-1, P)
     shift = top.nan_to_num(nan=0.0, neginf=0.0)  # a reset sequence (all -inf) is shifted by 0
     z = (sums - shift.unsqueeze(-1)).mul_(_TWO_LOG2E).clamp_(min=_FLOOR).exp2_().sum(-1)
     log_rms = torch.log(z).sub_(math.log(sums.shape[2])).mul_(0.5).add_(shift)
-    return aggregate(log_rms.masked_fill_(top == -math.inf, -math.inf), top, TORCH_TENSORS)
+    log_rms, top = _with_identity(log_rms.masked_fill_(top == -math.inf, -math.inf), top)
+    return aggregate(log_rms, top, TORCH_TENSORS)
 
 
 def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor] | None:
@@ -259,13 +267,14 @@ def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor]
     if steps < 2:
         return None
     wide = torch.float64 if scale.dtype == torch.float64 else torch.float32
-    sums = _reverse_cumsum(scale[:probed].to(wide))  # (T, P, E)
+    sums = _reverse_cumsum(scale[:probed].to(wide))  # (T-1, P, E)
     rate = rate.to(wide)
     top = torch.where(sums >= 0, sums * rate.amax(1), sums * rate.amin(1)).amax(2)
     steps_, seqs = int(sums.shape[0]), int(sums.shape[1])
     # the RMS over (E, N): 2^((2 log a - 2 top) log2 e) summed in place, a block of steps at a
     # time on the CPU (a block of 2^18 numbers stays in cache: 3-4x faster than one pass
-    # over a Mamba state of 8 x 128 x 128 x 16), all at once on an accelerator
+    # over a Mamba state of 8 x 128 x 128 x 16), all at once on an accelerator (one
+    # broadcast product, then in place: ``addcmul`` in one pass measured 2x slower)
     rate2, top2 = rate * _TWO_LOG2E, (top * _TWO_LOG2E).unsqueeze(-1)
     block = steps_ if sums.device.type != "cpu" else max(1, _BLOCK // max(seqs * rate.numel(), 1))
     z = torch.empty(steps_, seqs, dtype=sums.dtype, device=sums.device)
@@ -275,7 +284,7 @@ def _factored(scale: Tensor, rate: Tensor, probed: int) -> tuple[Tensor, Tensor]
         part = torch.mul(sums[t : t + n].unsqueeze(-1), rate2, out=buf[:n]).view(n, seqs, -1)
         torch.sum(part.sub_(top2[t : t + n]).clamp_(min=_FLOOR).exp2_(), -1, out=z[t : t + n])
     log_rms = top + 0.5 * (torch.log(z) - math.log(rate.numel()))
-    return aggregate(log_rms, top, TORCH_TENSORS)
+    return aggregate(*_with_identity(log_rms, top), TORCH_TENSORS)
 
 
 # -- built-in decays (module, args, kwargs, output) -> log a (B, T, ...) -------------------
@@ -295,9 +304,9 @@ def _rows_of(linear: nn.Linear, x: Tensor, part: int, parts: int) -> Tensor:
 def mingru_decay(module: Any, args: tuple, kwargs: dict, output: Any, inner: Tensor | None = None) -> Tensor:
     """minGRU: log(1 - z_t) = -softplus(gate); (B, T, D)."""
     if inner is not None:
-        return -F.softplus(inner[..., inner.shape[-1] // 2 :].float())
+        return F.softplus(inner[..., inner.shape[-1] // 2 :].float()).neg_()
     x = _arg(args, kwargs, 0, "x")
-    return -F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float())
+    return F.softplus(_rows_of(module.to_hidden_and_gate, x, 1, 2).float()).neg_()
 
 
 @capturing("to_hidden_and_f_i_gate")
@@ -332,7 +341,7 @@ def mamba_decay(
     norm = getattr(module, "dt_layernorm", None)
     if norm is not None:
         delta = norm(delta)
-    delta = F.softplus(delta.float() @ module.dt_proj.weight.float().t() + module.dt_proj.bias.float())
+    delta = F.softplus(F.linear(delta.float(), module.dt_proj.weight.float(), module.dt_proj.bias.float()))
     return delta, -torch.exp(module.A_log.float())  # log a_t = Δ_t[e] A[e, n], factored
 
 
