@@ -7,9 +7,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from gradwatch.records import StepRecord
+from gradwatch.records import StepRecord, WindowStats
 
-__all__ = ["clip_hint", "fmt", "layer_spectral", "measured_steps", "nonfinite_message", "printable", "summary_line"]
+__all__ = [
+    "CEILING_RTOL",
+    "clip_hint",
+    "fmt",
+    "layer_spectral",
+    "measured_steps",
+    "nonfinite_message",
+    "printable",
+    "summary_line",
+]
+
+#: A norm within this relative distance of the largest counts as "at the ceiling": a
+#: gradient clipped before gradwatch measured it (``clip_grad_norm_`` leaves its norm at
+#: max_norm * n / (n + 1e-6)), while unclipped norms almost never repeat to four digits.
+CEILING_RTOL = 1e-4
+
+#: A flush window needs this many steps before the INFO line calls a constant norm clipped.
+CEILING_MIN_STEPS = 5
 
 
 def fmt(x: float | None) -> str:
@@ -101,6 +118,12 @@ def summary_line(record: StepRecord) -> str:
     parts = [f"step {record.step}: grad norm {fmt(record.global_norm)}"]
     if w is not None and w.steps > 1:
         parts[0] += f" (last {w.steps} steps: min {fmt(w.norm_min)}, mean {fmt(w.norm_mean)}, max {fmt(w.norm_max)})"
+        if _at_ceiling(w):
+            at = fmt(w.norm_max)
+            parts.append(
+                f"{at} on every step: clipped before gradwatch measured? (e.g. clip_grad_norm_ before "
+                f"optimizer.step(); policy='fixed', max_norm={at} clips the same and records the norms before it)"
+            )
     if record.clip is not None:
         share = f"{w.clipped}/{w.steps} steps" if w is not None else ("this step" if record.clip.clipped else "none")
         parts.append(f"clipped {share} by {record.clip.policy!r} (threshold {fmt(record.clip.threshold)})")
@@ -116,6 +139,16 @@ def summary_line(record: StepRecord) -> str:
         when = f" (measured at step {at})" if at != record.step else ""
         parts.append(f"{layer}: {fmt(prof.gain)}/step through time, horizon {prof.horizon}/{prof.length}{when}")
     return " | ".join(parts)
+
+
+def _at_ceiling(w: WindowStats) -> bool:
+    """Every step of the window at one norm (to :data:`CEILING_RTOL`) that gradwatch's own
+    policy did not clip: a gradient clipped before gradwatch saw it, the reading a person
+    needs for "min 0.5, mean 0.5, max 0.5" (the report's note says the same of a run)."""
+    finite = w.steps - w.nonfinite
+    if w.clipped or finite < CEILING_MIN_STEPS or not (w.norm_max > 0 and w.norm_min == w.norm_min):
+        return False
+    return w.norm_min >= w.norm_max * (1 - CEILING_RTOL)
 
 
 def measured_steps(record: StepRecord) -> Mapping[str, int]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gradwatch.formatting import printable
+from gradwatch.formatting import CEILING_RTOL, printable
 from gradwatch.jsonl import Run, RunFileError, read_run
 
 __all__ = ["RunSummary", "fmt", "format_summary", "format_table", "label", "load_runs", "summarize", "table_rows"]
@@ -42,8 +42,6 @@ def run_color(i: int) -> str:
 #: this a report would take minutes and gigabytes, so it is refused in one line instead.
 MAX_REPORT_BYTES = 512 * 2**20
 
-#: A norm within this relative distance of the run's largest counts as "at the ceiling".
-CEILING_RTOL = 1e-4
 
 
 @dataclass

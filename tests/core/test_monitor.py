@@ -300,3 +300,34 @@ def test_the_info_line_leaves_out_layers_whose_propagation_was_not_measured():
     _window_run(m, 25, measured=set())
     (written,) = m.sinks[0].records
     assert "horizon" not in summary_line(written) and not written.temporal["rnn"].recurrences
+
+
+def _flush_lines(caplog, norms, **options):
+    from tests.core.helpers import feed_global_norms
+
+    m = monitor(log_every=len(norms), sinks=["logging"], **options)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        feed_global_norms(m, norms)
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and r.getMessage().startswith("step ")]
+
+
+def test_the_info_line_says_when_the_norm_sat_at_a_ceiling_every_step(caplog):
+    # clip_grad_norm_(max_norm=0.5) before optimizer.step(): 0.5 * n / (n + 1e-6) on every step
+    pre = np.random.default_rng(0).lognormal(1.0, 0.5, 20)
+    (line,) = _flush_lines(caplog, list(0.5 * pre / (pre + 1e-6)))
+    assert "min 0.5, mean 0.5, max 0.5) | 0.5 on every step: clipped before gradwatch measured?" in line
+    assert "policy='fixed', max_norm=0.5" in line
+
+
+@pytest.mark.parametrize(
+    "norms, options",
+    [
+        (list(np.random.default_rng(1).lognormal(0.0, 0.3, 20)), {}),  # a healthy run varies
+        ([0.5] * 4, {}),  # too few steps to say
+        ([0.5 * (1 - 1e-3 * (i % 2)) for i in range(20)], {}),  # 0.1% apart: not one value
+        ([3.0 + 0.1 * i for i in range(20)], {"policy": "fixed", "max_norm": 1.0}),  # gradwatch's own clipping
+    ],
+)
+def test_the_ceiling_note_stays_out_of_lines_it_does_not_describe(caplog, norms, options):
+    (line,) = _flush_lines(caplog, norms, **options)
+    assert "on every step" not in line

@@ -127,6 +127,29 @@ def test_sparse_embedding_gradients_are_measured_and_clipped():
     assert total == pytest.approx(1e-3, rel=1e-3)
 
 
+def test_the_log_line_explains_norms_clipped_by_the_loop_before_optimizer_step(caplog):
+    """The user's own clip_grad_norm_ before optimizer.step() (lucidrains' minGRU train.py
+    does this): gradwatch sees the clipped gradient, and the INFO line says so instead of
+    printing "min 0.5, mean 0.5, max 0.5" unexplained."""
+    import logging
+
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    w = gradwatch_torch.watch(model, opt, log_every=10, sinks=["logging", "memory"])
+    pre = []
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        _train(
+            model, opt, 10, before_step=lambda i: pre.append(float(nn.utils.clip_grad_norm_(model.parameters(), 0.05)))
+        )
+    w.close()
+    assert min(pre) > 0.05  # every step clipped by the loop
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 10:")]
+    assert "0.05 on every step: clipped before gradwatch measured?" in line
+    assert "policy='fixed', max_norm=0.05" in line
+    assert max(r.global_norm for r in w.records) == pytest.approx(0.05, rel=1e-5)  # what the optimizer received
+
+
 def test_fixed_policy_leaves_gradients_alone_below_threshold():
     model = _mlp()
     ref = copy.deepcopy(model)
