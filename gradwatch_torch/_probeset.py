@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch import HandleGroup, Segment
+from gradwatch.through_time.families import GATE_PROJECTIONS
 from gradwatch_torch import _distributed
 from gradwatch_torch._recurrent import Probe, ProbeContext, SequenceProbe, find_probes, install
 from gradwatch_torch._segments import gates_of, propagation_of, spectral_of, temporal_of
@@ -71,6 +72,10 @@ class ProbeSet:
             bias = forget_bias(module) if module is not None else None
             if bias is not None:
                 meta["forget_bias"][p.name] = bias
+            proj = GATE_PROJECTIONS.get(p.kind)
+            gate = getattr(module, proj, None) if proj is not None else None
+            if isinstance(gate, nn.Linear) and gate.bias is None:
+                meta.setdefault("no_gate_bias", {})[p.name] = proj
 
     def forget_bias_now(self, layer: str, recurrence: str) -> float | None:
         """The live fact ``forget_bias`` (:attr:`gradwatch.view.MonitorView.live`): the

@@ -102,7 +102,14 @@ _DIAG_EXPLODE = (
     "and add gradient clipping (policy=\"autoclip\")"
 )
 
-#: Remedy sentences per family and condition, in the voice of the LSTM / GRU remedies.
+#: The projection whose output holds a family's gate, by attribute name (mingru-pytorch's
+#: layers): a backend that finds it without a bias reports the fact ``no_gate_bias``
+#: (layer -> this name) and the remedy says so (``"vanishing_no_bias"``) instead of
+#: advising a bias the layer does not have.
+GATE_PROJECTIONS: dict[str, str] = {"mingru": "to_hidden_and_gate", "minlstm": "to_hidden_and_f_i_gate"}
+
+#: Remedy sentences per family and condition, in the voice of the LSTM / GRU remedies;
+#: ``"vanishing_no_bias"`` where the gate's projection has no bias (``GATE_PROJECTIONS``).
 REMEDIES: dict[str, dict[str, str]] = {
     "mingru": {
         "vanishing": (
@@ -110,6 +117,13 @@ REMEDIES: dict[str, dict[str, str]] = {
             "steps: bias the gate half of to_hidden_and_gate towards closed (a negative gate bias, e.g. "
             "-2 to -4, so 1 - z_t starts near 0.9-0.98), or stack fewer minGRU layers between the input "
             "and the loss; a longer memory also needs the task's signal to reach the state"
+        ),
+        "vanishing_no_bias": (
+            "the update gate z_t stays open (decay 1 - z_t small), so the state forgets within a few "
+            "steps: to_hidden_and_gate has no bias (mingru-pytorch builds it with bias=False), so nothing "
+            "holds z_t away from 0.5; give it one (nn.Linear(..., bias=True)) with the gate half "
+            "initialised at -2 to -4, so 1 - z_t starts near 0.9-0.98, or stack fewer minGRU layers between "
+            "the input and the loss; a longer memory also needs the task's signal to reach the state"
         ),
         "exploding": "the minGRU decay 1 - z_t is below 1, so the growth comes from outside the "
         "recurrence (the projections or the layers around it): " + _DIAG_EXPLODE,
@@ -119,6 +133,12 @@ REMEDIES: dict[str, dict[str, str]] = {
             "the normalised forget gate f_t / (f_t + i_t) is small: raise the forget-gate bias "
             "(+1 to +3 on the forget third of to_hidden_and_f_i_gate) or lower the input-gate bias, "
             "so the decay starts near 0.9-0.98"
+        ),
+        "vanishing_no_bias": (
+            "the normalised forget gate f_t / (f_t + i_t) is small: to_hidden_and_f_i_gate has no bias "
+            "(mingru-pytorch builds it with bias=False), so nothing holds the decay away from 0.5; give it "
+            "one (nn.Linear(..., bias=True)) with the forget third initialised at +1 to +3 (or the input "
+            "third lower), so the decay starts near 0.9-0.98"
         ),
         "exploding": "the minLSTM decay f_t / (f_t + i_t) is below 1, so the growth comes from "
         "outside the recurrence: " + _DIAG_EXPLODE,

@@ -17,7 +17,8 @@ layer is judged again on later profiles (the rate limiter lets one through every
 (never "use an LSTM" to an LSTM) and what the model already has (the forget-gate bias the
 backend read from the weights, a clipping policy already on): facts the backend reports in
 ``view.meta`` (``recurrent_layers``: layer -> kind; ``forget_bias``: layer -> the smallest
-mean forget-gate bias of its recurrences; ``recurrence_weights``).
+mean forget-gate bias of its recurrences; ``no_gate_bias``: layer -> the gate projection
+that has no bias, minGRU / minLSTM; ``recurrence_weights``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def remedy(kind: str | None, direction: str, view: MonitorView, facts: Mapping[s
     ("vanishing" or "exploding") through time, given what the model already has."""
     fam = family(kind)
     own = _MODERN.get(fam, {}).get(direction)
+    if direction == "vanishing" and facts.get("no_gate_bias"):  # a bias the layer does not have
+        own = _MODERN.get(fam, {}).get("vanishing_no_bias", own)
     if direction == "exploding":
         scale = (
             "a smaller recurrent weight scale (largest singular value near or below 1: orthogonal initialisation, "
@@ -196,6 +199,7 @@ class TemporalDetector(Stateless):
         kinds = meta.get("recurrent_layers") or {}
         weights = meta.get("recurrence_weights") or {}
         biases = meta.get("forget_bias") or {}
+        unbiased = meta.get("no_gate_bias") or {}
         events: list[GradEvent] = []
         for layer, prof in record.temporal.items():
             recs = {k: r for k, r in prof.recurrences.items() if r.length >= 2}
@@ -212,7 +216,10 @@ class TemporalDetector(Stateless):
                 continue
             direction = "exploding" if exploding else "vanishing"
             attached = biases.get(layer) if isinstance(biases, Mapping) else None
-            facts = {"forget_bias": _live(view, "forget_bias", layer, rec, attached)}
+            facts = {
+                "forget_bias": _live(view, "forget_bias", layer, rec, attached),
+                "no_gate_bias": unbiased.get(layer) if isinstance(unbiased, Mapping) else None,
+            }
             said = (
                 f"{direction.capitalize()} gradient through time in recurrent layer {layer!r} (recurrence {rec!r}) "
                 f"{_when(record.step)}: "

@@ -463,7 +463,7 @@ def test_declarations_by_name_and_plugin_hook():
 
 def test_every_family_has_remedies_and_a_gate():
     for kind in ("mingru", "minlstm", "mamba", "mlstm", "slstm", "rglru", "cell", "custom"):
-        assert set(REMEDIES[kind]) == {"vanishing", "exploding"}
+        assert {"vanishing", "exploding"} <= set(REMEDIES[kind]) <= {"vanishing", "exploding", "vanishing_no_bias"}
         assert GATES[kind]
         assert all(len(s) > 40 for s in REMEDIES[kind].values())
 
@@ -488,6 +488,38 @@ def test_mingru_on_the_demo_task_is_found_vanishing(caplog):
     assert prof.horizon is not None and prof.horizon < 100
     assert any(e.kind == "vanishing" for e in w.events)
     assert math.isfinite(prof.gain) and prof.gain < 1
+
+
+@pytest.mark.parametrize("family", ["minGRU", "minLSTM"])
+@pytest.mark.parametrize("biased", [False, True])
+def test_the_vanishing_remedy_fits_whether_the_gate_projection_has_a_bias(family, biased):
+    """mingru-pytorch builds its gate projection with bias=False: "bias the gate" alone
+    would advise a parameter the layer does not have."""
+    pytest.importorskip("minGRU_pytorch", reason="mingru-pytorch is not installed")
+    import importlib
+
+    torch.manual_seed(0)
+    layer = getattr(importlib.import_module(f"minGRU_pytorch.{family}"), family)(16)
+    proj = "to_hidden_and_gate" if family == "minGRU" else "to_hidden_and_f_i_gate"
+    assert getattr(layer, proj).bias is None  # the package's own choice
+    if biased:  # the remedy followed: a biased projection, its gate part at 0 (still forgetting fast)
+        old = getattr(layer, proj)
+        new = nn.Linear(old.in_features, old.out_features, bias=True)
+        with torch.no_grad():
+            new.weight.copy_(old.weight)
+            new.bias.zero_()
+        setattr(layer, proj, new)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    w = gradwatch_torch.watch(layer, opt, sinks=[])
+    layer(torch.randn(4, 100, 16)).square().mean().backward()
+    opt.step()
+    w.close()
+    (alert,) = [e for e in w.events if e.kind == "vanishing"]
+    if biased:
+        assert "has no bias" not in alert.message and "bias" in alert.message
+    else:
+        assert f"{proj} has no bias (mingru-pytorch builds it with bias=False)" in alert.message
+        assert "nn.Linear(..., bias=True)" in alert.message
 
 
 # -- RG-LRU (recurrentgemma's torch layers) ----------------------------------------------------
