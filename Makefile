@@ -57,7 +57,7 @@ report: $(STAMP_DEMO)
 KERAS_ANY_BACKEND := tests/tf/test_keras_backends.py tests/tf/test_tf_fit_exits.py tests/tf/test_keras_step_cost.py \
 	tests/tf/test_keras_live_facts.py tests/tf/test_keras_replay_cost.py tests/tf/test_keras_batch_logs.py \
 	tests/tf/test_keras_spectral.py tests/tf/test_keras_sensitivity.py tests/tf/test_keras_dropout.py \
-	tests/tf/test_keras_numpy_replay.py
+	tests/tf/test_keras_numpy_replay.py tests/tf/test_keras_mingru.py
 KERAS_CONTRACT_torch := not profiling_schedule
 KERAS_CONTRACT_jax := records_match or close_leaves or bitwise or raise_happens or fixed_equals or header or (float64_reference and (bidirectional or masked))
 test: $(STAMP_TEST)

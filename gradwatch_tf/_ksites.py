@@ -32,6 +32,10 @@ Sensitivity (dL/dx of each site's input, summed in squares per timestep): on tor
 profiled steps' inputs; on JAX an identity whose backward leaves its sums in the site, read
 into the row by the optimizer step traced after it (:meth:`PortableThroughTime._tap`).
 
+A diagonal recurrence (mingru-keras' ``MinGRU``, :mod:`gradwatch_tf._kdiag`) is a site with
+no cell: nothing kept or replayed; its log gains come from its decays in the step itself, on
+profiled steps (eagerly when the host knows the step, under ``ops.cond`` in a jitted one).
+
 Each site's row entries are the log gains [2, R, T] (the host takes ``exp`` in float64:
 a vanished gain stays representable in float32) and, for gated cells, the keep gate's
 statistics; NaN where the site was not replayed for this step, which the host leaves out.
@@ -55,7 +59,7 @@ from gradwatch import Segment, profile_due
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch.through_time.spectral import HostSpectral
-from gradwatch_tf import _kcells, _kkept, _knumpy, _kreplay
+from gradwatch_tf import _kcells, _kdiag, _kkept, _knumpy, _kreplay
 from gradwatch_tf._kkept import Kept
 from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
@@ -92,18 +96,25 @@ class _Site:
     blocks: list[_Block] = field(default_factory=list)  # the recurrent kernels' gate blocks
     sq: Any = None  # per-timestep sums of squares of dL/dx of this step (sensitivity; torch, JAX)
     tap: Any = None  # JAX: the identity whose backward hands dL/dx's sums of squares to ``sq``
+    #: A diagonal recurrence (:mod:`gradwatch_tf._kdiag`): measured in the step from its
+    #: decays, nothing kept or replayed; None for the cells' layers.
+    diag: _kdiag.Diagonal | None = None
 
     @property
     def weights(self) -> list[Any]:
+        if self.diag is not None:
+            return self.diag.weights(self.layer)
         return [v for _, layer in self.directions for v in layer.cell.weights]
 
     @property
     def numpy_ok(self) -> bool:
         """Its host replay can run on numpy (:func:`gradwatch_tf._knumpy.replayable`)."""
-        return _knumpy.replayable(self.directions)
+        return self.diag is None and _knumpy.replayable(self.directions)
 
     @property
     def gate_name(self) -> str | None:
+        if self.diag is not None:
+            return None  # (no gate statistics: the decay is the whole story)
         names = {_GATES.get(type(layer.cell).__name__) for _, layer in self.directions}
         return names.pop() if len(names) == 1 else None
 
@@ -149,7 +160,26 @@ def find_sites(model: Any) -> list[_Site]:
             site = _Site(layer, layer.path, n, directions, zlib.crc32(str(layer.name).encode()) & 0xFFFF)
             site.blocks = _blocks(directions)
             out.append(site)
+    for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU)
+        diag = _kdiag.diagonal_of(layer)
+        n = _length(layer) if diag is not None else None
+        if diag is not None and n is not None and n >= 2:
+            out.append(_Site(layer, layer.path, n, [("l0", layer)], zlib.crc32(str(layer.name).encode()) & 0xFFFF, diag=diag))
     return out
+
+
+def _training(named: dict[str, Any]) -> bool:
+    """Is this call a training one: its ``training`` argument, or for a layer whose
+    ``call`` takes none (mingru-keras' MinGRU) the value Keras resolved for the call."""
+    if "training" in named:
+        return bool(named.get("training"))
+    try:
+        from keras.src.backend.common import global_state
+
+        ctx = global_state.get_global_attribute("current_call_ctx")
+        return bool(getattr(ctx, "training", False))
+    except Exception:  # noqa: BLE001 - another Keras: treated as not training
+        return False
 
 
 def _primal(x: Any) -> Any:
@@ -261,6 +291,9 @@ class PortableThroughTime:
     def meta(self) -> dict[str, Any]:
         kinds, biases = {}, {}
         for s in self.sites:
+            if s.diag is not None:
+                kinds[s.name] = s.diag.kind
+                continue
             cell = s.directions[0][1].cell
             name = type(cell).__name__
             kinds[s.name] = {"LSTMCell": "lstm", "GRUCell": "gru"}.get(
@@ -297,7 +330,7 @@ class PortableThroughTime:
             undo: Callable[[], None] | None = None
             try:
                 named = signature.bind(inputs, *args, **kwargs).arguments
-                if named.get("training") and not self.broken:
+                if _training(named) and not self.broken:
                     mask = named.get("mask")
                     mask = mask[0] if isinstance(mask, (list, tuple)) else mask
                     site.call = {
@@ -306,7 +339,7 @@ class PortableThroughTime:
                         "states": _primal(named.get("initial_state")),
                     }
                     inputs = self._probe(site, inputs)
-                    if any(_kcells.has_dropout(layer.cell) for _, layer in site.directions):
+                    if site.diag is None and any(_kcells.has_dropout(layer.cell) for _, layer in site.directions):
                         drawn = [{} for _ in site.directions]
                         undo = _kcells.capture_dropout((layer.cell, d) for d, (_, layer) in zip(drawn, site.directions))
             except Exception as exc:  # noqa: BLE001 - measuring is optional, the call is not
@@ -401,7 +434,8 @@ class PortableThroughTime:
             # dL/dx is one matmul of the gates' width by F per timestep and direction; the
             # layer's training, three of (F + units) (forward, and both gradients backward)
             self.anchored[site.name] = sum(
-                feat / (3.0 * (feat + int(getattr(layer.cell, "units", feat)))) for _, layer in site.directions
+                feat / (3.0 * (feat + int(getattr(getattr(layer, "cell", layer), "units", feat))))
+                for _, layer in site.directions
             )
         return site.tap(x, anchor)
 
@@ -446,6 +480,11 @@ class PortableThroughTime:
         for site in self.sites:
             call, site.call = site.call, {}
             nan = self._nan(site)
+            if site.diag is not None:
+                logs = self._diagonal(site, call, step, host_step, active, nan[0])
+                out[("propagation", site.name)] = logs[0]
+                out[("max_gains", site.name)] = logs[1]
+                continue
             measurable = bool(call) and not self.broken and int(call["x"].shape[1]) == site.length
             masks = "dropout" in call  # the call's own dropout masks (:meth:`_wrap`)
             measurable = measurable and all(
@@ -472,6 +511,28 @@ class PortableThroughTime:
             out[("propagation", site.name)] = logs[0]
             out[("max_gains", site.name)] = logs[1]
         return out
+
+    def _diagonal(self, site: _Site, call: dict[str, Any], step: Any, host_step: int | None, active: Any, nan: Any) -> Any:
+        """A diagonal site's log gains [2, 1, T] on a profiled step, else NaN: computed in
+        the step from the call's input and the weights before the update
+        (:func:`gradwatch_tf._kdiag.site_logs`), eagerly when the host knows the step, under
+        a ``cond`` in a jitted one (nothing on unprofiled steps; none in a lean trace)."""
+        if not call or self.broken or int(call["x"].shape[1]) != site.length:
+            return nan
+        if host_step is not None:
+            if not profile_due(host_step, self._every):
+                return nan
+            if keras.backend.backend() == "torch":
+                import torch
+
+                with torch.no_grad():  # (the weights require grad: no graph for this)
+                    return _kdiag.site_logs(site.diag, site.layer, call["x"])
+            return _kdiag.site_logs(site.diag, site.layer, call["x"])
+        if self.lean:
+            return nan
+        due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
+        x = call["x"]
+        return ops.cond(due, lambda: _kdiag.site_logs(site.diag, site.layer, x), lambda: nan)
 
     def lean_saving(self) -> float:
         """JAX: the share of a training step a lean train function saves, from shapes: the
@@ -569,7 +630,8 @@ class PortableThroughTime:
         """On JAX, the device buffers a jitted step writes what the replay needs into (see
         :class:`Kept`); created outside any trace, carried in the step's state."""
         for site in self.sites:
-            site.kept = Kept.make(site.salt, site.length, site.directions, make)
+            if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
+                site.kept = Kept.make(site.salt, site.length, site.directions, make)
 
     def _keep(self, site: _Site, call: dict[str, Any], step: Any, due: Any) -> None:
         """In the jitted step: on a due step, the first sequences of the call and the

@@ -35,7 +35,7 @@ import tensorflow as tf
 from gradwatch import profile_due
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING
-from gradwatch_tf import _kcells, _kreplay, _recurrent
+from gradwatch_tf import _kcells, _kdiag, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
 from gradwatch_tf._tfhost import profiled_ordinal
 
@@ -159,7 +159,7 @@ class ReplayHook:
         """Add the profiled-step replay (inside ``tf.cond``) after the layer's ops; in
         ``fit``, what the host's replay needs instead (:mod:`gradwatch_tf._tfhost`)."""
         try:
-            if self._host is not None:  # fit: keep what the host's replay needs, every profiled step
+            if self._host is not None and self.site.diag is None:  # fit: keep what the host's replay needs
                 self._keep(call)
                 return
             step, profiled, replay_due = self._schedule(call.args.inputs)
@@ -174,7 +174,12 @@ class ReplayHook:
         step_var, active = self._counters()
         step = step_var.read_value()
         k = profiled_ordinal(step, self._every)
-        period = tf.constant(self._replay_every, tf.int64) if self._replay_every else replay_period(self.site, x, self._every)
+        if self.site.diag is not None:  # exact and cheap: every profiled step
+            period = tf.constant(1, tf.int64)
+        elif self._replay_every:
+            period = tf.constant(self._replay_every, tf.int64)
+        else:
+            period = replay_period(self.site, x, self._every)
         profiled = tf.logical_and(profile_due(step, self._every, TF), active.read_value())
         return step, profiled, tf.equal(tf.math.floormod(k, period), 0)
 
@@ -204,6 +209,12 @@ class ReplayHook:
 
     def _measure(self, call: _Call, step: tf.Tensor) -> tf.Tensor:
         site = self.site
+        if site.diag is not None:  # from the decays (gradwatch_tf._kdiag): nothing to replay
+            logs = _kdiag.site_logs(site.diag, site.layer, call.args.inputs)
+            assert site.prop is not None and site.prop_step is not None
+            writes = [site.prop.assign(tf.cast(logs, tf.float32)), site.prop_step.assign(tf.cast(step, tf.int64))]
+            with tf.control_dependencies(writes):
+                return tf.constant(True)
         drops = []
         for _, layer in site.directions:
             masks = site.dropout.get(id(layer.cell), {})

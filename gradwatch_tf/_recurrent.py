@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch_tf._kcells import GATE_ORDER, capture_dropout, gate_blocks
+from gradwatch_tf._kdiag import diagonal_of
 
 logger = logging.getLogger("gradwatch")
 
@@ -57,7 +58,8 @@ class SpectralBlock:
 
 @dataclass
 class RecurrentSite:
-    """A probed layer: a SimpleRNN/LSTM/GRU (or ``RNN(cell)``) or a Bidirectional around one."""
+    """A probed layer: a SimpleRNN/LSTM/GRU (or ``RNN(cell)``), a Bidirectional around one,
+    or a diagonal recurrence (``diag``: mingru-keras' MinGRU, measured from its decays)."""
 
     layer: Any
     name: str  # the layer's path: the key of ``temporal``
@@ -75,6 +77,9 @@ class RecurrentSite:
     prop_step: tf.Variable | None = None  # the optimizer step that replay was for
     #: Per cell (by id): the dropout masks the cell made during the current call.
     dropout: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: A diagonal recurrence (:mod:`gradwatch_tf._kdiag`, mingru-keras' MinGRU): no cells,
+    #: measured in the step from its decays; None for the cells' layers.
+    diag: Any = None
 
     @property
     def recurrences(self) -> tuple[str, ...]:
@@ -93,7 +98,10 @@ _GATE_NAMES = {"LSTMCell": "forget", "GRUCell": "update"}
 
 
 def kind_of(site: RecurrentSite) -> str:
-    """What the core's remedies need to know: "lstm", "gru", "rnn_tanh", "rnn_relu", ..."""
+    """What the core's remedies need to know: "lstm", "gru", "rnn_tanh", "rnn_relu", ...
+    (a diagonal recurrence: its family, "mingru")"""
+    if site.diag is not None:
+        return str(site.diag.kind)
     cell = site.cells[0] if site.cells else None
     name = _class_name(cell)
     if name == "LSTMCell":
@@ -168,6 +176,10 @@ def find_sites(model: Any) -> list[RecurrentSite]:
         if id(layer) in inner or not _is_rnn(layer):
             continue
         sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer), directions=[("l0", layer)]))
+    for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU)
+        diag = diagonal_of(layer)
+        if diag is not None:
+            sites.append(RecurrentSite(layer, layer.path, [], _input_length(layer), directions=[("l0", layer)], diag=diag))
     return sites
 
 
@@ -282,6 +294,8 @@ def replay_feasible(site: RecurrentSite) -> bool:
     knows (:mod:`gradwatch_tf._kcells`); the hook captures the cells' dropout masks."""
     from gradwatch_tf._kcells import supported
 
+    if site.diag is not None:  # exact from its decays, at any size
+        return True
     return bool(site.directions) and all(supported(layer.cell, True, masks=True) for _, layer in site.directions)
 
 

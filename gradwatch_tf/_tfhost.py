@@ -102,7 +102,8 @@ class HostProfile:
         mask per direction where its cell has a dropout rate, and the kept kernels."""
         self._sites = list(sites)
         for site in sites:
-            kept = self.ensure(site) if site.prop is not None else None
+            # (a diagonal recurrence keeps nothing: the step measures it, _propagation)
+            kept = self.ensure(site) if site.prop is not None and getattr(site, "diag", None) is None else None
             if kept is None:
                 continue
             for i, (_, layer) in enumerate(site.directions):

@@ -114,9 +114,10 @@ REMEDIES: dict[str, dict[str, str]] = {
     "mingru": {
         "vanishing": (
             "the update gate z_t stays open (decay 1 - z_t small), so the state forgets within a few "
-            "steps: bias the gate half of to_hidden_and_gate towards closed (a negative gate bias, e.g. "
-            "-2 to -4, so 1 - z_t starts near 0.9-0.98), or stack fewer minGRU layers between the input "
-            "and the loss; a longer memory also needs the task's signal to reach the state"
+            "steps: bias the gate towards closed (a negative gate bias, e.g. -2 to -4, so 1 - z_t starts "
+            "near 0.9-0.98: the gate half of to_hidden_and_gate in mingru-pytorch, the bias of gate in "
+            "mingru-keras), or stack fewer minGRU layers between the input and the loss; a longer memory "
+            "also needs the task's signal to reach the state"
         ),
         "vanishing_no_bias": (
             "the update gate z_t stays open (decay 1 - z_t small), so the state forgets within a few "
