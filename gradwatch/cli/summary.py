@@ -43,7 +43,6 @@ def run_color(i: int) -> str:
 MAX_REPORT_BYTES = 512 * 2**20
 
 
-
 @dataclass
 class RunSummary:
     """What the terminal summary and the HTML tables say about one run. Names are
