@@ -168,7 +168,8 @@ GLOSSARY = (
     ("sensitivity", "‖∂L/∂x_t‖, the gradient of the loss with respect to the layer's input at timestep t: which "
      "timesteps the loss draws on. A model that uses the first input peaks there, which is healthy; it is not what "
      "the alerts judge."),
-    ("x_1/peak", "sensitivity at the first timestep over its largest value (last profile of the run)."),
+    ("x_1/peak", "sensitivity at the first timestep over its largest value (last profile of the run); '-' where "
+     "no gradient reached the layer's input at any timestep."),
     ("events", "alerts by kind over the whole run, rate-limited repeats included."),
     ("clipped", "share of all steps gradwatch's own policy scaled down (clipping done by your code before "
      "optimizer.step(), e.g. clip_grad_norm_, is not counted: gradwatch measures after it)."),

@@ -345,14 +345,25 @@ def format_summary(s: RunSummary) -> str:
         if math.isfinite(t["step"]):
             lines.append(
                 f"  {layer}: through time (step {int(t['step'])}): {fmt(t['gain'])}/step, horizon "
-                f"{int(t['horizon'])}/{int(t['length'])} steps, largest gain {fmt(t['peak'])}; input sensitivity "
-                f"x_1/peak {fmt(t['earliest_over_peak'])}"
+                f"{int(t['horizon'])}/{int(t['length'])} steps, largest gain {fmt(t['peak'])}; {_sensitivity_text(t)}"
             )
         else:
-            lines.append(f"  {layer}: propagation not measured; input sensitivity x_1/peak {fmt(t['earliest_over_peak'])}")
+            lines.append(f"  {layer}: propagation not measured; {_sensitivity_text(t)}")
     for note in s.notes:
         lines.append(f"  note: {note}")
     return "\n".join(lines)
+
+
+def _sensitivity_text(t: Mapping[str, float]) -> str:
+    """x_1 over the peak of the last sensitivity profile, or what a NaN there means: no
+    gradient reached the layer's input at any timestep (0 / 0; dead units, a detached input)."""
+    v = t["earliest_over_peak"]
+    return f"input sensitivity x_1/peak {fmt(v)}" if math.isfinite(v) else "input sensitivity 0 at every timestep"
+
+
+def _x1_cell(t: Mapping[str, float] | None) -> str:
+    """The table's x_1/peak: '-' where nothing was measured or no gradient reached the input."""
+    return fmt(t["earliest_over_peak"]) if t and math.isfinite(t["earliest_over_peak"]) else "-"
 
 
 def table_rows(
@@ -389,7 +400,7 @@ def table_rows(
                     layer,
                     fmt(t["gain"]) if t and math.isfinite(t["gain"]) else "-",
                     f"{int(t['horizon'])}/{int(t['length'])}" if t and math.isfinite(t["step"]) else "-",
-                    fmt(t["earliest_over_peak"]) if t else "-",
+                    _x1_cell(t),
                     events,
                     _pct(s.clipped_share) if s.has_policy else "no policy",
                     fmt(s.norm_percentiles.get("p50", math.nan)),

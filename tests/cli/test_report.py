@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from gradwatch import StepStats
@@ -148,3 +149,25 @@ def test_report_on_a_run_that_diverged_to_nan_still_plots(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "non-finite 15" in text and "nan/step" in text
     assert (tmp_path / "rep" / "temporal_diverged.png").stat().st_size > 5_000
+
+
+def test_a_layer_no_gradient_reached_reads_as_such_not_nan(tmp_path, capsys):
+    """All-zero sensitivity (dead ReLUs, the demo's relu_sgd): x_1/peak is 0/0; the summary
+    says no gradient reached the input, the table shows '-' (the glossary says why)."""
+    import gradwatch
+    from gradwatch.cli.summary import load_runs, summarize, table_rows
+
+    path = tmp_path / "dead.jsonl"
+    mon = gradwatch.Monitor(sinks=[f"jsonl:{path}"], log_every=5, profile_every=5)
+    mon.bind(["rnn.weight_hh_l0"])
+    for _ in range(10):
+        profiled = mon.profile_due()
+        mon.process(StepStats(np.ones(1), temporal={"rnn": np.zeros(20)} if profiled else {}))
+    mon.close()
+    assert main(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
+    text = capsys.readouterr().out
+    assert "rnn: propagation not measured; input sensitivity 0 at every timestep" in text and "nan" not in text
+    runs, _ = load_runs([path])
+    head, rows = table_rows([summarize(r) for r in runs])
+    assert rows[0][head.index("x_1/peak")] == "-"
+    assert "no gradient reached the layer" in (tmp_path / "rep" / "report.html").read_text()
