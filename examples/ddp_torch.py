@@ -69,19 +69,21 @@ def run(rank: int, world: int, port: int, steps: int, out: Path) -> None:
             ]
         everyone: list = [None] * world
         dist.all_gather_object(everyone, mine)
-        # Every rank past its last collective before any tears gloo down: a rank destroying
-        # its process group while the other still talks can abort (SIGABRT).
-        dist.barrier()
+        same = all(other == everyone[0] for other in everyone)
         if rank == 0:
-            same = all(other == everyone[0] for other in everyone)
             names = sorted(everyone[0][-1][2])
-            print(f"world size {world}: {len(mine)} records per rank; parameters {names}")
+            print(f"world size {world}: {len(mine)} records per rank; parameters {names}", flush=True)
             profiled = sum(1 for rec in mine if rec[3])
-            print(f"last global norm {mine[-1][1]:.6g}; profiled steps {profiled}; ranks agree: {same}")
-            if not same:
-                raise SystemExit("ranks disagree")
+            print(f"last global norm {mine[-1][1]:.6g}; profiled steps {profiled}; ranks agree: {same}", flush=True)
+        # Every rank past its last collective, and done with its own work, before any tears
+        # gloo down: a rank destroying its process group while the other still works can abort
+        # it (SIGABRT, "terminate called without an active exception"; seen under load when
+        # rank 0 printed between the barrier and its teardown).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    if not same:
+        raise SystemExit("ranks disagree")
 
 
 def main(argv: list[str] | None = None) -> int:
