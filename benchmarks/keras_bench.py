@@ -324,9 +324,17 @@ def backend_ratios(quick: bool, rounds: int) -> None:
         bg += f"; against an unwatched fit whose optimizer was built before (traced once, as the watched one): {like:.2f}"
     log(
         f"keras-{keras.backend.backend()}: steady step {statistics.median(steady['unwatched']) * 1e3:.1f} ms unwatched, "
-        f"defaults / unwatched {s_ratio:.3f} (mean step, profiled ones included: {m_ratio:.3f}); "
-        f"first fit {statistics.median(first['unwatched']):.2f} s unwatched, defaults / unwatched {f_ratio:.2f}{bg}{lean}"
+        f"defaults / unwatched {s_ratio:.3f}{_spread(steady['defaults'], steady['unwatched'], 3)} (mean step, "
+        f"profiled ones included: {m_ratio:.3f}); first fit {statistics.median(first['unwatched']):.2f} s unwatched, "
+        f"defaults / unwatched {f_ratio:.2f}{_spread(first['defaults'], first['unwatched'], 2)}{bg}{lean}"
     )
+
+
+def _spread(watched: list[float], unwatched: list[float], digits: int) -> str:
+    """The range of the per-round ratios beside their medians' ratio: on a shared machine
+    one round's ratio moves by +-10% (load), so a version is better only past that range."""
+    ratios = [w / u for w, u in zip(watched, unwatched) if u > 0]
+    return f" [rounds {min(ratios):.{digits}f}-{max(ratios):.{digits}f}]" if len(ratios) > 1 else ""
 
 
 def replay_cost(rounds: int) -> None:
