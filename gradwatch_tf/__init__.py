@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from gradwatch_tf.callback import GradWatchCallback
 
-__all__ = ["GradWatchCallback", "watch"]
+__all__ = ["GradWatchCallback", "register_recurrence", "unregister_recurrence", "watch"]
 
 
 def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:
@@ -79,6 +79,24 @@ def watch(model: Any, optimizer: Any | None = None, **options: Any) -> Any:
     check_optimizer(optimizer)
 
     return watch_with(lambda monitor: attach_any(model, optimizer, monitor), model, **options)
+
+
+def register_recurrence(layer_type: Any, *, decay: Any, kind: str = "custom", weights: Any = None) -> Any:
+    """Declare a Keras layer as a diagonal recurrence h_t = a_t * h_{t-1} + b_t: gradwatch
+    then measures its propagation exactly from ``decay(layer, x) -> log a_t`` (written in
+    ``keras.ops``; ``x`` the probed sequences of the layer's input), on every Keras backend.
+    See :func:`gradwatch_tf._kdiag.register_recurrence`; returns the declaration (for
+    :func:`unregister_recurrence`). Imports Keras."""
+    from gradwatch_tf._kdiag import register_recurrence as register
+
+    return register(layer_type, decay=decay, kind=kind, weights=weights)
+
+
+def unregister_recurrence(declared: Any) -> None:
+    """Undo :func:`register_recurrence`."""
+    from gradwatch_tf._kdiag import unregister_recurrence as unregister
+
+    unregister(declared)
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """Diagonal (gated linear) recurrences in Keras, exact from their decays: mingru-keras'
-``MinGRU``, on every backend.
+``MinGRU`` and any layer declared with :func:`register_recurrence`, on every backend.
 
 For h_t = a_t * h_{t-1} + b_t the state Jacobian product over j steps back is
 diag(prod a_k): propagation is a reverse cumulative sum of log a_t
@@ -27,7 +27,15 @@ from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf._kops import KERAS_TENSORS
 
-__all__ = ["DIAGONAL", "Diagonal", "diagonal_of", "mingru_log_decay", "site_logs"]
+__all__ = [
+    "DIAGONAL",
+    "Diagonal",
+    "diagonal_of",
+    "mingru_log_decay",
+    "register_recurrence",
+    "site_logs",
+    "unregister_recurrence",
+]
 
 
 def mingru_log_decay(layer: Any, x: Any) -> Any:
@@ -57,8 +65,62 @@ DIAGONAL: dict[str, Diagonal] = {
 }
 
 
+#: The process's own declarations (:func:`register_recurrence`), the latest first.
+_DECLARED: list[tuple[type | str, Diagonal]] = []
+
+
+def register_recurrence(
+    layer_type: type | str,
+    *,
+    decay: Callable[[Any, Any], Any],
+    kind: str = "custom",
+    weights: Callable[[Any], list[Any]] | None = None,
+) -> Diagonal:
+    """Declare a Keras layer as a diagonal recurrence h_t = a_t * h_{t-1} + b_t, so that
+    gradwatch measures its propagation (exactly, from the decays) and its sensitivity, and
+    judges it, on every backend, in ``fit`` and in custom loops. Returns the declaration.
+
+    ``layer_type``: the layer's class (its subclasses match too) or its qualified name
+    ``"module.Class"`` (matched on the class and its bases, nothing imported).
+    ``decay(layer, x) -> log_a``: the log of the decays, (P, T, ...) (any trailing state
+    shape; -inf for a gate that closes), from ``x``, the first ``min(B, 8)`` sequences of
+    the layer's first input (P, T, F), and the layer's weights as they are before the
+    step's update. Written in ``keras.ops``: it runs inside the compiled step (``jit``,
+    ``tf.function``) on profiled steps only. Unlike the PyTorch declaration
+    (``gradwatch_torch.register_recurrence``, whose decay sees the call's arguments and
+    output) it sees the input only: the step computes it, nothing of the call is kept.
+    ``kind``: the family in records and alerts (its remedies when gradwatch knows it, e.g.
+    ``"mingru"``; ``"custom"`` by default). ``weights(layer)``: the variables the decay
+    reads (default: the layer's trainable weights; the sensitivity probe ties a data input
+    to the first). Applies to watches and callbacks attached from now on.
+    """
+    if not isinstance(layer_type, (type, str)):
+        raise TypeError(f"register_recurrence: layer_type must be a class or a qualified name, got {type(layer_type).__name__}")
+    if not callable(decay):
+        raise TypeError(f"register_recurrence: decay must be callable (layer, x) -> log_a, got {type(decay).__name__}")
+    declared = Diagonal(str(kind), decay, weights or (lambda layer: list(layer.trainable_weights)))
+    _DECLARED.insert(0, (layer_type, declared))
+    return declared
+
+
+def unregister_recurrence(declared: Diagonal) -> None:
+    """Undo :func:`register_recurrence` (a declaration not registered is ignored)."""
+    _DECLARED[:] = [(t, d) for t, d in _DECLARED if d is not declared]
+
+
+def _names(cls: type) -> set[str]:
+    return {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
+
+
 def diagonal_of(layer: Any) -> Diagonal | None:
-    """The declaration matching ``layer``'s class or one of its bases, else None."""
+    """The declaration matching ``layer``'s class or one of its bases, else None: the
+    process's own (:func:`register_recurrence`, latest first), then the built-ins."""
+    names = _names(type(layer))
+    for layer_type, declared in _DECLARED:
+        if isinstance(layer_type, type) and isinstance(layer, layer_type):
+            return declared
+        if isinstance(layer_type, str) and layer_type in names:
+            return declared
     for cls in type(layer).__mro__:
         found = DIAGONAL.get(f"{cls.__module__}.{cls.__qualname__}")
         if found is not None:

@@ -176,8 +176,9 @@ def find_sites(model: Any) -> list[RecurrentSite]:
         if id(layer) in inner or not _is_rnn(layer):
             continue
         sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer), directions=[("l0", layer)]))
-    for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU)
-        diag = diagonal_of(layer)
+    taken = {id(site.layer) for site in sites} | inner
+    for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU, declared layers)
+        diag = diagonal_of(layer) if id(layer) not in taken else None
         if diag is not None:
             sites.append(RecurrentSite(layer, layer.path, [], _input_length(layer), directions=[("l0", layer)], diag=diag))
     return sites

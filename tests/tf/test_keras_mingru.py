@@ -1,7 +1,8 @@
-"""mingru-keras' ``MinGRU``, a diagonal recurrence, in ``fit`` on every Keras backend: its
-propagation against float64 numpy products of the layer's own gate (a_t = 1 - z_t, from
-``layer.gate(x)``) at the weights each profiled step used, its sensitivity against the
-backend's autodiff, the alert and its remedy, and training bitwise as if unwatched."""
+"""Diagonal recurrences in Keras, on every backend: mingru-keras' ``MinGRU`` in ``fit`` and a
+custom loop (its propagation against float64 numpy products of the layer's own gate, a_t =
+1 - z_t from ``layer.gate(x)``, at the weights each profiled step used; its sensitivity
+against the backend's autodiff; the alert and its remedy; training bitwise as if unwatched),
+and a layer of the user's own declared with ``gradwatch_tf.register_recurrence``."""
 
 from __future__ import annotations
 
@@ -158,3 +159,70 @@ def test_a_custom_loop_measures_it_too():
     np.testing.assert_allclose(rec.gains, want_gains, rtol=1e-4)
     np.testing.assert_allclose(rec.max_gains, want_top, rtol=1e-4)
     assert records[1].temporal["mg"].recurrences["l0"].gains != rec.gains  # step 2's own weights
+
+
+# -- a layer of the user's own, declared --------------------------------------------------------
+class Leaky(keras.layers.Layer):
+    """A gated leaky integrator written by hand: h_t = a_t h_{t-1} + (1 - a_t) u_t with
+    a_t = sigmoid(x_t W + b), a Python loop over the steps (traces on every backend)."""
+
+    def __init__(self, units: int, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(**kwargs)
+        self.units = units
+
+    def build(self, shape) -> None:  # type: ignore[no-untyped-def]
+        self.w = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform", name="w")
+        self.b = self.add_weight(shape=(self.units,), initializer=keras.initializers.Constant(1.0), name="b")
+        self.v = self.add_weight(shape=(shape[-1], self.units), initializer="glorot_uniform", name="v")
+
+    def call(self, x):  # type: ignore[no-untyped-def]
+        a = keras.ops.sigmoid(keras.ops.matmul(x, self.w) + self.b)
+        u = keras.ops.matmul(x, self.v)
+        h = keras.ops.zeros_like(u[:, 0])
+        out = []
+        for t in range(x.shape[1]):
+            h = a[:, t] * h + (1.0 - a[:, t]) * u[:, t]
+            out.append(h)
+        return keras.ops.stack(out, axis=1)
+
+
+def test_a_declared_layer_of_ones_own_is_measured_exactly_and_undeclared_left_alone():
+    import gradwatch_tf
+
+    def decay(layer, x):  # type: ignore[no-untyped-def]
+        return keras.ops.log_sigmoid(keras.ops.matmul(x, layer.w) + layer.b)
+
+    with pytest.raises(TypeError, match="decay must be callable"):
+        gradwatch_tf.register_recurrence(Leaky, decay=None)
+    declared = gradwatch_tf.register_recurrence(Leaky, decay=decay, kind="leaky")
+    try:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((T, F))
+        out = keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS, name="leaky")(inp)))
+        model = keras.Model(inp, out)
+        layer = model.get_layer("leaky")
+        w, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in (layer.w, layer.b))
+        x, y = _data()
+        a = 1.0 / (1.0 + np.exp(-(x[:8].astype(np.float64) @ w + b)))  # the decays, by numpy
+        model.compile(keras.optimizers.SGD(0.1), "mse")  # traced on every backend (no eager needed)
+        cb = GradWatchCallback(sinks=["memory"])
+        try:
+            model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
+        finally:
+            cb.close()
+        prof = cb.records[0].temporal["leaky"]
+        top = np.array([np.prod(a[:, T - j :, :], axis=1).max() if j else 1.0 for j in range(T)])
+        np.testing.assert_allclose(prof.recurrences["l0"].max_gains, top, rtol=1e-4)
+        assert cb.watch.monitor.meta["recurrent_layers"]["leaky"] == "leaky"
+    finally:
+        gradwatch_tf.unregister_recurrence(declared)
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((T, F))
+    model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS)(inp))))
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    cb = GradWatchCallback(sinks=["memory"])
+    try:
+        model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
+    finally:
+        cb.close()
+    assert not cb.records[0].temporal  # no longer declared: not a recurrence to gradwatch
