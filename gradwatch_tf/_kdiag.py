@@ -23,6 +23,7 @@ from typing import Any
 from keras import ops
 
 from gradwatch.through_time.diagonal import diagonal_logs
+from gradwatch.through_time.families import matches
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf._kops import KERAS_TENSORS
@@ -108,24 +109,12 @@ def unregister_recurrence(declared: Diagonal) -> None:
     _DECLARED[:] = [(t, d) for t, d in _DECLARED if d is not declared]
 
 
-def _names(cls: type) -> set[str]:
-    return {f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__}
-
-
 def diagonal_of(layer: Any) -> Diagonal | None:
-    """The declaration matching ``layer``'s class or one of its bases, else None: the
-    process's own (:func:`register_recurrence`, latest first), then the built-ins."""
-    names = _names(type(layer))
-    for layer_type, declared in _DECLARED:
-        if isinstance(layer_type, type) and isinstance(layer, layer_type):
-            return declared
-        if isinstance(layer_type, str) and layer_type in names:
-            return declared
-    for cls in type(layer).__mro__:
-        found = DIAGONAL.get(f"{cls.__module__}.{cls.__qualname__}")
-        if found is not None:
-            return found
-    return None
+    """The declaration matching ``layer``'s class or one of its bases (the core's rule,
+    :func:`gradwatch.through_time.families.matches`), else None: the process's own
+    (:func:`register_recurrence`, latest first), then the built-ins."""
+    cls = type(layer)
+    return next((d for declared, d in [*_DECLARED, *DIAGONAL.items()] if matches(declared, cls)), None)
 
 
 def site_logs(diag: Diagonal, layer: Any, x: Any) -> Any:

@@ -103,7 +103,7 @@ class HostProfile:
         self._sites = list(sites)
         for site in sites:
             # (a diagonal recurrence keeps nothing: the step measures it, _propagation)
-            kept = self.ensure(site) if site.prop is not None and getattr(site, "diag", None) is None else None
+            kept = self.ensure(site) if site.prop is not None and site.diag is None else None
             if kept is None:
                 continue
             for i, (_, layer) in enumerate(site.directions):

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GATES", "REMEDIES", "Recurrence", "declarations", "type_name"]
+__all__ = ["GATES", "REMEDIES", "Recurrence", "declarations", "matches", "type_name"]
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,16 @@ class Recurrence:
 
     def matches(self, cls: type) -> bool:
         """Does a module of class ``cls`` fall under this declaration?"""
-        if isinstance(self.module_type, type):
-            return issubclass(cls, self.module_type)
-        return any(type_name(c) == self.module_type for c in cls.__mro__)
+        return matches(self.module_type, cls)
+
+
+def matches(declared: type | str, cls: type) -> bool:
+    """Does class ``cls`` fall under a declaration of ``declared``: the class (subclasses
+    included) or its qualified name, matched on ``cls`` and its bases without importing
+    anything. One rule for every backend's declarations (PyTorch modules, Keras layers)."""
+    if isinstance(declared, type):
+        return issubclass(cls, declared)
+    return any(type_name(c) == declared for c in cls.__mro__)
 
 
 def type_name(cls: type) -> str:
