@@ -65,7 +65,10 @@ def gradwatch_register_recurrences() -> list[Recurrence]:  # type: ignore[empty-
 
     Called when a backend attaches to a model, to find the layers to probe through time.
     Lists are concatenated; a declaration registered in the process
-    (``gradwatch_torch.register_recurrence``) is matched first.
+    (``gradwatch_torch.register_recurrence``, ``gradwatch_tf.register_recurrence``) is
+    matched first. Each backend takes the declarations whose class is one of its own: for
+    a Keras layer (any Keras backend) ``decay(layer, x) -> log_a`` in ``keras.ops``, ``x``
+    the probed sequences of its first input, and ``step=True`` is not supported.
     """
 
 

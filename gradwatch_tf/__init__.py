@@ -86,7 +86,9 @@ def register_recurrence(layer_type: Any, *, decay: Any, kind: str = "custom", we
     then measures its propagation exactly from ``decay(layer, x) -> log a_t`` (written in
     ``keras.ops``; ``x`` the probed sequences of the layer's input), on every Keras backend.
     See :func:`gradwatch_tf._kdiag.register_recurrence`; returns the declaration (for
-    :func:`unregister_recurrence`). Imports Keras."""
+    :func:`unregister_recurrence`). A package ships the same through the plugin hook
+    ``gradwatch_register_recurrences`` (a ``Recurrence`` naming its layer, the same
+    ``decay(layer, x)``). Imports Keras."""
     from gradwatch_tf._kdiag import register_recurrence as register
 
     return register(layer_type, decay=decay, kind=kind, weights=weights)

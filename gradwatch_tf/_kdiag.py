@@ -1,5 +1,6 @@
 """Diagonal (gated linear) recurrences in Keras, exact from their decays: mingru-keras'
-``MinGRU`` and any layer declared with :func:`register_recurrence`, on every backend.
+``MinGRU`` and any layer declared with :func:`register_recurrence` or by a plugin
+(``gradwatch_register_recurrences``, :func:`plugin_declarations`), on every backend.
 
 For h_t = a_t * h_{t-1} + b_t the state Jacobian product over j steps back is
 diag(prod a_k): propagation is a reverse cumulative sum of log a_t
@@ -17,6 +18,7 @@ rounding); state (units,). Matched by qualified class name, without importing th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -28,11 +30,14 @@ from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf._kops import KERAS_TENSORS
 
+logger = logging.getLogger("gradwatch")
+
 __all__ = [
     "DIAGONAL",
     "Diagonal",
     "diagonal_of",
     "mingru_log_decay",
+    "plugin_declarations",
     "register_recurrence",
     "site_logs",
     "unregister_recurrence",
@@ -109,12 +114,36 @@ def unregister_recurrence(declared: Diagonal) -> None:
     _DECLARED[:] = [(t, d) for t, d in _DECLARED if d is not declared]
 
 
-def diagonal_of(layer: Any) -> Diagonal | None:
+def plugin_declarations() -> list[tuple[type | str, Diagonal]]:
+    """The diagonal declarations the plugins ship through ``gradwatch_register_recurrences``
+    (a :class:`~gradwatch.through_time.families.Recurrence` with ``decay=fn``, the Keras
+    signature ``fn(layer, x) -> log_a``). One hook serves both backends: a declaration
+    names its framework's class, so a PyTorch module's never matches a Keras layer. Loop
+    cells (``step=True``) are PyTorch-only and skipped here. A failing plugin is logged and
+    ignored: it must not stop the callback."""
+    try:
+        from gradwatch.plugins import get_plugin_manager
+        from gradwatch.through_time.families import declarations
+
+        found = declarations(get_plugin_manager())
+    except Exception as exc:  # noqa: BLE001 - a broken plugin must not stop the watch
+        logger.error("gradwatch: gradwatch_register_recurrences failed (%s: %s); plugin recurrences are ignored.", type(exc).__name__, exc)
+        return []
+    return [
+        (r.module_type, Diagonal(r.kind, r.decay, lambda layer: list(layer.trainable_weights)))
+        for r in found
+        if r.decay is not None
+    ]
+
+
+def diagonal_of(layer: Any, plugins: list[tuple[type | str, Diagonal]] | None = None) -> Diagonal | None:
     """The declaration matching ``layer``'s class or one of its bases (the core's rule,
     :func:`gradwatch.through_time.families.matches`), else None: the process's own
-    (:func:`register_recurrence`, latest first), then the built-ins."""
+    (:func:`register_recurrence`, latest first), then the plugins' (``plugins``, from
+    :func:`plugin_declarations` once per model; looked up here when None), then the built-ins."""
     cls = type(layer)
-    return next((d for declared, d in [*_DECLARED, *DIAGONAL.items()] if matches(declared, cls)), None)
+    found = plugin_declarations() if plugins is None else plugins
+    return next((d for declared, d in [*_DECLARED, *found, *DIAGONAL.items()] if matches(declared, cls)), None)
 
 
 def site_logs(diag: Diagonal, layer: Any, x: Any) -> Any:

@@ -161,8 +161,9 @@ def find_sites(model: Any) -> list[_Site]:
             site.blocks = _blocks(directions)
             out.append(site)
     taken = {id(layer) for layer, _ in sites} | inner
+    plugins = _kdiag.plugin_declarations()
     for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU, declared layers)
-        diag = _kdiag.diagonal_of(layer) if id(layer) not in taken else None
+        diag = _kdiag.diagonal_of(layer, plugins) if id(layer) not in taken else None
         n = _length(layer) if diag is not None else None
         if diag is not None and n is not None and n >= 2:
             out.append(_Site(layer, layer.path, n, [("l0", layer)], zlib.crc32(str(layer.name).encode()) & 0xFFFF, diag=diag))

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from gradwatch_tf._kcells import GATE_ORDER, capture_dropout, gate_blocks
-from gradwatch_tf._kdiag import diagonal_of
+from gradwatch_tf._kdiag import diagonal_of, plugin_declarations
 
 logger = logging.getLogger("gradwatch")
 
@@ -177,8 +177,9 @@ def find_sites(model: Any) -> list[RecurrentSite]:
             continue
         sites.append(RecurrentSite(layer, layer.path, [layer.cell], _input_length(layer), directions=[("l0", layer)]))
     taken = {id(site.layer) for site in sites} | inner
+    plugins = plugin_declarations()
     for layer in layers:  # diagonal recurrences (mingru-keras' MinGRU, declared layers)
-        diag = diagonal_of(layer) if id(layer) not in taken else None
+        diag = diagonal_of(layer, plugins) if id(layer) not in taken else None
         if diag is not None:
             sites.append(RecurrentSite(layer, layer.path, [], _input_length(layer), directions=[("l0", layer)], diag=diag))
     return sites

@@ -43,7 +43,10 @@ class Recurrence:
       N times cheaper;
     * ``step``: True for a cell called once per timestep whose next call takes the state
       this call returned (``h = cell(x_t, h)``): measured exactly through the cell's own
-      autograd (see ``gradwatch_torch._loops``);
+      autograd (see ``gradwatch_torch._loops``; PyTorch only);
+      For a Keras layer the signature is ``decay(layer, x) -> log_a`` (``keras.ops``; ``x``
+      the probed sequences of the layer's first input), as in
+      ``gradwatch_tf.register_recurrence``;
     * ``kind``: the family's name in records, alerts and remedies (``REMEDIES``);
     * ``gate``: the name of the gate that sets the decay ("forget", "update", "delta").
     """

@@ -226,3 +226,69 @@ def test_a_declared_layer_of_ones_own_is_measured_exactly_and_undeclared_left_al
     finally:
         cb.close()
     assert not cb.records[0].temporal  # no longer declared: not a recurrence to gradwatch
+
+
+def test_a_plugin_declares_a_keras_layer_through_the_same_hook_as_a_pytorch_module():
+    """A package ships its Keras layer's declaration by entry point: ``Recurrence`` named by
+    qualified name, ``decay(layer, x)``; a loop-cell declaration (PyTorch-only) is skipped."""
+    from gradwatch.hookspecs import hookimpl
+    from gradwatch.plugins import get_plugin_manager
+    from gradwatch.through_time.families import Recurrence
+
+    def decay(layer, x):  # type: ignore[no-untyped-def]
+        return keras.ops.log_sigmoid(keras.ops.matmul(x, layer.w) + layer.b)
+
+    class Plugin:
+        @hookimpl
+        def gradwatch_register_recurrences(self):  # type: ignore[no-untyped-def]
+            return [
+                Recurrence(f"{Leaky.__module__}.Leaky", decay=decay, kind="fromplugin"),
+                Recurrence(f"{Leaky.__module__}.Leaky", step=True, kind="loopcell"),  # not for Keras
+            ]
+
+    pm, plugin = get_plugin_manager(), Plugin()
+    pm.register(plugin)
+    try:
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((T, F))
+        out = keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS, name="leaky")(inp)))
+        model = keras.Model(inp, out)
+        layer = model.get_layer("leaky")
+        w, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in (layer.w, layer.b))
+        x, y = _data()
+        a = 1.0 / (1.0 + np.exp(-(x[:8].astype(np.float64) @ w + b)))
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        cb = GradWatchCallback(sinks=["memory"])
+        try:
+            model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
+        finally:
+            cb.close()
+    finally:
+        pm.unregister(plugin)
+    top = np.array([np.prod(a[:, T - j :, :], axis=1).max() if j else 1.0 for j in range(T)])
+    np.testing.assert_allclose(cb.records[0].temporal["leaky"].recurrences["l0"].max_gains, top, rtol=1e-4)
+    assert cb.watch.monitor.meta["recurrent_layers"]["leaky"] == "fromplugin"
+
+
+def test_a_broken_plugin_is_logged_and_the_fit_goes_on(caplog):  # type: ignore[no-untyped-def]
+    from gradwatch.hookspecs import hookimpl
+    from gradwatch.plugins import get_plugin_manager
+
+    class Broken:
+        @hookimpl
+        def gradwatch_register_recurrences(self):  # type: ignore[no-untyped-def]
+            raise RuntimeError("plugin bug")
+
+    pm, plugin = get_plugin_manager(), Broken()
+    pm.register(plugin)
+    try:
+        model, (x, y) = _model(), _data()
+        cb = GradWatchCallback(sinks=["memory"])
+        try:
+            _fit(model, x, y, 2, [cb])
+        finally:
+            cb.close()
+    finally:
+        pm.unregister(plugin)
+    assert len(cb.records) == 2 and "mg" in cb.records[0].temporal  # the built-in MinGRU still measured
+    assert "gradwatch_register_recurrences failed (RuntimeError: plugin bug)" in caplog.text
