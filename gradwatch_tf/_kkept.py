@@ -13,6 +13,7 @@ from typing import Any
 
 import keras
 import numpy as np
+from keras import ops
 
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells
@@ -148,12 +149,14 @@ def run(
 @dataclass
 class Kept:
     """What the host replay of a due step needs, kept on the device by the jitted step
-    (Keras variables in the optimizer's state, like the ring): the first ``PROBED``
-    sequences of the input [P, T, F] and mask [P, T] (padded; ``n`` of them valid), the
-    initial state parts [P, u] (zeros when the call had none: the replay's own default)
-    and the step they belong to (0: none), and the cells' weights before the update of the
-    last profiled step (``wstep``; the spectral norms, and the replay's weights when
-    ``step`` is that step too)."""
+    (Keras variables in the optimizer's state, like the ring), in ``slots`` slots (the
+    leading axis K of every buffer: one per profiled step one execution of
+    ``steps_per_execution`` steps can hold, so the host, reading after the execution,
+    finds each of them): the first ``PROBED`` sequences of the input [K, P, T, F] and mask
+    [K, P, T] (padded; ``n`` [K] of them valid), the initial state parts [K, P, u] (zeros
+    when the call had none: the replay's own default) and the step they belong to (``step``
+    [K], 0: none), and the cells' weights before the update of a profiled step (``wstep``
+    [K]; the spectral norms, and the replay's weights when ``step`` is that step too)."""
 
     x: Any
     mask: Any
@@ -162,24 +165,69 @@ class Kept:
     n: Any
     step: Any
     wstep: Any  # the step whose weights ``weights`` hold (kept on every profiled step)
-    #: Per direction: (input, recurrent) dropout masks [P, F] / [P, u] of the call, each
+    #: Per direction: (input, recurrent) dropout masks [K, P, F] / [K, P, u] of the call, each
     #: None (no such dropout), a variable, or a list of one per gate (``dropout_mask_count``)
     drops: list[tuple[Any, Any]] = field(default_factory=list)
+    every: int = 1  # profile_every: the slot of a profiled step is its profiled ordinal modulo K
+
+    @property
+    def slots(self) -> int:
+        """K, the profiled steps the buffers hold at once."""
+        return int(self.step.shape[0])
+
+    def slot(self, step: Any) -> Any:
+        """The slot of profiled step ``step`` in the jitted step: its profiled ordinal
+        (:func:`gradwatch_tf._tfhost.profiled_ordinal`, as TensorFlow's buffers) modulo K,
+        so the profiled steps of one execution get distinct slots."""
+        return ops.mod(ops.cast(step, "int32") - 1 if self.every <= 1 else ops.cast(step, "int32") // self.every, self.slots)
+
+    def put(self, buf: Any, value: Any, due: Any, slot: Any) -> None:
+        """``buf[slot] = value`` on a due step, else nothing: one ``where`` over the buffer
+        with a single slot (as before slots existed), a dynamic slice update of one slot
+        with several (a step copies one slot, not K)."""
+        value = ops.cast(value, buf.dtype)
+        if self.slots == 1:
+            buf.assign(ops.where(due, value[None], buf.value))
+            return
+        start = [slot] + [0] * (len(buf.shape) - 1)
+        old = ops.slice(buf.value, start, [1, *buf.shape[1:]])
+        buf.assign(ops.slice_update(buf.value, start, ops.where(due, value[None], old)))
+
+    def held(self, read: Callable[[Any], Any], step: int) -> int | None:
+        """On the host: the slot holding profiled step ``step``'s inputs and weights, else
+        None (a step not due for the replay, or one overwritten before the host read)."""
+        steps, wsteps = np.asarray(read(self.step)).reshape(-1), np.asarray(read(self.wstep)).reshape(-1)
+        found = np.flatnonzero((steps == step) & (wsteps == step))
+        return int(found[0]) if found.size else None
+
+    def wslot(self, read: Callable[[Any], Any], step: int) -> int | None:
+        """On the host: the slot holding profiled step ``step``'s weights, else None."""
+        found = np.flatnonzero(np.asarray(read(self.wstep)).reshape(-1) == step)
+        return int(found[0]) if found.size else None
 
     @staticmethod
-    def make(salt: int, length: int, directions: list[tuple[str, Any]], make: Callable[[Any, str, str], Any]) -> Kept:
-        """The buffers of one site (``directions``: its (key, RNN layer) pairs)."""
+    def make(
+        salt: int,
+        length: int,
+        directions: list[tuple[str, Any]],
+        make: Callable[[Any, str, str], Any],
+        slots: int = 1,
+        every: int = 1,
+    ) -> Kept:
+        """The buffers of one site (``directions``: its (key, RNN layer) pairs), ``slots``
+        of each; ``every``: the option ``profile_every``."""
         tag = f"gradwatch_kept_{salt}"
+        k = max(int(slots), 1)
         cell = directions[0][1].cell
         feat = int(cell.kernel.shape[0])
         parts = _kcells.KCELLS[type(cell).__name__](cell).parts
         states = [
-            make(np.zeros((PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
+            make(np.zeros((k, PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
             for i, (_, layer) in enumerate(directions)
             for p in range(parts)
         ]
         weights = [
-            make(np.zeros(tuple(v.shape)), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
+            make(np.zeros((k, *tuple(v.shape))), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
             for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
         ]
 
@@ -189,7 +237,7 @@ class Kept:
             if not float(rate or 0.0) > 0:
                 return None
             count = getattr(cell, "dropout_mask_count", None)
-            made = [make(np.ones((PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
+            made = [make(np.ones((k, PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
             return made if count is not None else made[0]
 
         drops = [
@@ -203,11 +251,12 @@ class Kept:
         ]
         return Kept(
             drops=drops,
-            x=make(np.zeros((PROBED, length, feat)), "float32", f"{tag}_x"),
-            mask=make(np.zeros((PROBED, length)), "float32", f"{tag}_mask"),
+            every=max(int(every), 1),
+            x=make(np.zeros((k, PROBED, length, feat)), "float32", f"{tag}_x"),
+            mask=make(np.zeros((k, PROBED, length)), "float32", f"{tag}_mask"),
             states=states,
             weights=weights,
-            n=make(0, "int32", f"{tag}_n"),
-            step=make(0, "int32", f"{tag}_step"),
-            wstep=make(0, "int32", f"{tag}_wstep"),
+            n=make(np.zeros(k), "int32", f"{tag}_n"),
+            step=make(np.zeros(k), "int32", f"{tag}_step"),
+            wstep=make(np.zeros(k), "int32", f"{tag}_wstep"),
         )

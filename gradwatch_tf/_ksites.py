@@ -12,8 +12,9 @@ on the weights the gradients belong to (before the update):
   tracers; their primal values are the jitted step's own. On a due step the step copies
   the first ``PROBED`` sequences (input, mask, initial state) and the cells' weights
   before the update into device buffers (:class:`Kept`) that travel in its state like
-  the ring; when the host reads that step's row (the callback reads at every profiled
-  step) it replays the buffers with a separately jitted function and writes the logs into
+  the ring, in a slot of its own (one per profiled step an execution of
+  ``steps_per_execution`` steps can hold); when the host reads that step's row (the
+  callback reads after every execution with a profiled step) it replays the buffers with a separately jitted function and writes the logs into
   the row, so the record carries them with its own step number. That function is compiled
   once per site and probed batch size, in a background thread started at the first
   profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
@@ -21,9 +22,9 @@ on the weights the gradients belong to (before the update):
   same replay code); a fit with fewer than ``_kkept.BACKGROUND_MIN_STEPS`` steps left (the
   callback's count, ``steps_left``) compiles nothing and replays on numpy. The
   host waits for the replay itself (a few small scans over 8 sequences, on profiled
-  steps only); it is not left to land at a later read. A due step overwritten before the
-  host read it (several profiled steps in one ``steps_per_execution``, or a ``watch``
-  whose records are read only after the fit) is likewise not measured;
+  steps only); it is not left to land at a later read. A due step whose slot was
+  overwritten before the host read it (a ``watch`` in a jitted custom loop whose records
+  are read only later: it has one slot) is likewise not measured;
 * on torch (eager), and in an eager JAX custom loop, the kept tensors are detached, and
   the host knows the step count, so an unprofiled step runs nothing of it (no device read
   to decide), a due one replays in the hook before the update.
@@ -598,8 +599,9 @@ class PortableThroughTime:
             return
         pairs = [(buf, v.value) for buf, v in zip(kept.weights, site.weights)]
         pairs.append((kept.wstep, ops.cast(step, "int32")))
+        slot = kept.slot(step)
         for buf, value in pairs:
-            buf.assign(ops.where(due, ops.cast(value, buf.dtype), buf.value))
+            kept.put(buf, value, due, slot)
 
     def _fill_spectral(self, layout: Any, row: np.ndarray, step: int, read: Callable[[Any], Any]) -> np.ndarray:
         """JAX, on the host: sigma_max of the blocks whose kept weights are this step's."""
@@ -610,12 +612,13 @@ class PortableThroughTime:
             if kept is None or not site.blocks:
                 continue
             try:
-                if int(np.asarray(read(kept.wstep))) != step:
+                slot = kept.wslot(read, step)
+                if slot is None:
                     continue
                 values = {}
                 for b in site.blocks:
                     j = next(i for i, v in enumerate(site.weights) if v is b.kernel)
-                    values[b.name] = self._sigma(b, np.asarray(read(kept.weights[j])))
+                    values[b.name] = self._sigma(b, np.asarray(read(kept.weights[j])[slot]))
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.spectral_broken = True
                 self._fail("spectral norms", exc)
@@ -628,12 +631,16 @@ class PortableThroughTime:
         return row
 
     # ------------------------------------------------------------ JAX: kept, replayed on the host
-    def buffers(self, make: Callable[[Any, str, str], Any]) -> None:
+    def buffers(self, make: Callable[[Any, str, str], Any], per_execution: int = 1) -> None:
         """On JAX, the device buffers a jitted step writes what the replay needs into (see
-        :class:`Kept`); created outside any trace, carried in the step's state."""
+        :class:`Kept`); created outside any trace, carried in the step's state. One slot
+        per profiled step an execution of ``per_execution`` steps (``steps_per_execution``)
+        can hold: the host reads after the execution, and finds each of them."""
+        every, n = max(self._every, 1), max(int(per_execution), 1)
+        slots = min(n, -(-n // every) + 1)  # step 1 and every every-th: at most ceil(n / every) + 1 in n steps
         for site in self.sites:
             if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
-                site.kept = Kept.make(site.salt, site.length, site.directions, make)
+                site.kept = Kept.make(site.salt, site.length, site.directions, make, slots, every)
 
     def _keep(self, site: _Site, call: dict[str, Any], step: Any, due: Any) -> None:
         """In the jitted step: on a due step, the first sequences of the call and the
@@ -652,7 +659,7 @@ class PortableThroughTime:
         if flat and len(flat) != len(kept.states):
             return  # a state layout the buffers do not hold: not measured (NaN)
         flat = [ops.cast(v, "float32")[:PROBED] for v in flat] or [
-            ops.zeros((b, *v.shape[1:]), "float32") for v in kept.states
+            ops.zeros((b, *v.shape[2:]), "float32") for v in kept.states
         ]
 
         def pad(v: Any) -> Any:
@@ -671,16 +678,17 @@ class PortableThroughTime:
                 pairs += [(bv, pad(ops.cast(mv, "float32")[:PROBED])) for bv, mv in zip(bs, ms)]
         # (the weights: kept on every profiled step by _keep_weights, a superset of these)
         pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
+        slot = kept.slot(step)
         for buf, value in pairs:
-            buf.assign(ops.where(due, ops.cast(value, buf.dtype), buf.value))
+            kept.put(buf, value, due, slot)
 
     def fill(self, layout: Any, row: np.ndarray, read: Callable[[Any], Any]) -> np.ndarray:
         """On the host, at the read of a profiled step's row (JAX): each site whose buffers
         hold this very step is replayed on them (compiled once per site, apart from the
         train step) and its log entries written into the row, so the record of that step
-        carries them with its own step number. A site whose buffers hold another step (a
-        step not due for it, or a due step overwritten by a later one before the host read:
-        several profiled steps in one ``steps_per_execution``) stays NaN: not measured."""
+        carries them with its own step number. A site whose slots hold no copy of this
+        step (a step not due for its replay, or one overwritten by a later one before the
+        host read) stays NaN: not measured."""
         step_sl = layout.slice("step")
         if step_sl is None:
             return row
@@ -693,20 +701,24 @@ class PortableThroughTime:
             if kept is None:
                 continue
             try:
-                if int(np.asarray(read(kept.step))) != step or int(np.asarray(read(kept.wstep))) != step:
-                    continue  # (the weights of a later profiled step: not this replay's)
-                n = int(np.asarray(read(kept.n)))
-                flat = [read(v)[:n] for v in kept.states]
-                call = {"x": read(kept.x)[:n], "mask": read(kept.mask)[:n], "states": flat}
+                s = kept.held(read, step)  # (inputs and weights both of this step, in one slot)
+                if s is None:
+                    continue
+                n = int(np.asarray(read(kept.n))[s])
+
+                def at(buf: Any, s: int = s, n: int | None = n) -> Any:  # (sliced where it lives)
+                    return read(buf)[s] if n is None else read(buf)[s, :n]
+
+                call = {"x": at(kept.x), "mask": at(kept.mask), "states": [at(v) for v in kept.states]}
                 if any(d is not None for pair in kept.drops for d in pair):
 
-                    def rows(buf: Any, n: int = n) -> Any:
+                    def rows(buf: Any) -> Any:
                         if buf is None:
                             return None
-                        return [read(v)[:n] for v in buf] if isinstance(buf, list) else read(buf)[:n]
+                        return [at(v) for v in buf] if isinstance(buf, list) else at(buf)
 
                     call["dropout"] = [(rows(a), rows(b)) for a, b in kept.drops]
-                out = self._host_replay(site, call, np.int32(step), [read(v) for v in kept.weights])
+                out = self._host_replay(site, call, np.int32(step), [at(v, n=None) for v in kept.weights])
                 if out is None:
                     continue  # its compile is not ready yet: not measured (NaN)
                 logs, gates = np.asarray(out[0], np.float64), np.asarray(out[1], np.float64)

@@ -120,6 +120,9 @@ class PortableAttachment(JaxState, Lifecycle):
         self._capacity = (
             max(int(capacity or 1), wanted) if mode == "callback" else (int(capacity) if capacity else wanted)
         )
+        #: The steps one host read follows: a fit's ``steps_per_execution`` (the callback's
+        #: ``capacity``); a custom loop's watch reads after each step it is given.
+        self._per_execution = int(capacity or 1) if mode == "callback" else 1
         self._handles = HandleGroup()
         self._wrappers: list[Callable[[], Callable[[], None]]] = []
         self._installed = False
@@ -189,7 +192,7 @@ class PortableAttachment(JaxState, Lifecycle):
             if isinstance(live, dict) and self._tt.sites:  # the bias as it is when an alert is written
                 live["forget_bias"] = forget_bias_reader(self._tt.sites, self._model_ref)
             if keras.backend.backend() == "jax" and self._tt.sites:
-                self._tt.buffers(make)
+                self._tt.buffers(make, self._per_execution)
         layout = Layout(segments)
         self._graph = Graph(
             layout=layout,

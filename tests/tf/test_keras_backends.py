@@ -356,11 +356,13 @@ def test_fit_measures_propagation_inside_the_compiled_step(monkeypatch, host):
             np.testing.assert_allclose(got.max_gains, max_gains, rtol=1e-4)
 
 
-def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
-    """On JAX the step keeps one due step's inputs: with ``steps_per_execution=2`` the
-    host reads after step 2, so step 1's propagation is not measured (left out, never
-    another step's numbers; its sensitivity, written into its own row, is there) and
-    step 2's is, against the float64 reference; the replay compiled at once."""
+@pytest.mark.parametrize(("spe", "every", "profiled"), [(3, 1, [1, 2, 3, 4, 5, 6]), (4, 2, [1, 2, 4, 6])])
+def test_jax_fit_measures_every_due_step_of_an_execution(monkeypatch, spe, every, profiled):
+    """On JAX the step keeps each due step's inputs and weights in a slot of its own: the
+    host reads after each execution of ``steps_per_execution`` steps, and every profiled
+    step in it carries its own propagation and spectral norms (its own batch, its own
+    weights: SGD moves them), against the float64 reference and numpy's SVD; three
+    profiled steps in one execution of four (1, 2, 4) fill the three slots."""
     if BACKEND != "jax":
         pytest.skip("the kept buffers are JAX's")
     from gradwatch.through_time.reference import propagation_from_jacobians
@@ -370,20 +372,37 @@ def test_jax_fit_measures_the_last_due_step_of_an_execution(monkeypatch):
 
     monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", False)
     model = _model()
-    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=2)
-    x, y = _data(16)
-    cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+    model.compile(keras.optimizers.SGD(0.5), "mse", steps_per_execution=spe)
+    x, y = _data(48)
+    twin = _model()
+    twin.compile(keras.optimizers.SGD(0.5), "mse")
+    twin.set_weights(model.get_weights())
+    weights = []  # the cell's weights before each step's update (train_on_batch syncs them)
+    for k in range(6):
+        weights.append([keras.ops.convert_to_numpy(v).copy() for v in twin.get_layer("rnn").cell.weights])
+        twin.train_on_batch(x[8 * k : 8 * k + 8], y[8 * k : 8 * k + 8])
+    cb = GradWatchCallback(profile_every=every, sinks=["memory"])
     model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[cb])
-    assert [r.step for r in cb.records] == [1, 2]
-    first = cb.records[0].temporal["rnn"]
-    assert first.recurrences == {} and first.horizon is None and math.isnan(first.gain)
-    assert len(first.norms) == 6 and all(n > 0 for n in first.norms)
-    r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(model.get_layer("rnn").cell))
-    runs = [_run(r, x[8 + p].astype(np.float64), np.ones(6, bool)) for p in range(8)]
-    want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
-    got = cb.records[1].temporal["rnn"].recurrences["l0"]
-    np.testing.assert_allclose(got.gains, want[0], rtol=1e-4)
-    np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
+    np.testing.assert_allclose(model.get_weights()[0], twin.get_weights()[0], rtol=1e-5)  # the same training
+    assert [r.step for r in cb.records] == [1, 2, 3, 4, 5, 6]
+    assert [r.step for r in cb.records if r.temporal.get("rnn") and r.temporal["rnn"].recurrences] == profiled
+    assert [r.step for r in cb.records if r.spectral] == profiled
+    layer = model.get_layer("rnn")
+    for rec in (r for r in cb.records if r.step in profiled):
+        k = rec.step - 1
+        kernel = np.asarray(weights[k][1], np.float64)  # the recurrent kernel, gates i f c o
+        for g, gate in enumerate("ifco"):
+            want_sigma = np.linalg.norm(kernel[:, 4 * g : 4 * g + 4], 2)
+            assert rec.spectral[f"{layer.cell.recurrent_kernel.path}[{gate}]"] == pytest.approx(want_sigma, rel=2e-3)
+        for v, w in zip(layer.cell.weights, weights[k]):
+            v.assign(w)
+        r = Recurrence("rnn", "l0", *KerasAdapter()._torch_layout(layer.cell))
+        runs = [_run(r, x[8 * k + p].astype(np.float64), np.ones(6, bool)) for p in range(8)]
+        want = propagation_from_jacobians(np.stack([j for j, _ in runs]))
+        got = rec.temporal["rnn"].recurrences["l0"]
+        np.testing.assert_allclose(got.gains, want[0], rtol=1e-4)
+        np.testing.assert_allclose(got.max_gains, want[1], rtol=1e-4)
+        assert len(rec.temporal["rnn"].norms) == 6
 
 
 def test_jax_fit_replays_on_numpy_until_the_compile_is_ready(monkeypatch):
