@@ -186,45 +186,44 @@ class Leaky(keras.layers.Layer):
         return keras.ops.stack(out, axis=1)
 
 
-def test_a_declared_layer_of_ones_own_is_measured_exactly_and_undeclared_left_alone():
-    import gradwatch_tf
+def _leaky_decay(layer, x):  # type: ignore[no-untyped-def]
+    """log a_t of :class:`Leaky`, in ``keras.ops``: what a declaration hands gradwatch."""
+    return keras.ops.log_sigmoid(keras.ops.matmul(x, layer.w) + layer.b)
 
-    def decay(layer, x):  # type: ignore[no-untyped-def]
-        return keras.ops.log_sigmoid(keras.ops.matmul(x, layer.w) + layer.b)
 
-    with pytest.raises(TypeError, match="decay must be callable"):
-        gradwatch_tf.register_recurrence(Leaky, decay=None)
-    declared = gradwatch_tf.register_recurrence(Leaky, decay=decay, kind="leaky")
-    try:
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((T, F))
-        out = keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS, name="leaky")(inp)))
-        model = keras.Model(inp, out)
-        layer = model.get_layer("leaky")
-        w, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in (layer.w, layer.b))
-        x, y = _data()
-        a = 1.0 / (1.0 + np.exp(-(x[:8].astype(np.float64) @ w + b)))  # the decays, by numpy
-        model.compile(keras.optimizers.SGD(0.1), "mse")  # traced on every backend (no eager needed)
-        cb = GradWatchCallback(sinks=["memory"])
-        try:
-            model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
-        finally:
-            cb.close()
-        prof = cb.records[0].temporal["leaky"]
-        top = np.array([np.prod(a[:, T - j :, :], axis=1).max() if j else 1.0 for j in range(T)])
-        np.testing.assert_allclose(prof.recurrences["l0"].max_gains, top, rtol=1e-4)
-        assert cb.watch.monitor.meta["recurrent_layers"]["leaky"] == "leaky"
-    finally:
-        gradwatch_tf.unregister_recurrence(declared)
+def _fit_leaky(name: str = "leaky") -> tuple[GradWatchCallback, np.ndarray | None]:
+    """A traced ``fit`` of one step of a model around a :class:`Leaky` named ``name``: the
+    callback and the max gains numpy computes from the layer's decays (float64 products)."""
     keras.utils.set_random_seed(0)
     inp = keras.Input((T, F))
-    model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS)(inp))))
-    model.compile(keras.optimizers.SGD(0.1), "mse")
+    out = keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS, name=name)(inp)))
+    model = keras.Model(inp, out)
+    layer = model.get_layer(name)
+    w, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in (layer.w, layer.b))
+    x, y = _data()
+    a = 1.0 / (1.0 + np.exp(-(x[:8].astype(np.float64) @ w + b)))  # the decays, by numpy
+    model.compile(keras.optimizers.SGD(0.1), "mse")  # traced on every backend (no eager needed)
     cb = GradWatchCallback(sinks=["memory"])
     try:
         model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
     finally:
         cb.close()
+    return cb, np.array([np.prod(a[:, T - j :, :], axis=1).max() if j else 1.0 for j in range(T)])
+
+
+def test_a_declared_layer_of_ones_own_is_measured_exactly_and_undeclared_left_alone():
+    import gradwatch_tf
+
+    with pytest.raises(TypeError, match="decay must be callable"):
+        gradwatch_tf.register_recurrence(Leaky, decay=None)
+    declared = gradwatch_tf.register_recurrence(Leaky, decay=_leaky_decay, kind="leaky")
+    try:
+        cb, top = _fit_leaky()
+    finally:
+        gradwatch_tf.unregister_recurrence(declared)
+    np.testing.assert_allclose(cb.records[0].temporal["leaky"].recurrences["l0"].max_gains, top, rtol=1e-4)
+    assert cb.watch.monitor.meta["recurrent_layers"]["leaky"] == "leaky"
+    cb, _ = _fit_leaky()
     assert not cb.records[0].temporal  # no longer declared: not a recurrence to gradwatch
 
 
@@ -235,37 +234,20 @@ def test_a_plugin_declares_a_keras_layer_through_the_same_hook_as_a_pytorch_modu
     from gradwatch.plugins import get_plugin_manager
     from gradwatch.through_time.families import Recurrence
 
-    def decay(layer, x):  # type: ignore[no-untyped-def]
-        return keras.ops.log_sigmoid(keras.ops.matmul(x, layer.w) + layer.b)
-
     class Plugin:
         @hookimpl
         def gradwatch_register_recurrences(self):  # type: ignore[no-untyped-def]
             return [
-                Recurrence(f"{Leaky.__module__}.Leaky", decay=decay, kind="fromplugin"),
+                Recurrence(f"{Leaky.__module__}.Leaky", decay=_leaky_decay, kind="fromplugin"),
                 Recurrence(f"{Leaky.__module__}.Leaky", step=True, kind="loopcell"),  # not for Keras
             ]
 
     pm, plugin = get_plugin_manager(), Plugin()
     pm.register(plugin)
     try:
-        keras.utils.set_random_seed(0)
-        inp = keras.Input((T, F))
-        out = keras.layers.Dense(1)(keras.layers.Lambda(lambda s: s[:, -1])(Leaky(UNITS, name="leaky")(inp)))
-        model = keras.Model(inp, out)
-        layer = model.get_layer("leaky")
-        w, b = (keras.ops.convert_to_numpy(v).astype(np.float64) for v in (layer.w, layer.b))
-        x, y = _data()
-        a = 1.0 / (1.0 + np.exp(-(x[:8].astype(np.float64) @ w + b)))
-        model.compile(keras.optimizers.SGD(0.1), "mse")
-        cb = GradWatchCallback(sinks=["memory"])
-        try:
-            model.fit(x, y, batch_size=B, epochs=1, verbose=0, callbacks=[cb])
-        finally:
-            cb.close()
+        cb, top = _fit_leaky()
     finally:
         pm.unregister(plugin)
-    top = np.array([np.prod(a[:, T - j :, :], axis=1).max() if j else 1.0 for j in range(T)])
     np.testing.assert_allclose(cb.records[0].temporal["leaky"].recurrences["l0"].max_gains, top, rtol=1e-4)
     assert cb.watch.monitor.meta["recurrent_layers"]["leaky"] == "fromplugin"
 
