@@ -93,7 +93,7 @@ class _Site:
     directions: list[tuple[str, Any]]
     salt: int
     call: dict[str, Any] = field(default_factory=dict)  # what the last call kept
-    kept: Kept | None = None  # JAX: the device buffers of the last due step
+    kept: Kept | None = None  # JAX: the device buffers of the due steps an execution holds
     blocks: list[_Block] = field(default_factory=list)  # the recurrent kernels' gate blocks
     sq: Any = None  # per-timestep sums of squares of dL/dx of this step (sensitivity; torch, JAX)
     tap: Any = None  # JAX: the identity whose backward hands dL/dx's sums of squares to ``sq``
