@@ -635,9 +635,10 @@ class PortableThroughTime:
         """On JAX, the device buffers a jitted step writes what the replay needs into (see
         :class:`Kept`); created outside any trace, carried in the step's state. One slot
         per profiled step an execution of ``per_execution`` steps (``steps_per_execution``)
-        can hold: the host reads after the execution, and finds each of them."""
+        can hold: the host reads after the execution, and finds each of them. (Each slot
+        holds a copy of the cells' weights: K copies in all, as on TensorFlow.)"""
         every, n = max(self._every, 1), max(int(per_execution), 1)
-        slots = min(n, -(-n // every) + 1)  # step 1 and every every-th: at most ceil(n / every) + 1 in n steps
+        slots = min(n, n // every + 1)  # step 1 and every every-th: at most n // every + 1 in n steps (as TensorFlow's)
         for site in self.sites:
             if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
                 site.kept = Kept.make(site.salt, site.length, site.directions, make, slots, every)
