@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fits", type=int, default=5, help="fits per arm with --first-batch (the first is warm-up)")
     p.add_argument("--backend-ratios", action="store_true", help="steady step and first fit on KERAS_BACKEND")
     p.add_argument("--replay-cost", action="store_true", help="CPU time of one replay of LSTM(256), T=100")
+    p.add_argument("--early-fits", action="store_true", help="whole fits of a fit's first steps, before any lean switch")
     a = p.parse_args(argv)
+    if a.early_fits:
+        early_fits(rounds=a.rounds or 8)
+        return
     if a.replay_cost:
         replay_cost(rounds=a.rounds or 10)
         return
@@ -327,6 +331,53 @@ def backend_ratios(quick: bool, rounds: int) -> None:
         f"defaults / unwatched {s_ratio:.3f}{_spread(steady['defaults'], steady['unwatched'], 3)} (mean step, "
         f"profiled ones included: {m_ratio:.3f}); first fit {statistics.median(first['unwatched']):.2f} s unwatched, "
         f"defaults / unwatched {f_ratio:.2f}{_spread(first['defaults'], first['unwatched'], 2)}{bg}{lean}"
+    )
+
+
+def early_fits(rounds: int) -> None:
+    """The cost of a fit's first steps on ``KERAS_BACKEND``, before the lean train function
+    (TensorFlow, JAX) has paid for its trace: whole 3-epoch fits of 64 steps each (the
+    callback's begin and end included, profiled steps included), Input(50, 16) -> LSTM(64)
+    -> Dense(1), Adam, batch 32, arms interleaved over ``rounds``: unwatched, the defaults,
+    ``profile_every=1000`` (step 1 profiled, then the full step function's per-step cost
+    alone) and ``profile_every=0`` (no through-time work). Prints medians' ratios."""
+    import keras
+
+    from gradwatch_tf import GradWatchCallback
+
+    seq, feat, hidden, batch, steps = 50, 16, 64, 32, 64
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch * steps, seq, feat)).astype("float32")
+    y = rng.standard_normal((batch * steps, 1)).astype("float32")
+    arms: dict[str, dict[str, Any] | None] = {
+        "unwatched": None,
+        "defaults": {},
+        "profile_every=1000": {"profile_every": 1000},
+        "profile_every=0": {"profile_every": 0},
+    }
+    models, cbs = {}, {}
+    for name, opts in arms.items():
+        keras.utils.set_random_seed(0)
+        models[name] = keras.Sequential([keras.Input((seq, feat)), keras.layers.LSTM(hidden), keras.layers.Dense(1)])
+        models[name].compile(keras.optimizers.Adam(1e-3), "mse")
+        cbs[name] = [] if opts is None else [GradWatchCallback(sinks=["memory"], **opts)]
+        models[name].fit(x, y, batch_size=batch, epochs=1, verbose=0, callbacks=cbs[name])  # the trace
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    for i in range(rounds):
+        for name in list(arms) if i % 2 == 0 else list(arms)[::-1]:
+            t0 = time.perf_counter()
+            models[name].fit(x, y, batch_size=batch, epochs=3, verbose=0, callbacks=cbs[name])
+            times[name].append(time.perf_counter() - t0)
+    lean = [name for name in arms if cbs[name] and getattr(cbs[name][0]._functions, "_lean", None) is not None]
+    base = statistics.median(times["unwatched"])
+    log(
+        f"keras-{keras.backend.backend()} early fits ({1 + 3 * rounds} fits of {steps} steps per arm; "
+        f"a fit {base:.2f} s unwatched; lean function traced in: {', '.join(lean) or 'none'}): "
+        + ", ".join(
+            f"{name} {statistics.median(t) / base:.3f}{_spread(t, times['unwatched'], 3)}"
+            for name, t in times.items()
+            if name != "unwatched"
+        )
     )
 
 

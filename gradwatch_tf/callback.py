@@ -87,6 +87,20 @@ def _end_of_data() -> tuple[type[BaseException], ...]:
     return (StopIteration,)
 
 
+#: The Keras backends that dispatch batch-end callbacks asynchronously (Keras'
+#: ``IS_THREAD_SAFE``; TensorFlow's calls them in the loop).
+_ASYNC_BACKENDS = ("jax", "torch")
+
+
+def _keras_default_batch_end(batch: int, logs: Mapping[str, Any] | None = None) -> None:
+    """A batch end that does nothing, marked as Keras marks its own default methods
+    (``keras.src.utils.python_utils.default``), so Keras still dispatches the batch-end
+    callbacks of a JAX fit asynchronously (see :meth:`GradWatchCallback._read_after`)."""
+
+
+_keras_default_batch_end._is_default = True  # type: ignore[attr-defined]
+
+
 def _tell_steps_left(att: Any, steps_left: int | None) -> None:
     """Tell the host profile (TensorFlow's, JAX's through-time sites) how many steps this
     fit has left: a short fit compiles no replay (:data:`gradwatch_tf._kkept.BACKGROUND_MIN_STEPS`)."""
@@ -206,6 +220,16 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         #: Undo functions of the guards put on the fit's objects (callback list, ...).
         self._fit_guards: list[Callable[[], None]] = []
         self._epoch = 0  # the fit's current epoch (Keras' index)
+        self._batch = 0  # the first batch of the execution under way (Keras' index)
+        if keras.backend.backend() in _ASYNC_BACKENDS:
+            # Keras dispatches the batch-end callbacks of a JAX or torch fit in a thread, so
+            # that the loop queues the next step while the last one runs, unless one of them
+            # overrides on_train_batch_end: that alone, doing nothing, costs 5% of a small
+            # LSTM's step on JAX here (the logs are read to the host after every step; on a
+            # GPU torch's likewise). gradwatch reads right after the train function instead
+            # (:meth:`_read_after`), on flush and profiled steps only, and leaves Keras'
+            # dispatch as it is.
+            self.on_train_batch_end = _keras_default_batch_end  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ fit hooks
     def on_train_begin(self, logs: Mapping[str, Any] | None = None) -> None:
@@ -253,6 +277,9 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             self._guard_fit(sys._getframe(1), model)
         except Exception as exc:  # noqa: BLE001 - the wrappers heal themselves anyway
             logger.debug("gradwatch: could not guard the fit loop: %r", exc)
+
+    def on_train_batch_begin(self, batch: int, logs: Mapping[str, Any] | None = None) -> None:
+        self._batch = int(batch)
 
     def on_epoch_begin(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         self._epoch = int(epoch)
@@ -329,6 +356,48 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         return guarded
 
     def _run(self, train_function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """One Keras execution (:meth:`_execute`), then on JAX the host's read of its steps
+        when one is due (:meth:`_read_after`)."""
+        out = self._execute(train_function, args, kwargs)
+        if keras.backend.backend() in _ASYNC_BACKENDS:
+            self._read_after(out)
+        return out
+
+    def _read_after(self, out: Any) -> None:
+        """JAX and torch: what :meth:`on_train_batch_end` does on TensorFlow, right after
+        the train function returned (JAX: ``(logs, state)``, torch: ``logs``): on a flush
+        or profiled step, read the ring (on JAX from the returned state: Keras keeps it in
+        ``model._jax_state`` only after this call, so it is put there first, as Keras then
+        does) and put ``grad_norm`` into the logs Keras hands to every callback; on other
+        steps nothing, no host transfer."""
+        att = self.watch.attachment
+        if not isinstance(att, RingReader):
+            return
+        spe = int(getattr(self._model, "steps_per_execution", 1) or 1)
+        due = getattr(att, "read_due", None)
+        if due is None or not due(spe):
+            return
+        logs, state = out if isinstance(out, tuple) and len(out) == 2 else (out, None)
+        model = self._model
+        if isinstance(state, (tuple, list)) and len(state) == 4:
+            trainable, non_trainable, optimizer_variables, metrics = state
+            model._jax_state = {
+                "trainable_variables": trainable,
+                "non_trainable_variables": non_trainable,
+                "optimizer_variables": optimizer_variables,
+                "metrics_variables": metrics,
+            }
+        _tell_steps_left(att, self._steps_left(self._batch + spe - 1))
+        try:
+            records = att.sync_records()
+        except NonFiniteGradientError:
+            self._end_fit()
+            raise
+        if records:
+            self._last = records[-1]
+            self._fill_logs(logs if isinstance(logs, dict) else None)
+
+    def _execute(self, train_function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One Keras execution: the full train function, or the lean one when none of its
         steps is profiled (:meth:`gradwatch_tf.attach.TFAttachment.lean_due`, on JAX
         :meth:`gradwatch_tf.portable.PortableAttachment.lean_due`)
