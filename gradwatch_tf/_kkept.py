@@ -179,7 +179,8 @@ class Kept:
         """The slot of profiled step ``step`` in the jitted step: its profiled ordinal
         (:func:`gradwatch_tf._tfhost.profiled_ordinal`, as TensorFlow's buffers) modulo K,
         so the profiled steps of one execution get distinct slots."""
-        return ops.mod(ops.cast(step, "int32") - 1 if self.every <= 1 else ops.cast(step, "int32") // self.every, self.slots)
+        step = ops.cast(step, "int32")
+        return ops.mod(step - 1 if self.every <= 1 else step // self.every, self.slots)
 
     def put(self, buf: Any, value: Any, due: Any, slot: Any) -> None:
         """``buf[slot] = value`` on a due step, else nothing: one ``where`` over the buffer

@@ -14,8 +14,9 @@ on the weights the gradients belong to (before the update):
   before the update into device buffers (:class:`Kept`) that travel in its state like
   the ring, in a slot of its own (one per profiled step an execution of
   ``steps_per_execution`` steps can hold); when the host reads that step's row (the
-  callback reads after every execution with a profiled step) it replays the buffers with a separately jitted function and writes the logs into
-  the row, so the record carries them with its own step number. That function is compiled
+  callback reads after every execution with a profiled step) it replays the buffers with
+  a separately jitted function and writes the logs into the row, so the record carries
+  them with its own step number. That function is compiled
   once per site and probed batch size, in a background thread started at the first
   profiled step (:mod:`gradwatch_tf._kkept`): the fit goes on meanwhile, and profiled
   steps read before it is ready are replayed on numpy (:mod:`gradwatch_tf._knumpy`, the

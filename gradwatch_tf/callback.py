@@ -95,7 +95,7 @@ _ASYNC_BACKENDS = ("jax", "torch")
 def _keras_default_batch_end(batch: int, logs: Mapping[str, Any] | None = None) -> None:
     """A batch end that does nothing, marked as Keras marks its own default methods
     (``keras.src.utils.python_utils.default``), so Keras still dispatches the batch-end
-    callbacks of a JAX fit asynchronously (see :meth:`GradWatchCallback._read_after`)."""
+    callbacks of a JAX or torch fit asynchronously (see :meth:`GradWatchCallback._read_after`)."""
 
 
 _keras_default_batch_end._is_default = True  # type: ignore[attr-defined]
@@ -296,10 +296,13 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         return max((epochs - self._epoch - 1) * steps + (steps - int(batch) - 1), 0)
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        """TensorFlow (Keras calls its batch ends in the loop): read the ring when due. On
+        JAX and torch this method is replaced by a default one and :meth:`_read_after`
+        reads instead."""
         att = self.watch.attachment
         if not isinstance(att, RingReader):
             return
-        due = getattr(att, "read_due", None)  # JAX / torch: a host read on flush and profiled steps only
+        due = getattr(att, "read_due", None)  # a host read on flush and profiled steps only
         # ``self._model``, not ``self.model``: on JAX Keras' property syncs the whole model
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
@@ -356,8 +359,8 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         return guarded
 
     def _run(self, train_function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        """One Keras execution (:meth:`_execute`), then on JAX the host's read of its steps
-        when one is due (:meth:`_read_after`)."""
+        """One Keras execution (:meth:`_execute`), then on JAX and torch the host's read of
+        its steps when one is due (:meth:`_read_after`)."""
         out = self._execute(train_function, args, kwargs)
         if keras.backend.backend() in _ASYNC_BACKENDS:
             self._read_after(out)
