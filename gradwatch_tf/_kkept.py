@@ -149,10 +149,11 @@ def run(
 @dataclass
 class Kept:
     """What the host replay of a due step needs, kept on the device by the jitted step
-    (Keras variables in the optimizer's state, like the ring), in ``slots`` slots (the
-    leading axis K of every buffer: one per profiled step one execution of
-    ``steps_per_execution`` steps can hold, so the host, reading after the execution,
-    finds each of them): the first ``PROBED`` sequences of the input [K, P, T, F] and mask
+    (Keras variables in the optimizer's state, like the ring), in ``slots`` slots (with
+    more than one, the leading axis K of every buffer: one per profiled step one
+    execution of ``steps_per_execution`` steps can hold, so the host, reading after the
+    execution, finds each of them; with one, no such axis, so the default step and its
+    host reads are what they were before slots): the first ``PROBED`` sequences of the input [K, P, T, F] and mask
     [K, P, T] (padded; ``n`` [K] of them valid), the initial state parts [K, P, u] (zeros
     when the call had none: the replay's own default) and the step they belong to (``step``
     [K], 0: none), and the cells' weights before the update of a profiled step (``wstep``
@@ -173,12 +174,22 @@ class Kept:
     @property
     def slots(self) -> int:
         """K, the profiled steps the buffers hold at once."""
-        return int(self.step.shape[0])
+        return int(self.step.shape[0]) if len(self.step.shape) else 1
+
+    def at(self, read: Callable[[Any], Any], buf: Any, slot: int, rows: int | None = None) -> Any:
+        """On the host: slot ``slot`` of ``buf`` as read (where it lives: a device array on
+        JAX), its first ``rows`` rows when given; one slot: the buffer itself, unindexed."""
+        value = read(buf)
+        if self.slots > 1:
+            value = value[slot]
+        return value if rows is None else value[:rows]
 
     def slot(self, step: Any) -> Any:
         """The slot of profiled step ``step`` in the jitted step: its profiled ordinal
         (:func:`gradwatch_tf._tfhost.profiled_ordinal`, as TensorFlow's buffers) modulo K,
-        so the profiled steps of one execution get distinct slots."""
+        so the profiled steps of one execution get distinct slots (one slot: 0, no op)."""
+        if self.slots == 1:
+            return 0
         step = ops.cast(step, "int32")
         return ops.mod(step - 1 if self.every <= 1 else step // self.every, self.slots)
 
@@ -188,7 +199,7 @@ class Kept:
         with several (a step copies one slot, not K)."""
         value = ops.cast(value, buf.dtype)
         if self.slots == 1:
-            buf.assign(ops.where(due, value[None], buf.value))
+            buf.assign(ops.where(due, value, buf.value))
             return
         start = [slot] + [0] * (len(buf.shape) - 1)
         old = ops.slice(buf.value, start, [1, *buf.shape[1:]])
@@ -219,16 +230,17 @@ class Kept:
         of each; ``every``: the option ``profile_every``."""
         tag = f"gradwatch_kept_{salt}"
         k = max(int(slots), 1)
+        lead = (k,) if k > 1 else ()  # (one slot: no slot axis)
         cell = directions[0][1].cell
         feat = int(cell.kernel.shape[0])
         parts = _kcells.KCELLS[type(cell).__name__](cell).parts
         states = [
-            make(np.zeros((k, PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
+            make(np.zeros((*lead, PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
             for i, (_, layer) in enumerate(directions)
             for p in range(parts)
         ]
         weights = [
-            make(np.zeros((k, *tuple(v.shape))), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
+            make(np.zeros((*lead, *tuple(v.shape))), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
             for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
         ]
 
@@ -238,7 +250,7 @@ class Kept:
             if not float(rate or 0.0) > 0:
                 return None
             count = getattr(cell, "dropout_mask_count", None)
-            made = [make(np.ones((k, PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
+            made = [make(np.ones((*lead, PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
             return made if count is not None else made[0]
 
         drops = [
@@ -253,11 +265,11 @@ class Kept:
         return Kept(
             drops=drops,
             every=max(int(every), 1),
-            x=make(np.zeros((k, PROBED, length, feat)), "float32", f"{tag}_x"),
-            mask=make(np.zeros((k, PROBED, length)), "float32", f"{tag}_mask"),
+            x=make(np.zeros((*lead, PROBED, length, feat)), "float32", f"{tag}_x"),
+            mask=make(np.zeros((*lead, PROBED, length)), "float32", f"{tag}_mask"),
             states=states,
             weights=weights,
-            n=make(np.zeros(k), "int32", f"{tag}_n"),
-            step=make(np.zeros(k), "int32", f"{tag}_step"),
-            wstep=make(np.zeros(k), "int32", f"{tag}_wstep"),
+            n=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_n"),
+            step=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_step"),
+            wstep=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_wstep"),
         )

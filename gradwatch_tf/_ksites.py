@@ -619,7 +619,7 @@ class PortableThroughTime:
                 values = {}
                 for b in site.blocks:
                     j = next(i for i, v in enumerate(site.weights) if v is b.kernel)
-                    values[b.name] = self._sigma(b, np.asarray(read(kept.weights[j])[slot]))
+                    values[b.name] = self._sigma(b, np.asarray(kept.at(read, kept.weights[j], slot)))
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.spectral_broken = True
                 self._fail("spectral norms", exc)
@@ -639,7 +639,8 @@ class PortableThroughTime:
         can hold: the host reads after the execution, and finds each of them. (Each slot
         holds a copy of the cells' weights: K copies in all, as on TensorFlow.)"""
         every, n = max(self._every, 1), max(int(per_execution), 1)
-        slots = min(n, n // every + 1)  # step 1 and every every-th: at most n // every + 1 in n steps (as TensorFlow's)
+        # step 1 and every every-th: at most n // every + 1 of them in n steps (TensorFlow's count)
+        slots = min(n, n // every + 1)
         for site in self.sites:
             if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
                 site.kept = Kept.make(site.salt, site.length, site.directions, make, slots, every)
@@ -661,7 +662,7 @@ class PortableThroughTime:
         if flat and len(flat) != len(kept.states):
             return  # a state layout the buffers do not hold: not measured (NaN)
         flat = [ops.cast(v, "float32")[:PROBED] for v in flat] or [
-            ops.zeros((b, *v.shape[2:]), "float32") for v in kept.states
+            ops.zeros((b, *v.shape[-1:]), "float32") for v in kept.states
         ]
 
         def pad(v: Any) -> Any:
@@ -706,10 +707,10 @@ class PortableThroughTime:
                 s = kept.held(read, step)  # (inputs and weights both of this step, in one slot)
                 if s is None:
                     continue
-                n = int(np.asarray(read(kept.n))[s])
+                n = int(np.asarray(read(kept.n)).reshape(-1)[s])
 
-                def at(buf: Any, s: int = s, n: int | None = n) -> Any:  # (sliced where it lives)
-                    return read(buf)[s] if n is None else read(buf)[s, :n]
+                def at(buf: Any, s: int = s, n: int | None = n, kept: Kept = kept) -> Any:  # (sliced where it lives)
+                    return kept.at(read, buf, s, n)
 
                 call = {"x": at(kept.x), "mask": at(kept.mask), "states": [at(v) for v in kept.states]}
                 if any(d is not None for pair in kept.drops for d in pair):
