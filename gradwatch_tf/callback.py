@@ -307,7 +307,13 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
         # state to its variables (about 0.5 ms a batch here, and the next step re-gathers it).
         if due is not None and not due(int(getattr(self._model, "steps_per_execution", 1) or 1)):
             return  # nothing read: this batch's logs get no grad_norm rather than an older step's
-        _tell_steps_left(att, self._steps_left(batch))
+        self._read_now(att, batch, logs)
+
+    def _read_now(self, att: RingReader, last_batch: int, logs: dict[str, Any] | None) -> None:
+        """Read the ring (``last_batch``: the execution's last batch, for the steps the fit
+        has left) and put the last read step's ``grad_norm`` into ``logs``, the logs of the
+        batch that step ended; a non-finite gradient under "raise" ends the fit here."""
+        _tell_steps_left(att, self._steps_left(last_batch))
         try:
             records = att.sync_records()
         except NonFiniteGradientError:
@@ -315,7 +321,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
             raise
         if records:
             self._last = records[-1]
-            self._fill_logs(logs)  # the step this batch ended with
+            self._fill_logs(logs)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         att = self.watch.attachment
@@ -390,15 +396,7 @@ class GradWatchCallback(WatchFront, keras.callbacks.Callback):
                 "optimizer_variables": optimizer_variables,
                 "metrics_variables": metrics,
             }
-        _tell_steps_left(att, self._steps_left(self._batch + spe - 1))
-        try:
-            records = att.sync_records()
-        except NonFiniteGradientError:
-            self._end_fit()
-            raise
-        if records:
-            self._last = records[-1]
-            self._fill_logs(logs if isinstance(logs, dict) else None)
+        self._read_now(att, self._batch + spe - 1, logs if isinstance(logs, dict) else None)
 
     def _execute(self, train_function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """One Keras execution: the full train function, or the lean one when none of its
