@@ -21,13 +21,42 @@ from gradwatch_tf import _kcells
 __all__ = [
     "BACKGROUND_COMPILE",
     "BACKGROUND_MIN_STEPS",
+    "KEPT_BYTES",
     "NUMPY_RENT_S",
     "Kept",
+    "capped_slots",
     "compiles_done",
     "host_run",
     "run",
     "short_fit",
+    "slot_bytes",
 ]
+
+#: The most bytes a watch's kept copies take on the device, all slots together (TensorFlow's
+#: and JAX's): one slot per profiled step an execution of ``steps_per_execution`` steps can
+#: hold, each with a copy of the recurrent cells' weights, is fewer slots where it would
+#: take more (an LSTM(1024) at ``steps_per_execution=100``: 11 copies of 33 MB). A profiled
+#: step whose slot a later one of the same execution took is then not measured (left out).
+KEPT_BYTES = 256 << 20
+
+
+def slot_bytes(length: int, directions: list[tuple[str, Any]]) -> int:
+    """Bytes one slot of a site's kept buffers takes: its cells' weights, the probed
+    sequences' input and mask, their initial states (4 bytes a number)."""
+    cell = directions[0][1].cell
+    feat = int(cell.kernel.shape[0])
+    numbers = PROBED * length * (feat + 1)
+    for _, layer in directions:
+        numbers += sum(int(np.prod(v.shape)) for v in layer.cell.weights)
+        numbers += PROBED * int(layer.cell.units) * _kcells.KCELLS[type(layer.cell).__name__](layer.cell).parts
+    return 4 * numbers
+
+
+def capped_slots(wanted: int, per_slot: int) -> int:
+    """``wanted`` slots, fewer when ``per_slot`` bytes each would pass :data:`KEPT_BYTES`;
+    at least one."""
+    wanted = max(int(wanted), 1)
+    return wanted if per_slot <= 0 else max(1, min(wanted, KEPT_BYTES // per_slot))
 
 #: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay function in a
 #: background thread (one per process, idle when done): the fit is not held for it, and

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import math
 import zlib
 from collections.abc import Callable
@@ -67,6 +68,8 @@ from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
 
 __all__ = ["PortableThroughTime"]
+
+logger = logging.getLogger("gradwatch")
 
 _GATES = {"LSTMCell": "forget", "GRUCell": "update"}
 
@@ -639,8 +642,18 @@ class PortableThroughTime:
         can hold: the host reads after the execution, and finds each of them. (Each slot
         holds a copy of the cells' weights: K copies in all, as on TensorFlow.)"""
         every, n = max(self._every, 1), max(int(per_execution), 1)
-        # step 1 and every every-th: at most n // every + 1 of them in n steps (TensorFlow's count)
-        slots = min(n, n // every + 1)
+        # step 1 and every every-th: at most n // every + 1 of them in n steps (TensorFlow's
+        # count), fewer where their copies would pass _kkept.KEPT_BYTES
+        wanted = min(n, n // every + 1)
+        slots = _kkept.capped_slots(
+            wanted, sum(_kkept.slot_bytes(s.length, s.directions) for s in self.sites if s.diag is None)
+        )
+        if slots < wanted:
+            logger.info(
+                "gradwatch: %d of the %d profiled steps an execution can hold keep their inputs and weights for the "
+                "through-time replay (the copies would pass %d MB); the others' propagation is left out.",
+                slots, wanted, _kkept.KEPT_BYTES >> 20,
+            )
         for site in self.sites:
             if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
                 site.kept = Kept.make(site.salt, site.length, site.directions, make, slots, every)

@@ -29,6 +29,7 @@ traced step hands its row to the host from inside the graph.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +43,8 @@ from gradwatch.through_time.spectral import HostSpectral
 from gradwatch_tf import _kcells, _kkept, _knumpy
 
 __all__ = ["HostProfile"]
+
+logger = logging.getLogger("gradwatch")
 
 
 @dataclass
@@ -101,6 +104,17 @@ class HostProfile:
         strategy's replica context cannot make variables): each site's, a single dropout
         mask per direction where its cell has a dropout rate, and the kept kernels."""
         self._sites = list(sites)
+        kept_sites = [s for s in sites if s.prop is not None and s.diag is None and s.length is not None and s.directions]
+        if not self._kept and not self._kernels and kept_sites:  # (before any buffer is made)
+            per_slot = sum(_kkept.slot_bytes(s.length, s.directions) for s in kept_sites)
+            per_slot += 4 * sum(int(np.prod(b.kernel.shape)) for b in blocks)
+            wanted, self.slots = self.slots, _kkept.capped_slots(self.slots, per_slot)
+            if self.slots < wanted:
+                logger.info(
+                    "gradwatch: %d of the %d profiled steps an execution can hold keep their inputs and weights for "
+                    "the through-time replay (the copies would pass %d MB); the others' propagation is left out.",
+                    self.slots, wanted, _kkept.KEPT_BYTES >> 20,
+                )
         for site in sites:
             # (a diagonal recurrence keeps nothing: the step measures it, _propagation)
             kept = self.ensure(site) if site.prop is not None and site.diag is None else None

@@ -405,6 +405,29 @@ def test_jax_fit_measures_every_due_step_of_an_execution(monkeypatch, spe, every
         assert len(rec.temporal["rnn"].norms) == 6
 
 
+def test_jax_kept_copies_are_capped_in_bytes(monkeypatch, caplog):
+    """With the kept copies capped (``_kkept.KEPT_BYTES``) to one slot, each execution of
+    three profiled steps keeps its last one only (steps 3 and 6 measured, the others left
+    out, never given another step's numbers); an INFO line says so."""
+    if BACKEND != "jax":
+        pytest.skip("the kept buffers are JAX's")
+    import logging
+
+    from gradwatch_tf import _kkept
+
+    monkeypatch.setattr(_kkept, "BACKGROUND_COMPILE", False)
+    monkeypatch.setattr(_kkept, "KEPT_BYTES", 1)
+    model = _model()
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=3)
+    x, y = _data(48)
+    cb = GradWatchCallback(profile_every=1, sinks=["memory"])
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, callbacks=[cb])
+    assert [r.step for r in cb.records if r.temporal["rnn"].recurrences] == [3, 6]
+    assert all(len(r.temporal["rnn"].norms) == 6 for r in cb.records)  # sensitivity: every step's own
+    assert "1 of the 3 profiled steps an execution can hold keep their inputs" in caplog.text
+
+
 def test_jax_fit_replays_on_numpy_until_the_compile_is_ready(monkeypatch):
     """On JAX the host's replay compiles in a background thread; a fit with fewer steps
     left than BACKGROUND_MIN_STEPS compiles nothing and replays on numpy; one with more

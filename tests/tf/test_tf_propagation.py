@@ -348,6 +348,30 @@ def test_steps_per_execution_replays_each_profiled_step_on_its_own_batch():
         assert_gains(gains_of(recs[k]), exact(params, x[2 * k : 2 * k + 2])[0])
 
 
+def test_the_kept_copies_are_capped_in_bytes_and_the_steps_left_out_say_so(monkeypatch, caplog):
+    """With the kept copies capped (``_kkept.KEPT_BYTES``) to one slot, an execution of
+    three steps keeps its last profiled step only: steps 1 and 4 are left out (no number
+    of another step's), 2 and 6 measured exactly; an INFO line says how many are kept."""
+    import logging
+
+    from gradwatch_tf import _kkept
+
+    monkeypatch.setattr(_kkept, "KEPT_BYTES", 1)
+    x, y = data(n=12, t=12)
+    model = single(keras.layers.SimpleRNN(6, name="rnn"))
+    model.compile(keras.optimizers.SGD(0.0), "mse", steps_per_execution=3, jit_compile=True)
+    cb = GradWatchCallback(sinks=["memory"], profile_every=2)
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        model.fit(x, y, batch_size=2, epochs=1, verbose=0, shuffle=False, callbacks=[cb])
+    recs = cb.records
+    measured = [bool(r.temporal.get("rnn") and r.temporal["rnn"].recurrences) for r in recs]
+    assert measured == [False, True, False, False, False, True]
+    params = cell_params(model.get_layer("rnn"))
+    for k in (1, 5):
+        assert_gains(gains_of(recs[k]), exact(params, x[2 * k : 2 * k + 2])[0])
+    assert "1 of the 2 profiled steps an execution can hold keep their inputs" in caplog.text
+
+
 def test_layers_with_an_undeclared_sequence_length_are_measured():
     inp = keras.Input((None, 3))
     model = keras.Model(inp, keras.layers.Dense(1)(keras.layers.LSTM(4, name="rnn")(inp)))
