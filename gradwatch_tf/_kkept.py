@@ -48,7 +48,7 @@ def slot_bytes(length: int, directions: list[tuple[str, Any]]) -> int:
     numbers = PROBED * length * (feat + 1)
     for _, layer in directions:
         numbers += sum(int(np.prod(v.shape)) for v in layer.cell.weights)
-        numbers += PROBED * int(layer.cell.units) * _kcells.KCELLS[type(layer.cell).__name__](layer.cell).parts
+        numbers += PROBED * int(layer.cell.units) * _kcells.KCELLS[type(layer.cell).__name__].parts
     return 4 * numbers
 
 
@@ -262,7 +262,7 @@ class Kept:
         lead = (k,) if k > 1 else ()  # (one slot: no slot axis)
         cell = directions[0][1].cell
         feat = int(cell.kernel.shape[0])
-        parts = _kcells.KCELLS[type(cell).__name__](cell).parts
+        parts = _kcells.KCELLS[type(cell).__name__].parts  # (the class: an instance transposes the kernel)
         states = [
             make(np.zeros((*lead, PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
             for i, (_, layer) in enumerate(directions)

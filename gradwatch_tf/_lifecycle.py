@@ -9,6 +9,8 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from gradwatch.attachment import warn_if_no_step
 from gradwatch.errors import GradwatchError, NonFiniteGradientError
 from gradwatch.records import StepRecord
@@ -75,8 +77,9 @@ class Lifecycle(RingReader):
         if not self._ready:
             return
         try:
-            self._graph.active.assign(False)
-            self._graph.halted.assign(False)
+            # (numpy booleans: a Python one makes JAX compile a conversion, 10 ms a process)
+            self._graph.active.assign(np.asarray(False))
+            self._graph.halted.assign(np.asarray(False))
         except Exception as exc:  # noqa: BLE001 - deactivating is best effort
             self._fail("deactivating", exc)
         if self._graph.policy is not None:
@@ -134,7 +137,7 @@ class Lifecycle(RingReader):
         self._suspended = False
         self._held_state = None
         if self._ready:
-            self._graph.active.assign(True)
+            self._graph.active.assign(np.asarray(True))
             if self._graph.policy is not None:
                 self._monitor.decide_on_device(self._graph.policy)
 

@@ -134,7 +134,7 @@ class RingReader:
         except NonFiniteGradientError:
             # The halted flag kept every later update of this execution from happening;
             # release it so that a caller who catches the error can go on.
-            self._graph.halted.assign(False)
+            self._graph.halted.assign(np.asarray(False))
             raise
         except Exception as exc:  # noqa: BLE001 - recording is optional, training goes on
             self._fail("recording a step", exc)
