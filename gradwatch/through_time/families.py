@@ -40,13 +40,12 @@ class Recurrence:
       and output whose first dimension is the batch is cut to its first ``min(B, 8)``
       rows before the call. It may instead return a pair ``(scale (B, T, E), rate (E, N))``
       meaning log a_t[e, n] = scale_t[e] * rate[e, n] (Mamba's Δ_t A): exact as well, and
-      N times cheaper;
+      N times cheaper. For a Keras layer the signature is ``decay(layer, x) -> log_a``
+      (``keras.ops``; ``x`` the probed sequences of the layer's first input), as in
+      ``gradwatch_tf.register_recurrence``;
     * ``step``: True for a cell called once per timestep whose next call takes the state
       this call returned (``h = cell(x_t, h)``): measured exactly through the cell's own
       autograd (see ``gradwatch_torch._loops``; PyTorch only);
-      For a Keras layer the signature is ``decay(layer, x) -> log_a`` (``keras.ops``; ``x``
-      the probed sequences of the layer's first input), as in
-      ``gradwatch_tf.register_recurrence``;
     * ``kind``: the family's name in records, alerts and remedies (``REMEDIES``);
     * ``gate``: the name of the gate that sets the decay ("forget", "update", "delta").
     """
