@@ -336,8 +336,8 @@ def backend_ratios(quick: bool, rounds: int) -> None:
 
 def early_fits(rounds: int) -> None:
     """The cost of a fit's first steps on ``KERAS_BACKEND``, before the lean train function
-    (TensorFlow, JAX) has paid for its trace: whole 3-epoch fits of 64 steps each (the
-    callback's begin and end included, profiled steps included), Input(50, 16) -> LSTM(64)
+    (TensorFlow, JAX) has paid for its trace: whole fits of 3 epochs of 64 steps (the
+    callback's begin and end included, profiled steps included), after one warm-up fit, Input(50, 16) -> LSTM(64)
     -> Dense(1), Adam, batch 32, arms interleaved over ``rounds``: unwatched, the defaults,
     ``profile_every=1000`` (step 1 profiled, then the full step function's per-step cost
     alone) and ``profile_every=0`` (no through-time work). Prints medians' ratios."""
@@ -371,7 +371,7 @@ def early_fits(rounds: int) -> None:
     lean = [name for name in arms if cbs[name] and getattr(cbs[name][0]._functions, "_lean", None) is not None]
     base = statistics.median(times["unwatched"])
     log(
-        f"keras-{keras.backend.backend()} early fits ({1 + 3 * rounds} fits of {steps} steps per arm; "
+        f"keras-{keras.backend.backend()} early fits ({rounds} fits of {3 * steps} steps per arm after a warm-up fit; "
         f"a fit {base:.2f} s unwatched; lean function traced in: {', '.join(lean) or 'none'}): "
         + ", ".join(
             f"{name} {statistics.median(t) / base:.3f}{_spread(t, times['unwatched'], 3)}"
