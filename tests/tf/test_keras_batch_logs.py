@@ -10,7 +10,7 @@ import pytest
 
 keras = pytest.importorskip("keras", reason="the Keras backend needs keras")
 
-from gradwatch_tf import GradWatchCallback  # noqa: E402
+from gradwatch_tf import GradWatchCallback
 
 
 class _BatchLogs(keras.callbacks.Callback):
