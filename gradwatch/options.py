@@ -13,7 +13,7 @@ from typing import Any
 
 from gradwatch.errors import ConfigError
 
-__all__ = ["ON_NONFINITE", "Options", "profile_due"]
+__all__ = ["ON_NONFINITE", "Options", "profile_due", "profiled_ordinal"]
 
 ON_NONFINITE = ("warn", "skip", "raise")
 _UNSET: Any = object()
@@ -31,6 +31,12 @@ def profile_due(step: Any, every: int, ops: Any = None) -> Any:
     if ops is None:
         return step == 1 or step % every == 0
     return ops.logical_or(ops.equal(step, 1), ops.equal(step % every, 0))
+
+
+def profiled_ordinal(step: Any, every: int) -> Any:
+    """k for the k-th profiled step (from 0) under :func:`profile_due`: step 1 is the
+    first, then every ``every``-th step (a Python int or a device scalar alike)."""
+    return step - 1 if every <= 1 else step // every
 
 
 def _is_number(v: object) -> bool:

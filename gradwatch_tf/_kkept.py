@@ -5,6 +5,7 @@ scans are kept out of the train step's compile)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -15,8 +16,11 @@ import keras
 import numpy as np
 from keras import ops
 
+from gradwatch.options import profiled_ordinal
 from gradwatch.through_time.plan import PROBED
 from gradwatch_tf import _kcells
+
+logger = logging.getLogger("gradwatch")
 
 __all__ = [
     "BACKGROUND_COMPILE",
@@ -24,12 +28,12 @@ __all__ = [
     "KEPT_BYTES",
     "NUMPY_RENT_S",
     "Kept",
-    "capped_slots",
     "compiles_done",
     "host_run",
     "run",
     "short_fit",
     "slot_bytes",
+    "slots_for",
 ]
 
 #: The most bytes a watch's kept copies take on the device, all slots together (TensorFlow's
@@ -52,11 +56,21 @@ def slot_bytes(length: int, directions: list[tuple[str, Any]]) -> int:
     return 4 * numbers
 
 
-def capped_slots(wanted: int, per_slot: int) -> int:
-    """``wanted`` slots, fewer when ``per_slot`` bytes each would pass :data:`KEPT_BYTES`;
-    at least one."""
-    wanted = max(int(wanted), 1)
-    return wanted if per_slot <= 0 else max(1, min(wanted, KEPT_BYTES // per_slot))
+def slots_for(per_execution: int, every: int, per_slot: int) -> int:
+    """The slots of a watch's kept buffers: one per profiled step an execution of
+    ``per_execution`` steps can hold (step 1 and every ``every``-th: at most
+    ``per_execution // every + 1``), fewer when ``per_slot`` bytes each would pass
+    :data:`KEPT_BYTES` (an INFO line then says so); at least one."""
+    n, every = max(int(per_execution), 1), max(int(every), 1)
+    wanted = min(n, n // every + 1)
+    slots = wanted if per_slot <= 0 else max(1, min(wanted, KEPT_BYTES // per_slot))
+    if slots < wanted:
+        logger.info(
+            "gradwatch: %d of the %d profiled steps an execution can hold keep their inputs and weights for the "
+            "through-time replay (the copies would pass %d MB); the others' propagation is left out.",
+            slots, wanted, KEPT_BYTES >> 20,
+        )
+    return slots
 
 #: In ``fit`` on JAX and TensorFlow, compile (trace) the host's replay function in a
 #: background thread (one per process, idle when done): the fit is not held for it, and
@@ -215,12 +229,11 @@ class Kept:
 
     def slot(self, step: Any) -> Any:
         """The slot of profiled step ``step`` in the jitted step: its profiled ordinal
-        (:func:`gradwatch_tf._tfhost.profiled_ordinal`, as TensorFlow's buffers) modulo K,
+        (:func:`gradwatch.options.profiled_ordinal`, as TensorFlow's buffers) modulo K,
         so the profiled steps of one execution get distinct slots (one slot: 0, no op)."""
         if self.slots == 1:
             return 0
-        step = ops.cast(step, "int32")
-        return ops.mod(step - 1 if self.every <= 1 else step // self.every, self.slots)
+        return ops.mod(profiled_ordinal(ops.cast(step, "int32"), self.every), self.slots)
 
     def put(self, buf: Any, value: Any, due: Any, slot: Any) -> None:
         """``buf[slot] = value`` on a due step, else nothing: one ``where`` over the buffer

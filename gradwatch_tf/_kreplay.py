@@ -48,7 +48,15 @@ from gradwatch.through_time.plan import EXACT_DIM, PROBED, complement_probes, do
 from gradwatch_tf._kcells import KCELLS
 from gradwatch_tf._knumpy import backend, ops
 
-__all__ = ["costs", "measure", "normal", "probed_count", "scan"]
+__all__ = ["costs", "measure", "normal", "probed_count", "scan", "site_salt"]
+
+
+def site_salt(layer: Any) -> int:
+    """A layer's share of its replay's probe seeds, from its name: stable across runs, and
+    the same on TensorFlow's path and the ``keras.ops`` one."""
+    import zlib
+
+    return zlib.crc32(str(layer.name).encode()) & 0xFFFF
 
 _TINY = 1e-30
 

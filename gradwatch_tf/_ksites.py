@@ -47,9 +47,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import math
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,6 +57,7 @@ import numpy as np
 from keras import ops
 
 from gradwatch import Segment, profile_due
+from gradwatch.options import profiled_ordinal
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch.through_time.spectral import HostSpectral
@@ -68,8 +67,6 @@ from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
 
 __all__ = ["PortableThroughTime"]
-
-logger = logging.getLogger("gradwatch")
 
 _GATES = {"LSTMCell": "forget", "GRUCell": "update"}
 
@@ -162,7 +159,7 @@ def find_sites(model: Any) -> list[_Site]:
     for layer, directions in sites:
         n = _length(layer)
         if n is not None and n >= 1:
-            site = _Site(layer, layer.path, n, directions, zlib.crc32(str(layer.name).encode()) & 0xFFFF)
+            site = _Site(layer, layer.path, n, directions, _kreplay.site_salt(layer))
             site.blocks = _blocks(directions)
             out.append(site)
     taken = {id(layer) for layer, _ in sites} | inner
@@ -171,7 +168,7 @@ def find_sites(model: Any) -> list[_Site]:
         diag = _kdiag.diagonal_of(layer, plugins) if id(layer) not in taken else None
         n = _length(layer) if diag is not None else None
         if diag is not None and n is not None and n >= 2:
-            out.append(_Site(layer, layer.path, n, [("l0", layer)], zlib.crc32(str(layer.name).encode()) & 0xFFFF, diag=diag))
+            out.append(_Site(layer, layer.path, n, [("l0", layer)], _kreplay.site_salt(layer), diag=diag))
     return out
 
 
@@ -503,11 +500,11 @@ class PortableThroughTime:
                 every = max(self._every, 1)
                 period = self._period(site, call["x"])
                 if host_step is not None:
-                    k = host_step - 1 if every == 1 else host_step // every
+                    k = profiled_ordinal(host_step, every)
                     due = bool(profile_due(host_step, self._every)) and k % period == 0
                     logs, gates = self._eager(site, call, step) if due else nan
                 else:
-                    k = step - 1 if every == 1 else step // every
+                    k = profiled_ordinal(step, every)
                     due = ops.logical_and(profile_due(step, self._every, KERAS_OPS), active)
                     due = ops.logical_and(due, ops.equal(ops.mod(k, period), 0))
                     if not self.lean:  # (a lean function runs unprofiled steps only)
@@ -641,19 +638,9 @@ class PortableThroughTime:
         per profiled step an execution of ``per_execution`` steps (``steps_per_execution``)
         can hold: the host reads after the execution, and finds each of them. (Each slot
         holds a copy of the cells' weights: K copies in all, as on TensorFlow.)"""
-        every, n = max(self._every, 1), max(int(per_execution), 1)
-        # step 1 and every every-th: at most n // every + 1 of them in n steps (TensorFlow's
-        # count), fewer where their copies would pass _kkept.KEPT_BYTES
-        wanted = min(n, n // every + 1)
-        slots = _kkept.capped_slots(
-            wanted, sum(_kkept.slot_bytes(s.length, s.directions) for s in self.sites if s.diag is None)
-        )
-        if slots < wanted:
-            logger.info(
-                "gradwatch: %d of the %d profiled steps an execution can hold keep their inputs and weights for the "
-                "through-time replay (the copies would pass %d MB); the others' propagation is left out.",
-                slots, wanted, _kkept.KEPT_BYTES >> 20,
-            )
+        every = max(self._every, 1)
+        per_slot = sum(_kkept.slot_bytes(s.length, s.directions) for s in self.sites if s.diag is None)
+        slots = _kkept.slots_for(per_execution, every, per_slot)  # (the count TensorFlow's buffers use)
         for site in self.sites:
             if site.diag is None:  # (a diagonal site keeps nothing: measured in the step)
                 site.kept = Kept.make(site.salt, site.length, site.directions, make, slots, every)

@@ -33,11 +33,11 @@ from typing import Any
 import tensorflow as tf
 
 from gradwatch import profile_due
+from gradwatch.options import profiled_ordinal
 from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, REPLAY_FREE, REPLAY_SHARE, REPLAY_SHARE_OF_TRAINING
 from gradwatch_tf import _kcells, _kdiag, _kreplay, _recurrent
 from gradwatch_tf._ops import TF, TF_TENSORS
-from gradwatch_tf._tfhost import profiled_ordinal
 
 __all__ = ["ReplayHook", "replay_period"]
 

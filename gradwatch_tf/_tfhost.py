@@ -29,7 +29,6 @@ traced step hands its row to the host from inside the graph.
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,13 +37,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from gradwatch.options import profiled_ordinal
 from gradwatch.through_time.plan import PROBED
 from gradwatch.through_time.spectral import HostSpectral
 from gradwatch_tf import _kcells, _kkept, _knumpy
 
 __all__ = ["HostProfile"]
-
-logger = logging.getLogger("gradwatch")
 
 
 @dataclass
@@ -73,13 +71,20 @@ class HostProfile:
     """Keeps in graph, replays and measures beside it (see the module docstring)."""
 
     def __init__(
-        self, make: Callable[..., tf.Variable], fail: Callable[[str, BaseException], None], slots: int = 1
+        self,
+        make: Callable[..., tf.Variable],
+        fail: Callable[[str, BaseException], None],
+        per_execution: int = 1,
+        every: int = 1,
     ) -> None:
-        """``slots``: the profiled steps one Keras execution (``steps_per_execution``) can
-        hold; the host reads after each execution that has one, so each keeps its own."""
+        """``per_execution``: the steps of one Keras execution (``steps_per_execution``);
+        ``every``: the option ``profile_every``. The host reads after each execution with a
+        profiled step, so each of its profiled steps keeps a slot of its own
+        (:func:`gradwatch_tf._kkept.slots_for`; :meth:`prepare` caps them in bytes)."""
         self._make = make
         self._fail = fail
-        self.slots = max(int(slots), 1)
+        self._per_execution, self._every = per_execution, every
+        self.slots = _kkept.slots_for(per_execution, every, 0)
         self._kept: dict[int, _SiteKept] = {}  # id(site) -> buffers
         self._kernels: dict[int, tf.Variable] = {}  # id(block kernel) -> kept copy
         self._kernel_step: tf.Variable | None = None
@@ -108,13 +113,7 @@ class HostProfile:
         if not self._kept and not self._kernels and kept_sites:  # (before any buffer is made)
             per_slot = sum(_kkept.slot_bytes(s.length, s.directions) for s in kept_sites)
             per_slot += 4 * sum(int(np.prod(b.kernel.shape)) for b in blocks)
-            wanted, self.slots = self.slots, _kkept.capped_slots(self.slots, per_slot)
-            if self.slots < wanted:
-                logger.info(
-                    "gradwatch: %d of the %d profiled steps an execution can hold keep their inputs and weights for "
-                    "the through-time replay (the copies would pass %d MB); the others' propagation is left out.",
-                    self.slots, wanted, _kkept.KEPT_BYTES >> 20,
-                )
+            self.slots = _kkept.slots_for(self._per_execution, self._every, per_slot)
         for site in sites:
             # (a diagonal recurrence keeps nothing: the step measures it, _propagation)
             kept = self.ensure(site) if site.prop is not None and site.diag is None else None
@@ -426,12 +425,6 @@ class HostProfile:
             return logs, gate
 
         return replay
-
-
-def profiled_ordinal(step: Any, every: int) -> Any:
-    """k for the k-th profiled step (from 0) under :func:`gradwatch.profile_due`: step 1
-    is the first, then every ``every``-th step."""
-    return step - 1 if every <= 1 else step // every
 
 
 def _put(var: tf.Variable, value: Any, slot: Any) -> Any:

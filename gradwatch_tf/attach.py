@@ -104,7 +104,7 @@ class TFAttachment(Lifecycle):
 
             every = max(int(monitor.options.profile_every), 1)
             spe = max(int(capacity or 1), 1)  # steps_per_execution
-            self._host = HostProfile(self._make_var, self._fail, slots=min(spe, spe // every + 1))
+            self._host = HostProfile(self._make_var, self._fail, per_execution=spe, every=every)
             self.spectral_nan_unmeasured = True  # NaN: not measured (not ready, or not kept for that step)
         if optimizer is not None or getattr(model, "optimizer", None) is not None:
             self._install()
@@ -285,8 +285,7 @@ class TFAttachment(Lifecycle):
     def _gate_hook(self, site: _recurrent.RecurrentSite) -> Any:
         """Forward-pass hook of a recurrent layer: on profiled steps, its propagation and
         gate statistics, replayed from what the call saw (:mod:`gradwatch_tf._propagation`)."""
-        import zlib
-
+        from gradwatch_tf._kreplay import site_salt
         from gradwatch_tf._propagation import ReplayHook
 
         def counters() -> tuple[tf.Variable, tf.Variable]:
@@ -307,7 +306,7 @@ class TFAttachment(Lifecycle):
             make_var=self._make_var,
             counters=counters,
             profile_every=self._monitor.options.profile_every,
-            salt=zlib.crc32(str(site.layer.name).encode()) & 0xFFFF,
+            salt=site_salt(site.layer),
             fail=lambda exc: self._fail("propagation replay", exc),
             disabled=lambda: self._closed or "propagation replay" in self._errors_logged,
             replay_every=self._monitor.options.replay_every,
