@@ -12,7 +12,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import keras
 import numpy as np
 from keras import ops
 
@@ -28,6 +27,7 @@ __all__ = [
     "KEPT_BYTES",
     "NUMPY_RENT_S",
     "Kept",
+    "KeptHost",
     "compiles_done",
     "host_run",
     "run",
@@ -189,43 +189,65 @@ def run(
     )
 
 
+@dataclass(frozen=True)
+class _Seg:
+    """Where one kept value lives in a slot of :attr:`Kept.flat`."""
+
+    offset: int
+    shape: tuple[int, ...]
+    dtype: Any  # the value's own dtype (numpy), restored on the host
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+#: The columns of :attr:`Kept.meta`.
+_META = {"n": 0, "step": 1, "wstep": 2}
+
+
 @dataclass
 class Kept:
     """What the host replay of a due step needs, kept on the device by the jitted step
     (Keras variables in the optimizer's state, like the ring), in ``slots`` slots (with
-    more than one, the leading axis K of every buffer: one per profiled step one
-    execution of ``steps_per_execution`` steps can hold, so the host, reading after the
-    execution, finds each of them; with one, no such axis, so the default step and its
-    host reads are what they were before slots): the first ``PROBED`` sequences of the input [K, P, T, F] and mask
-    [K, P, T] (padded; ``n`` [K] of them valid), the initial state parts [K, P, u] (zeros
-    when the call had none: the replay's own default) and the step they belong to (``step``
-    [K], 0: none), and the cells' weights before the update of a profiled step (``wstep``
-    [K]; the spectral norms, and the replay's weights when ``step`` is that step too)."""
+    more than one, the leading axis K: one per profiled step one execution of
+    ``steps_per_execution`` steps can hold, so the host, reading after the execution,
+    finds each of them; with one, no such axis).
 
-    x: Any
-    mask: Any
-    states: list[Any]
-    weights: list[Any]
-    n: Any
-    step: Any
-    wstep: Any  # the step whose weights ``weights`` hold (kept on every profiled step)
-    #: Per direction: (input, recurrent) dropout masks [K, P, F] / [K, P, u] of the call, each
-    #: None (no such dropout), a variable, or a list of one per gate (``dropout_mask_count``)
+    Two variables, whatever the layer: ``flat`` [K, N] holds every float value of a slot
+    end to end (the first ``PROBED`` sequences of the input [P, T, F] and mask [P, T],
+    padded; the initial state parts [P, u], zeros when the call had none: the replay's
+    own default; the call's dropout masks; the cells' weights before the update of a
+    profiled step), ``meta`` [K, 3] int32 the number ``n`` of valid sequences, the step
+    they belong to (``step``, 0: none) and the step whose weights the slot holds
+    (``wstep``; the spectral norms, and the replay's weights when ``step`` is that step
+    too). One buffer, not one per value, because XLA compiles each variable the step
+    writes into kernels of its own: the kept writes were ten of the ~40 kernels a watched
+    LSTM added to JAX's compile of the train step (0.09 s of a first ``fit``'s 0.3 s).
+
+    The step stages values (:meth:`stage`, each with its own condition) and writes them
+    all at once (:meth:`commit`); the host takes one copy of both variables
+    (:meth:`host`) and cuts the values from it. The names ``x``, ``mask``, ``states``,
+    ``weights``, ``drops`` are the keys of those values (``drops``, per direction: the
+    (input, recurrent) dropout masks, each None, a key, or a list of keys, one per gate:
+    ``dropout_mask_count``)."""
+
+    flat: Any
+    meta: Any
+    segs: dict[str, _Seg]
+    states: list[str]
+    weights: list[str]
     drops: list[tuple[Any, Any]] = field(default_factory=list)
     every: int = 1  # profile_every: the slot of a profiled step is its profiled ordinal modulo K
+    x: str = "x"
+    mask: str = "mask"
+    #: This trace's staged values, key -> (value, condition) (see :meth:`stage`).
+    staged: dict[str, tuple[Any, Any]] = field(default_factory=dict)
 
     @property
     def slots(self) -> int:
         """K, the profiled steps the buffers hold at once."""
-        return int(self.step.shape[0]) if len(self.step.shape) else 1
-
-    def at(self, read: Callable[[Any], Any], buf: Any, slot: int, rows: int | None = None) -> Any:
-        """On the host: slot ``slot`` of ``buf`` as read (where it lives: a device array on
-        JAX), its first ``rows`` rows when given; one slot: the buffer itself, unindexed."""
-        value = read(buf)
-        if self.slots > 1:
-            value = value[slot]
-        return value if rows is None else value[:rows]
+        return int(self.meta.shape[0]) if len(self.meta.shape) == 2 else 1
 
     def slot(self, step: Any) -> Any:
         """The slot of profiled step ``step`` in the jitted step: its profiled ordinal
@@ -235,29 +257,51 @@ class Kept:
             return 0
         return ops.mod(profiled_ordinal(ops.cast(step, "int32"), self.every), self.slots)
 
-    def put(self, buf: Any, value: Any, due: Any, slot: Any) -> None:
-        """``buf[slot] = value`` on a due step, else nothing: one ``where`` over the buffer
-        with a single slot (as before slots existed), a dynamic slice update of one slot
-        with several (a step copies one slot, not K)."""
-        value = ops.cast(value, buf.dtype)
-        if self.slots == 1:
-            buf.assign(ops.where(due, value, buf.value))
+    # ------------------------------------------------------------ in the jitted step
+    def stage(self, key: str, value: Any, due: Any) -> None:
+        """Keep ``value`` under ``key`` (one of :attr:`segs`, or ``n`` / ``step`` /
+        ``wstep``) when ``due`` holds, at the next :meth:`commit`."""
+        self.staged[key] = (value, due)
+
+    def clear(self) -> None:
+        """Forget what was staged (a trace that failed midway)."""
+        self.staged = {}
+
+    def commit(self, step: Any) -> None:
+        """Write what was staged into step ``step``'s slot, in one write of each variable
+        (``ops.where`` per value: no branch); values not staged keep what they held. One
+        slot: the whole buffer, as one fused expression; several: a dynamic slice update
+        of one slot (a step copies one slot, not K)."""
+        staged, self.staged = self.staged, {}
+        if not staged:
             return
-        start = [slot] + [0] * (len(buf.shape) - 1)
-        old = ops.slice(buf.value, start, [1, *buf.shape[1:]])
-        buf.assign(ops.slice_update(buf.value, start, ops.where(due, value[None], old)))
+        for buf, keys in ((self.flat, list(self.segs)), (self.meta, list(_META))):
+            if not any(k in staged for k in keys):
+                continue
+            width = int(buf.shape[-1])
+            slot = self.slot(step)
+            old = buf.value if self.slots == 1 else ops.reshape(ops.slice(buf.value, [slot, 0], [1, width]), (width,))
+            parts = []
+            for k in keys:
+                start, size = (self.segs[k].offset, self.segs[k].size) if buf is self.flat else (_META[k], 1)
+                here = old[start : start + size]
+                if k in staged:
+                    value, due = staged[k]
+                    here = ops.where(due, ops.reshape(ops.cast(value, buf.dtype), (size,)), here)
+                parts.append(here)
+            row = ops.concatenate(parts, 0)
+            if self.slots == 1:
+                buf.assign(row)
+            else:
+                buf.assign(ops.slice_update(buf.value, [slot, 0], ops.reshape(row, (1, width))))
 
-    def held(self, read: Callable[[Any], Any], step: int) -> int | None:
-        """On the host: the slot holding profiled step ``step``'s inputs and weights, else
-        None (a step not due for the replay, or one overwritten before the host read)."""
-        steps, wsteps = np.asarray(read(self.step)).reshape(-1), np.asarray(read(self.wstep)).reshape(-1)
-        found = np.flatnonzero((steps == step) & (wsteps == step))
-        return int(found[0]) if found.size else None
-
-    def wslot(self, read: Callable[[Any], Any], step: int) -> int | None:
-        """On the host: the slot holding profiled step ``step``'s weights, else None."""
-        found = np.flatnonzero(np.asarray(read(self.wstep)).reshape(-1) == step)
-        return int(found[0]) if found.size else None
+    # ------------------------------------------------------------ on the host
+    def host(self, read: Callable[[Any], Any]) -> KeptHost:
+        """One host copy of both variables as read (a device array on JAX), to cut from."""
+        flat, meta = np.asarray(read(self.flat)), np.asarray(read(self.meta))
+        if self.slots == 1:
+            flat, meta = flat[None], meta[None]
+        return KeptHost(self, flat, meta.reshape(-1, len(_META)))
 
     @staticmethod
     def make(
@@ -276,42 +320,82 @@ class Kept:
         cell = directions[0][1].cell
         feat = int(cell.kernel.shape[0])
         parts = _kcells.KCELLS[type(cell).__name__].parts  # (the class: an instance transposes the kernel)
+        segs: dict[str, _Seg] = {}
+        f32 = np.dtype("float32")
+
+        def add(key: str, shape: tuple[int, ...], dtype: Any = f32) -> str:
+            offset = sum(s.size for s in segs.values())
+            segs[key] = _Seg(offset, tuple(int(d) for d in shape), np.dtype(dtype))
+            return key
+
+        add("x", (PROBED, length, feat))
+        add("mask", (PROBED, length))
         states = [
-            make(np.zeros((*lead, PROBED, int(layer.cell.units))), "float32", f"{tag}_s{i}_{p}")
+            add(f"s{i}_{p}", (PROBED, int(layer.cell.units)))
             for i, (_, layer) in enumerate(directions)
             for p in range(parts)
         ]
         weights = [
-            make(np.zeros((*lead, *tuple(v.shape))), keras.backend.standardize_dtype(v.dtype), f"{tag}_w{j}")
+            add(f"w{j}", tuple(v.shape), np.dtype(v.value.dtype))
             for j, v in enumerate(v for _, layer in directions for v in layer.cell.weights)
         ]
 
         def masks(cell: Any, rate: Any, width: int, name: str) -> Any:
-            """The buffers of one kind of dropout mask, as the cell hands them out: one,
-            or one per gate (``dropout_mask_count``); None without that dropout."""
+            """The keys of one kind of dropout mask, as the cell hands them out: one, or
+            one per gate (``dropout_mask_count``); None without that dropout."""
             if not float(rate or 0.0) > 0:
                 return None
             count = getattr(cell, "dropout_mask_count", None)
-            made = [make(np.ones((*lead, PROBED, width)), "float32", f"{name}_{g}") for g in range(int(count or 1))]
+            made = [add(f"{name}_{g}", (PROBED, width)) for g in range(int(count or 1))]
             return made if count is not None else made[0]
 
         drops = [
             (
-                masks(layer.cell, getattr(layer.cell, "dropout", 0.0), feat, f"{tag}_d{i}_0"),
-                masks(
-                    layer.cell, getattr(layer.cell, "recurrent_dropout", 0.0), int(layer.cell.units), f"{tag}_d{i}_1"
-                ),
+                masks(layer.cell, getattr(layer.cell, "dropout", 0.0), feat, f"d{i}_0"),
+                masks(layer.cell, getattr(layer.cell, "recurrent_dropout", 0.0), int(layer.cell.units), f"d{i}_1"),
             )
             for i, (_, layer) in enumerate(directions)
         ]
+        width = sum(s.size for s in segs.values())
+        wide = "float64" if any(s.dtype == np.float64 for s in segs.values()) else "float32"
         return Kept(
-            drops=drops,
-            every=max(int(every), 1),
-            x=make(np.zeros((*lead, PROBED, length, feat)), "float32", f"{tag}_x"),
-            mask=make(np.zeros((*lead, PROBED, length)), "float32", f"{tag}_mask"),
+            flat=make(np.zeros((*lead, width)), wide, f"{tag}_flat"),
+            meta=make(np.zeros((*lead, len(_META))), "int32", f"{tag}_meta"),
+            segs=segs,
             states=states,
             weights=weights,
-            n=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_n"),
-            step=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_step"),
-            wstep=make(np.zeros(lead) if lead else 0, "int32", f"{tag}_wstep"),
+            drops=drops,
+            every=max(int(every), 1),
         )
+
+
+@dataclass
+class KeptHost:
+    """A host copy of a site's kept buffers (:meth:`Kept.host`): ``flat`` [K, N],
+    ``meta`` [K, 3], whatever the slot count."""
+
+    kept: Kept
+    flat: np.ndarray
+    meta: np.ndarray
+
+    def at(self, key: str, slot: int, rows: int | None = None) -> np.ndarray:
+        """The value kept under ``key`` in ``slot``, in its own dtype and shape, its first
+        ``rows`` rows when given."""
+        seg = self.kept.segs[key]
+        value = self.flat[slot, seg.offset : seg.offset + seg.size].reshape(seg.shape).astype(seg.dtype, copy=False)
+        return value if rows is None else value[:rows]
+
+    def number(self, key: str, slot: int) -> int:
+        """``n``, ``step`` or ``wstep`` of ``slot``."""
+        return int(self.meta[slot, _META[key]])
+
+    def held(self, step: int) -> int | None:
+        """The slot holding profiled step ``step``'s inputs and weights, else None (a step
+        not due for the replay, or one overwritten before the host read)."""
+        found = np.flatnonzero((self.meta[:, _META["step"]] == step) & (self.meta[:, _META["wstep"]] == step))
+        return int(found[0]) if found.size else None
+
+    def wslot(self, step: int) -> int | None:
+        """The slot holding profiled step ``step``'s weights, else None."""
+        found = np.flatnonzero(self.meta[:, _META["wstep"]] == step)
+        return int(found[0]) if found.size else None

@@ -62,7 +62,7 @@ from gradwatch.through_time.fit import aggregate_logs
 from gradwatch.through_time.plan import PROBED, replay_every
 from gradwatch.through_time.spectral import HostSpectral
 from gradwatch_tf import _kcells, _kdiag, _kkept, _knumpy, _kreplay
-from gradwatch_tf._kkept import Kept
+from gradwatch_tf._kkept import Kept, KeptHost
 from gradwatch_tf._kops import KERAS_OPS, KERAS_TENSORS, widest
 from gradwatch_tf._live import site_forget_bias
 
@@ -468,7 +468,19 @@ class PortableThroughTime:
 
     def parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
         """Row entries of every site for this step; ``host_step`` is the step number when
-        the host knows it (torch: nothing runs on a step that is not due)."""
+        the host knows it (torch: nothing runs on a step that is not due). On JAX the
+        kept values staged here are written at the end, one write per buffer
+        (:meth:`Kept.commit`)."""
+        kept = [site.kept for site in self.sites if site.kept is not None]
+        for k in kept:
+            k.clear()  # (anything a failed trace left)
+        out = self._row_parts(step, host_step, active)
+        if host_step is None:
+            for k in kept:
+                k.commit(step)
+        return out
+
+    def _row_parts(self, step: Any, host_step: int | None, active: Any) -> dict[tuple[str, str], Any]:
         out: dict[tuple[str, str], Any] = {}
         out.update(self._spectral_parts(step, host_step, active))
         if self.sensitivity:  # what the probe's hooks summed in this step's backward, else NaN
@@ -598,13 +610,13 @@ class PortableThroughTime:
         kept = site.kept
         if kept is None:
             return
-        pairs = [(buf, v.value) for buf, v in zip(kept.weights, site.weights)]
-        pairs.append((kept.wstep, ops.cast(step, "int32")))
-        slot = kept.slot(step)
-        for buf, value in pairs:
-            kept.put(buf, value, due, slot)
+        for key, v in zip(kept.weights, site.weights):
+            kept.stage(key, v.value, due)
+        kept.stage("wstep", ops.cast(step, "int32"), due)
 
-    def _fill_spectral(self, layout: Any, row: np.ndarray, step: int, read: Callable[[Any], Any]) -> np.ndarray:
+    def _fill_spectral(
+        self, layout: Any, row: np.ndarray, step: int, host_of: Callable[[Kept], KeptHost]
+    ) -> np.ndarray:
         """JAX, on the host: sigma_max of the blocks whose kept weights are this step's."""
         if self.spectral_broken:
             return row
@@ -613,13 +625,14 @@ class PortableThroughTime:
             if kept is None or not site.blocks:
                 continue
             try:
-                slot = kept.wslot(read, step)
+                host = host_of(kept)
+                slot = host.wslot(step)
                 if slot is None:
                     continue
                 values = {}
                 for b in site.blocks:
                     j = next(i for i, v in enumerate(site.weights) if v is b.kernel)
-                    values[b.name] = self._sigma(b, np.asarray(kept.at(read, kept.weights[j], slot)))
+                    values[b.name] = self._sigma(b, host.at(kept.weights[j], slot))
             except Exception as exc:  # noqa: BLE001 - measuring is optional
                 self.spectral_broken = True
                 self._fail("spectral norms", exc)
@@ -662,14 +675,14 @@ class PortableThroughTime:
         if flat and len(flat) != len(kept.states):
             return  # a state layout the buffers do not hold: not measured (NaN)
         flat = [ops.cast(v, "float32")[:PROBED] for v in flat] or [
-            ops.zeros((b, *v.shape[-1:]), "float32") for v in kept.states
+            ops.zeros((b, *kept.segs[key].shape[-1:]), "float32") for key in kept.states
         ]
 
         def pad(v: Any) -> Any:
             return ops.pad(v, [[0, PROBED - b]] + [[0, 0]] * (len(v.shape) - 1)) if b < PROBED else v
 
         pairs = [(kept.x, pad(x)), (kept.mask, pad(mask))]
-        pairs += [(buf, pad(v)) for buf, v in zip(kept.states, flat)]
+        pairs += [(key, pad(v)) for key, v in zip(kept.states, flat)]
         if any(d is not None for pair in kept.drops for d in pair):  # the call's own dropout masks
             drops = call.get("dropout")
             if drops is None or len(drops) != len(kept.drops):
@@ -680,10 +693,9 @@ class PortableThroughTime:
                     return  # masks the buffers do not hold (one per gate, or none): not measured (NaN)
                 pairs += [(bv, pad(ops.cast(mv, "float32")[:PROBED])) for bv, mv in zip(bs, ms)]
         # (the weights: kept on every profiled step by _keep_weights, a superset of these)
-        pairs += [(kept.n, ops.convert_to_tensor(b, "int32")), (kept.step, ops.cast(step, "int32"))]
-        slot = kept.slot(step)
-        for buf, value in pairs:
-            kept.put(buf, value, due, slot)
+        pairs += [("n", ops.convert_to_tensor(b, "int32")), ("step", ops.cast(step, "int32"))]
+        for key, value in pairs:
+            kept.stage(key, value, due)
 
     def fill(self, layout: Any, row: np.ndarray, read: Callable[[Any], Any]) -> np.ndarray:
         """On the host, at the read of a profiled step's row (JAX): each site whose buffers
@@ -696,7 +708,14 @@ class PortableThroughTime:
         if step_sl is None:
             return row
         step = int(row[step_sl][0])
-        row = self._fill_spectral(layout, row, step, read)
+        hosts: dict[int, KeptHost] = {}
+
+        def host_of(kept: Kept) -> KeptHost:  # (one host copy of a site's buffers per row)
+            if id(kept) not in hosts:
+                hosts[id(kept)] = kept.host(read)
+            return hosts[id(kept)]
+
+        row = self._fill_spectral(layout, row, step, host_of)
         if self.broken:
             return row
         for site in self.sites:
@@ -704,13 +723,14 @@ class PortableThroughTime:
             if kept is None:
                 continue
             try:
-                s = kept.held(read, step)  # (inputs and weights both of this step, in one slot)
+                host = host_of(kept)
+                s = host.held(step)  # (inputs and weights both of this step, in one slot)
                 if s is None:
                     continue
-                n = int(np.asarray(read(kept.n)).reshape(-1)[s])
+                n = host.number("n", s)
 
-                def at(buf: Any, s: int = s, n: int | None = n, kept: Kept = kept) -> Any:  # (sliced where it lives)
-                    return kept.at(read, buf, s, n)
+                def at(key: str, s: int = s, n: int | None = n, host: KeptHost = host) -> Any:
+                    return host.at(key, s, n)
 
                 call = {"x": at(kept.x), "mask": at(kept.mask), "states": [at(v) for v in kept.states]}
                 if any(d is not None for pair in kept.drops for d in pair):
