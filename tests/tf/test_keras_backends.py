@@ -294,6 +294,81 @@ def test_jax_square_sums_and_finiteness_inside_jit():
     assert bool(ok) and float(sq) == pytest.approx(float(np.sum(exact**2)), rel=1e-5)
 
 
+@pytest.mark.parametrize("small_numel", [4096, 300, 0])
+def test_per_parameter_norms_of_small_and_large_gradients_keep_their_parameters(monkeypatch, small_numel):
+    """Per-parameter norms against the backend's own autodiff on a model whose small and
+    large gradients interleave (JAX measures the small ones stacked, the large ones one by
+    one: ``portable.SMALL_NUMEL``, here also moved so the split falls elsewhere), with a
+    frozen layer between them (no gradient)."""
+    from gradwatch_tf import portable
+
+    monkeypatch.setattr(portable, "SMALL_NUMEL", small_numel)
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6, 3))
+    h = keras.layers.Dense(70, name="wide")(inp)  # 210 and 70
+    h = keras.layers.Dense(70, name="frozen", trainable=False)(h)
+    h = keras.layers.LSTM(40, name="rnn")(h)  # 11,200, 6,400 and 160
+    model = keras.Model(inp, keras.layers.Dense(1, name="head")(h))  # 40 and 1
+    x, y = _data()
+    per, glob = _norms(model, autodiff_grads(_twin(model), x, y))
+    model.compile(keras.optimizers.SGD(0.0), "mse")
+    cb = GradWatchCallback(sinks=["memory"])
+    model.fit(x, y, batch_size=len(x), epochs=1, verbose=0, callbacks=[cb])
+    (rec,) = cb.records
+    assert rec.global_norm == pytest.approx(glob, rel=RTOL)
+    assert set(rec.param_norms) == set(per)
+    for name, value in per.items():
+        assert rec.param_norms[name] == pytest.approx(value, rel=RTOL, abs=1e-9), name
+    assert rec.nonfinite == ()
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the JAX arithmetic of the compiled step")
+def test_jax_stacked_small_gradients_inside_jit():
+    """``portable._grad_stats`` under ``jax.jit`` against numpy, entry by entry in the
+    order it reports: small and large gradients, a missing one, +inf, -inf and NaN in
+    small and large ones, finite values whose squares overflow float32, bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from gradwatch_tf.portable import _grad_stats
+
+    rng = np.random.default_rng(0)
+    arrays = [
+        rng.standard_normal(3).astype("float32"),
+        rng.standard_normal((80, 80)).astype("float32"),  # large
+        rng.standard_normal((2, 2)).astype("float32"),
+        None,
+        rng.standard_normal(4900).astype("float32"),  # large
+        np.full(5, 1e30, "float32"),
+        rng.standard_normal(7).astype("float32"),
+        rng.standard_normal(1).astype("float32"),
+    ]
+    arrays[2][1, 1] = np.inf
+    arrays[4][17] = np.nan
+    arrays[6][0] = -np.inf
+    half = rng.standard_normal(9).astype("float32")
+    cases = [*arrays, half]
+    present = [j for j, a in enumerate(cases) if a is not None]
+
+    def run(*xs):
+        grads = [None if a is None else xs[present.index(j)] for j, a in enumerate(cases)]
+        grads[-1] = grads[-1].astype(jnp.bfloat16)
+        sq, ok, _ = _grad_stats(grads)
+        return sq, ok
+
+    sq, ok = jax.jit(run)(*[jnp.asarray(cases[j]) for j in present])
+    grads = [None if a is None else a for a in cases]
+    grads[-1] = np.asarray(jnp.asarray(half, jnp.bfloat16)).astype(np.float32)
+    _, _, order = _grad_stats([None if g is None else jnp.asarray(g) for g in grads])
+    assert sorted(order) == present
+    for k, j in enumerate(order):
+        a = grads[j].astype(np.float64)
+        assert bool(ok[k]) == bool(np.isfinite(a).all()), j
+        if np.isfinite(a).all():
+            want = float(np.sum(a**2))
+            assert float(sq[k]) == pytest.approx(want, rel=1e-5) if want < 3e38 else math.isinf(float(sq[k])), j
+
+
 def _propagation_reference(model: keras.Model, x: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
     """The core's float64 reference (gains, max gains) of the model of
     :func:`test_fit_measures_propagation_inside_the_compiled_step` at its current weights."""
