@@ -268,10 +268,12 @@ class Kept:
         self.staged = {}
 
     def commit(self, step: Any) -> None:
-        """Write what was staged into step ``step``'s slot, in one write of each variable
-        (``ops.where`` per value: no branch); values not staged keep what they held. One
-        slot: the whole buffer, as one fused expression; several: a dynamic slice update
-        of one slot (a step copies one slot, not K)."""
+        """Write what was staged into step ``step``'s slot, in one write of each variable:
+        ``where(due, new, old)`` element by element (no branch), ``due`` and ``new`` laid
+        out value by value; values not staged keep what they held. (Elementwise in the
+        old buffer, so XLA writes it in place; a concatenation of its slices compiled to
+        a write elsewhere and a copy of the whole buffer back.) One slot: the whole
+        buffer; several: a dynamic slice update of one slot (a step copies one slot, not K)."""
         staged, self.staged = self.staged, {}
         if not staged:
             return
@@ -281,15 +283,15 @@ class Kept:
             width = int(buf.shape[-1])
             slot = self.slot(step)
             old = buf.value if self.slots == 1 else ops.reshape(ops.slice(buf.value, [slot, 0], [1, width]), (width,))
-            parts = []
+            news, dues = [], []
             for k in keys:
-                start, size = (self.segs[k].offset, self.segs[k].size) if buf is self.flat else (_META[k], 1)
-                here = old[start : start + size]
-                if k in staged:
-                    value, due = staged[k]
-                    here = ops.where(due, ops.reshape(ops.cast(value, buf.dtype), (size,)), here)
-                parts.append(here)
-            row = ops.concatenate(parts, 0)
+                size = self.segs[k].size if buf is self.flat else 1
+                value, due = staged.get(k, (None, False))
+                news.append(
+                    ops.zeros((size,), buf.dtype) if value is None else ops.reshape(ops.cast(value, buf.dtype), (size,))
+                )
+                dues.append(ops.broadcast_to(ops.convert_to_tensor(due, "bool"), (size,)))
+            row = ops.where(ops.concatenate(dues, 0), ops.concatenate(news, 0), old)
             if self.slots == 1:
                 buf.assign(row)
             else:
