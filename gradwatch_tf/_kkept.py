@@ -277,11 +277,11 @@ class Kept:
         staged, self.staged = self.staged, {}
         if not staged:
             return
+        slot = self.slot(step)
         for buf, keys in ((self.flat, list(self.segs)), (self.meta, list(_META))):
             if not any(k in staged for k in keys):
                 continue
             width = int(buf.shape[-1])
-            slot = self.slot(step)
             old = buf.value if self.slots == 1 else ops.reshape(ops.slice(buf.value, [slot, 0], [1, width]), (width,))
             news, dues = [], []
             for k in keys:
@@ -326,7 +326,7 @@ class Kept:
         f32 = np.dtype("float32")
 
         def add(key: str, shape: tuple[int, ...], dtype: Any = f32) -> str:
-            offset = sum(s.size for s in segs.values())
+            offset = sum(s.size for s in segs.values())  # (end to end, in the order added)
             segs[key] = _Seg(offset, tuple(int(d) for d in shape), np.dtype(dtype))
             return key
 
